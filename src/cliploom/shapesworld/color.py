@@ -38,8 +38,13 @@ def delta_e76(rgb1, rgb2) -> np.ndarray:
 
 def delta_e2000(rgb1, rgb2) -> np.ndarray:
     """CIEDE2000 colour difference between two sRGB colours (0..255), kL = kC = kH = 1."""
-    L1, a1, b1 = np.moveaxis(srgb_to_lab(rgb1), -1, 0)
-    L2, a2, b2 = np.moveaxis(srgb_to_lab(rgb2), -1, 0)
+    return delta_e2000_lab(srgb_to_lab(rgb1), srgb_to_lab(rgb2))
+
+
+def delta_e2000_lab(lab1, lab2) -> np.ndarray:
+    """CIEDE2000 difference between two Lab colours ``[..., 3]`` (Sharma, Wu & Dalal 2005)."""
+    L1, a1, b1 = np.moveaxis(np.asarray(lab1, dtype=np.float64), -1, 0)
+    L2, a2, b2 = np.moveaxis(np.asarray(lab2, dtype=np.float64), -1, 0)
     C1 = np.hypot(a1, b1)
     C2 = np.hypot(a2, b2)
     C_bar7 = ((C1 + C2) / 2.0) ** 7
