@@ -1,0 +1,202 @@
+"""The clip loop: a long video as a chain of short clips stitched by SVI conditioning.
+
+Read :func:`weave` top-down: it is the whole recipe. Conditioning lives in ``conditioning``,
+sampling in ``sampling``, the model in ``models``; this file only puts them in order.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from . import conditioning as C
+from .models.components import Components, frames_to_tensor
+from .sampling import Expert, make_denoiser, sample_euler, schedule
+from .story import Story
+from .video_io import load_image
+
+
+@dataclass
+class Clip:
+    """One finished clip: the frames that go into the video, and how they were made."""
+
+    index: int
+    prompt: str
+    seed: int
+    frames: torch.Tensor  # uint8 [n, H, W, 3]: only the frames kept in the video
+    keep: tuple[int, int]  # which of the clip's generated frames these are
+    seconds_denoise: float
+    seconds_decode: float
+    peak_memory_mb: float
+
+
+def weave(
+    model: Components, story: Story, *, progress: bool = True, overlap_decode: bool | None = None
+) -> Iterator[Clip]:
+    """Generate ``story`` clip by clip, yielding each clip as soon as it is decoded.
+
+    Memory is constant in the number of clips: only the motion memory (K latents or N frames)
+    and at most two decoded clips exist at any time. In latent mode the next clip starts
+    denoising while the previous one is decoded (``overlap_decode``; default: on CUDA).
+    """
+    # 1. Settle every number: the story's own, else the model's defaults.
+    story = story.resolve(model.settings, model.size_multiple, model.scale_temporal)
+    F, T = story.frames, C.latent_frame_count(story.frames, model.scale_temporal)
+    h, w = story.height // model.scale_spatial, story.width // model.scale_spatial
+    cfg = max(story.guidance, story.guidance_low) > 1
+
+    # 2. Encode each distinct prompt once (and the negative prompt when guidance is on).
+    prompts = [story.prompt(i) for i in range(len(story.clips))]
+    distinct = list(dict.fromkeys(prompts))
+    text = {p: e[None] for p, e in zip(distinct, model.encode_text(distinct))}
+    negative = model.encode_text([story.negative_prompt])[0:1] if cfg else None
+
+    # 3. The reference image: pixels for pixel modes, the anchor latent (encoded once).
+    image = load_image(story.reference, story.width, story.height)
+    reference = frames_to_tensor([image]).to(model.device)[:, :, 0]  # [1, 3, H, W]
+    anchor = model.encode_video(reference[:, :, None]) if story.latent_motion else None
+    anchor_features = model.encode_image_features(image)
+
+    # 4. The noise schedule and the expert(s) that denoise it.
+    sigmas = schedule(story.steps, story.shift, story.timesteps)
+    experts = _experts(model, story)
+
+    decoder = _Decoder(model, overlap_decode if overlap_decode is not None else model.device.type == "cuda")
+    clip_bar = tqdm(total=len(prompts), desc="clips", unit="clip", disable=not progress)
+    memory = None  # motion memory: the previous clip's last K latents, or its last N frames
+    pending: Future | None = None
+    try:
+        for i, prompt in enumerate(prompts):
+            started = time.perf_counter()
+            _reset_peak_memory(model.device)
+
+            # 5. Condition the clip on the anchor and the motion memory.
+            if story.latent_motion:
+                cond = C.latent_condition(anchor, memory, T, model.settings.expand_timesteps, model.patch)
+                cond.image_embeds = anchor_features
+            else:
+                video = C.pixel_motion_video(reference, memory, F, story.ref_pad)
+                first = image if memory is None else _to_pil(memory[0, :, 0])
+                cond = C.pixel_condition(
+                    model.encode_video(video), F, story.motion_frames if memory is not None else 1,
+                    model.settings.expand_timesteps, model.patch,
+                )
+                cond.image_embeds = model.encode_image_features(first)
+
+            # 6. Denoise from this clip's own seeded noise.
+            seed = story.clip_seed(i)
+            noise = torch.randn(
+                (1, model.z_dim, T, h, w), generator=torch.Generator("cpu").manual_seed(seed)
+            ).to(model.device)
+            denoise = make_denoiser(experts, cond, text[prompt], negative)
+            with tqdm(total=len(sigmas) - 1, desc=f"clip {i + 1}", leave=False, disable=not progress) as bar:
+                latents = sample_euler(denoise, noise, sigmas, cond.finish, lambda _: bar.update())
+            seconds_denoise = time.perf_counter() - started
+
+            # 7. Keep the motion memory; decode beside the loop (latent mode) or now (pixel mode).
+            keep = story.frames_kept(i)
+            job = decoder.submit(latents, keep, (i, prompt, seed, seconds_denoise))
+            if story.latent_motion:
+                memory = latents[:, :, -story.motion_latents :]
+            else:
+                frames = job.result().frames_all
+                memory = frames_to_tensor(frames[-story.motion_frames :]).to(model.device)
+
+            # 8. Hand over the previous clip once its decode is done (the video stays in order).
+            if pending is not None:
+                yield pending.result().clip
+                clip_bar.update()
+            pending = job
+        if pending is not None:
+            yield pending.result().clip
+            clip_bar.update()
+    finally:
+        clip_bar.close()
+        decoder.close()
+
+
+def _experts(model: Components, story: Story) -> list[Expert]:
+    """High-noise expert first; Wan 2.2 A14B hands over to ``transformer_2`` below the boundary."""
+    if model.transformer_2 is None or story.boundary is None:
+        return [Expert(model.transformer, story.guidance)]
+    boundary = story.boundary * 1000
+    return [Expert(model.transformer, story.guidance, boundary), Expert(model.transformer_2, story.guidance_low)]
+
+
+@dataclass
+class _Decoded:
+    clip: Clip
+    frames_all: torch.Tensor
+
+
+class _Decoder:
+    """Decodes clips, on a worker thread (and CUDA stream) when overlapping is on."""
+
+    def __init__(self, model: Components, overlap: bool):
+        self.model = model
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="cliploom-decode") if overlap else None
+        self.stream = torch.cuda.Stream() if overlap and model.device.type == "cuda" else None
+
+    def submit(self, latents: torch.Tensor, keep: tuple[int, int], info: tuple) -> Future:
+        if self.pool is None:
+            future: Future = Future()
+            future.set_result(self._decode(latents, keep, info, None))
+            return future
+        ready = None
+        if self.stream is not None:
+            ready = torch.cuda.Event()
+            ready.record()
+        return self.pool.submit(self._decode, latents, keep, info, ready)
+
+    def _decode(self, latents, keep, info, ready) -> _Decoded:
+        started = time.perf_counter()
+        if self.stream is not None:
+            with torch.cuda.stream(self.stream):
+                self.stream.wait_event(ready)
+                latents.record_stream(self.stream)
+                frames = self.model.decode_latents(latents)
+        else:
+            frames = self.model.decode_latents(latents)
+        index, prompt, seed, seconds_denoise = info
+        clip = Clip(
+            index=index,
+            prompt=prompt,
+            seed=seed,
+            frames=frames[keep[0] : keep[1]],
+            keep=keep,
+            seconds_denoise=seconds_denoise,
+            seconds_decode=time.perf_counter() - started,
+            peak_memory_mb=_peak_memory_mb(self.model.device),
+        )
+        return _Decoded(clip, frames)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _to_pil(frame: torch.Tensor):
+    """``[3, H, W]`` in [-1, 1] -> PIL image (for CLIP features)."""
+    from PIL import Image
+
+    arr = ((frame.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(arr)
+
+
+def _reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    """Peak CUDA memory allocated during the clip, or the process's peak RSS on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -1,0 +1,172 @@
+"""The one object the rest of cliploom sees: a loaded Wan image-to-video model.
+
+``Components`` holds the diffusers/transformers modules and the model's settings, and offers
+the few encode/decode operations the clip loop needs. It borrows diffusers'
+``WanImageToVideoPipeline`` for prompt and image encoding and for LoRA loading, but never calls
+the pipeline itself: cliploom builds its own ``y`` and runs its own loop.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+SETTINGS_FILE = "cliploom.json"
+
+# Wan's standard negative prompt (the official repositories ship it in Chinese).
+WAN_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
+    "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
+    "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
+
+
+@dataclass
+class ModelSettings:
+    """A model's defaults and structure, read from ``cliploom.json`` and the diffusers configs.
+
+    Everything a story leaves out comes from here.
+    """
+
+    family: str = "wan"
+    max_sequence_length: int = 512
+    width: int = 832
+    height: int = 480
+    fps: int = 16
+    frames: int = 81
+    steps: int = 50
+    timesteps: list[float] | None = None
+    guidance: float = 5.0
+    guidance_low: float | None = None
+    shift: float = 5.0
+    boundary_ratio: float | None = None  # two experts: transformer for t >= boundary * 1000
+    expand_timesteps: bool = False  # TI2V: known frames as clean leading latents, no y channels
+    negative_prompt: str = WAN_NEGATIVE_PROMPT
+
+    @classmethod
+    def from_folder(cls, path: Path, model_index: dict, scheduler_config: dict) -> "ModelSettings":
+        values: dict = {}
+        if model_index.get("boundary_ratio") is not None:
+            values["boundary_ratio"] = float(model_index["boundary_ratio"])
+        values["expand_timesteps"] = bool(model_index.get("expand_timesteps", False))
+        shift = scheduler_config.get("flow_shift", scheduler_config.get("shift"))
+        if shift is not None:
+            values["shift"] = float(shift)
+        own = path / SETTINGS_FILE
+        if own.is_file():
+            known = {f.name for f in fields(cls)}
+            values.update({k: v for k, v in json.loads(own.read_text()).items() if k in known})
+        return cls(**values)
+
+
+@dataclass
+class Components:
+    """A loaded model: modules, settings, device and dtype."""
+
+    pipe: "object"  # diffusers.WanImageToVideoPipeline, used for its encoders and LoRA loading
+    settings: ModelSettings
+    path: Path
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+
+    # -- the modules ---------------------------------------------------------------------------
+    @property
+    def transformer(self):
+        return self.pipe.transformer
+
+    @property
+    def transformer_2(self):
+        return self.pipe.transformer_2
+
+    @property
+    def vae(self):
+        return self.pipe.vae
+
+    @property
+    def has_image_encoder(self) -> bool:
+        return self.pipe.image_encoder is not None
+
+    # -- geometry ------------------------------------------------------------------------------
+    @property
+    def z_dim(self) -> int:
+        return self.vae.config.z_dim
+
+    @property
+    def scale_spatial(self) -> int:
+        return self.pipe.vae_scale_factor_spatial
+
+    @property
+    def scale_temporal(self) -> int:
+        return self.pipe.vae_scale_factor_temporal
+
+    @property
+    def patch(self) -> tuple[int, int]:
+        return tuple(self.transformer.config.patch_size[1:])
+
+    @property
+    def size_multiple(self) -> int:
+        """Width and height must be multiples of this (VAE stride times DiT patch)."""
+        return self.scale_spatial * max(self.patch)
+
+    # -- encoders ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        """UMT5 embeddings, ``[len(prompts), max_sequence_length, dim]``, zero beyond each prompt."""
+        embeds, _ = self.pipe.encode_prompt(
+            prompts,
+            do_classifier_free_guidance=False,
+            max_sequence_length=self.settings.max_sequence_length,
+            device=self.device,
+        )
+        return embeds
+
+    @torch.no_grad()
+    def encode_image_features(self, image: Image.Image) -> torch.Tensor | None:
+        """CLIP image features for Wan 2.1 I2V, or ``None`` when the model has no image encoder."""
+        if not self.has_image_encoder:
+            return None
+        return self.pipe.encode_image(image, self.device)
+
+    def _latent_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (1, self.z_dim, 1, 1, 1)
+        mean = torch.tensor(self.vae.config.latents_mean, device=like.device, dtype=like.dtype).view(shape)
+        std = torch.tensor(self.vae.config.latents_std, device=like.device, dtype=like.dtype).view(shape)
+        return mean, std
+
+    @torch.no_grad()
+    def encode_video(self, video: torch.Tensor) -> torch.Tensor:
+        """Pixels ``[B, 3, F, H, W]`` in [-1, 1] -> normalised latents ``[B, C, T, h, w]`` (float32).
+
+        Uses the posterior mode (no sampling), as Wan's image-to-video conditioning does.
+        """
+        vae = self.vae
+        video = video.to(self.device, vae.dtype)
+        z = vae.encode(video).latent_dist.mode().float()
+        mean, std = self._latent_stats(z)
+        return (z - mean) / std
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents ``[1, C, T, h, w]`` -> ``uint8`` frames ``[F, H, W, 3]`` on the CPU."""
+        vae = self.vae
+        z = latents.to(self.device, torch.float32)
+        mean, std = self._latent_stats(z)
+        video = vae.decode((z * std + mean).to(vae.dtype), return_dict=False)[0]
+        return to_uint8_frames(video[0])
+
+
+def to_uint8_frames(video: torch.Tensor) -> torch.Tensor:
+    """``[3, F, H, W]`` in [-1, 1] -> ``[F, H, W, 3]`` uint8 on the CPU."""
+    video = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return video.permute(1, 2, 3, 0).contiguous().cpu()
+
+
+def frames_to_tensor(frames: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """``uint8 [F, H, W, 3]`` -> ``[1, 3, F, H, W]`` in [-1, 1] (float32)."""
+    t = torch.as_tensor(np.asarray(frames)).float()
+    return (t / 127.5 - 1).permute(3, 0, 1, 2).unsqueeze(0)

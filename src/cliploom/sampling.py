@@ -1,0 +1,128 @@
+"""Flow-matching sampling: schedules, the Euler step, CFG and expert switching.
+
+Small functions of tensors in the k-diffusion manner. Wan's flow matching uses
+``x_sigma = (1 - sigma) * x0 + sigma * noise``; the model predicts the velocity
+``v = noise - x0`` at timestep ``t = 1000 * sigma``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+from .conditioning import ClipCondition
+
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
+    """Wan's time shift: ``shift * s / (1 + (shift - 1) * s)`` (more steps at high noise)."""
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def schedule(steps: int | None = None, shift: float = 5.0, timesteps: Sequence[float] | None = None) -> torch.Tensor:
+    """Sigmas from 1 to 0, ``len = steps + 1``.
+
+    ``steps``: the same schedule as diffusers' ``FlowMatchEulerDiscreteScheduler(shift=shift)``.
+    ``timesteps``: an explicit list (distilled few-step models, e.g. ``[1000, 750, 500, 250]``),
+    given *before* the shift as LightX2V writes it; with ``shift=5`` that list becomes
+    ``[1000, 937.5, 833.3, 625]``. Pass ``shift=1`` for a list that is already shifted.
+    """
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=shift)
+    if timesteps is not None:
+        scheduler.set_timesteps(sigmas=[float(t) / NUM_TRAIN_TIMESTEPS for t in timesteps])
+    else:
+        scheduler.set_timesteps(steps)
+    return scheduler.sigmas.to(torch.float32)
+
+
+def euler_step(x: torch.Tensor, v: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
+    return x + (sigma_next - sigma) * v
+
+
+def guide(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance."""
+    return uncond + scale * (cond - uncond)
+
+
+@dataclass
+class Expert:
+    """One denoiser of a (possibly two-expert) model and where it works.
+
+    It handles timesteps ``t >= min_timestep`` (Wan 2.2 A14B: the high-noise expert from the
+    boundary up, the low-noise expert below it), with its own guidance scale.
+    """
+
+    model: torch.nn.Module
+    guidance: float
+    min_timestep: float = 0.0
+
+
+def pick_expert(experts: Sequence[Expert], t: float) -> Expert:
+    """The first expert (ordered high noise first) whose range contains ``t``."""
+    for expert in experts:
+        if t >= expert.min_timestep:
+            return expert
+    return experts[-1]
+
+
+def make_denoiser(
+    experts: Sequence[Expert],
+    cond: ClipCondition,
+    text: torch.Tensor,
+    negative_text: torch.Tensor | None,
+    attention_kwargs: dict | None = None,
+) -> Callable[[torch.Tensor, float], torch.Tensor]:
+    """``v = denoiser(x, sigma)`` for one clip.
+
+    With guidance > 1 the conditional and unconditional passes go through the model as one
+    batch of two; with guidance = 1 there is a single forward per step.
+    """
+    guided_cond = cond.repeat(2)
+
+    def denoise(x: torch.Tensor, sigma: float) -> torch.Tensor:
+        t = sigma * NUM_TRAIN_TIMESTEPS
+        expert = pick_expert(experts, t)
+        model = expert.model
+        dtype = next(model.parameters()).dtype
+        use_cfg = expert.guidance != 1.0 and negative_text is not None
+        c = guided_cond if use_cfg else cond
+        x_in = torch.cat([x, x]) if use_cfg else x
+        hidden = torch.cat([text, negative_text]) if use_cfg else text
+        out = model(
+            hidden_states=c.model_input(x_in).to(dtype),
+            timestep=c.timestep(t, x_in),
+            encoder_hidden_states=hidden.to(dtype),
+            encoder_hidden_states_image=None if c.image_embeds is None else c.image_embeds.to(dtype),
+            attention_kwargs=attention_kwargs,
+            return_dict=False,
+        )[0].float()
+        if use_cfg:
+            v_cond, v_uncond = out.chunk(2)
+            return guide(v_cond, v_uncond, expert.guidance)
+        return out
+
+    return denoise
+
+
+def sample_euler(
+    denoise: Callable[[torch.Tensor, float], torch.Tensor],
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    finish: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
+    callback: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """Integrate the flow from ``sigmas[0]`` to ``sigmas[-1]`` with Euler steps.
+
+    ``finish`` re-imposes what is known after each step (TI2V's clean leading frames).
+    """
+    s = sigmas.tolist()
+    for i in range(len(s) - 1):
+        v = denoise(x, s[i])
+        x = finish(euler_step(x, v, s[i], s[i + 1]))
+        if callback is not None:
+            callback(i)
+    return x

@@ -1,0 +1,331 @@
+"""Story files: what to generate, validated up front. Nothing else in cliploom reads YAML.
+
+A story names a reference image, the clips (a prompt each), the motion mode and the sampling
+settings. Anything it leaves out comes from the model's own defaults (``cliploom.json`` in the
+model folder). See ``docs/story.md`` for the schema.
+
+    reference: ref.png            # relative to the story file
+    model: builtin                # or a model folder
+    mode: pro                     # pro (latent motion) | film | shot | svi2 | tom | chain
+    motion_latents: 1             # K, pro mode
+    frames: 33                    # per clip, 4k + 1
+    steps: 8                      # or timesteps: [1000, 750, 500, 250]
+    guidance: 4.0
+    seed: 7
+    loras:
+      - {path: svi.safetensors, weight: 1.0, expert: both}
+    clips:
+      - a red circle moves left on a blue background
+      - {prompt: a red circle bounces on a blue background, repeat: 2}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from .errors import CliploomError
+
+# Motion modes. "pro" is latent motion (SVI 2.0 Pro); the rest are pixel motion presets with
+# N motion frames and a ref_pad padding rule (svi.md section 1b).
+PIXEL_PRESETS: dict[str, tuple[int, int]] = {
+    "shot": (1, -1),  # SVI 1.0 Shot: one prompt, reference as padding
+    "film": (5, 0),  # SVI 1.0 Film: a prompt per clip, zero padding
+    "svi2": (5, -1),  # SVI 2.0 on Wan 2.1
+    "tom": (1, 0),  # SVI 1.0 Tom
+    "chain": (1, 0),  # plain I2V chaining: the last frame as the next clip's image (no SVI)
+}
+MODES = ("pro", *PIXEL_PRESETS)
+EXPERTS = ("both", "high", "low")
+
+
+@dataclass
+class LoraSpec:
+    path: Path
+    weight: float = 1.0
+    expert: str = "both"  # both | high | low (Wan 2.2 A14B experts)
+
+
+@dataclass
+class ClipSpec:
+    prompt: str
+    seed: int | None = None  # explicit seed; otherwise derived from the story seed and index
+
+
+@dataclass
+class Story:
+    """A validated story. Optional fields are filled from the model's defaults by :meth:`resolve`."""
+
+    clips: list[ClipSpec]
+    reference: Path | None = None
+    model: str | None = None
+    mode: str = "pro"
+    motion_latents: int = 1
+    motion_frames: int | None = None
+    ref_pad: int | None = None
+    width: int | None = None
+    height: int | None = None
+    fps: int | None = None
+    frames: int | None = None
+    steps: int | None = None
+    timesteps: list[float] | None = None
+    guidance: float | None = None
+    guidance_low: float | None = None
+    shift: float | None = None
+    boundary: float | None = None
+    seed: int = 0
+    negative_prompt: str | None = None
+    style: str = ""
+    loras: list[LoraSpec] = field(default_factory=list)
+    source: Path | None = None  # the YAML file, for messages
+
+    # -- derived ---------------------------------------------------------------------------------
+    @property
+    def latent_motion(self) -> bool:
+        return self.mode == "pro"
+
+    def prompt(self, i: int) -> str:
+        p = self.clips[i].prompt
+        return f"{self.style.strip()} {p}".strip() if self.style else p
+
+    def clip_seed(self, i: int) -> int:
+        """Seed of clip ``i``: explicit, or derived deterministically from (story seed, index)."""
+        explicit = self.clips[i].seed
+        if explicit is not None:
+            return explicit
+        return int(np.random.SeedSequence([self.seed, i]).generate_state(1, dtype=np.uint32)[0])
+
+    def frames_kept(self, i: int) -> tuple[int, int]:
+        """``(start, stop)`` of the frames of clip ``i`` that go into the video.
+
+        Latent mode: clip i > 0 drops its first ``1 + 4K`` frames (the anchor and the frames
+        that re-create the previous clip's tail). Pixel mode: every clip but the last drops its
+        last ``N`` frames, which the next clip regenerates.
+        """
+        F, n = self.frames, len(self.clips)
+        if self.latent_motion:
+            return (0 if i == 0 else 1 + 4 * self.motion_latents, F)
+        return (0, F if i == n - 1 else F - self.motion_frames)
+
+    def total_frames(self) -> int:
+        return sum(b - a for a, b in (self.frames_kept(i) for i in range(len(self.clips))))
+
+    # -- resolution against a model -----------------------------------------------------------
+    def resolve(self, settings, size_multiple: int = 16, temporal: int = 4) -> "Story":
+        """Fill unset fields from the model's settings and check what needs the model to check."""
+        s = dataclasses.replace(self)
+        for name in ("width", "height", "fps", "frames", "shift", "guidance", "negative_prompt"):
+            if getattr(s, name) is None:
+                setattr(s, name, getattr(settings, name))
+        if s.steps is None and s.timesteps is None:
+            s.steps, s.timesteps = settings.steps, settings.timesteps
+        if s.guidance_low is None:
+            s.guidance_low = settings.guidance_low if settings.guidance_low is not None else s.guidance
+        if s.boundary is None:
+            s.boundary = settings.boundary_ratio
+        check_numbers(s, size_multiple, temporal)
+        return s
+
+
+def _fail(where: str, problem: str, fix: str):
+    raise CliploomError(f"{where}: {problem}", fix)
+
+
+def check_numbers(s: Story, size_multiple: int = 16, temporal: int = 4) -> None:
+    """Checks that need the final numbers (after model defaults are filled in)."""
+    where = str(s.source or "story")
+    if s.frames is not None:
+        if s.frames < 1 + temporal or (s.frames - 1) % temporal:
+            k = max(1, round((s.frames - 1) / temporal))
+            _fail(where, f"frames {s.frames} is not of the form 4k+1", f"use e.g. {temporal * k + 1} or 81")
+        latent = (s.frames - 1) // temporal + 1
+        if s.latent_motion and not 1 <= s.motion_latents <= min(3, latent - 2):
+            _fail(
+                where,
+                f"motion_latents {s.motion_latents} does not fit {s.frames}-frame clips ({latent} latent frames)",
+                f"use 1..{min(3, latent - 2)}" if latent > 2 else "use longer clips",
+            )
+        if not s.latent_motion and not 1 <= s.motion_frames <= s.frames - 1:
+            _fail(where, f"motion_frames {s.motion_frames} does not fit {s.frames}-frame clips", f"use 1..{s.frames - 1}")
+    for name in ("width", "height"):
+        v = getattr(s, name)
+        if v is not None and (v <= 0 or v % size_multiple):
+            _fail(where, f"{name} {v} is not a positive multiple of {size_multiple}", f"use e.g. {max(1, round(v / size_multiple)) * size_multiple}")
+    if s.fps is not None and s.fps <= 0:
+        _fail(where, f"fps {s.fps} must be positive", "use e.g. 16")
+    if s.steps is not None and s.steps < 1:
+        _fail(where, f"steps {s.steps} must be at least 1", "use e.g. 4 with a distill LoRA or 50 without")
+    if s.timesteps is not None:
+        ts = list(s.timesteps)
+        if not ts or any(not 0 < t <= 1000 for t in ts) or any(a <= b for a, b in zip(ts, ts[1:])):
+            _fail(where, f"timesteps {ts} must decrease strictly within (0, 1000]", "use e.g. [1000, 750, 500, 250]")
+    for name in ("guidance", "guidance_low"):
+        v = getattr(s, name)
+        if v is not None and v < 1:
+            _fail(where, f"{name} {v} is below 1", "use 1 for no guidance, or e.g. 5")
+    if s.shift is not None and s.shift <= 0:
+        _fail(where, f"shift {s.shift} must be positive", "use e.g. 5")
+    if s.boundary is not None and not 0 < s.boundary < 1:
+        _fail(where, f"boundary {s.boundary} must be between 0 and 1", "use e.g. 0.875 (Wan 2.2 I2V)")
+
+
+# -- parsing ---------------------------------------------------------------------------------------
+
+_SCALARS: dict[str, type] = {
+    "model": str,
+    "mode": str,
+    "motion_latents": int,
+    "motion_frames": int,
+    "ref_pad": int,
+    "width": int,
+    "height": int,
+    "fps": int,
+    "frames": int,
+    "steps": int,
+    "guidance": float,
+    "guidance_low": float,
+    "shift": float,
+    "boundary": float,
+    "seed": int,
+    "negative_prompt": str,
+    "style": str,
+}
+
+
+def _typed(where: str, key: str, value: Any, kind: type):
+    if kind is str:
+        if not isinstance(value, str):
+            _fail(where, f"{key} must be text, got {value!r}", f"quote it: {key}: \"{value}\"")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        _fail(where, f"{key} must be a number, got {value!r}", f"write e.g. {key}: 1")
+    if kind is int and float(value) != int(value):
+        _fail(where, f"{key} must be a whole number, got {value!r}", f"write e.g. {key}: {int(value)}")
+    return kind(value)
+
+
+def _parse_clips(where: str, raw: Any) -> list[ClipSpec]:
+    if not isinstance(raw, list) or not raw:
+        _fail(where, "no clips", "add `clips:` with at least one prompt, e.g. `clips: [\"a cat walks\"]`")
+    clips: list[ClipSpec] = []
+    for i, item in enumerate(raw):
+        if isinstance(item, str):
+            item = {"prompt": item}
+        if not isinstance(item, dict):
+            _fail(where, f"clip {i + 1} must be a prompt or a mapping, got {item!r}", "write `- prompt: ...`")
+        unknown = set(item) - {"prompt", "repeat", "seed"}
+        if unknown:
+            _fail(where, f"clip {i + 1} has unknown keys {sorted(unknown)}", "use prompt, repeat, seed")
+        prompt = item.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            _fail(where, f"clip {i + 1} has no prompt", "give every clip a non-empty `prompt:`")
+        repeat = _typed(where, f"clip {i + 1} repeat", item.get("repeat", 1), int)
+        if repeat < 1:
+            _fail(where, f"clip {i + 1} repeat {repeat} must be at least 1", "use repeat: 1 or more")
+        seed = item.get("seed")
+        if seed is not None:
+            seed = _typed(where, f"clip {i + 1} seed", seed, int)
+        clips.extend(ClipSpec(prompt.strip(), seed) for _ in range(repeat))
+    return clips
+
+
+def _parse_loras(where: str, raw: Any, base: Path) -> list[LoraSpec]:
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        _fail(where, "loras must be a list", "write `loras: [{path: file.safetensors, weight: 1.0}]`")
+    out = []
+    for i, item in enumerate(raw):
+        if isinstance(item, str):
+            item = {"path": item}
+        if not isinstance(item, dict) or not isinstance(item.get("path"), str):
+            _fail(where, f"lora {i + 1} has no path", "write `- path: file.safetensors`")
+        unknown = set(item) - {"path", "weight", "expert"}
+        if unknown:
+            _fail(where, f"lora {i + 1} has unknown keys {sorted(unknown)}", "use path, weight, expert")
+        expert = item.get("expert", "both")
+        if expert not in EXPERTS:
+            _fail(where, f"lora {i + 1} expert {expert!r} is unknown", f"use one of {', '.join(EXPERTS)}")
+        weight = _typed(where, f"lora {i + 1} weight", item.get("weight", 1.0), float)
+        path = Path(item["path"]).expanduser()
+        out.append(LoraSpec(path if path.is_absolute() else base / path, weight, expert))
+    return out
+
+
+def story_from_dict(data: Any, base: Path = Path("."), source: Path | None = None) -> Story:
+    """Build and validate a story from parsed YAML (or any dict of the same shape)."""
+    where = str(source or "story")
+    if not isinstance(data, dict):
+        _fail(where, "a story must be a mapping of settings", "see docs/story.md for an example")
+    known = set(_SCALARS) | {"reference", "clips", "loras", "timesteps", "prompts"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        _fail(where, f"unknown keys {unknown}", f"valid keys are {', '.join(sorted(known))}")
+    values: dict[str, Any] = {}
+    for key, kind in _SCALARS.items():
+        if data.get(key) is not None:
+            values[key] = _typed(where, key, data[key], kind)
+    if "prompts" in data and "clips" in data:
+        _fail(where, "both prompts and clips are given", "use one of them")
+    values["clips"] = _parse_clips(where, data.get("clips", data.get("prompts")))
+    values["loras"] = _parse_loras(where, data.get("loras"), base)
+    if data.get("timesteps") is not None:
+        ts = data["timesteps"]
+        if not isinstance(ts, list):
+            _fail(where, "timesteps must be a list", "write timesteps: [1000, 750, 500, 250]")
+        values["timesteps"] = [_typed(where, "timesteps", t, float) for t in ts]
+        if "steps" in values:
+            _fail(where, "both steps and timesteps are given", "use one of them")
+    if data.get("reference") is not None:
+        ref = Path(_typed(where, "reference", data["reference"], str)).expanduser()
+        values["reference"] = ref if ref.is_absolute() else base / ref
+    return make_story(source=source, **values)
+
+
+def make_story(**values) -> Story:
+    """Build a story from keyword values, apply the mode's preset and validate."""
+    story = Story(**values)
+    where = str(story.source or "story")
+    if story.mode not in MODES:
+        _fail(where, f"unknown mode {story.mode!r}", f"use one of {', '.join(MODES)}")
+    if story.mode in PIXEL_PRESETS:
+        n, pad = PIXEL_PRESETS[story.mode]
+        story.motion_frames = n if story.motion_frames is None else story.motion_frames
+        story.ref_pad = pad if story.ref_pad is None else story.ref_pad
+        if story.ref_pad < -1:
+            _fail(where, f"ref_pad {story.ref_pad} is invalid", "use -1 (repeat reference), 0 (zeros) or k > 0")
+    if not story.clips:
+        _fail(where, "no clips", "give at least one prompt")
+    check_numbers(story)
+    return story
+
+
+def load_story(path: str | Path) -> Story:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise CliploomError(f"cannot read story {path}: {e.strerror or e}", "check the path") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or "invalid YAML"
+        raise CliploomError(f"{path}: malformed YAML{at}: {problem}", "fix the YAML syntax") from None
+    return story_from_dict(data, base=path.parent, source=path)
+
+
+def cycle_prompts(prompts: list[str], clips: int | None) -> list[ClipSpec]:
+    """CLI form: with more clips than prompts, the prompts cycle."""
+    if not prompts:
+        raise CliploomError("no prompts", "pass at least one --prompt TEXT")
+    n = clips or len(prompts)
+    if n < 1:
+        raise CliploomError(f"--clips {n} must be at least 1", "pass --clips 1 or more")
+    return [ClipSpec(prompts[i % len(prompts)]) for i in range(n)]
