@@ -7,7 +7,7 @@ sampling in ``sampling``, the model in ``models``; this file only puts them in o
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -36,7 +36,12 @@ class Clip:
 
 
 def weave(
-    model: Components, story: Story, *, progress: bool = True, overlap_decode: bool | None = None
+    model: Components,
+    story: Story,
+    *,
+    progress: bool = True,
+    overlap_decode: bool | None = None,
+    on_clip_start: Callable[[int], None] | None = None,
 ) -> Iterator[Clip]:
     """Generate ``story`` clip by clip, yielding each clip as soon as it is decoded.
 
@@ -55,6 +60,8 @@ def weave(
     distinct = list(dict.fromkeys(prompts))
     text = {p: e[None] for p, e in zip(distinct, model.encode_text(distinct))}
     negative = model.encode_text([story.negative_prompt])[0:1] if cfg else None
+    if story.release_text_encoder:
+        model.release_text_encoder()
 
     # 3. The reference image: pixels for pixel modes, the anchor latent (encoded once).
     image = load_image(story.reference, story.width, story.height)
@@ -74,6 +81,8 @@ def weave(
         for i, prompt in enumerate(prompts):
             started = time.perf_counter()
             _reset_peak_memory(model.device)
+            if on_clip_start is not None:
+                on_clip_start(i)
 
             # 5. Condition the clip on the anchor and the motion memory.
             if story.latent_motion:

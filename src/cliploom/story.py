@@ -49,12 +49,17 @@ class LoraSpec:
     path: Path
     weight: float = 1.0
     expert: str = "both"  # both | high | low (Wan 2.2 A14B experts)
+    name: str | None = None  # how clips refer to it in per-clip `loras:`; default: the file's stem
+
+    def __post_init__(self):
+        self.name = self.name or Path(self.path).stem
 
 
 @dataclass
 class ClipSpec:
     prompt: str
     seed: int | None = None  # explicit seed; otherwise derived from the story seed and index
+    lora_weights: dict[str, float] | None = None  # per-clip LoRA weights by name (unfused stacks)
 
 
 @dataclass
@@ -82,6 +87,10 @@ class Story:
     negative_prompt: str | None = None
     style: str = ""
     loras: list[LoraSpec] = field(default_factory=list)
+    fuse_loras: bool = True  # fused: fastest; unfused: per-clip LoRA weights possible
+    offload: str | None = None  # memory: none | model | group | sequential
+    vae_tiling: bool = False
+    release_text_encoder: bool = False  # free the text encoder once the prompts are encoded
     source: Path | None = None  # the YAML file, for messages
 
     # -- derived ---------------------------------------------------------------------------------
@@ -194,10 +203,19 @@ _SCALARS: dict[str, type] = {
     "seed": int,
     "negative_prompt": str,
     "style": str,
+    "offload": str,
+    "vae_tiling": bool,
+    "release_text_encoder": bool,
+    "fuse_loras": bool,
 }
+OFFLOAD = ("none", "model", "group", "sequential")
 
 
 def _typed(where: str, key: str, value: Any, kind: type):
+    if kind is bool:
+        if not isinstance(value, bool):
+            _fail(where, f"{key} must be true or false, got {value!r}", f"write {key}: true")
+        return value
     if kind is str:
         if not isinstance(value, str):
             _fail(where, f"{key} must be text, got {value!r}", f"quote it: {key}: \"{value}\"")
@@ -218,9 +236,9 @@ def _parse_clips(where: str, raw: Any) -> list[ClipSpec]:
             item = {"prompt": item}
         if not isinstance(item, dict):
             _fail(where, f"clip {i + 1} must be a prompt or a mapping, got {item!r}", "write `- prompt: ...`")
-        unknown = set(item) - {"prompt", "repeat", "seed"}
+        unknown = set(item) - {"prompt", "repeat", "seed", "loras"}
         if unknown:
-            _fail(where, f"clip {i + 1} has unknown keys {sorted(unknown)}", "use prompt, repeat, seed")
+            _fail(where, f"clip {i + 1} has unknown keys {sorted(unknown)}", "use prompt, repeat, seed, loras")
         prompt = item.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
             _fail(where, f"clip {i + 1} has no prompt", "give every clip a non-empty `prompt:`")
@@ -230,7 +248,12 @@ def _parse_clips(where: str, raw: Any) -> list[ClipSpec]:
         seed = item.get("seed")
         if seed is not None:
             seed = _typed(where, f"clip {i + 1} seed", seed, int)
-        clips.extend(ClipSpec(prompt.strip(), seed) for _ in range(repeat))
+        weights = item.get("loras")
+        if weights is not None:
+            if not isinstance(weights, dict):
+                _fail(where, f"clip {i + 1} loras must map LoRA names to weights", "write `loras: {svi: 1.0}`")
+            weights = {str(k): _typed(where, f"clip {i + 1} lora {k}", v, float) for k, v in weights.items()}
+        clips.extend(ClipSpec(prompt.strip(), seed, weights) for _ in range(repeat))
     return clips
 
 
@@ -245,15 +268,19 @@ def _parse_loras(where: str, raw: Any, base: Path) -> list[LoraSpec]:
             item = {"path": item}
         if not isinstance(item, dict) or not isinstance(item.get("path"), str):
             _fail(where, f"lora {i + 1} has no path", "write `- path: file.safetensors`")
-        unknown = set(item) - {"path", "weight", "expert"}
+        unknown = set(item) - {"path", "weight", "expert", "name"}
         if unknown:
-            _fail(where, f"lora {i + 1} has unknown keys {sorted(unknown)}", "use path, weight, expert")
+            _fail(where, f"lora {i + 1} has unknown keys {sorted(unknown)}", "use path, weight, expert, name")
         expert = item.get("expert", "both")
         if expert not in EXPERTS:
             _fail(where, f"lora {i + 1} expert {expert!r} is unknown", f"use one of {', '.join(EXPERTS)}")
         weight = _typed(where, f"lora {i + 1} weight", item.get("weight", 1.0), float)
         path = Path(item["path"]).expanduser()
-        out.append(LoraSpec(path if path.is_absolute() else base / path, weight, expert))
+        name = _typed(where, f"lora {i + 1} name", item["name"], str) if item.get("name") is not None else None
+        out.append(LoraSpec(path if path.is_absolute() else base / path, weight, expert, name))
+    names = [spec.name for spec in out]
+    if len(set(names)) != len(names):
+        _fail(where, f"two LoRAs share a name in {names}", "give each a distinct `name:`")
     return out
 
 
@@ -301,6 +328,16 @@ def make_story(**values) -> Story:
             _fail(where, f"ref_pad {story.ref_pad} is invalid", "use -1 (repeat reference), 0 (zeros) or k > 0")
     if not story.clips:
         _fail(where, "no clips", "give at least one prompt")
+    if story.offload is not None and story.offload not in OFFLOAD:
+        _fail(where, f"unknown offload {story.offload!r}", f"use one of {', '.join(OFFLOAD)}")
+    names = {spec.name for spec in story.loras}
+    for i, clip in enumerate(story.clips):
+        if clip.lora_weights:
+            unknown = sorted(set(clip.lora_weights) - names)
+            if unknown:
+                _fail(where, f"clip {i + 1} sets weights of unknown LoRAs {unknown}", f"use names among {sorted(names)}")
+            if story.fuse_loras:
+                _fail(where, f"clip {i + 1} changes LoRA weights but LoRAs are fused", "set fuse_loras: false")
     check_numbers(story)
     return story
 

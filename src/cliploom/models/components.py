@@ -114,9 +114,26 @@ class Components:
         return self.scale_spatial * max(self.patch)
 
     # -- encoders ------------------------------------------------------------------------------
+    def release_text_encoder(self) -> None:
+        """Free the text encoder (the largest part of a real model after the DiT); reloaded on demand."""
+        self.pipe.text_encoder = None
+        import gc
+
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _ensure_text_encoder(self) -> None:
+        if self.pipe.text_encoder is None:
+            from transformers import UMT5EncoderModel
+
+            encoder = UMT5EncoderModel.from_pretrained(self.path / "text_encoder", local_files_only=True)
+            self.pipe.text_encoder = encoder.to(self.device, self.dtype).eval().requires_grad_(False)
+
     @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
         """UMT5 embeddings, ``[len(prompts), max_sequence_length, dim]``, zero beyond each prompt."""
+        self._ensure_text_encoder()
         embeds, _ = self.pipe.encode_prompt(
             prompts,
             do_classifier_free_guidance=False,

@@ -74,6 +74,7 @@ def load_model(
     *,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
+    family: str | None = None,
 ) -> Components:
     """Load a Wan image-to-video model (Wan 2.1 I2V, Wan 2.2 A14B, Wan 2.2 TI2V) from a folder.
 
@@ -87,6 +88,8 @@ def load_model(
     from .builtin import resolve_model_path
 
     path = resolve_model_path(path)
+    if family is not None:
+        raise CliploomError("--family (original-format checkpoints) is not supported yet", "use a diffusers folder")
     index = check_model_folder(path)
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)

@@ -1,0 +1,213 @@
+"""Command line: argument parsing only. Every command calls the Python API users call."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import CliploomError
+
+EXIT_USAGE = 2
+
+
+def _lora_arg(text: str):
+    """``FILE[:WEIGHT[:EXPERT]]``; the weight defaults to 1 and the expert to both."""
+    from .story import EXPERTS, LoraSpec
+
+    parts = text.split(":")
+    expert = parts.pop() if len(parts) > 1 and parts[-1] in EXPERTS else "both"
+    weight = 1.0
+    if len(parts) > 1:
+        try:
+            weight = float(parts[-1])
+            parts.pop()
+        except ValueError:
+            pass
+    return LoraSpec(Path(":".join(parts)).expanduser(), weight, expert)
+
+
+def _timesteps_arg(text: str) -> list[float]:
+    try:
+        return [float(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"timesteps must be numbers separated by commas, got {text!r}") from None
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="generate a long video from a story file or from flags",
+        description="Generate a long video clip by clip. Give a STORY.yaml, or --image and --prompt.",
+    )
+    p.add_argument("story", nargs="?", help="story YAML file (see docs/story.md)")
+    p.add_argument("--out", "-o", help="x.mp4 (H.264) or DIR/ (PNG frames); default out/<story>.mp4")
+    p.add_argument("--image", help="reference image (the anchor)")
+    p.add_argument("--prompt", action="append", default=[], help="a clip prompt; repeat for several (they cycle)")
+    p.add_argument("--clips", type=int, help="number of clips (default: one per --prompt)")
+    p.add_argument("--model", help="diffusers-layout Wan I2V folder (default: the built-in model)")
+    p.add_argument("--mode", help="pro (latent motion) | film | shot | svi2 | tom | chain")
+    p.add_argument("--frames", type=int, help="frames per clip, 4k+1")
+    p.add_argument("--motion-latents", type=int, help="K latent frames of motion memory (pro mode, 1-3)")
+    p.add_argument("--motion-frames", type=int, help="N motion frames (pixel modes)")
+    p.add_argument("--ref-pad", type=int, help="pixel-mode padding: -1 reference, 0 zeros, k reference frames")
+    p.add_argument("--steps", type=int, help="Euler steps")
+    p.add_argument("--timesteps", type=_timesteps_arg, help="explicit timesteps, e.g. 1000,750,500,250")
+    p.add_argument("--guidance", type=float, help="CFG scale (1 = no CFG, one forward per step)")
+    p.add_argument("--guidance-low", type=float, help="CFG scale of the low-noise expert (Wan 2.2 A14B)")
+    p.add_argument("--shift", type=float, help="flow shift")
+    p.add_argument("--seed", type=int, help="story seed; clip seeds derive from it")
+    p.add_argument("--width", type=int)
+    p.add_argument("--height", type=int)
+    p.add_argument("--fps", type=int)
+    p.add_argument("--negative-prompt")
+    p.add_argument("--lora", action="append", type=_lora_arg, default=[], metavar="FILE[:WEIGHT[:EXPERT]]",
+                   help="add a LoRA (repeatable); EXPERT is both, high or low")
+    p.add_argument("--family", help="model family of original-format files in --model (see `cliploom inspect`)")
+    p.add_argument("--no-fuse", dest="fuse_loras", action="store_const", const=False,
+                   help="keep LoRAs as switchable adapters (allows per-clip weights; slower)")
+    p.add_argument("--offload", choices=("none", "model", "group", "sequential"),
+                   help="move model parts to the CPU between uses (small GPUs)")
+    p.add_argument("--vae-tiling", action="store_const", const=True, help="decode the VAE in tiles")
+    p.add_argument("--release-text-encoder", action="store_const", const=True,
+                   help="free the text encoder once the prompts are encoded")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_generate)
+
+
+def _story_from_args(args):
+    from .story import cycle_prompts, load_story, make_story, story_from_dict
+
+    overrides = {
+        "model": args.model,
+        "mode": args.mode,
+        "frames": args.frames,
+        "motion_latents": args.motion_latents,
+        "motion_frames": args.motion_frames,
+        "ref_pad": args.ref_pad,
+        "steps": args.steps,
+        "timesteps": args.timesteps,
+        "guidance": args.guidance,
+        "guidance_low": args.guidance_low,
+        "shift": args.shift,
+        "seed": args.seed,
+        "width": args.width,
+        "height": args.height,
+        "fps": args.fps,
+        "negative_prompt": args.negative_prompt,
+        "fuse_loras": args.fuse_loras,
+        "offload": args.offload,
+        "vae_tiling": args.vae_tiling,
+        "release_text_encoder": args.release_text_encoder,
+    }
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if args.story:
+        if args.prompt or args.image or args.clips:
+            raise CliploomError("give either a story file or --image/--prompt/--clips, not both", "drop one of them")
+        story = load_story(args.story)
+        values = {**story.__dict__, **overrides}
+        if args.steps is not None:
+            values["timesteps"] = None
+        if args.timesteps is not None:
+            values["steps"] = None
+        if args.mode is not None and args.mode != story.mode:  # the new mode's preset applies
+            values["motion_frames"], values["ref_pad"] = args.motion_frames, args.ref_pad
+        values["loras"] = story.loras + args.lora
+        return make_story(**values)
+    if not args.image:
+        raise CliploomError("no story file and no --image", "pass STORY.yaml, or --image IMG --prompt TEXT")
+    clips = cycle_prompts(args.prompt, args.clips)
+    story = story_from_dict({"clips": [c.prompt for c in clips], **overrides}, base=Path.cwd())
+    story.reference = Path(args.image).expanduser()
+    story.loras = args.lora
+    return story
+
+
+def cmd_generate(args) -> int:
+    from .engine import Engine
+
+    story = _story_from_args(args)
+    if story.reference is None:
+        raise CliploomError(f"{story.source}: no reference image", "add `reference: image.png` to the story")
+    from .video_io import load_image
+
+    load_image(story.reference)  # fail on a bad image before loading the model
+    out = args.out or f"out/{story.source.stem if story.source else 'cliploom'}.mp4"
+    engine = Engine.load(story.model, device=args.device, family=args.family)
+    report = engine.render(story, out, progress=not args.quiet, overwrite=args.overwrite)
+    t = report["totals"]
+    print(
+        f"wrote {out}: {t['clips']} clips, {t['frames']} frames, {t['video_seconds']:.1f} s of video "
+        f"in {t['seconds']:.1f} s (time-to-video {t['time_to_video']:.2f}); report {report['report_path']}"
+    )
+    return 0
+
+
+def _add_make_tiny(sub) -> None:
+    from .models.tiny import VARIANTS
+
+    p = sub.add_parser("make-tiny", help="write a random-weight tiny Wan model (diffusers layout)")
+    p.add_argument("dir", help="output folder")
+    p.add_argument("--variant", default="wan21", choices=VARIANTS, help="model family to imitate")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_make_tiny)
+
+
+def cmd_make_tiny(args) -> int:
+    from .models.tiny import make_tiny
+
+    path = make_tiny(args.dir, args.variant, seed=args.seed, overwrite=args.overwrite)
+    print(f"wrote tiny {args.variant} model to {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="cliploom", description="Long video generation by SVI clip stitching.")
+    parser.add_argument("--version", action="version", version=f"cliploom {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_generate(sub)
+    _add_make_tiny(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _quiet_libraries()
+    try:
+        return args.func(args) or 0
+    except CliploomError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted: partial output removed", file=sys.stderr)
+        return 130
+
+
+def _quiet_libraries() -> None:
+    """Library chatter (weight-loading bars, deprecation notes) is noise for CLI users."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    try:
+        import diffusers
+        import transformers
+
+        diffusers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:
+        pass
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

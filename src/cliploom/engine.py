@@ -1,0 +1,163 @@
+"""The Python API: load a model once, generate many stories.
+
+    import cliploom
+    engine = cliploom.Engine.load()                      # the built-in model, or a folder
+    story = cliploom.load_story("story.yaml")
+    for clip in engine.generate(story):                  # clips arrive as they finish
+        print(clip.index, clip.frames.shape)
+    report = engine.render(story, "out/video.mp4")       # streams to disk, returns the report
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .loom import Clip, weave
+from .models.components import Components
+from .models.loading import load_model
+from .models.lora import LoraStack
+from .models.memory import apply_memory_options
+from .story import Story
+from .video_io import open_sink
+
+
+class Engine:
+    """A loaded model plus the LoRA stack currently applied to it."""
+
+    def __init__(self, model: Components):
+        self.model = model
+        self.loras = LoraStack(model)
+
+    @classmethod
+    def load(
+        cls,
+        model: str | Path | None = None,
+        *,
+        device: str | None = None,
+        dtype: torch.dtype | None = None,
+        family: str | None = None,
+    ) -> "Engine":
+        """Load a model folder (or, with ``family``, original-format files) once for many stories."""
+        return cls(load_model(model, device=device, dtype=dtype, family=family))
+
+    def generate(
+        self,
+        story: Story,
+        *,
+        progress: bool = True,
+        overlap_decode: bool | None = None,
+        on_clip_start: Callable[[int], None] | None = None,
+    ) -> Iterator[Clip]:
+        """Yield the story's clips in order, each as soon as it is decoded."""
+        apply_memory_options(self.model, story.offload, story.vae_tiling)
+        self.loras.apply(story.loras, fuse=story.fuse_loras)
+        per_clip = any(clip.lora_weights for clip in story.clips)
+
+        def start(i: int) -> None:
+            if per_clip:
+                self.loras.set_clip_weights(story.clips[i].lora_weights)
+            if on_clip_start is not None:
+                on_clip_start(i)
+
+        yield from weave(self.model, story, progress=progress, overlap_decode=overlap_decode, on_clip_start=start)
+
+    def render(
+        self,
+        story: Story,
+        out: str | Path,
+        *,
+        progress: bool = True,
+        overwrite: bool = False,
+        overlap_decode: bool | None = None,
+        on_clip_start: Callable[[int], None] | None = None,
+    ) -> dict:
+        """Generate ``story`` into ``out`` (``x.mp4`` or ``DIR/``) and write the JSON report.
+
+        Each clip is appended to the output as soon as it is decoded. The output appears under
+        its final name only when the video is complete.
+        """
+        resolved = story.resolve(self.model.settings, self.model.size_multiple, self.model.scale_temporal)
+        sink = open_sink(out, resolved.fps, overwrite)
+        report = self._report_head(resolved, out)
+        started = time.perf_counter()
+        try:
+            clips = self.generate(story, progress=progress, overlap_decode=overlap_decode, on_clip_start=on_clip_start)
+            for clip in clips:
+                sink.append(clip.frames.numpy())
+                report["clips"].append(_clip_entry(clip))
+                report["totals"] = _totals(report["clips"], resolved.fps, time.perf_counter() - started)
+                sink.write_progress(report)
+            sink.finish(report)
+        except BaseException:
+            sink.abort()
+            raise
+        report["report_path"] = str(sink.report_path)
+        return report
+
+    def _report_head(self, s: Story, out) -> dict:
+        m = self.model
+        motion = {"motion_latents": s.motion_latents} if s.latent_motion else {
+            "motion_frames": s.motion_frames, "ref_pad": s.ref_pad}
+        return {
+            "cliploom": __version__,
+            "output": str(out),
+            "model": str(m.path),
+            "family": m.settings.family,
+            "device": str(m.device),
+            "dtype": str(m.dtype).replace("torch.", ""),
+            "host": platform.node(),
+            "story": {
+                "source": str(s.source) if s.source else None,
+                "reference": str(s.reference),
+                "mode": s.mode,
+                **motion,
+                "width": s.width,
+                "height": s.height,
+                "fps": s.fps,
+                "frames": s.frames,
+                "steps": s.steps,
+                "timesteps": s.timesteps,
+                "guidance": s.guidance,
+                "guidance_low": s.guidance_low,
+                "shift": s.shift,
+                "boundary": s.boundary,
+                "seed": s.seed,
+                "loras": self.loras.summary(),
+            },
+            "clips": [],
+            "totals": {},
+        }
+
+
+def _clip_entry(clip: Clip) -> dict:
+    return {
+        "index": clip.index,
+        "prompt": clip.prompt,
+        "seed": clip.seed,
+        "frames_kept": int(clip.frames.shape[0]),
+        "keep": list(clip.keep),
+        "seconds_denoise": round(clip.seconds_denoise, 4),
+        "seconds_decode": round(clip.seconds_decode, 4),
+        "peak_memory_mb": round(clip.peak_memory_mb, 1),
+    }
+
+
+def _totals(clips: list[dict], fps: int, seconds: float) -> dict:
+    frames = sum(c["frames_kept"] for c in clips)
+    video_seconds = frames / fps
+    return {
+        "clips": len(clips),
+        "frames": frames,
+        "video_seconds": round(video_seconds, 4),
+        "seconds": round(seconds, 4),
+        "seconds_denoise": round(sum(c["seconds_denoise"] for c in clips), 4),
+        "seconds_decode": round(sum(c["seconds_decode"] for c in clips), 4),
+        "time_to_video": round(seconds / video_seconds, 4) if video_seconds else None,
+        "peak_memory_mb": max(c["peak_memory_mb"] for c in clips),
+    }
