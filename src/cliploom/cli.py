@@ -131,10 +131,11 @@ def cmd_generate(args) -> int:
     story = _story_from_args(args)
     if story.reference is None:
         raise CliploomError(f"{story.source}: no reference image", "add `reference: image.png` to the story")
-    from .video_io import load_image
+    from .video_io import check_output, load_image
 
-    load_image(story.reference)  # fail on a bad image before loading the model
     out = args.out or f"out/{story.source.stem if story.source else 'cliploom'}.mp4"
+    load_image(story.reference)  # fail on bad input before loading the model
+    check_output(out, args.overwrite)
     engine = Engine.load(story.model, device=args.device, family=args.family)
     report = engine.render(story, out, progress=not args.quiet, overwrite=args.overwrite)
     t = report["totals"]

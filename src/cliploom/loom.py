@@ -29,6 +29,7 @@ class Clip:
     prompt: str
     seed: int
     frames: torch.Tensor  # uint8 [n, H, W, 3]: only the frames kept in the video
+    latents: torch.Tensor  # [1, C, T, h, w]: the clip's denoised latents (normalised)
     keep: tuple[int, int]  # which of the clip's generated frames these are
     seconds_denoise: float
     seconds_decode: float
@@ -177,6 +178,7 @@ class _Decoder:
             prompt=prompt,
             seed=seed,
             frames=frames[keep[0] : keep[1]],
+            latents=latents,
             keep=keep,
             seconds_denoise=seconds_denoise,
             seconds_decode=time.perf_counter() - started,

@@ -130,7 +130,9 @@ class Mp4Sink(VideoSink):
         self.stream = self.container.add_stream("libx264", rate=self.fps)
         self.stream.width, self.stream.height = width, height
         self.stream.pix_fmt = "yuv420p"
-        self.stream.options = {"crf": str(self.crf), "preset": "medium"}
+        # zerolatency: no lookahead and no B-frames, so each frame is muxed to disk as soon as
+        # it is appended (true streaming) at the cost of a slightly larger file.
+        self.stream.options = {"crf": str(self.crf), "preset": "medium", "tune": "zerolatency"}
 
     def append(self, frames: np.ndarray) -> None:
         import av
@@ -208,6 +210,23 @@ def check_writable(folder: Path) -> None:
             raise CliploomError(f"cannot create output folder {folder}: {e.strerror}", "choose a writable --out") from None
     if not os.access(folder, os.W_OK):
         raise CliploomError(f"output folder {folder} is not writable", "choose a writable --out")
+
+
+def check_output(out: str | Path, overwrite: bool = False) -> None:
+    """Fail early (before any model is loaded) on an output that cannot be written."""
+    out = Path(out)
+    if is_dir_target(out):
+        if out.exists() and not out.is_dir():
+            raise CliploomError(f"{out} exists and is not a folder", "choose another --out")
+        if out.is_dir() and any(out.iterdir()) and not overwrite:
+            raise CliploomError(f"output folder {out} is not empty", "choose another --out or pass --overwrite")
+    elif out.exists() and not overwrite:
+        raise CliploomError(f"{out} already exists", "choose another --out or pass --overwrite")
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise CliploomError(f"cannot write {out}: {parent} is not a writable folder", "choose a writable --out")
 
 
 def open_sink(out: str | Path, fps: int, overwrite: bool = False) -> VideoSink:

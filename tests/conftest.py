@@ -1,0 +1,70 @@
+"""Shared fixtures: tiny random models (built once per session) and a reference image."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+warnings.filterwarnings("ignore", message=".*CLIPImageProcessor.*")
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
+    """One tiny model folder per variant: wan21 (CLIP), wan22 (two experts), ti2v."""
+    from cliploom.models.tiny import VARIANTS, make_tiny
+
+    root = tmp_path_factory.mktemp("tiny")
+    return {v: make_tiny(root / v, v) for v in VARIANTS}
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_dirs):
+    """Loaded tiny models, cached for the session (loading is the slow part)."""
+    from cliploom.models import load_model
+
+    cache: dict = {}
+
+    def get(variant: str):
+        if variant not in cache:
+            cache[variant] = load_model(tiny_dirs[variant], device="cpu")
+        return cache[variant]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def reference_png(tmp_path_factory) -> Path:
+    """A 64x64 picture: a red disc on a blue background."""
+    yy, xx = np.mgrid[0:64, 0:64]
+    img = np.zeros((64, 64, 3), np.uint8)
+    img[...] = (30, 40, 160)
+    img[(yy - 30) ** 2 + (xx - 24) ** 2 < 100] = (220, 30, 30)
+    path = tmp_path_factory.mktemp("ref") / "ref.png"
+    Image.fromarray(img).save(path)
+    return path
+
+
+@pytest.fixture
+def tiny_story(reference_png):
+    """``tiny_story(n_clips, **overrides)``: a small story over the reference image."""
+    from cliploom.story import ClipSpec, make_story
+
+    def build(n: int = 3, **kw):
+        values = dict(
+            clips=[ClipSpec(f"prompt {i % 2}") for i in range(n)],
+            reference=reference_png,
+            frames=9,
+            steps=2,
+            seed=11,
+        )
+        values.update(kw)
+        return make_story(**values)
+
+    return build

@@ -1,0 +1,184 @@
+"""The clip loop on tiny random models: arithmetic, determinism, streaming, experts, guidance."""
+
+import numpy as np
+import pytest
+import torch
+
+from cliploom import conditioning
+from cliploom.engine import Engine
+from cliploom.loom import weave
+
+
+def frames_of(model, story, **kw):
+    return [c for c in weave(model, story, progress=False, **kw)]
+
+
+@pytest.mark.parametrize("K", [1, 2])
+def test_latent_mode_total_frames(tiny_models, tiny_story, K):
+    story = tiny_story(3, frames=13, motion_latents=K)
+    clips = frames_of(tiny_models("wan22"), story)
+    F = 13
+    assert [len(c.frames) for c in clips] == [F, F - 1 - 4 * K, F - 1 - 4 * K]
+    assert sum(len(c.frames) for c in clips) == F + 2 * (F - 1 - 4 * K)
+
+
+def test_pixel_mode_total_frames(tiny_models, tiny_story):
+    story = tiny_story(3, mode="film", motion_frames=2)
+    clips = frames_of(tiny_models("wan22"), story)
+    assert [len(c.frames) for c in clips] == [7, 7, 9] and sum(len(c.frames) for c in clips) == 3 * (9 - 2) + 2
+
+
+def test_same_seed_same_frames_other_seed_other_frames(tiny_models, tiny_story):
+    model = tiny_models("wan21")
+    a = frames_of(model, tiny_story(2, seed=5))
+    b = frames_of(model, tiny_story(2, seed=5))
+    c = frames_of(model, tiny_story(2, seed=6))
+    assert all(torch.equal(x.frames, y.frames) for x, y in zip(a, b))
+    assert not torch.equal(a[1].frames, c[1].frames)
+    assert a[0].seed != a[1].seed  # each clip draws its own noise
+
+
+def test_motion_memory_is_the_previous_clips_last_latents(tiny_models, tiny_story, monkeypatch):
+    seen = []
+    original = conditioning.latent_condition
+
+    def spy(anchor, motion, *args, **kw):
+        seen.append(None if motion is None else motion.clone())
+        return original(anchor, motion, *args, **kw)
+
+    monkeypatch.setattr(conditioning, "latent_condition", spy)
+    clips = frames_of(tiny_models("wan22"), tiny_story(3, frames=13, motion_latents=2))
+    assert seen[0] is None
+    for i in (1, 2):  # no decode / re-encode round trip: the very latents
+        assert torch.equal(seen[i], clips[i - 1].latents[:, :, -2:])
+
+
+def test_pixel_mode_conditions_on_the_previous_clips_last_frames(tiny_models, tiny_story, monkeypatch):
+    model = tiny_models("wan21")
+    videos, features = [], []
+    original_video, original_features = conditioning.pixel_motion_video, model.encode_image_features
+    monkeypatch.setattr(conditioning, "pixel_motion_video", lambda *a: videos.append(a[1]) or original_video(*a))
+    monkeypatch.setattr(model, "encode_image_features", lambda im: features.append(np.asarray(im)) or original_features(im))
+    story = tiny_story(2, mode="svi2", motion_frames=3)
+    clips = frames_of(model, story)
+    assert videos[0] is None and videos[1].shape[2] == 3
+    # clip 0 drops its last 3 frames; clip 1 is conditioned on exactly those decoded frames
+    from cliploom.models.components import frames_to_tensor
+
+    tail = model.decode_latents(clips[0].latents)[-3:]
+    assert len(clips[0].frames) == 9 - 3
+    assert torch.equal(videos[1], frames_to_tensor(tail))
+    # the CLIP image of clip 1 is the first motion frame
+    first_motion = ((videos[1][0, :, 0].permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()
+    assert np.array_equal(features[-1], first_motion)
+
+
+def test_two_experts_switch_at_the_boundary(tiny_models, tiny_story):
+    model = tiny_models("wan22")
+    seen = {"high": [], "low": []}
+    hooks = [
+        model.transformer.register_forward_pre_hook(lambda m, a, kw: seen["high"].append(float(kw["timestep"][0])), with_kwargs=True),
+        model.transformer_2.register_forward_pre_hook(lambda m, a, kw: seen["low"].append(float(kw["timestep"][0])), with_kwargs=True),
+    ]
+    try:
+        frames_of(model, tiny_story(1, steps=6, boundary=0.9))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert seen["high"] and seen["low"] and len(seen["high"]) + len(seen["low"]) == 6
+    assert min(seen["high"]) >= 900 > max(seen["low"])
+
+
+@pytest.mark.parametrize("guidance, batch", [(1.0, 1), (3.0, 2)])
+def test_forwards_per_step(tiny_models, tiny_story, guidance, batch):
+    model = tiny_models("wan21")
+    calls = []
+    hook = model.transformer.register_forward_pre_hook(
+        lambda m, a, kw: calls.append(kw["hidden_states"].shape[0]), with_kwargs=True)
+    try:
+        frames_of(model, tiny_story(2, steps=3, guidance=guidance))
+    finally:
+        hook.remove()
+    assert calls == [batch] * 6  # one forward per step, 2 clips x 3 steps
+
+
+def test_ti2v_keeps_the_anchor_and_motion_latents_clean(tiny_models, tiny_story):
+    model = tiny_models("ti2v")
+    clips = frames_of(model, tiny_story(2, frames=9, motion_latents=1))
+    assert [tuple(c.frames.shape) for c in clips] == [(9, 64, 64, 3), (4, 64, 64, 3)]
+    # clip 1's latent frame 1 is clip 0's last latent, kept clean through sampling
+    assert torch.equal(clips[1].latents[:, :, 1], clips[0].latents[:, :, -1])
+    assert torch.equal(clips[1].latents[:, :, 0], clips[0].latents[:, :, 0])  # the anchor
+
+
+def test_overlapped_decode_gives_the_same_frames(tiny_models, tiny_story):
+    model = tiny_models("wan22")
+    a = frames_of(model, tiny_story(3), overlap_decode=False)
+    b = frames_of(model, tiny_story(3), overlap_decode=True)
+    assert all(torch.equal(x.frames, y.frames) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("suffix", ["video.mp4", "frames/"])
+def test_first_clip_is_on_disk_before_the_last_clip_starts(tiny_models, tiny_story, tmp_path, suffix):
+    engine = Engine(tiny_models("wan22"))
+    story = tiny_story(3)
+    out = tmp_path / suffix
+    on_disk = {}
+
+    def check(i):
+        if i == 2:  # the last clip is about to start
+            if suffix.endswith("/"):
+                partial = [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+                on_disk["frames"] = len(list(partial[0].glob("frame_*.png")))
+            else:
+                on_disk["bytes"] = (tmp_path / "video.mp4.partial").stat().st_size
+            on_disk["final_exists"] = out.exists()
+
+    report = engine.render(story, out, progress=False, on_clip_start=check, overlap_decode=False)
+    assert on_disk["final_exists"] is False  # nothing looks finished while it runs
+    if suffix.endswith("/"):
+        assert on_disk["frames"] >= 9  # clip 0 (9 frames kept) is already written
+        assert len(list(out.glob("frame_*.png"))) == report["totals"]["frames"] == 9 + 2 * 4
+    else:
+        assert on_disk["bytes"] > 0
+        from cliploom.video_io import read_video
+
+        assert read_video(out).shape == (17, 32, 32, 3)
+    assert report["totals"]["clips"] == 3 and len(report["clips"]) == 3
+
+
+def test_report_contents(tiny_models, tiny_story, tmp_path):
+    import json
+
+    engine = Engine(tiny_models("wan22"))
+    engine.render(tiny_story(2, fps=8), tmp_path / "v.mp4", progress=False)
+    report = json.loads((tmp_path / "v.json").read_text())
+    clip = report["clips"][1]
+    for key in ("prompt", "seed", "frames_kept", "seconds_denoise", "seconds_decode", "peak_memory_mb"):
+        assert key in clip
+    assert clip["prompt"] == "prompt 1" and clip["frames_kept"] == 4
+    t = report["totals"]
+    assert t["frames"] == 13 and t["video_seconds"] == pytest.approx(13 / 8)
+    assert t["time_to_video"] == pytest.approx(t["seconds"] / t["video_seconds"], rel=1e-3)
+    assert not (tmp_path / "v.json.partial").exists() and not (tmp_path / "v.mp4.partial").exists()
+
+
+def test_a_failure_mid_video_leaves_nothing_that_looks_finished(tiny_models, tiny_story, tmp_path, monkeypatch):
+    model = tiny_models("wan22")
+    engine = Engine(model)
+    original = model.decode_latents
+    count = {"n": 0}
+
+    def failing(latents):
+        count["n"] += 1
+        if count["n"] == 2:
+            raise RuntimeError("simulated out of memory")
+        return original(latents)
+
+    monkeypatch.setattr(model, "decode_latents", failing)
+    for out in (tmp_path / "v.mp4", tmp_path / "d/"):
+        count["n"] = 0
+        with pytest.raises(RuntimeError):
+            engine.render(tiny_story(3), out, progress=False, overlap_decode=False)
+        assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -1,0 +1,78 @@
+"""Schedules, the Euler step, guidance and expert switching."""
+
+import pytest
+import torch
+
+from cliploom.conditioning import latent_condition
+from cliploom.sampling import Expert, guide, make_denoiser, pick_expert, sample_euler, schedule, shift_sigmas
+
+
+def test_schedule_runs_from_one_to_zero():
+    s = schedule(8, shift=5.0)
+    assert len(s) == 9 and s[0] == pytest.approx(1.0) and s[-1] == 0
+    assert torch.all(s[1:] < s[:-1])
+
+
+def test_explicit_timesteps_are_shifted_like_lightx2v():
+    s = schedule(timesteps=[1000, 750, 500, 250], shift=5.0)
+    assert s.tolist() == pytest.approx([1.0, 0.9375, 0.8333333, 0.625, 0.0], abs=1e-6)
+    # Wan 2.2 Lightning's list is already shifted: shift 1 keeps it as given
+    s = schedule(timesteps=[1000, 937.5, 833.3, 625], shift=1.0)
+    assert s.tolist() == pytest.approx([1.0, 0.9375, 0.8333, 0.625, 0.0], abs=1e-6)
+
+
+def test_shift_moves_steps_towards_high_noise():
+    s = torch.tensor([0.5])
+    assert shift_sigmas(s, 5.0).item() == pytest.approx(2.5 / 3.0)
+    assert shift_sigmas(s, 1.0).item() == 0.5
+
+
+def test_euler_with_exact_velocity_lands_on_the_data():
+    x0, noise = torch.randn(2, 3), torch.randn(2, 3)
+
+    def oracle(x, sigma):  # x = (1 - s) x0 + s n  =>  v = n - x0 = (x - x0) / s
+        return (x - x0) / sigma
+
+    out = sample_euler(oracle, noise, schedule(5, shift=3.0))
+    assert torch.allclose(out, x0, atol=1e-5)
+
+
+def test_guidance_formula():
+    cond, uncond = torch.tensor([3.0]), torch.tensor([1.0])
+    assert guide(cond, uncond, 1.0).item() == 3.0
+    assert guide(cond, uncond, 5.0).item() == 11.0
+
+
+class Recorder(torch.nn.Module):
+    """Stands in for a transformer: records calls, returns zeros of the latent shape."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+        self.calls = []
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states, **kw):
+        self.calls.append((float(timestep.flatten()[0]), hidden_states.shape[0]))
+        return (torch.zeros(hidden_states.shape[0], 2, *hidden_states.shape[2:]),)
+
+
+def test_experts_switch_at_the_boundary():
+    high, low = Recorder(), Recorder()
+    experts = [Expert(high, 1.0, 875.0), Expert(low, 1.0)]
+    assert pick_expert(experts, 900).model is high and pick_expert(experts, 875).model is high
+    assert pick_expert(experts, 874.9).model is low
+    cond = latent_condition(torch.zeros(1, 2, 1, 2, 2), None, 3)
+    sigmas = schedule(10, shift=5.0)
+    sample_euler(make_denoiser(experts, cond, torch.zeros(1, 4, 8), None), torch.randn(1, 2, 3, 2, 2), sigmas)
+    ts = [t for t, _ in high.calls] + [t for t, _ in low.calls]
+    assert len(ts) == 10 and high.calls and low.calls
+    assert all(t >= 875 for t, _ in high.calls) and all(t < 875 for t, _ in low.calls)
+
+
+@pytest.mark.parametrize("scale, batch", [(1.0, 1), (4.0, 2)])
+def test_guidance_one_means_one_forward_of_batch_one(scale, batch):
+    model = Recorder()
+    cond = latent_condition(torch.zeros(1, 2, 1, 2, 2), None, 3)
+    text, neg = torch.zeros(1, 4, 8), torch.ones(1, 4, 8)
+    sample_euler(make_denoiser([Expert(model, scale)], cond, text, neg), torch.randn(1, 2, 3, 2, 2), schedule(4))
+    assert len(model.calls) == 4 and all(b == batch for _, b in model.calls)
