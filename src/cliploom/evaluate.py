@@ -11,10 +11,12 @@ is the video's first frame (the reference image the story starts from). Per clip
 - **motion**: the subject centroid's displacement over the clip against the prompted motion
   (direction and at least part of the expected travel; staying put for ``stays still``;
   rising and falling for ``bounces``);
-- **sharpness**: a re-blur sharpness ratio against the anchor, and the background's noise
-  level against the anchor's (blur or noise = restoration shift);
+- **sharpness**: a re-blur sharpness ratio against the anchor's (the median over the video's
+  first frames, which averages out sub-pixel edge phase), and the background's noise level
+  against the anchor's (blur or noise = restoration shift);
 - **boundary jump**: the mean absolute frame difference across the clip's starting boundary
-  divided by the median in-clip frame difference of the two clips around it.
+  divided by the in-clip frame difference next to it (the larger of the medians over the
+  last few frame pairs before the boundary and the first few after it).
 
 A clip passes when every measurable check passes; a video passes when all its clips do. The
 thresholds are the constants below; docs/shapesworld.md explains each one. Lengths in pixels
@@ -58,9 +60,11 @@ DIRECTION_COS_MIN = 0.8  # and point within ~37 degrees of the prompted directio
 STILL_MAX_PX = 2.0  # "stays still": net displacement at most this (32-px reference canvas)
 BOUNCE_MIN_RISE = 0.5  # "bounces": vertical range at least this share of the hop height
 BOUNCE_MAX_DRIFT_PX = 3.0  # ... while drifting sideways no more than this
-SHARPNESS_RANGE = (0.7, 1.5)  # re-blur sharpness / anchor's: blur below, ringing/noise above
+SHARPNESS_RANGE = (0.7, 1.4)  # re-blur sharpness / the anchor's: blur below, ringing/noise above
+SHARPNESS_REFERENCE_FRAMES = 8  # the anchor's sharpness: median over the video's first frames
 NOISE_MAX_INCREASE = 3.0  # background pixels' median deviation from their colour, 0..255, vs anchor
 JUMP_MAX = 4.0  # boundary difference / median in-clip difference
+JUMP_WINDOW = 4  # in-clip differences compared: this many frame pairs on each side
 JUMP_FLOOR = 0.5  # in-clip difference floor (mean |Δ| in 0..255) so still videos do not divide by ~0
 FAR_FROM_BACKGROUND = 25.0  # ΔE76 from every background centre: subject whatever its colour
 
@@ -77,8 +81,10 @@ THRESHOLDS = {
     "bounce_min_rise": BOUNCE_MIN_RISE,
     "bounce_max_drift_px": BOUNCE_MAX_DRIFT_PX,
     "sharpness_range": list(SHARPNESS_RANGE),
+    "sharpness_reference_frames": SHARPNESS_REFERENCE_FRAMES,
     "noise_max_increase": NOISE_MAX_INCREASE,
     "jump_max": JUMP_MAX,
+    "jump_window": JUMP_WINDOW,
     "jump_floor": JUMP_FLOOR,
 }
 
@@ -394,7 +400,8 @@ def evaluate_video(
     area = np.array([m.area for m in measures]) / anchor.area
     second = np.array([m.second_area for m in measures]) / anchor.area
     cents = np.stack([m.centroid for m in measures])
-    sharp = np.array([m.sharpness for m in measures]) / max(anchor.sharpness, 1e-9)
+    sharp = np.array([m.sharpness for m in measures])
+    sharp = sharp / max(float(np.median(sharp[: min(SHARPNESS_REFERENCE_FRAMES, clip_lengths[0])])), 1e-9)
     noise = np.array([m.noise for m in measures]) - anchor.noise
     diffs = np.array([_mean_abs_diff(frames[k], frames[k + 1]) for k in range(len(frames) - 1)])
 
@@ -421,9 +428,10 @@ def evaluate_video(
         motion = _motion_check(spec, track, scale)
         jump = None
         if i > 0:
-            inside = np.concatenate([diffs[starts[i - 1] : a - 1], diffs[a : b - 1]])
-            ref = max(float(np.median(inside)) if inside.size else 0.0, JUMP_FLOOR)
-            jump = diffs[a - 1] / ref
+            before = diffs[max(starts[i - 1], a - 1 - JUMP_WINDOW) : a - 1]
+            after = diffs[a : min(b - 1, a + JUMP_WINDOW)]
+            ref = max([float(np.median(w)) for w in (before, after) if w.size] + [JUMP_FLOOR])
+            jump = float(diffs[a - 1] / ref)
         checks = {
             "color": None if color is None else color <= SUBJECT_DELTA_E_MAX,
             "background": background <= BACKGROUND_DELTA_E_MAX,
@@ -433,6 +441,7 @@ def evaluate_video(
             and noise_increase <= NOISE_MAX_INCREASE,
             "boundary": None if jump is None else jump <= JUMP_MAX,
         }
+        checks = {k: None if v is None else bool(v) for k, v in checks.items()}
         failed = [k for k, v in checks.items() if v is False]
         clips.append(
             {
