@@ -165,6 +165,44 @@ def cmd_make_tiny(args) -> int:
     return 0
 
 
+def _add_shapesworld(sub) -> None:
+    p = sub.add_parser("shapesworld", help="the procedural world the built-in model was trained on")
+    ss = p.add_subparsers(dest="shapesworld_command", required=True)
+    v = ss.add_parser("vocab", help="print the prompt grammar's words as JSON")
+    v.set_defaults(func=cmd_shapesworld_vocab)
+    r = ss.add_parser("render", help="draw the reference frame of a prompt")
+    r.add_argument("prompt", help='e.g. "a red circle moves left on a navy background"')
+    r.add_argument("-o", "--out", required=True, help="output PNG")
+    r.add_argument("--size", type=int, default=32, help="frame size in pixels (default 32)")
+    r.add_argument("--seed", type=int, help="random placement (default: canonical placement)")
+    r.set_defaults(func=cmd_shapesworld_render)
+
+
+def cmd_shapesworld_vocab(args) -> int:
+    import json
+
+    from .shapesworld import vocab
+
+    print(json.dumps(vocab(), indent=2))
+    return 0
+
+
+def cmd_shapesworld_render(args) -> int:
+    from .shapesworld import render_reference
+
+    if args.size < 8:
+        raise CliploomError(f"--size {args.size} is too small", "use 32 or more")
+    try:
+        image = render_reference(args.prompt, size=args.size, seed=args.seed)
+    except ValueError as e:
+        raise CliploomError(str(e).splitlines()[0], "run `cliploom shapesworld vocab` for the valid words") from None
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image.save(out)
+    print(f"wrote {out} ({args.size}x{args.size})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -173,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     _add_make_tiny(sub)
+    _add_shapesworld(sub)
     return parser
 
 
