@@ -517,26 +517,30 @@ def plot_metrics(result: dict, path: str | Path) -> Path:
 
     motion_ok = [np.nan if c["checks"]["motion"] is None else float(c["checks"]["motion"]) for c in clips]
     panels = [
-        ("subject ΔE2000 vs anchor", series("color_delta_e"), [SUBJECT_DELTA_E_MAX]),
-        ("background ΔE2000 vs anchor", series("background_delta_e"), [BACKGROUND_DELTA_E_MAX]),
-        ("subject area / anchor", series("area_ratio"), list(AREA_KEPT_RANGE)),
-        ("motion as prompted (1 = yes)", motion_ok, []),
-        ("sharpness / anchor", series("sharpness_ratio"), list(SHARPNESS_RANGE)),
-        ("boundary jump ratio", series("boundary_jump"), [JUMP_MAX]),
+        ("subject ΔE2000 vs anchor", series("color_delta_e"), [SUBJECT_DELTA_E_MAX], "color"),
+        ("background ΔE2000 vs anchor", series("background_delta_e"), [BACKGROUND_DELTA_E_MAX], "background"),
+        ("subject area / anchor", series("area_ratio"), list(AREA_KEPT_RANGE), "area"),
+        ("motion as prompted (1 = yes)", motion_ok, [], "motion"),
+        ("sharpness / anchor", series("sharpness_ratio"), list(SHARPNESS_RANGE), "sharpness"),
+        ("boundary jump ratio", series("boundary_jump"), [JUMP_MAX], "boundary"),
     ]
-    fig, axes = plt.subplots(2, 3, figsize=(12, 6), constrained_layout=True)
-    for ax, (title, ys, lines) in zip(axes.ravel(), panels):
+    fig, axes = plt.subplots(2, 3, figsize=(12, 6), constrained_layout=True, sharex=True)
+    for ax, (title, ys, lines, check) in zip(axes.ravel(), panels):
         ax.plot(x, ys, "o-")
-        for c, y in zip(clips, ys):
-            if not c["passed"] and not np.isnan(y):
-                ax.plot([c["index"]], [y], "rx", ms=10)
+        bad = [(c["index"], y) for c, y in zip(clips, ys) if c["checks"][check] is False and not np.isnan(y)]
+        if bad:
+            ax.plot(*zip(*bad), "rx", ms=10, mew=2)
         for t in lines:
             ax.axhline(t, color="gray", ls="--", lw=1)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("clip")
+        ax.set_xlim(-0.5, len(clips) - 0.5)
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
+        if check == "motion":
+            ax.set_ylim(-0.1, 1.1)
     verdict = "PASS" if result["passed"] else "FAIL"
-    fig.suptitle(f"{verdict}: {result['clips_passed']}/{result['num_clips']} clips pass (red x = failed clip)")
+    fig.suptitle(f"{verdict}: {result['clips_passed']}/{result['num_clips']} clips pass (red x = check failed)")
     path = Path(path)
     fig.savefig(path, dpi=80)
     plt.close(fig)
