@@ -203,7 +203,14 @@ def cmd_shapesworld_render(args) -> int:
     return 0
 
 
+# Sub-commands that live beside what they drive: each module has ``add_command(subparsers)``,
+# which registers its parser and sets ``func``.
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
 def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
     from . import __version__
 
     parser = argparse.ArgumentParser(prog="cliploom", description="Long video generation by SVI clip stitching.")
@@ -212,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_make_tiny(sub)
     _add_shapesworld(sub)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_command(sub)
     return parser
 
 

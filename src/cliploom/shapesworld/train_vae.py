@@ -34,13 +34,18 @@ class VAEStage:
     frames: int  # pixel frames per sample: 1 (images) or 1 + 4k
     batch: int
     lr: float
+    # Train only the decoder (the encoder, and so the latent space, is frozen). When the
+    # first such stage starts, the frozen encoder is saved with its latent statistics to
+    # ``out_dir/frozen`` so the DiT can be trained on final latents while the decoder improves.
+    decoder_only: bool = False
+    threads: int = 0  # torch threads for this stage (0: the config's ``threads``)
 
 
 @dataclass
 class VAEConfig:
     out_dir: str = "runs/vae"
     seed: int = 0
-    threads: int = 1
+    threads: int = 2
     size: int = 32
     base_dim: int = 16
     z_dim: int = 16
@@ -54,9 +59,9 @@ class VAEConfig:
     warmup: int = 100
     stages: list[VAEStage] = field(
         default_factory=lambda: [
-            VAEStage("images", steps=4000, frames=1, batch=32, lr=5e-4),
-            VAEStage("clips9", steps=6000, frames=9, batch=8, lr=3e-4),
-            VAEStage("clips17", steps=2000, frames=17, batch=4, lr=1e-4),
+            VAEStage("images", steps=1500, frames=1, batch=16, lr=5e-4),
+            VAEStage("clips9", steps=1200, frames=9, batch=8, lr=3e-4),
+            VAEStage("decoder17", steps=3000, frames=17, batch=4, lr=2e-4, decoder_only=True, threads=1),
         ]
     )
     checkpoint_every_s: float = 300.0
@@ -215,12 +220,18 @@ def train(cfg: VAEConfig) -> Path:
         if stage.name != current:
             current = stage.name
             clock.enter(stage.name)
+            torch.set_num_threads(stage.threads or cfg.threads)
+            vae.encoder.requires_grad_(not stage.decoder_only)
+            vae.quant_conv.requires_grad_(not stage.decoder_only)
+            if stage.decoder_only and not (out / "frozen" / "config.json").exists():
+                save_frozen(cfg, vae)
         lr = cosine_lr(stage.lr, local, stage.steps, cfg.warmup)
         for g in opt.param_groups:
             g["lr"] = lr
         t0 = time.monotonic()
         x = training_batch(cfg.seed, step, stage, cfg.size)
-        posterior = vae.encode(x).latent_dist
+        with torch.set_grad_enabled(not stage.decoder_only):
+            posterior = vae.encode(x).latent_dist
         y = vae.decode(posterior.sample()).sample
         l1 = (y - x).abs().mean()
         mse = ((y - x) ** 2).mean()
@@ -251,6 +262,24 @@ def train(cfg: VAEConfig) -> Path:
         print(f"stopped at step {step}/{total}; run the same command again to resume", flush=True)
         return ckpt_path
     return finalize(cfg, vae, clock)
+
+
+def save_frozen(cfg: VAEConfig, vae) -> Path:
+    """Save the VAE with latent statistics to ``out_dir/frozen`` (atomically); its encoder
+    (and so every latent) stays what the later decoder-only stages see."""
+    import shutil
+
+    out = Path(cfg.out_dir)
+    mean, std = latent_stats(vae, cfg.stats_clips, cfg.size)
+    vae.register_to_config(latents_mean=mean, latents_std=std)
+    tmp = out / "frozen.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    vae.save_pretrained(tmp, safe_serialization=True)
+    write_json(tmp / "frozen_report.json", {"heldout_psnr_33f_8clips": heldout_psnr(vae, heldout_clips(8, cfg.size))})
+    tmp.rename(out / "frozen")
+    vae.train()
+    tqdm.write(f"saved the frozen encoder to {out / 'frozen'}")
+    return out / "frozen"
 
 
 def finalize(cfg: VAEConfig, vae, clock: StageClock) -> Path:
