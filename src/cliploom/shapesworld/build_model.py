@@ -1,0 +1,101 @@
+"""Assemble the built-in ShapesWorld model folder from the training runs.
+
+    python -m cliploom.shapesworld.build_model [--vae runs/vae/final] [--dit runs/dit/final]
+        [--out src/cliploom/shapesworld/model] [--steps N] [--guidance G]
+
+Writes a diffusers-layout Wan image-to-video folder (``model_index.json``, ``transformer/``,
+``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``) plus ``cliploom.json`` with the
+model's defaults (32x32, 33 frames at 16 fps, its sampling steps, guidance and shift). The
+folder is written beside the target and renamed into place, so a failed build never leaves a
+half model behind. The result loads with ``cliploom.load_model`` like any Wan I2V folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from .world import CLIP_FRAMES, FPS
+
+MODEL_DIR = Path(__file__).parent / "model"
+
+DEFAULTS = {
+    "family": "shapesworld",
+    "max_sequence_length": 24,
+    "width": 32,
+    "height": 32,
+    "fps": FPS,
+    "frames": CLIP_FRAMES,
+    "steps": 12,
+    "guidance": 3.0,
+    "shift": 5.0,
+    "negative_prompt": "",
+}
+
+
+def build(vae_dir: Path, dit_dir: Path, out: Path, settings: dict, svi_lora: Path | None = None) -> Path:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    for path, what in [(vae_dir / "config.json", "VAE"), (dit_dir / "transformer" / "config.json", "DiT")]:
+        if not path.is_file():
+            raise SystemExit(f"error: no {what} at {path.parent}; train it first (see docs/shapesworld.md)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        shutil.copytree(dit_dir / "transformer", tmp / "transformer")
+        shutil.copytree(dit_dir / "text_encoder", tmp / "text_encoder")
+        shutil.copytree(dit_dir / "tokenizer", tmp / "tokenizer")
+        (tmp / "vae").mkdir()
+        for name in ("config.json", "diffusion_pytorch_model.safetensors"):
+            shutil.copy2(vae_dir / name, tmp / "vae" / name)
+        FlowMatchEulerDiscreteScheduler(shift=settings["shift"]).save_pretrained(tmp / "scheduler")
+        index = {
+            "_class_name": "WanImageToVideoPipeline",
+            "_diffusers_version": "0.42.1",
+            "boundary_ratio": None,
+            "expand_timesteps": False,
+            "image_encoder": [None, None],
+            "image_processor": [None, None],
+            "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+            "text_encoder": ["transformers", "UMT5EncoderModel"],
+            "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+            "transformer": ["diffusers", "WanTransformer3DModel"],
+            "transformer_2": [None, None],
+            "vae": ["diffusers", "AutoencoderKLWan"],
+        }
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        if svi_lora is not None:
+            shutil.copy2(svi_lora, tmp / "svi_lora.safetensors")
+            settings = {**settings, "svi_lora": "svi_lora.safetensors"}
+        (tmp / "cliploom.json").write_text(json.dumps(settings, indent=2) + "\n")
+        for report, name in [(vae_dir / "training_report.json", "vae"), (dit_dir / "training_report.json", "dit")]:
+            if report.is_file():
+                shutil.copy2(report, tmp / f"training_report_{name}.json")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    print(f"wrote {out} ({size / 1e6:.1f} MB)")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m cliploom.shapesworld.build_model", description=__doc__.split("\n")[0])
+    p.add_argument("--vae", type=Path, default=Path("runs/vae/final"))
+    p.add_argument("--dit", type=Path, default=Path("runs/dit/final"))
+    p.add_argument("--svi-lora", type=Path, default=None, help="the SVI LoRA applied by default (safetensors)")
+    p.add_argument("--out", type=Path, default=MODEL_DIR)
+    p.add_argument("--steps", type=int, default=DEFAULTS["steps"])
+    p.add_argument("--guidance", type=float, default=DEFAULTS["guidance"])
+    args = p.parse_args(argv)
+    build(args.vae, args.dit, args.out, {**DEFAULTS, "steps": args.steps, "guidance": args.guidance}, args.svi_lora)
+
+
+if __name__ == "__main__":
+    main()
