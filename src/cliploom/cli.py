@@ -66,6 +66,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--family", help="model family of original-format files in --model (see `cliploom inspect`)")
     p.add_argument("--no-fuse", dest="fuse_loras", action="store_const", const=False,
                    help="keep LoRAs as switchable adapters (allows per-clip weights; slower)")
+    p.add_argument("--no-svi-lora", dest="svi_lora", action="store_const", const=False,
+                   help="do not apply the model's own SVI LoRA (the built-in model ships one)")
     p.add_argument("--offload", choices=("none", "model", "group", "sequential"),
                    help="move model parts to the CPU between uses (small GPUs)")
     p.add_argument("--vae-tiling", action="store_const", const=True, help="decode the VAE in tiles")
@@ -98,6 +100,7 @@ def _story_from_args(args):
         "fps": args.fps,
         "negative_prompt": args.negative_prompt,
         "fuse_loras": args.fuse_loras,
+        "svi_lora": args.svi_lora,
         "offload": args.offload,
         "vae_tiling": args.vae_tiling,
         "release_text_encoder": args.release_text_encoder,

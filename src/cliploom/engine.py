@@ -23,7 +23,7 @@ from .models.components import Components
 from .models.loading import load_model
 from .models.lora import LoraStack
 from .models.memory import apply_memory_options
-from .story import Story
+from .story import LoraSpec, Story
 from .video_io import open_sink
 
 
@@ -56,7 +56,7 @@ class Engine:
     ) -> Iterator[Clip]:
         """Yield the story's clips in order, each as soon as it is decoded."""
         apply_memory_options(self.model, story.offload, story.vae_tiling)
-        self.loras.apply(story.loras, fuse=story.fuse_loras)
+        self.loras.apply(self.default_loras(story) + list(story.loras), fuse=story.fuse_loras)
         per_clip = any(clip.lora_weights for clip in story.clips)
 
         def start(i: int) -> None:
@@ -66,6 +66,13 @@ class Engine:
                 on_clip_start(i)
 
         yield from weave(self.model, story, progress=progress, overlap_decode=overlap_decode, on_clip_start=start)
+
+    def default_loras(self, story: Story) -> list[LoraSpec]:
+        """The model's own SVI LoRA (``svi_lora`` in its cliploom.json), unless the story turns it off."""
+        name = self.model.settings.svi_lora
+        if not name or not story.svi_lora:
+            return []
+        return [LoraSpec(self.model.path / name, 1.0, "both", "svi")]
 
     def render(
         self,

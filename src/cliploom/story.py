@@ -91,6 +91,7 @@ class Story:
     offload: str | None = None  # memory: none | model | group | sequential
     vae_tiling: bool = False
     release_text_encoder: bool = False  # free the text encoder once the prompts are encoded
+    svi_lora: bool = True  # apply the model's own SVI LoRA (cliploom.json `svi_lora`) when it has one
     source: Path | None = None  # the YAML file, for messages
 
     # -- derived ---------------------------------------------------------------------------------
@@ -207,6 +208,7 @@ _SCALARS: dict[str, type] = {
     "vae_tiling": bool,
     "release_text_encoder": bool,
     "fuse_loras": bool,
+    "svi_lora": bool,
 }
 OFFLOAD = ("none", "model", "group", "sequential")
 

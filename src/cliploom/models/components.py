@@ -47,6 +47,7 @@ class ModelSettings:
     boundary_ratio: float | None = None  # two experts: transformer for t >= boundary * 1000
     expand_timesteps: bool = False  # TI2V: known frames as clean leading latents, no y channels
     negative_prompt: str = WAN_NEGATIVE_PROMPT
+    svi_lora: str | None = None  # a LoRA file in the model folder applied by default (the built-in model's)
 
     @classmethod
     def from_folder(cls, path: Path, model_index: dict, scheduler_config: dict) -> "ModelSettings":
