@@ -208,7 +208,9 @@ def cmd_shapesworld_render(args) -> int:
 
 # Sub-commands that live beside what they drive: each module has ``add_command(subparsers)``,
 # which registers its parser and sets ``func``.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = (
+    "cliploom.eval_cli",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -32,6 +32,7 @@ far from every background centre counts as subject whatever its colour.
 from __future__ import annotations
 
 import json
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,6 +144,32 @@ def clips_from_report(report: dict | str | Path) -> tuple[list[str], list[int]]:
             raise ValueError(f"report clip {i} lacks 'prompt' or 'frames_kept'; regenerate the report or pass them explicitly")
         prompts.append(str(clip["prompt"]))
         lengths.append(int(clip["frames_kept"]))
+    return prompts, lengths
+
+
+def clips_from_story(story, num_frames: int) -> tuple[list[str], list[int]]:
+    """(prompts, frames kept per clip) of a :class:`~cliploom.story.Story` rendered to ``num_frames``.
+
+    The frames per clip come from the story; when it leaves them to the model's defaults they are
+    worked out from the video's length (latent mode drops ``1 + 4K`` frames from every clip after
+    the first, pixel modes ``N`` from every clip before the last: ``total = n F - (n - 1) drop``,
+    with ``F = 4k + 1`` as for every Wan model).
+    """
+    import dataclasses
+
+    n = len(story.clips)
+    prompts = [story.prompt(i) for i in range(n)]
+    frames = story.frames
+    if frames is None:
+        drop = 1 + 4 * story.motion_latents if story.latent_motion else story.motion_frames
+        frames, rest = divmod(num_frames + (n - 1) * drop, n)
+        if rest or frames <= drop or (frames - 1) % 4:
+            raise ValueError(
+                f"a {n}-clip story in {story.mode} mode cannot make a {num_frames}-frame video "
+                "(no clip length of 4k+1 frames fits)"
+            )
+    resolved = dataclasses.replace(story, frames=frames)
+    lengths = [b - a for a, b in (resolved.frames_kept(i) for i in range(n))]
     return prompts, lengths
 
 
@@ -565,7 +592,14 @@ def contact_sheet(frames: np.ndarray, result: dict, path: str | Path, cell: int 
         color = (0, 120, 0) if c["passed"] else (200, 0, 0)
         draw.text((4, y0 + 2), f"clip {c['index']}  frames {a}-{b - 1}", fill=(0, 0, 0))
         draw.text((4, y0 + 16), c["motion"], fill=(0, 0, 0))
-        draw.text((4, y0 + 30), verdict[:30], fill=color)
+        lines = textwrap.wrap(verdict, 30, break_on_hyphens=False)
+        for j, text in enumerate(lines[:2]):
+            draw.text((4, y0 + 30 + 14 * j), text, fill=color)
+        numbers = [f"dE {c['color_delta_e']:.1f}" if c["color_delta_e"] is not None else "dE -",
+                   f"bg {c['background_delta_e']:.1f}"]
+        if c["boundary_jump"] is not None:
+            numbers.append(f"jump {c['boundary_jump']:.1f}")
+        draw.text((4, y0 + 30 + 14 * min(2, len(lines))), "  ".join(numbers), fill=(60, 60, 60))
     path = Path(path)
     sheet.save(path)
     return path
@@ -593,17 +627,25 @@ def evaluate(
     result = evaluate_video(frames, prompts=prompts, clip_lengths=clip_lengths)
     path = Path(video_path)
     out = Path(out_dir) if out_dir is not None else (path if path.is_dir() else path.parent)
+    result["video"] = str(path)
+    result["outputs"] = write_outputs(frames, result, out, "eval" if path.is_dir() else f"{path.stem}.eval")
+    return result
+
+
+def write_outputs(frames: np.ndarray, result: dict, out_dir, stem: str) -> dict:
+    """Write ``STEM.json`` (the result), ``STEM_metrics.png`` and ``STEM_contact.png`` into ``out_dir``.
+
+    Returns the paths written (also stored in the JSON under ``outputs``).
+    """
+    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "eval" if path.is_dir() else f"{path.stem}.eval"
     outputs = {
         "json": str(out / f"{stem}.json"),
         "plot": str(plot_metrics(result, out / f"{stem}_metrics.png")),
         "contact_sheet": str(contact_sheet(frames, result, out / f"{stem}_contact.png")),
     }
-    result["video"] = str(path)
-    result["outputs"] = outputs
-    Path(outputs["json"]).write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    Path(outputs["json"]).write_text(json.dumps({**result, "outputs": outputs}, indent=2) + "\n")
+    return outputs
 
 
 def summary_line(result: dict) -> str:

@@ -1,0 +1,172 @@
+"""``cliploom eval``: score a generated ShapesWorld video against its prompts.
+
+    cliploom eval out/demo.mp4                         # clips from out/demo.json (the report)
+    cliploom eval video.mp4 --story story.yaml         # clips from the story file
+    cliploom eval video.mp4 --report run.json --out eval/ --json
+
+Writes ``<video>.eval.json``, ``<video>.eval_metrics.png`` (metrics vs clip index) and
+``<video>.eval_contact.png`` (first / middle / last frame of every clip), prints one line per
+clip and a verdict. Exit status: 0 every clip passes, 1 some clip fails, 2 bad input.
+The metrics and thresholds are explained in docs/shapesworld.md.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import CliploomError
+
+EXIT_PASS, EXIT_FAIL = 0, 1
+
+
+def add_command(sub) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="score a ShapesWorld video: colour/background drift, subject, motion, sharpness, boundary jumps",
+        description="Score a generated ShapesWorld video clip by clip against its prompts. Clip prompts and "
+        "boundaries come from the report beside the video (x.json for x.mp4), from --report, or from --story. "
+        "Exit status: 0 pass, 1 fail, 2 bad input. See docs/shapesworld.md.",
+    )
+    p.add_argument("video", help="the video: x.mp4, or a folder of frame_*.png")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--story", help="story YAML the video was generated from (instead of the report)")
+    src.add_argument("--report", help="the engine's JSON report (default: the one beside the video)")
+    p.add_argument("--out", "-o", help="folder for the JSON, plot and contact sheet (default: the video's folder)")
+    p.add_argument("--json", action="store_true", help="print the full result as JSON instead of the summary")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args) -> int:
+    from . import evaluate as ev
+
+    video = Path(args.video).expanduser()
+    if not video.exists():
+        raise CliploomError(f"video {video} not found", "pass the MP4 (or PNG folder) that `cliploom generate` wrote")
+    frames = _read(video)
+    prompts, lengths, source = _clips(args, video, len(frames))
+    _check_prompts(prompts, source)
+    if sum(lengths) != len(frames):
+        raise CliploomError(
+            f"{source} describes {sum(lengths)} frames in {len(lengths)} clips but {video} has {len(frames)}",
+            "pass the report written together with this video, or regenerate it",
+        )
+    try:
+        result = ev.evaluate_video(frames, prompts=prompts, clip_lengths=lengths)
+    except ValueError as e:  # e.g. no subject in the first frame: nothing to measure against
+        raise _error(e, "check that the video was generated from these ShapesWorld prompts") from None
+    result.update(video=str(video), clip_source=str(source))
+    out = Path(args.out).expanduser() if args.out else (video if video.is_dir() else video.parent)
+    result["outputs"] = ev.write_outputs(frames, result, out, "eval" if video.is_dir() else f"{video.stem}.eval")
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        for clip in result["clips"]:
+            print(clip_line(clip))
+        print(verdict_line(result))
+        print("wrote " + ", ".join(result["outputs"].values()))
+    return EXIT_PASS if result["passed"] else EXIT_FAIL
+
+
+def clip_line(c: dict) -> str:
+    """One clip's numbers on one line: verdict, drift, subject, motion, sharpness, boundary jump."""
+
+    def num(v, fmt="{:.1f}"):
+        return "-" if v is None else fmt.format(v)
+
+    verdict = "PASS" if c["passed"] else "FAIL"
+    motion = {True: "ok", False: "WRONG", None: "n/a"}[c["checks"]["motion"]]
+    line = (
+        f"clip {c['index']:>2} {verdict}  dE {num(c['color_delta_e']):>5}  bg {num(c['background_delta_e']):>5}  "
+        f"area {num(c['area_ratio'], '{:.2f}')} {c['area_status']:<7}  {c['motion']:<6} {motion:<5}  "
+        f"sharp {num(c['sharpness_ratio'], '{:.2f}')}  jump {num(c['boundary_jump'])}"
+    )
+    if not c["passed"]:
+        line += "  failed: " + ", ".join(c["failed"] or ["area"])
+    return line
+
+
+def verdict_line(result: dict) -> str:
+    """The verdict: clips passed, and how many clips failed each check (most frequent first)."""
+    from collections import Counter
+
+    counts = Counter(k for c in result["clips"] for k in (c["failed"] or ([] if c["passed"] else ["area"])))
+    head = f"{'PASS' if result['passed'] else 'FAIL'}: {result['clips_passed']}/{result['num_clips']} clips pass"
+    if not counts:
+        return head
+    return head + " (clips failing each check: " + ", ".join(f"{k} {n}" for k, n in counts.most_common()) + ")"
+
+
+def _read(video: Path):
+    import av
+
+    from .evaluate import read_frames
+
+    try:
+        return read_frames(video)
+    except (av.error.FFmpegError, OSError) as e:  # a broken container or image: one line, no traceback
+        reason = getattr(e, "strerror", None) or (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CliploomError(f"cannot read video {video}: {reason}", "pass an MP4 file or a folder of PNG frames") from None
+    except ValueError as e:
+        raise _error(e, "pass the MP4 (or PNG folder) that `cliploom generate` wrote") from None
+
+
+def _clips(args, video: Path, num_frames: int) -> tuple[list[str], list[int], Path]:
+    """(prompts, frames per clip, where they came from): the story, the given report or the one beside the video."""
+    from .evaluate import clips_from_report, clips_from_story, find_report
+
+    if args.story:
+        from .story import load_story
+
+        story = load_story(Path(args.story).expanduser())
+        try:
+            prompts, lengths = clips_from_story(story, num_frames)
+        except ValueError as e:
+            raise _error(e, "pass the report written beside the video (--report), or set `frames:` in the story") from None
+        return prompts, lengths, Path(args.story)
+    if args.report:
+        report = Path(args.report).expanduser()
+        if not report.is_file():
+            raise CliploomError(f"report {report} not found", "pass the JSON report `cliploom generate` wrote")
+    else:
+        report = find_report(video)
+        if report is None:
+            beside = video / "report.json" if video.is_dir() else video.with_suffix(".json")
+            raise CliploomError(
+                f"no report beside {video} (looked for {beside})",
+                "pass --report REPORT.json or --story STORY.yaml",
+            )
+    try:
+        data = json.loads(report.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CliploomError(f"cannot read report {report}: {e}", "pass the JSON report `cliploom generate` wrote") from None
+    try:
+        prompts, lengths = clips_from_report(data)
+    except (ValueError, TypeError, AttributeError) as e:
+        raise _error(e if isinstance(e, ValueError) else ValueError(f"{report} is not a cliploom report"),
+                     "pass the JSON report `cliploom generate` wrote, or --story") from None
+    return prompts, lengths, report
+
+
+def _check_prompts(prompts: list[str], source: Path) -> None:
+    from .shapesworld.vocab import parse_prompt
+
+    for i, prompt in enumerate(prompts):
+        try:
+            parse_prompt(prompt)
+        except ValueError as e:
+            problem = str(e).split("; ")[0]
+            raise CliploomError(
+                f"{source}: clip {i}: {problem} - the evaluator scores ShapesWorld videos only",
+                "use grammar prompts such as 'a big red circle moves left on a navy background' "
+                "(`cliploom shapesworld vocab` lists the words)",
+            ) from None
+
+
+def _error(e: Exception, fix: str) -> CliploomError:
+    """A library ValueError as a one-line CliploomError (its own '; fix' part, if any, is kept)."""
+    text = " ".join(str(e).split())
+    if "; " in text:
+        problem, own_fix = text.split("; ", 1)
+        return CliploomError(problem, own_fix)
+    return CliploomError(text, fix)
