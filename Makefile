@@ -20,11 +20,24 @@ $(STAMP): pyproject.toml
 test: setup
 	$(BIN)/python -m pytest -q
 
+# The demo video, then its scores: out/demo.eval.json, out/demo.eval_metrics.png and the contact
+# sheet out/demo.eval_contact.png. `cliploom eval` exits 1 when a clip fails its checks; that is a
+# verdict, not a broken demo, so only bad input (exit 2) stops make.
 demo: setup
 	$(BIN)/cliploom generate examples/demo.yaml --out out/demo.mp4 --overwrite
+	$(BIN)/cliploom eval out/demo.mp4 || [ $$? -eq 1 ]
 
 bench: setup
 	$(BIN)/python benchmarks/bench_engine.py
+
+# Drift on the 14-story dev set (latent, pixel and naive-chaining modes) and the base model's
+# single-clip bars; see docs/shapesworld.md. LoRA ablation (issue 5), the first variant is the baseline:
+#   make bench-quality QUALITY_ARGS="--variant base=none --variant noER=a.safetensors --variant ER=b.safetensors"
+QUALITY_ARGS ?=
+BASE_ARGS ?=
+bench-quality: setup
+	$(BIN)/python benchmarks/bench_quality.py $(QUALITY_ARGS)
+	$(BIN)/python benchmarks/check_base.py $(BASE_ARGS)
 
 clean:
 	rm -rf out .pytest_cache
