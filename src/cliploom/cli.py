@@ -210,6 +210,7 @@ def cmd_shapesworld_render(args) -> int:
 # which registers its parser and sets ``func``.
 COMMAND_MODULES: tuple[str, ...] = (
     "cliploom.eval_cli",
+    "cliploom.train.cli",
 )
 
 

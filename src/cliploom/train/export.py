@@ -1,0 +1,99 @@
+"""Writing a trained LoRA in the layouts users load (safetensors only).
+
+* ``svi``: the SVI 2.0 / 2.0 Pro release layout: bare original Wan module names with peft's
+  ``default`` adapter name, ``blocks.0.self_attn.q.lora_A.default.weight``; no alpha (scale 1).
+* ``diffusers``: diffusers / peft layout, ``transformer.blocks.0.attn1.to_q.lora_A.weight``.
+
+Neither layout carries an alpha that every loader honours, so the scale ``alpha / rank`` is folded
+into ``lora_B``: every loader then applies ``W += B @ A`` and gets the trained update.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..errors import CliploomError
+
+LAYOUTS = ("svi", "diffusers")
+_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
+
+
+def _split(key: str) -> tuple[str, str]:
+    for suffix in _SUFFIXES:
+        if key.endswith(suffix):
+            return key[: -len(suffix)], suffix
+    raise ValueError(f"{key} is not a LoRA tensor name")
+
+
+def _num_blocks(state: dict[str, torch.Tensor]) -> int:
+    import re
+
+    found = [int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))]
+    return max(found) + 1 if found else 0
+
+
+def convert(state: dict[str, torch.Tensor], layout: str, scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """Trainer state (diffusers module names, unscaled) -> tensors of ``layout`` with ``scale`` folded into B."""
+    if layout not in LAYOUTS:
+        raise CliploomError(f"unknown LoRA layout {layout!r}", f"use one of {', '.join(LAYOUTS)}")
+    from ..models.formats import diffusers_module_to_original
+
+    blocks = _num_blocks(state)
+    out = {}
+    for key, value in state.items():
+        module, suffix = _split(key)
+        if suffix == ".lora_B.weight":
+            value = value * scale
+        if layout == "svi":
+            name = diffusers_module_to_original(module, blocks)
+            out[f"{name}{suffix.replace('.weight', '.default.weight')}"] = value
+        else:
+            out[f"transformer.{module}{suffix}"] = value
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def export_lora(
+    state: dict[str, torch.Tensor],
+    path: str | Path,
+    layout: str,
+    *,
+    rank: int,
+    alpha: float,
+    dtype: torch.dtype = torch.float32,
+    info: dict | None = None,
+) -> Path:
+    """Write ``state`` (from :func:`~cliploom.train.adapter.lora_state`) to ``path`` in ``layout``."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.to(dtype) for k, v in convert(state, layout, alpha / rank).items()}
+    metadata = {
+        "format": "pt",
+        "cliploom_layout": layout,
+        "rank": str(rank),
+        "alpha": str(alpha),
+        "scale_folded_into_lora_B": "true",
+        "cliploom_info": json.dumps(info or {}, sort_keys=True),
+    }
+    tmp = path.with_name(path.name + ".partial")
+    save_file(tensors, str(tmp), metadata=metadata)
+    tmp.replace(path)
+    return path
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, layout: str, dtype: str = "float32") -> Path:
+    """``cliploom export-lora``: a checkpoint folder (or a run folder: its latest checkpoint) -> one file."""
+    from .checkpoint import find_checkpoint, read_checkpoint_lora
+
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in dtypes:
+        raise CliploomError(f"unknown dtype {dtype!r}", f"use one of {', '.join(dtypes)}")
+    folder = find_checkpoint(Path(checkpoint))
+    state, meta = read_checkpoint_lora(folder)
+    cfg = meta["config"]
+    info = {"step": meta["step"], "model": cfg["model"], "targets": cfg["targets"], "expert": cfg["expert"]}
+    return export_lora(state, out, layout, rank=cfg["rank"], alpha=cfg["alpha"], dtype=dtypes[dtype], info=info)

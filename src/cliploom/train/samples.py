@@ -1,0 +1,133 @@
+"""A training clip, conditioned exactly as the clip loop (``loom``) will condition it.
+
+The condition is built by the engine's own functions (:func:`cliploom.conditioning.latent_condition`,
+:func:`~cliploom.conditioning.pixel_motion_video`, :func:`~cliploom.conditioning.pixel_condition`),
+so training and inference cannot disagree. What plays the previous clip's part:
+
+* **latent mode** (SVI 2.0 Pro): ``y = [anchor, motion, zeros]`` with the anchor the latent of a
+  random frame of the clip (the reference image) and the motion the clip's first ``K`` 4-frame
+  latents (latent frames ``1..K``), in the positions where inference puts the previous clip's
+  last ``K`` latents; inference then drops those positions' frames (``1 + 4K``), as here the
+  model learns to re-create them and continue.
+* **pixel mode** (SVI 1.0 / 2.0): the conditioning video is the clip's first ``N`` frames followed
+  by ``ref_pad`` padding made from a random frame of the clip, VAE-encoded into ``y``.
+* **no motion** (a first clip): the anchor / reference is the clip's first frame and there is no
+  motion memory, as for clip 0 at inference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from .. import conditioning as C
+from ..conditioning import ClipCondition
+from ..models.components import Components, frames_to_tensor
+from .config import TrainConfig
+from .data import DataClip
+
+
+@dataclass
+class Choice:
+    """How one sample is conditioned (drawn before its clip, so data can align to it)."""
+
+    mode: str  # "latent" or "pixel"
+    motion: int  # K latents (latent mode) or N frames (pixel mode); 0: no motion memory
+    ref_pad: int = -1
+    ref_index: int = 0  # the clip frame used as anchor / reference
+
+    @property
+    def motion_pixels(self) -> int:
+        """Leading pixel frames of the clip that stand for the previous clip."""
+        if self.motion == 0:
+            return 1
+        return 1 + C.TEMPORAL * self.motion if self.mode == "latent" else self.motion
+
+    def describe(self) -> str:
+        if self.motion == 0:
+            return f"{self.mode} first-clip"
+        if self.mode == "latent":
+            return f"latent K={self.motion}"
+        return f"pixel N={self.motion} pad={self.ref_pad}"
+
+
+def draw_choice(cfg: TrainConfig, frames: int, generator: torch.Generator) -> Choice:
+    u = torch.rand(2, generator=generator).tolist()
+    mode = "latent" if u[0] < cfg.latent_mode_prob else "pixel"
+    T = C.latent_frame_count(frames)
+
+    def pick(values):
+        return values[int(torch.randint(len(values), (1,), generator=generator))]
+
+    if mode == "latent":
+        motion = min(pick(cfg.motion_latents), T - 2)
+        ref_pad = -1
+    else:
+        motion = min(pick(cfg.motion_frames), frames - 1)
+        ref_pad = pick(cfg.ref_pad)
+    if u[1] < cfg.no_motion_prob:
+        motion = 0
+    ref_index = int(torch.randint(frames, (1,), generator=generator))
+    return Choice(mode, max(motion, 0), ref_pad, ref_index)
+
+
+@dataclass
+class TrainSample:
+    latents: torch.Tensor  # [1, C, T, h, w] the clip's normalised latents (the target's clean end)
+    cond: ClipCondition
+    prompt: str
+    choice: Choice
+    error_start: int | None  # first latent frame of y holding motion memory (None: no motion)
+    loss_mask: torch.Tensor | None  # [1, 1, T, 1, 1], 0 on frames the condition fixes (TI2V), else None
+
+
+def _pil(frame: torch.Tensor) -> Image.Image:
+    """``[3, H, W]`` in [-1, 1] -> PIL (for CLIP image features)."""
+    arr = ((frame.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(arr)
+
+
+@torch.no_grad()
+def build_sample(model: Components, clip: DataClip, choice: Choice) -> TrainSample:
+    """Encode ``clip`` and condition it per ``choice`` with the engine's conditioning functions."""
+    video = frames_to_tensor(clip.frames).to(model.device)  # [1, 3, F, H, W]
+    F = video.shape[2]
+    T = C.latent_frame_count(F, model.scale_temporal)
+    latents = model.encode_video(video)
+    expand, patch = model.settings.expand_timesteps, model.patch
+    error_start = None
+    if choice.mode == "latent":
+        if choice.motion == 0:
+            anchor_frame, motion = 0, None
+            anchor = latents[:, :, :1]  # the Wan VAE encodes frame 0 on its own: this is VAE(frame 0)
+        else:
+            anchor_frame, motion = choice.ref_index, latents[:, :, 1 : 1 + choice.motion]
+            anchor = model.encode_video(video[:, :, anchor_frame : anchor_frame + 1])
+            error_start = 1
+        cond = C.latent_condition(anchor, motion, T, expand, patch)
+        cond.image_embeds = _image_features(model, video[0, :, anchor_frame])
+    else:
+        if choice.motion == 0:
+            reference, motion_frames, first = video[:, :, 0], None, video[0, :, 0]
+        else:
+            reference = video[:, :, choice.ref_index]
+            motion_frames = video[:, :, : choice.motion]
+            first = video[0, :, 0]
+            error_start = 0
+        cond_video = C.pixel_motion_video(reference, motion_frames, F, choice.ref_pad)
+        cond = C.pixel_condition(
+            model.encode_video(cond_video), F, choice.motion if motion_frames is not None else 1, expand, patch
+        )
+        cond.image_embeds = _image_features(model, first)
+    loss_mask = None
+    if cond.known is not None:  # TI2V: known frames are given, not predicted
+        loss_mask = (1 - cond.known[:, :, :, :1, :1]).to(latents)
+    return TrainSample(latents, cond, clip.prompt, choice, error_start, loss_mask)
+
+
+def _image_features(model: Components, frame: torch.Tensor):
+    if not model.has_image_encoder:
+        return None
+    return model.encode_image_features(_pil(frame))
