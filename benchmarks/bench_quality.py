@@ -1,0 +1,544 @@
+"""Quality benchmark: drift over 20 clips on a 14-story ShapesWorld dev set, by mode and SVI LoRA.
+
+    python benchmarks/bench_quality.py [--model DIR] [--stories 14] [--clips 20]
+        [--modes pro,svi2,chain] [--variant NAME=LORA.safetensors|none ...] [--sheets DIR]
+
+Every dev story is one subject (shape, colour, size) on one background, whose motion prompt
+changes at every clip boundary; its reference frame is drawn by ``render_reference``. Each
+story is generated in every mode — ``pro`` (latent motion, SVI 2.0 Pro), ``svi2`` (pixel motion,
+SVI 2.0: the last 5 frames plus the reference as padding) and ``chain`` (naive chaining: the
+previous clip's last frame as a plain I2V image, no anchor) — and, for the error-recycling
+ablation (issue 5), with each ``--variant`` LoRA in latent mode (``none`` = no LoRA; the first
+variant is the baseline the others are compared with). Every clip is scored by
+``cliploom.evaluate`` (thresholds in docs/shapesworld.md).
+
+Writes ``benchmarks/results/quality.json`` (per-clip metrics of every run, pass rates, curves
+per clip index), ``docs/img/quality_modes.png`` / ``quality_ablation.png`` and the section
+between ``<!-- quality:start -->`` and ``<!-- quality:end -->`` in ``docs/benchmarks.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+DEV_SEED = 20260  # the dev set's seed: changing it changes every story
+DEFAULT_MODES = ("pro", "svi2", "chain")
+CURVE_METRICS = ("color_delta_e", "background_delta_e", "boundary_jump", "sharpness_ratio", "area_ratio")
+CHECKS = ("color", "background", "area", "motion", "sharpness", "boundary")
+MODE_NOTES = {
+    "pro": "latent motion (SVI 2.0 Pro: anchor latent + the previous clip's last K = 1 latent)",
+    "svi2": "pixel motion (SVI 2.0 preset: the previous clip's last 5 frames, reference-image padding)",
+    "film": "pixel motion (SVI 1.0 Film preset: the last 5 frames, zero padding)",
+    "shot": "pixel motion (SVI 1.0 Shot preset: the last frame, reference-image padding)",
+    "tom": "pixel motion (SVI 1.0 Tom preset: the last frame, zero padding)",
+    "chain": "naive chaining (the previous clip's last frame as a plain I2V image; no anchor, no SVI LoRA)",
+}
+LAST_WINDOW = 5  # "late" numbers also averaged over the last this-many clips (steadier than one clip)
+
+
+# ----- the dev set --------------------------------------------------------------------------------
+@dataclass
+class DevStory:
+    """One dev story: a subject, its planned motions (one per clip) and where it starts."""
+
+    index: int
+    seed: int
+    prompts: list[str]
+    motions: list[str]
+    start: tuple[float, float]  # subject centre at frame 0, reference px (from render_reference's placement)
+    distractor: tuple[float, float] | None
+    planned_lengths: list[int]  # frames per clip the plan assumed (latent mode's kept frames)
+
+    def reference(self, size: int):
+        """The story's first frame (PIL), exactly as ``cliploom shapesworld render PROMPT --seed SEED`` draws it."""
+        from cliploom.shapesworld import render_reference
+
+        return render_reference(self.prompts[0], size=size, seed=self.seed)
+
+    def ground_truth(self, lengths: list[int] | None = None, size: int = 32):
+        """The world's own video of the story (a :class:`~cliploom.shapesworld.Sequence`)."""
+        from cliploom.shapesworld import Sequence, parse_prompt
+
+        lengths = list(lengths or self.planned_lengths)
+        return Sequence(parse_prompt(self.prompts[0]), self.motions, lengths, self.start, self.distractor, size)
+
+
+def appearance(i: int):
+    """Story ``i``'s subject and background: cycles that cover every colour, shape, background and size."""
+    from cliploom.shapesworld.vocab import BACKGROUND_COLORS, SHAPES, SIZES, SUBJECT_COLORS, PromptSpec
+
+    colors, backgrounds = list(SUBJECT_COLORS), list(BACKGROUND_COLORS)
+    return PromptSpec(
+        color=colors[i % len(colors)],
+        shape=SHAPES[i % len(SHAPES)],
+        motion="still",  # replaced by the plan
+        background=backgrounds[(i // 2) % len(backgrounds)],
+        size=SIZES[(i + i // 7) % len(SIZES)],
+        striped=i % 4 >= 2,
+        distractor=i % 5 == 3,
+    )
+
+
+def plan_motions(spec, first: str, start, lengths: list[int], rng: np.random.Generator) -> list[str]:
+    """One motion per clip, never the previous clip's, each kept in frame by the world's own rules.
+
+    A motion is *feasible* when the subject, moving it for the clip's frames, stays in frame. If
+    none but the previous motion is, the directed move with the most room is taken: the world
+    then stops the subject at the frame edge, and the evaluator expects exactly that.
+    """
+    from cliploom.shapesworld import world
+    from cliploom.shapesworld.vocab import MOTIONS
+
+    lo, hi = world.bounds(spec)
+    pos = np.asarray(start, dtype=np.float64)
+    motions: list[str] = []
+    for n in lengths:
+        if not motions:
+            m = first
+        else:
+            options = [m for m in MOTIONS if m != motions[-1] and world.feasible(spec, m, n, pos)]
+            if options:
+                m = str(rng.choice(options))
+            else:
+                room = {m: float(np.dot(np.abs(v), np.where(np.array(v) > 0, hi - pos, pos - lo)))
+                        for m, v in world._VELOCITY.items() if m != motions[-1]}
+                m = max(room, key=room.get)
+        motions.append(m)
+        pos = np.clip(pos + world.motion_offset(m, n), lo, hi)
+    return motions
+
+
+def dev_set(stories: int = 14, clips: int = 20, frames: int = 33, motion_latents: int = 1) -> list[DevStory]:
+    """The dev set for clips of ``frames`` frames: deterministic, the same for every mode and LoRA.
+
+    Motions are planned on latent mode's timeline (clip 0 keeps ``frames``, later clips
+    ``frames - 1 - 4K``); the subject's start is the random feasible placement that
+    ``render_reference(prompt, seed=story seed)`` draws.
+    """
+    from cliploom.shapesworld import scene_from_prompt
+    from cliploom.shapesworld.vocab import MOTIONS
+
+    lengths = [frames] + [frames - 1 - 4 * motion_latents] * (clips - 1)
+    out = []
+    for i in range(stories):
+        rng = np.random.default_rng([DEV_SEED, i])
+        spec = appearance(i)
+        first = str(rng.choice([m for m in MOTIONS if m != "still"]))
+        seed = DEV_SEED + i
+        scene = scene_from_prompt(spec.with_motion(first), seed=seed)  # what render_reference draws
+        motions = plan_motions(spec, first, scene.start, lengths, rng)
+        prompts = [spec.with_motion(m).prompt for m in motions]
+        out.append(DevStory(i, seed, prompts, motions, scene.start, scene.distractor, lengths))
+    return out
+
+
+# ----- running --------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """One way of generating the dev set: a motion mode and a LoRA (or none)."""
+
+    name: str
+    mode: str
+    lora: Path | None = None
+    kind: str = "mode"  # "mode" or "variant"
+
+
+def parse_variant(text: str) -> Run:
+    if "=" not in text:
+        raise SystemExit(f"error: --variant {text!r} must be NAME=LORA.safetensors (or NAME=none); "
+                         "e.g. --variant ER=out/svi_er.safetensors")
+    name, path = (s.strip() for s in text.split("=", 1))
+    if not name:
+        raise SystemExit(f"error: --variant {text!r} has no name; write NAME=LORA.safetensors")
+    if path.lower() in ("none", ""):
+        return Run(name, "pro", None, "variant")
+    lora = Path(path).expanduser()
+    if lora.suffix != ".safetensors" or not lora.is_file():
+        raise SystemExit(f"error: --variant {name}: {lora} is not a .safetensors file; pass the LoRA the trainer exported")
+    return Run(name, "pro", lora, "variant")
+
+
+def generate_story(engine, dev: DevStory, run: Run, reference: Path, overrides: dict):
+    """Generate one dev story in one run; returns (frames uint8 [N, H, W, 3], prompts, frames per clip)."""
+    from cliploom.story import ClipSpec, LoraSpec, make_story
+
+    story = make_story(
+        clips=[ClipSpec(p) for p in dev.prompts],
+        reference=reference,
+        mode=run.mode,
+        seed=dev.seed,
+        loras=[LoraSpec(run.lora)] if run.lora else [],
+        **overrides,
+    )
+    clips = list(engine.generate(story, progress=False))
+    frames = np.concatenate([c.frames.numpy() for c in clips])
+    return frames, [c.prompt for c in clips], [int(c.frames.shape[0]) for c in clips]
+
+
+CLIP_KEYS = ("index", "prompt", "color_delta_e", "background_delta_e", "area_ratio", "area_status", "motion",
+             "displacement", "expected_displacement", "sharpness_ratio", "noise_increase", "boundary_jump",
+             "checks", "failed", "passed")
+
+
+def score(frames: np.ndarray, prompts: list[str], lengths: list[int]) -> dict:
+    """Evaluate one generated story; per-clip records without the per-frame series.
+
+    A video the evaluator cannot measure at all (no subject in its first frame) scores every clip
+    as failed, with the reason under ``error``.
+    """
+    from cliploom import evaluate as ev
+
+    try:
+        result = ev.evaluate_video(frames, prompts=prompts, clip_lengths=lengths)
+    except ValueError as e:
+        clips = [{"index": i, "prompt": p, **{k: None for k in CLIP_KEYS[2:-3]}, "checks": {k: None for k in CHECKS},
+                  "failed": ["unmeasurable"], "passed": False} for i, p in enumerate(prompts)]
+        return {"passed": False, "clips_passed": 0, "error": str(e), "clips": clips, "result": None}
+    clips = [{k: c[k] for k in CLIP_KEYS} for c in result["clips"]]
+    return {"passed": result["passed"], "clips_passed": result["clips_passed"], "error": None, "clips": clips,
+            "result": result}
+
+
+# ----- aggregating ----------------------------------------------------------------------------------
+def _mean(values) -> float | None:
+    v = [x for x in values if x is not None]
+    return round(float(np.mean(v)), 4) if v else None
+
+
+def _median(values) -> float | None:
+    v = [x for x in values if x is not None]
+    return round(float(np.median(v)), 4) if v else None
+
+
+def aggregate(stories: list[dict], num_clips: int) -> dict:
+    """Pass rates and per-clip-index curves of one run (``stories``: the per-story score records)."""
+    by_index = [[s["clips"][k] for s in stories if k < len(s["clips"])] for k in range(num_clips)]
+    curves: dict = {}
+    for key in CURVE_METRICS:
+        curves[key] = {
+            "mean": [_mean(c[key] for c in col) for col in by_index],
+            "median": [_median(c[key] for c in col) for col in by_index],
+            "measured": [sum(c[key] is not None for c in col) for col in by_index],
+        }
+    curves["pass_rate"] = [_mean(float(c["passed"]) for c in col) for col in by_index]
+    curves["subject_kept"] = [_mean(float(c["area_status"] == "kept") for c in col) for col in by_index]
+    curves["motion_ok"] = [_mean(float(c["checks"]["motion"] is True) for c in col) for col in by_index]
+
+    all_clips = [c for s in stories for c in s["clips"]]
+    checks = {}
+    for k in CHECKS:
+        measured = [c["checks"][k] for c in all_clips if c["checks"][k] is not None]
+        checks[k] = {"pass_rate": _mean(float(v) for v in measured), "measured": len(measured)}
+    clean_run = []  # clips before the first failure, per story
+    for s in stories:
+        n = next((i for i, c in enumerate(s["clips"]) if not c["passed"]), len(s["clips"]))
+        clean_run.append(n)
+    late = slice(max(0, num_clips - LAST_WINDOW), num_clips)
+    return {
+        "clips": len(all_clips),
+        "clip_pass_rate": _mean(float(c["passed"]) for c in all_clips),
+        "stories_clean": sum(s["passed"] for s in stories),
+        "stories": len(stories),
+        "story_pass_rate": _mean(float(s["passed"]) for s in stories),
+        "clean_clips_mean": _mean(clean_run),
+        "checks": checks,
+        "last_clip": {key: curves[key]["mean"][-1] for key in ("color_delta_e", "background_delta_e", "boundary_jump")}
+        | {"pass_rate": curves["pass_rate"][-1]},
+        "last_window": {key: _mean(curves[key]["mean"][late]) for key in ("color_delta_e", "background_delta_e",
+                                                                            "boundary_jump")},
+        "first_clip": {key: curves[key]["mean"][0] for key in ("color_delta_e", "background_delta_e")},
+        "curves": curves,
+    }
+
+
+def reduction(value: float | None, base: float | None) -> float | None:
+    """How much lower ``value`` is than ``base`` (0.5 = halved; negative = higher)."""
+    if value is None or base is None or base <= 0:
+        return None
+    return round(1.0 - value / base, 4)
+
+
+# ----- plots and markdown ---------------------------------------------------------------------------
+def plot_curves(runs: dict, names: list[str], path: Path, title: str) -> Path:
+    """Colour ΔE, background ΔE, boundary jump and pass rate vs clip number, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from cliploom import evaluate as ev
+
+    panels = [
+        ("subject colour ΔE2000 vs anchor (mean)", lambda a: a["curves"]["color_delta_e"]["mean"], ev.SUBJECT_DELTA_E_MAX),
+        ("background ΔE2000 vs anchor (mean)", lambda a: a["curves"]["background_delta_e"]["mean"],
+         ev.BACKGROUND_DELTA_E_MAX),
+        ("boundary jump ratio (mean)", lambda a: a["curves"]["boundary_jump"]["mean"], ev.JUMP_MAX),
+        ("clips passing every check", lambda a: a["curves"]["pass_rate"], None),
+    ]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7), constrained_layout=True, sharex=True)
+    for ax, (label, get, threshold) in zip(axes.ravel(), panels):
+        for name in names:
+            ys = [np.nan if v is None else v for v in get(runs[name]["aggregate"])]
+            ax.plot(np.arange(1, len(ys) + 1), ys, "o-", ms=3, label=name)
+        if threshold is not None:
+            ax.axhline(threshold, color="gray", ls="--", lw=1, label="threshold")
+        ax.set_title(label, fontsize=10)
+        ax.set_xlabel("clip number")
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    axes[1, 1].set_ylim(-0.05, 1.05)
+    axes[0, 0].legend(fontsize=8)
+    fig.suptitle(title)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def _f(v, fmt="{:.2f}") -> str:
+    return "–" if v is None else fmt.format(v)
+
+
+def _pct(v) -> str:
+    return "–" if v is None else f"{100 * v:.0f} %"
+
+
+def run_table(results: dict, names: list[str]) -> list[str]:
+    n = results["settings"]["clips"]
+    lines = [
+        f"| run | clips pass | stories clean | clean clips (mean) | colour ΔE clip 1 → {n} | background ΔE clip {n} "
+        f"| jump clip {n} (last {LAST_WINDOW}) | " + " | ".join(CHECKS) + " | s / clip |",
+        "|---|---|---|---|---|---|---|" + "---|" * len(CHECKS) + "---|",
+    ]
+    for name in names:
+        r = results["runs"][name]
+        a = r["aggregate"]
+        checks = " | ".join(_pct(a["checks"][k]["pass_rate"]) for k in CHECKS)
+        lines.append(
+            f"| {r['label']} | {_pct(a['clip_pass_rate'])} | {a['stories_clean']}/{a['stories']} | "
+            f"{_f(a['clean_clips_mean'], '{:.1f}')} | {_f(a['first_clip']['color_delta_e'], '{:.1f}')} → "
+            f"{_f(a['last_clip']['color_delta_e'], '{:.1f}')} | {_f(a['last_clip']['background_delta_e'], '{:.1f}')} | "
+            f"{_f(a['last_clip']['boundary_jump'])} ({_f(a['last_window']['boundary_jump'])}) | {checks} | "
+            f"{_f(r['seconds_per_clip'], '{:.2f}')} |"
+        )
+    return lines
+
+
+def write_markdown(results: dict, command: str, docs: Path, img_rel: dict) -> None:
+    s = results["settings"]
+    model = results["model"]
+    n = s["clips"]
+    lines = [
+        "## Quality: drift on the ShapesWorld dev set",
+        "",
+        f"Command: `{command}` (or `make bench-quality`). Model: `{model['path']}` "
+        f"({model['kind']}), {s['width']}x{s['height']}, {s['frames']} frames per clip, {s['steps']} steps, "
+        f"guidance {s['guidance']}, {s['device']}. Dev set: {s['stories']} stories x {n} clips, the motion prompt "
+        "changes at every clip (see docs/shapesworld.md); every clip scored by `cliploom.evaluate` with the "
+        "thresholds documented there.",
+        "",
+    ]
+    if model["kind"] == "random-weight tiny fallback":
+        lines += ["**This run used a random-weight tiny model: its numbers only show that the benchmark runs, "
+                  "not how well anything works.**", ""]
+    modes = [k for k, r in results["runs"].items() if r["kind"] == "mode"]
+    variants = [k for k, r in results["runs"].items() if r["kind"] == "variant"]
+    if modes:
+        lines += [
+            "Modes: " + "; ".join(f"`{m}` = {MODE_NOTES.get(results['runs'][m]['mode'], 'see docs/story.md')}"
+                                  for m in modes) + ".",
+            "",
+            *run_table(results, modes),
+            "",
+            f"![drift curves by mode]({img_rel['modes']})",
+            "",
+        ]
+    if variants:
+        base = variants[0]
+        ba = results["runs"][base]["aggregate"]
+        lines += [
+            f"### Error-recycling ablation (latent mode; baseline `{base}`)",
+            "",
+            *run_table(results, variants),
+            "",
+            f"| variant | colour ΔE clip {n} | cut vs `{base}` | jump clip {n} | cut vs `{base}` | "
+            f"colour ΔE last {LAST_WINDOW} | cut | jump last {LAST_WINDOW} | cut |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for name in variants:
+            a = results["runs"][name]["aggregate"]
+            cells = []
+            for part in ("last_clip", "last_window"):
+                for key in ("color_delta_e", "boundary_jump"):
+                    cells += [_f(a[part][key]), _pct(reduction(a[part][key], ba[part][key]))]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines += [
+            "",
+            f"Target (issue 5): the error-recycling LoRA cuts subject colour drift and boundary jump at clip {n} by "
+            f">= 50 % against the base model and beats the LoRA trained without error recycling.",
+            "",
+            f"![drift curves by LoRA]({img_rel['ablation']})",
+            "",
+        ]
+    lines += [
+        "Columns: *clips pass* = clips passing every check; *stories clean* = stories whose every clip passes; "
+        "*clean clips* = clips before a story's first failure; ΔE and jump are means over the stories at that "
+        f"clip (jump in brackets: mean over the last {LAST_WINDOW} clips); per-check columns = share of the clips "
+        "where the check could be measured that pass it. Per-clip numbers of every run: "
+        "`benchmarks/results/quality.json`.",
+        "",
+    ]
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_engine import update_section  # the shared "<!-- name:start -->" section writer
+
+    update_section(docs, "quality", "\n".join(lines))
+
+
+# ----- main -----------------------------------------------------------------------------------------
+def model_kind(path: Path) -> str:
+    from cliploom.models.builtin import FALLBACK_VARIANT, SHIPPED, cache_dir
+
+    path = Path(path).resolve()
+    if path == SHIPPED.resolve():
+        return "trained ShapesWorld model"
+    if path == (cache_dir() / f"tiny-{FALLBACK_VARIANT}").resolve():
+        return "random-weight tiny fallback"
+    return "model folder"
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="model folder (default: the built-in model)")
+    ap.add_argument("--stories", type=int, default=14, help="dev stories (default 14)")
+    ap.add_argument("--clips", type=int, default=20, help="clips per story (default 20)")
+    ap.add_argument("--modes", default=",".join(DEFAULT_MODES),
+                    help="comma-separated modes without LoRA (default pro,svi2,chain; '' for none)")
+    ap.add_argument("--variant", action="append", default=[], type=parse_variant, metavar="NAME=LORA|none",
+                    help="a LoRA run in latent mode (repeatable; the first is the baseline)")
+    ap.add_argument("--frames", type=int, help="frames per clip (default: the model's)")
+    ap.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    ap.add_argument("--sheets", help="also write a contact sheet per story and run into this folder")
+    ap.add_argument("--out-root", default=str(ROOT),
+                    help="where benchmarks/results/, docs/img/ and docs/benchmarks.md are written (default: the repo)")
+    args = ap.parse_args(argv)
+    if args.stories < 1 or args.clips < 1:
+        ap.error("--stories and --clips must be at least 1")
+    from cliploom.story import MODES
+
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    bad = [m for m in args.modes if m not in MODES]
+    if bad:
+        ap.error(f"unknown mode(s) {bad}; use among {', '.join(MODES)}")
+    names = args.modes + [v.name for v in args.variant]
+    if len(set(names)) != len(names):
+        ap.error(f"run names must be distinct, got {names}")
+    if not names:
+        ap.error("nothing to run: give --modes and/or --variant")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("CLIPLOOM_THREADS", "2")))
+    from cliploom import evaluate as ev
+    from cliploom.cli import _quiet_libraries
+    from cliploom.engine import Engine
+
+    _quiet_libraries()
+    runs = [Run(m, m) for m in args.modes] + list(args.variant)
+    engines: dict = {}
+
+    def engine_for(run: Run):
+        key = str(run.lora) if run.lora else ""
+        if key not in engines:
+            engines[key] = Engine.load(args.model, device=args.device)
+        return engines[key]
+
+    first = engine_for(Run("probe", "pro"))
+    settings = first.model.settings
+    frames = args.frames or settings.frames
+    overrides = {k: v for k, v in (("frames", args.frames), ("steps", args.steps)) if v is not None}
+    devs = dev_set(args.stories, args.clips, frames)
+    size = settings.width
+    out_root = Path(args.out_root)
+    results: dict = {
+        "model": {"path": str(first.model.path), "kind": model_kind(first.model.path), "family": settings.family},
+        "settings": {"stories": args.stories, "clips": args.clips, "frames": frames,
+                     "steps": args.steps or settings.steps, "guidance": settings.guidance,
+                     "width": settings.width, "height": settings.height, "device": args.device,
+                     "threads": torch.get_num_threads(), "torch": torch.__version__, "host": platform.node()},
+        "thresholds": ev.THRESHOLDS,
+        "dev_set": [{"index": d.index, "seed": d.seed, "prompts": d.prompts} for d in devs],
+        "runs": {},
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        refs = []
+        for d in devs:
+            path = Path(tmp) / f"ref_{d.index:02d}.png"
+            d.reference(size).save(path)
+            refs.append(path)
+        for run in runs:
+            # The no-LoRA variant is the pro-mode run: identical model, stories and seeds.
+            if run.kind == "variant" and run.lora is None and "pro" in results["runs"]:
+                results["runs"][run.name] = {**results["runs"]["pro"], "kind": "variant", "label": run.name,
+                                             "lora": None, "same_as": "pro"}
+                print(f"{run.name}: same as the pro run (no LoRA)", flush=True)
+                continue
+            engine = engine_for(run)
+            stories, seconds = [], 0.0
+            for d, ref in zip(devs, refs):
+                started = time.perf_counter()
+                video, prompts, lengths = generate_story(engine, d, run, ref, overrides)
+                seconds += time.perf_counter() - started
+                scored = score(video, prompts, lengths)
+                if args.sheets and scored["result"] is not None:
+                    Path(args.sheets).mkdir(parents=True, exist_ok=True)
+                    ev.contact_sheet(video, scored["result"], Path(args.sheets) / f"{run.name}_story{d.index:02d}.png")
+                scored.pop("result")
+                stories.append({"story": d.index, **scored})
+                print(f"{run.name} story {d.index}: {scored['clips_passed']}/{len(lengths)} clips pass", flush=True)
+            agg = aggregate(stories, args.clips)
+            label = run.name if run.kind == "variant" else f"`{run.name}`"
+            results["runs"][run.name] = {"kind": run.kind, "label": label, "mode": run.mode,
+                                         "lora": str(run.lora) if run.lora else None,
+                                         "seconds_per_clip": round(seconds / (len(devs) * args.clips), 4),
+                                         "aggregate": agg, "stories": stories}
+            print(f"{run.name}: {_pct(agg['clip_pass_rate'])} of clips pass, {agg['stories_clean']}/{agg['stories']} "
+                  f"stories clean", flush=True)
+
+    img_dir = out_root / "docs" / "img"
+    names = list(results["runs"])
+    modes = [k for k in names if results["runs"][k]["kind"] == "mode"]
+    variants = [k for k in names if results["runs"][k]["kind"] == "variant"]
+    if modes:
+        plot_curves(results["runs"], modes, img_dir / "quality_modes.png",
+                    f"ShapesWorld dev set, {args.stories} stories: drift by mode")
+    if variants:
+        plot_curves(results["runs"], variants, img_dir / "quality_ablation.png",
+                    f"ShapesWorld dev set, {args.stories} stories, latent mode: drift by LoRA")
+    out = out_root / "benchmarks" / "results" / "quality.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    command = " ".join(["python", "benchmarks/bench_quality.py", *(argv if argv is not None else sys.argv[1:])])
+    write_markdown(results, command, out_root / "docs" / "benchmarks.md",
+                   {"modes": "img/quality_modes.png", "ablation": "img/quality_ablation.png"})
+    print(f"wrote {out}, {img_dir}/quality_*.png and the quality section of {out_root / 'docs' / 'benchmarks.md'}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""The quality benchmark: a truthful, varied dev set; aggregation; a small end-to-end smoke run."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+import bench_quality as bq  # noqa: E402
+import check_base  # noqa: E402
+
+from cliploom import evaluate as ev  # noqa: E402
+from cliploom.shapesworld import parse_prompt  # noqa: E402
+from cliploom.shapesworld.vocab import BACKGROUND_COLORS, SHAPES, SIZES, SUBJECT_COLORS  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def devs():
+    return bq.dev_set(14, 20, 33)
+
+
+def test_dev_set_is_deterministic_and_varied(devs):
+    again = bq.dev_set(14, 20, 33)
+    assert [d.prompts for d in devs] == [d.prompts for d in again]
+    assert len(devs) == 14 and all(len(d.prompts) == 20 for d in devs)
+    specs = [parse_prompt(d.prompts[0]) for d in devs]
+    assert {s.color for s in specs} == set(SUBJECT_COLORS)
+    assert {s.shape for s in specs} == set(SHAPES)
+    assert {s.background for s in specs} == set(BACKGROUND_COLORS)
+    assert {s.size for s in specs} == set(SIZES)
+    assert any(s.striped for s in specs) and any(s.distractor for s in specs)
+    for d in devs:
+        parsed = [parse_prompt(p) for p in d.prompts]
+        assert len({(p.color, p.shape, p.size, p.background, p.striped, p.distractor) for p in parsed}) == 1
+        motions = [p.motion for p in parsed]
+        assert all(a != b for a, b in zip(motions, motions[1:])), motions  # the prompt changes every clip
+        assert len(set(motions)) >= 4
+
+
+def test_reference_is_the_ground_truth_first_frame(devs):
+    d = devs[3]  # has the gray block
+    assert parse_prompt(d.prompts[0]).distractor
+    ref = np.asarray(d.reference(32))
+    assert np.array_equal(ref, d.ground_truth(size=32).frames(0, 1)[0])
+
+
+@pytest.mark.parametrize("frames", [17, 33])
+def test_dev_set_ground_truth_passes_the_evaluator(frames):
+    """The world's own video of every dev story passes: the planned prompts are truthful."""
+    for d in bq.dev_set(14, 20, frames)[::2] if frames == 33 else bq.dev_set(14, 20, frames)[1::3]:
+        seq = d.ground_truth(size=32)
+        assert seq.prompts == d.prompts
+        scored = bq.score(seq.frames(), seq.prompts, seq.lengths)
+        assert scored["passed"], (d.index, [c["failed"] for c in scored["clips"]])
+
+
+def _clip(i, passed, de, jump, status="kept", motion=True):
+    checks = {k: True for k in bq.CHECKS}
+    checks.update(motion=motion, area=status == "kept", color=None if de is None else de <= 10,
+                  boundary=None if jump is None else jump <= 4)
+    return {"index": i, "color_delta_e": de, "background_delta_e": 1.0, "boundary_jump": jump,
+            "sharpness_ratio": 1.0, "area_ratio": 1.0, "area_status": status, "checks": checks,
+            "failed": [] if passed else ["color"], "passed": passed}
+
+
+def test_aggregate_curves_and_rates():
+    a = [_clip(0, True, 2.0, None), _clip(1, True, 4.0, 1.0), _clip(2, False, 12.0, 5.0)]
+    b = [_clip(0, True, 4.0, None), _clip(1, False, None, 3.0, status="lost", motion=None), _clip(2, True, 6.0, 2.0)]
+    stories = [{"passed": False, "clips": a}, {"passed": False, "clips": b}]
+    agg = bq.aggregate(stories, 3)
+    assert agg["curves"]["color_delta_e"]["mean"] == [3.0, 4.0, 9.0]
+    assert agg["curves"]["color_delta_e"]["measured"] == [2, 1, 2]
+    assert agg["curves"]["boundary_jump"]["mean"] == [None, 2.0, 3.5]
+    assert agg["curves"]["pass_rate"] == [1.0, 0.5, 0.5]
+    assert agg["curves"]["subject_kept"] == [1.0, 0.5, 1.0]
+    assert agg["clip_pass_rate"] == round(4 / 6, 4) and agg["stories_clean"] == 0
+    assert agg["clean_clips_mean"] == 1.5  # story a: 2 clean clips, story b: 1
+    assert agg["checks"]["motion"] == {"pass_rate": 1.0, "measured": 5}
+    assert agg["checks"]["color"]["pass_rate"] == 0.8
+    assert agg["last_clip"]["color_delta_e"] == 9.0 and agg["last_window"]["boundary_jump"] == 2.75
+    assert bq.reduction(2.0, 8.0) == 0.75 and bq.reduction(1.0, None) is None
+
+
+def test_unmeasurable_video_fails_every_clip():
+    blank = np.zeros((10, 32, 32, 3), np.uint8)
+    prompt = "a big red circle stays still on a black background"
+    scored = bq.score(blank, [prompt, prompt], [5, 5])
+    assert not scored["passed"] and scored["error"] and all(c["failed"] == ["unmeasurable"] for c in scored["clips"])
+    agg = bq.aggregate([{"passed": False, **scored}], 2)
+    assert agg["clip_pass_rate"] == 0.0 and agg["curves"]["color_delta_e"]["mean"] == [None, None]
+
+
+def test_update_keeps_other_sections(tmp_path):
+    docs = tmp_path / "docs" / "benchmarks.md"
+    docs.parent.mkdir()
+    docs.write_text("# Benchmarks\n\n<!-- engine:start -->\nengine numbers\n<!-- engine:end -->\n")
+    results = {"settings": {"clips": 2, "stories": 1, "frames": 9, "steps": 2, "guidance": 5.0, "width": 32,
+                            "height": 32, "device": "cpu"},
+               "model": {"path": "m", "kind": "model folder"}, "runs": {}}
+    bq.write_markdown(results, "python benchmarks/bench_quality.py", docs, {"modes": "a.png", "ablation": "b.png"})
+    bq.write_markdown(results, "python benchmarks/bench_quality.py --clips 2", docs, {"modes": "a.png", "ablation": "b.png"})
+    text = docs.read_text()
+    assert "engine numbers" in text and text.count("<!-- quality:start -->") == 1
+    assert "--clips 2" in text
+
+
+def _tiny_lora(path: Path, model_dir: Path) -> Path:
+    """A small random LoRA (diffusers layout) on the tiny transformer's self-attention queries."""
+    import torch
+    from safetensors.torch import save_file
+
+    cfg = json.loads((model_dir / "transformer" / "config.json").read_text())
+    dim = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for i in range(cfg["num_layers"]):
+        for proj in ("to_q", "to_k", "to_v"):
+            key = f"transformer.blocks.{i}.attn1.{proj}"
+            state[f"{key}.lora_A.weight"] = torch.randn(4, dim, generator=g)
+            state[f"{key}.lora_B.weight"] = torch.randn(dim, 4, generator=g)
+    save_file(state, str(path))
+    return path
+
+
+def test_smoke_run_writes_results_plots_and_docs(tiny_dirs, tmp_path, capsys):
+    """1 story x 2 clips, every default mode plus a LoRA ablation, on a tiny random model."""
+    lora = _tiny_lora(tmp_path / "er.safetensors", tiny_dirs["wan21"])
+    argv = ["--model", str(tiny_dirs["wan21"]), "--stories", "1", "--clips", "2", "--frames", "9", "--steps", "2",
+            "--variant", "base=none", "--variant", f"ER={lora}", "--out-root", str(tmp_path),
+            "--sheets", str(tmp_path / "sheets")]
+    results = bq.main(argv)
+    saved = json.loads((tmp_path / "benchmarks" / "results" / "quality.json").read_text())
+    assert list(saved["runs"]) == ["pro", "svi2", "chain", "base", "ER"]
+    assert saved["dev_set"][0]["prompts"] == bq.dev_set(1, 2, 9)[0].prompts
+    for name, run in saved["runs"].items():
+        assert len(run["stories"]) == 1 and len(run["stories"][0]["clips"]) == 2
+        assert len(run["aggregate"]["curves"]["pass_rate"]) == 2
+        assert 0.0 <= run["aggregate"]["clip_pass_rate"] <= 1.0
+    assert saved["runs"]["base"]["same_as"] == "pro"
+    assert saved["runs"]["base"]["stories"] == saved["runs"]["pro"]["stories"]
+    # the LoRA is really applied: its video differs from the base model's
+    er, base = saved["runs"]["ER"]["stories"][0]["clips"], saved["runs"]["base"]["stories"][0]["clips"]
+    assert [c["background_delta_e"] for c in er] != [c["background_delta_e"] for c in base]
+    assert results["runs"]["pro"]["aggregate"] == saved["runs"]["pro"]["aggregate"]
+    for img in ("quality_modes.png", "quality_ablation.png"):
+        assert (tmp_path / "docs" / "img" / img).stat().st_size > 5000
+    md = (tmp_path / "docs" / "benchmarks.md").read_text()
+    section = md[md.index("<!-- quality:start -->"): md.index("<!-- quality:end -->")]
+    assert "python benchmarks/bench_quality.py --model" in section and "Error-recycling ablation" in section
+    assert "| `chain` |" in section and "| ER |" in section
+    assert len(list((tmp_path / "sheets").glob("*.png"))) == 4  # pro, svi2, chain, ER (base reuses pro)
+
+
+def test_bad_variant_is_one_clear_line(tmp_path):
+    with pytest.raises(SystemExit, match="NAME=LORA.safetensors"):
+        bq.parse_variant("er.safetensors")
+    with pytest.raises(SystemExit, match="is not a .safetensors file"):
+        bq.parse_variant(f"ER={tmp_path / 'missing.safetensors'}")
+    assert bq.parse_variant("base=none").lora is None
+
+
+def test_single_clip_prompts_cover_every_motion():
+    prompts = check_base.single_prompts(12)
+    assert prompts == check_base.single_prompts(12)
+    motions = [parse_prompt(p).motion for p, _ in prompts]
+    assert sorted(set(motions)) == sorted({"left", "right", "up", "down", "still", "bounce"})
+    assert len({p for p, _ in prompts}) == 12
+
+
+def test_single_clip_ground_truth_meets_the_bar():
+    """What the check demands of a clip, the world's own clip from the same reference satisfies."""
+    from cliploom.shapesworld import scene_from_prompt
+
+    for prompt, seed in check_base.single_prompts(12):
+        frames = scene_from_prompt(prompt, frames=33, seed=seed).frames()
+        c = bq.score(frames, [prompt], [len(frames)])["clips"][0]
+        assert c["area_status"] == "kept" and c["checks"]["motion"] is True, (prompt, c["failed"])
+
+
+def test_check_base_smoke(tiny_dirs, tmp_path):
+    r = check_base.main(["--model", str(tiny_dirs["wan21"]), "--clips", "2", "--vae-clips", "1", "--frames", "9",
+                         "--steps", "2", "--out-root", str(tmp_path)])
+    assert r["single"]["clips"] == 2 and len(r["single"]["records"]) == 2
+    assert 0 <= r["single"]["rate"] <= 1 and r["vae"]["psnr_mean"] > 0
+    saved = json.loads((tmp_path / "benchmarks" / "results" / "base_quality.json").read_text())
+    assert saved["vae"]["frames"] == 9
+    assert "<!-- quality-base:start -->" in (tmp_path / "docs" / "benchmarks.md").read_text()
+
+
+def test_psnr():
+    a = np.zeros((2, 4, 4, 3), np.uint8)
+    b = a.copy()
+    b[0, 0, 0, 0] = 255  # one of 96 values off by 255: MSE = 255^2 / 96
+    assert check_base.psnr(a, b) == pytest.approx(10 * np.log10(96))
+    assert check_base.psnr(a, a) == 99.0
