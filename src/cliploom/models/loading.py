@@ -1,21 +1,44 @@
-"""Opening a Wan image-to-video model from a diffusers-layout folder, offline."""
+"""Opening a Wan image-to-video model, offline: diffusers folders, or original-format files.
+
+Two ways in:
+
+* a **diffusers folder** (``model_index.json``, ``transformer/``, ``vae/``, ...), as published in
+  the ``*-Diffusers`` repositories or written by ``cliploom make-tiny``;
+* a **folder of original files** plus a model **family** (``family="wan21-i2v-14b-480p"``, or a
+  family JSON file of your own): the DiT as original Wan / ComfyUI safetensors (single file or
+  shards; Wan 2.2 A14B: ``high_noise_model/`` + ``low_noise_model/``, or two files named
+  ``*high_noise*`` / ``*low_noise*``), the VAE as an original Wan 2.1 / 2.2 safetensors file, and
+  ``text_encoder/``, ``tokenizer/`` (or ``google/umt5-xxl/``), ``image_encoder/`` +
+  ``image_processor/`` as transformers folders. The family's config (shipped in
+  ``models/configs/``) supplies what the files do not say; nothing is ever fetched.
+
+See ``docs/formats.md`` for the layouts and examples.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..errors import CliploomError
-from .components import Components, ModelSettings
+from . import formats
+from .components import SETTINGS_FILE, Components, ModelSettings
 
 # Nothing is ever fetched: every file must be on disk.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+log = logging.getLogger("cliploom.loading")
+
 REQUIRED = ("transformer", "vae", "text_encoder", "tokenizer")
+FAMILY_DIR = Path(__file__).resolve().parent / "configs"
+PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin", ".pkl")
 
 
 def default_device() -> torch.device:
@@ -44,6 +67,312 @@ def _load(loader, folder: Path, name: str, **kwargs):
         ) from None
 
 
+# -- families ------------------------------------------------------------------------------------
+
+_FAMILY_KEYS = {"name", "description", "transformer", "vae", "experts", "image_encoder", "boundary_ratio",
+                "expand_timesteps", "settings"}
+_SETTING_KEYS = {f.name for f in dataclasses.fields(ModelSettings)} - {"family", "boundary_ratio", "expand_timesteps"}
+
+
+def family_names() -> list[str]:
+    return sorted(p.stem for p in FAMILY_DIR.glob("*.json"))
+
+
+def load_family(family: str | os.PathLike) -> dict:
+    """A shipped family config by name, or a family JSON file of the same schema."""
+    text = str(family)
+    shipped = FAMILY_DIR / f"{text}.json"
+    path = shipped if shipped.is_file() else Path(text).expanduser()
+    if not path.is_file():
+        raise CliploomError(
+            f"unknown model family {text!r}",
+            f"use one of {', '.join(family_names())}, or a family JSON file (see docs/formats.md)",
+        )
+    cfg = read_json(path, "family config")
+    where = f"family config {path}"
+    if not isinstance(cfg, dict):
+        raise CliploomError(f"{where} is not a JSON object", "see docs/formats.md for the schema")
+    unknown = sorted(set(cfg) - _FAMILY_KEYS)
+    missing = sorted({"transformer", "vae"} - set(cfg))
+    if unknown or missing:
+        problem = f"unknown keys {unknown}" if unknown else f"missing {missing}"
+        raise CliploomError(f"{where}: {problem}", f"valid keys are {', '.join(sorted(_FAMILY_KEYS))}")
+    if cfg.get("experts", 1) not in (1, 2):
+        raise CliploomError(f"{where}: experts must be 1 or 2, got {cfg.get('experts')!r}", "use 2 for Wan 2.2 A14B")
+    bad = sorted(set(cfg.get("settings") or {}) - _SETTING_KEYS)
+    if bad:
+        raise CliploomError(f"{where}: unknown settings {bad}", f"valid settings are {', '.join(sorted(_SETTING_KEYS))}")
+    cfg.setdefault("name", path.stem)
+    cfg.setdefault("experts", 1)
+    cfg["path"] = str(path)
+    return cfg
+
+
+def family_settings(family: dict, folder: Path) -> ModelSettings:
+    """The family's defaults, then the folder's ``cliploom.json`` over them."""
+    values = dict(family.get("settings") or {})
+    values["family"] = family["name"]
+    values["boundary_ratio"] = family.get("boundary_ratio")
+    values["expand_timesteps"] = bool(family.get("expand_timesteps", False))
+    own = folder / SETTINGS_FILE
+    if own.is_file():
+        values.update({k: v for k, v in read_json(own, "settings").items() if k in _SETTING_KEYS | {"family"}})
+    return ModelSettings(**values)
+
+
+def matching_families(signature: dict) -> list[str]:
+    """The shipped families whose transformer has the architecture ``signature`` describes."""
+    out = []
+    for name in family_names():
+        cfg = load_family(name)
+        if not formats.signature_mismatches(signature, formats.config_signature(cfg["transformer"])):
+            out.append(name)
+    return out
+
+
+# -- original-format folders ---------------------------------------------------------------------
+
+
+@dataclass
+class OriginalFiles:
+    """Where the parts of an original-format model are."""
+
+    folder: Path
+    experts: list[list[Path]]  # DiT shard files, one list per expert (high noise first)
+    dit_layouts: list[str]
+    vae: Path  # a safetensors file, or a diffusers vae/ folder
+    vae_layout: str
+    text_encoder: Path
+    tokenizer: Path
+    image_encoder: Path | None = None
+    image_processor: Path | None = None
+
+
+def _classified(files) -> list[tuple[Path, formats.Header, dict]]:
+    out = []
+    for f in files:
+        header = formats.read_header(f)
+        out.append((f, header, formats.classify(header)))
+    return out
+
+
+def _shards(folder: Path, candidates: list[tuple[Path, formats.Header, dict]], where: str) -> list[Path]:
+    """The DiT files of one model: those named by a ``*.safetensors.index.json``, else all of them,
+    which must then be shards of one checkpoint (no key in two files)."""
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    dits = [(f, h) for f, h, c in candidates if c["kind"] == "dit"]
+    if indexes and len(indexes) == 1:
+        weight_map = read_json(indexes[0], "shard index").get("weight_map") or {}
+        names = sorted(set(weight_map.values()))
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise CliploomError(f"{where}: shards {missing[:3]} named by {indexes[0].name} are missing", "copy every shard")
+        return [folder / n for n in names]
+    seen: dict[str, Path] = {}
+    for f, header in dits:
+        for key in header.keys:
+            if key in seen:
+                raise CliploomError(
+                    f"{where} holds several DiT checkpoints ({seen[key].name} and {f.name} both have {key})",
+                    "keep one checkpoint in the folder, or pass the file itself as the model",
+                )
+            seen[key] = f
+    return [f for f, _ in dits]
+
+
+def _describe(folder: Path) -> str:
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
+    return ", ".join(names[:12]) + (", ..." if len(names) > 12 else "") if names else "nothing"
+
+
+def _pickle_hint(folder: Path, what: str) -> str:
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        return (f"{', '.join(pickles[:3])} {'is a' if len(pickles) == 1 else 'are'} PyTorch pickle(s), which cliploom "
+                f"never loads: {formats.CONVERT_HINT}")
+    return f"put the {what} in the folder (see docs/formats.md)"
+
+
+def find_original_files(model: Path, family: dict) -> OriginalFiles:
+    """Find the DiT, VAE and encoders of an original-format model for ``family``."""
+    folder = model.parent if model.is_file() else model
+    where = f"model {model}"
+    if not folder.is_dir():
+        raise CliploomError(f"{where} does not exist", "pass the folder (or DiT file) of an original-format model")
+    top = _classified(sorted(folder.glob("*.safetensors")))
+
+    # The DiT, one list of shards per expert.
+    if model.is_file():
+        (f, header, kind), = _classified([model])
+        if kind["kind"] != "dit":
+            raise CliploomError(f"{model} is not a Wan DiT checkpoint (it holds {kind['kind']} weights)",
+                                "pass the DiT file or its folder; `cliploom inspect FILE` says what a file is")
+        if family["experts"] == 2:
+            raise CliploomError(f"family {family['name']} has two experts; {model} is one file",
+                                "pass the folder that holds both (high_noise_model/ + low_noise_model/)")
+        experts = [[model]]
+    elif family["experts"] == 2:
+        subdirs = [folder / "high_noise_model", folder / "low_noise_model"]
+        if all(d.is_dir() for d in subdirs):
+            experts = [_shards(d, _classified(sorted(d.glob("*.safetensors"))), f"{where}: {d.name}/") for d in subdirs]
+        else:
+            by_expert: dict[str, list] = {"high": [], "low": []}
+            for f, header, kind in top:
+                if kind["kind"] == "dit":
+                    expert = formats.expert_from_name(f)
+                    if expert is None:
+                        raise CliploomError(
+                            f"{where}: cannot tell which Wan 2.2 expert {f.name} is",
+                            "name it *high_noise* / *low_noise*, or use high_noise_model/ and low_noise_model/",
+                        )
+                    by_expert[expert].append((f, header, kind))
+            experts = [_shards(folder, by_expert[e], f"{where} ({e}-noise expert)") for e in ("high", "low")]
+        for name, files in zip(("high-noise", "low-noise"), experts):
+            if not files:
+                raise CliploomError(f"{where} has no {name} expert DiT (it has {_describe(folder)})",
+                                    "add high_noise_model/ and low_noise_model/ (or *_high_noise* / *_low_noise* files)")
+    else:
+        experts = [_shards(folder, top, where)]
+    if not experts[0]:
+        raise CliploomError(f"{where} has no Wan DiT safetensors (it has {_describe(folder)})", _pickle_hint(folder, "DiT"))
+    dit_layouts = []
+    for files in experts:
+        keys = [k for f in files for k in formats.read_header(f).keys]
+        layout = formats.detect_dit_layout(keys)
+        if layout is None:
+            raise CliploomError(f"{where}: {files[0].name} is not a Wan DiT checkpoint", "`cliploom inspect FILE` says what it is")
+        dit_layouts.append(layout)
+
+    # The VAE: a diffusers vae/ folder, or one original Wan VAE file (of the family's generation).
+    if (folder / "vae" / "config.json").is_file():
+        vae, vae_layout = folder / "vae", "folder"
+    else:
+        vaes = [(f, c["layout"]) for f, _, c in top if c["kind"] == "vae"]
+        wanted = "wan22" if family["vae"].get("is_residual") else "wan21"
+        if len(vaes) > 1:
+            vaes = [v for v in vaes if v[1] in (wanted, "diffusers")] or vaes
+        if not vaes:
+            raise CliploomError(f"{where} has no VAE safetensors (it has {_describe(folder)})", _pickle_hint(folder, "VAE"))
+        if len(vaes) > 1:
+            raise CliploomError(f"{where} has several VAE files: {', '.join(f.name for f, _ in vaes)}", "keep one")
+        vae, vae_layout = vaes[0]
+        if vae_layout not in (wanted, "diffusers"):
+            names = {"wan21": "Wan 2.1", "wan22": "Wan 2.2"}
+            raise CliploomError(
+                f"{where}: {vae.name} is a {names[vae_layout]} VAE, family {family['name']} needs a {names[wanted]} VAE",
+                "use the VAE released with the model",
+            )
+
+    # Encoders: transformers folders.
+    text_encoder = folder / "text_encoder"
+    if not (text_encoder / "config.json").is_file():
+        raise CliploomError(
+            f"{where} has no text_encoder/ folder",
+            "copy text_encoder/ (UMT5-XXL, transformers layout) from the model's -Diffusers release; "
+            "the original models_t5_*.pth is a pickle cliploom does not load",
+        )
+    tokenizer = next((d for d in (folder / "tokenizer", folder / "google" / "umt5-xxl") if d.is_dir()), None)
+    if tokenizer is None:
+        raise CliploomError(f"{where} has no tokenizer/ (or google/umt5-xxl/) folder", "copy the UMT5 tokenizer folder")
+    image_encoder = image_processor = None
+    if family.get("image_encoder"):
+        image_encoder, image_processor = folder / "image_encoder", folder / "image_processor"
+        for d in (image_encoder, image_processor):
+            if not d.is_dir():
+                raise CliploomError(
+                    f"{where} has no {d.name}/ folder, which family {family['name']} needs",
+                    f"copy {d.name}/ (CLIP ViT-H, transformers layout) from the model's -Diffusers release",
+                )
+    return OriginalFiles(folder, experts, dit_layouts, vae, vae_layout, text_encoder, tokenizer,
+                         image_encoder, image_processor)
+
+
+def _empty_model(cls, config: dict):
+    from accelerate import init_empty_weights
+
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    try:
+        with init_empty_weights():
+            return cls.from_config(config)
+    except Exception as e:  # noqa: BLE001
+        raise CliploomError(f"cannot build a {cls.__name__} from the family config: {e}", "fix the family JSON") from None
+
+
+def _fill(model, state: dict[str, torch.Tensor], where: str, family: dict, hint_signature: bool) -> None:
+    """Put ``state`` into an empty ``model``: every weight present, no extra, every shape right."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    if hint_signature:
+        wrong = formats.signature_mismatches(formats.dit_signature(shapes), formats.config_signature(family["transformer"]))
+        if wrong:
+            fits = matching_families(formats.dit_signature(shapes))
+            raise CliploomError(
+                f"{where} does not fit family {family['name']}: {', '.join(wrong)}",
+                f"use --family {' or '.join(fits)}" if fits else "run `cliploom inspect` on it to see what it is",
+            )
+    missing = sorted(set(expected) - set(shapes))
+    extra = sorted(set(shapes) - set(expected))
+    if missing:
+        raise CliploomError(
+            f"{where} lacks {len(missing)} weight(s) of family {family['name']}, e.g. {', '.join(missing[:3])}",
+            "the checkpoint is incomplete (a missing shard?) or of another model",
+        )
+    if extra:
+        raise CliploomError(
+            f"{where} has {len(extra)} weight(s) family {family['name']} has no place for, e.g. {', '.join(extra[:3])}",
+            "it is another Wan variant: `cliploom inspect` it and pick the family that fits",
+        )
+    for k, shape in shapes.items():
+        if shape != expected[k]:
+            raise CliploomError(
+                f"{where}: {k} has shape {shape} but family {family['name']} expects {expected[k]}",
+                "the file is of another model size: `cliploom inspect` it",
+            )
+    model.load_state_dict(state, strict=True, assign=True)
+
+
+def load_original_transformer(files: list[Path], layout: str, family: dict, dtype: torch.dtype, where: str):
+    """A ``WanTransformer3DModel`` from original/ComfyUI/diffusers-named safetensors shards.
+
+    fp8 weights (with ComfyUI per-tensor scales or without) are upcast to ``dtype``; parameters
+    diffusers keeps in float32 (norms, modulation tables, time embedding) stay float32, as when
+    diffusers loads a folder.
+    """
+    from diffusers import WanTransformer3DModel
+
+    model = _empty_model(WanTransformer3DModel, family["transformer"])
+    keep = set(model._keep_in_fp32_modules or []) if dtype in (torch.float16, torch.bfloat16) else set()
+    state: dict[str, torch.Tensor] = {}
+    stored = set()
+    for f in files:
+        raw = formats.load_tensors(f, "DiT checkpoint")
+        formats.check_finite(raw, f"DiT checkpoint {f}")
+        stored |= {str(t.dtype).replace("torch.", "") for t in raw.values() if t.is_floating_point()}
+        renamed = formats.dit_to_diffusers(raw, layout)
+        state.update(formats.dequantize(renamed, dtype, f"DiT checkpoint {f}", lambda k: bool(keep & set(k.split(".")))))
+        del raw, renamed
+    if any(s.startswith("float8") for s in stored):
+        log.info("%s: fp8 weights upcast to %s", where, str(dtype).replace("torch.", ""))
+    _fill(model, state, where, family, hint_signature=True)
+    return model
+
+
+def load_original_vae(path: Path, layout: str, family: dict, where: str):
+    from diffusers import AutoencoderKLWan
+
+    if layout == "folder":
+        return _load(AutoencoderKLWan, path.parent, path.name, torch_dtype=torch.float32)
+    model = _empty_model(AutoencoderKLWan, family["vae"])
+    raw = formats.load_tensors(path, "VAE")
+    formats.check_finite(raw, f"VAE {path}")
+    state = formats.dequantize(formats.vae_to_diffusers(raw, layout), torch.float32, f"VAE {path}")
+    _fill(model, state, f"{where}: VAE {path.name}", family, hint_signature=False)
+    return model
+
+
+# -- diffusers folders ---------------------------------------------------------------------------
+
+
 def check_model_folder(path: Path) -> dict:
     """Validate that ``path`` looks like a diffusers Wan image-to-video folder; return model_index."""
     if not path.exists():
@@ -51,10 +380,15 @@ def check_model_folder(path: Path) -> dict:
     if not path.is_dir():
         raise CliploomError(
             f"model {path} is a file, not a folder",
-            "pass the diffusers folder (single-file checkpoints need --family, see docs/formats.md)",
+            f"original-format checkpoints need --family ({', '.join(family_names())}); see docs/formats.md",
         )
     index_path = path / "model_index.json"
     if not index_path.is_file():
+        if any(path.glob("*.safetensors")) or (path / "high_noise_model").is_dir():
+            raise CliploomError(
+                f"{path} is not a diffusers model folder (no model_index.json)",
+                f"for original Wan / ComfyUI files pass --family ({', '.join(family_names())}); see docs/formats.md",
+            )
         raise CliploomError(
             f"{path} is not a diffusers model folder (no model_index.json)",
             "pass a folder such as Wan2.1-I2V-14B-480P-Diffusers or one made by `cliploom make-tiny`",
@@ -74,26 +408,34 @@ def load_model(
     *,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
-    family: str | None = None,
+    family: str | os.PathLike | None = None,
 ) -> Components:
-    """Load a Wan image-to-video model (Wan 2.1 I2V, Wan 2.2 A14B, Wan 2.2 TI2V) from a folder.
+    """Load a Wan image-to-video model (Wan 2.1 I2V, Wan 2.2 A14B, Wan 2.2 TI2V).
 
-    ``path=None`` or ``"builtin"`` loads the built-in model. The transformer(s) take ``dtype``
-    (bfloat16 on CUDA, float32 on CPU by default); the VAE stays in float32.
+    ``path=None`` or ``"builtin"`` loads the built-in model. Without ``family``, ``path`` is a
+    diffusers folder; with it, a folder (or DiT file) of original Wan / ComfyUI files, read with
+    the family's config (a shipped name such as ``wan21-i2v-14b-480p``, or a JSON file). The
+    transformer(s) take ``dtype`` (bfloat16 on CUDA, float32 on CPU by default); the VAE stays in
+    float32.
     """
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline
-    from diffusers import WanTransformer3DModel
-    from transformers import AutoTokenizer, UMT5EncoderModel
-
     from .builtin import resolve_model_path
 
+    if family is not None and (path is None or str(path) == "builtin"):
+        raise CliploomError("--family needs --model: the folder (or DiT file) of original-format weights",
+                            "pass --model PATH, or drop --family for the built-in model")
     path = resolve_model_path(path)
-    if family is not None:
-        raise CliploomError("--family (original-format checkpoints) is not supported yet", "use a diffusers folder")
-    index = check_model_folder(path)
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
+    if family is not None:
+        return _load_original(path, load_family(family), device, dtype)
+    return _load_diffusers(path, device, dtype)
 
+
+def _load_diffusers(path: Path, device: torch.device, dtype: torch.dtype) -> Components:
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    index = check_model_folder(path)
     scheduler_config = {}
     if (path / "scheduler" / "scheduler_config.json").is_file():
         scheduler_config = read_json(path / "scheduler" / "scheduler_config.json", "scheduler config")
@@ -112,6 +454,39 @@ def load_model(
 
         image_encoder = _load(CLIPVisionModel, path, "image_encoder", torch_dtype=torch.float32)
         image_processor = _load(CLIPImageProcessor, path, "image_processor")
+    for name, module in (("transformer", transformer), ("transformer_2", transformer_2)):
+        if module is not None:
+            formats.check_finite(dict(module.state_dict()), f"{path}/{name}")
+    return _assemble(path, settings, device, dtype, transformer, transformer_2, vae, text_encoder, tokenizer,
+                     image_encoder, image_processor)
+
+
+def _load_original(model: Path, family: dict, device: torch.device, dtype: torch.dtype) -> Components:
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    files = find_original_files(model, family)
+    folder = files.folder
+    experts = []
+    for i, (shards, layout) in enumerate(zip(files.experts, files.dit_layouts)):
+        what = f"model {model}" + ("" if len(files.experts) == 1 else f" ({('high', 'low')[i]}-noise expert)")
+        experts.append(load_original_transformer(shards, layout, family, dtype, what))
+    vae = load_original_vae(files.vae, files.vae_layout, family, f"model {model}")
+    text_encoder = _load(UMT5EncoderModel, folder, files.text_encoder.name, torch_dtype=dtype)
+    tokenizer = _load(AutoTokenizer, files.tokenizer.parent, files.tokenizer.name)
+    image_encoder = image_processor = None
+    if files.image_encoder is not None:
+        from transformers import CLIPImageProcessor, CLIPVisionModel
+
+        image_encoder = _load(CLIPVisionModel, folder, files.image_encoder.name, torch_dtype=torch.float32)
+        image_processor = _load(CLIPImageProcessor, folder, files.image_processor.name)
+    settings = family_settings(family, folder)
+    return _assemble(folder, settings, device, dtype, experts[0], experts[1] if len(experts) > 1 else None, vae,
+                     text_encoder, tokenizer, image_encoder, image_processor)
+
+
+def _assemble(path, settings, device, dtype, transformer, transformer_2, vae, text_encoder, tokenizer,
+              image_encoder, image_processor) -> Components:
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline
 
     check_image_to_video(path, transformer, vae, settings)
     if settings.boundary_ratio is not None and transformer_2 is None:
