@@ -1,14 +1,16 @@
 """Quality benchmark: drift over 20 clips on a 14-story ShapesWorld dev set, by mode and SVI LoRA.
 
     python benchmarks/bench_quality.py [--model DIR] [--stories 14] [--clips 20]
-        [--modes pro,svi2,chain] [--variant NAME=LORA.safetensors|none ...] [--sheets DIR]
+        [--modes pro,svi2,chain] [--variant NAME=LORA.safetensors|none|default ...] [--sheets DIR]
 
 Every dev story is one subject (shape, colour, size) on one background, whose motion prompt
 changes at every clip boundary; its reference frame is drawn by ``render_reference``. Each
 story is generated in every mode — ``pro`` (latent motion, SVI 2.0 Pro), ``svi2`` (pixel motion,
 SVI 2.0: the last 5 frames plus the reference as padding) and ``chain`` (naive chaining: the
-previous clip's last frame as a plain I2V image, no anchor) — and, for the error-recycling
-ablation (issue 5), with each ``--variant`` LoRA in latent mode (``none`` = no LoRA; the first
+previous clip's last frame as a plain I2V image, no anchor, no SVI LoRA; the other modes use
+the model's own SVI LoRA when it has one) — and, for the error-recycling ablation (issue 5),
+with each ``--variant`` in latent mode (``NAME=LORA.safetensors``: that LoRA alone;
+``NAME=none``: no LoRA, the base model; ``NAME=default``: the model's own SVI LoRA; the first
 variant is the baseline the others are compared with). Every clip is scored by
 ``cliploom.evaluate`` (thresholds in docs/shapesworld.md).
 
@@ -146,27 +148,41 @@ def dev_set(stories: int = 14, clips: int = 20, frames: int = 33, motion_latents
 # ----- running --------------------------------------------------------------------------------------
 @dataclass
 class Run:
-    """One way of generating the dev set: a motion mode and a LoRA (or none)."""
+    """One way of generating the dev set: a motion mode and the LoRAs applied.
+
+    ``svi_lora``: apply the model's own SVI LoRA (``svi_lora`` in its cliploom.json, applied by
+    default in production); ``lora``: one more LoRA file.
+    """
 
     name: str
     mode: str
     lora: Path | None = None
     kind: str = "mode"  # "mode" or "variant"
+    svi_lora: bool = True
+
+
+def mode_run(mode: str) -> Run:
+    """A mode as users run it (with the model's own SVI LoRA), except naive chaining: plain I2V, no SVI."""
+    return Run(mode, mode, None, "mode", svi_lora=mode != "chain")
 
 
 def parse_variant(text: str) -> Run:
+    """``NAME=LORA.safetensors`` (that LoRA alone), ``NAME=none`` (no LoRA: the base model) or
+    ``NAME=default`` (the model's own SVI LoRA); all in latent mode."""
     if "=" not in text:
-        raise SystemExit(f"error: --variant {text!r} must be NAME=LORA.safetensors (or NAME=none); "
+        raise SystemExit(f"error: --variant {text!r} must be NAME=LORA.safetensors (or NAME=none, NAME=default); "
                          "e.g. --variant ER=out/svi_er.safetensors")
     name, path = (s.strip() for s in text.split("=", 1))
     if not name:
         raise SystemExit(f"error: --variant {text!r} has no name; write NAME=LORA.safetensors")
     if path.lower() in ("none", ""):
-        return Run(name, "pro", None, "variant")
+        return Run(name, "pro", None, "variant", svi_lora=False)
+    if path.lower() == "default":
+        return Run(name, "pro", None, "variant", svi_lora=True)
     lora = Path(path).expanduser()
     if lora.suffix != ".safetensors" or not lora.is_file():
         raise SystemExit(f"error: --variant {name}: {lora} is not a .safetensors file; pass the LoRA the trainer exported")
-    return Run(name, "pro", lora, "variant")
+    return Run(name, "pro", lora, "variant", svi_lora=False)
 
 
 def generate_story(engine, dev: DevStory, run: Run, reference: Path, overrides: dict):
@@ -179,6 +195,7 @@ def generate_story(engine, dev: DevStory, run: Run, reference: Path, overrides: 
         mode=run.mode,
         seed=dev.seed,
         loras=[LoraSpec(run.lora)] if run.lora else [],
+        svi_lora=run.svi_lora,
         **overrides,
     )
     clips = list(engine.generate(story, progress=False))
@@ -314,19 +331,25 @@ def _pct(v) -> str:
     return "–" if v is None else f"{100 * v:.0f} %"
 
 
+def lora_label(run: dict) -> str:
+    names = [f"model's own (`{Path(run['svi_lora']).name}`)" if run.get("svi_lora") else None,
+             f"`{Path(run['lora']).name}`" if run.get("lora") else None]
+    return " + ".join(n for n in names if n) or "none"
+
+
 def run_table(results: dict, names: list[str]) -> list[str]:
     n = results["settings"]["clips"]
     lines = [
-        f"| run | clips pass | stories clean | clean clips (mean) | colour ΔE clip 1 → {n} | background ΔE clip {n} "
+        f"| run | LoRA | clips pass | stories clean | clean clips (mean) | colour ΔE clip 1 → {n} | background ΔE clip {n} "
         f"| jump clip {n} (last {LAST_WINDOW}) | " + " | ".join(CHECKS) + " | s / clip |",
-        "|---|---|---|---|---|---|---|" + "---|" * len(CHECKS) + "---|",
+        "|---|---|---|---|---|---|---|---|" + "---|" * len(CHECKS) + "---|",
     ]
     for name in names:
         r = results["runs"][name]
         a = r["aggregate"]
         checks = " | ".join(_pct(a["checks"][k]["pass_rate"]) for k in CHECKS)
         lines.append(
-            f"| {r['label']} | {_pct(a['clip_pass_rate'])} | {a['stories_clean']}/{a['stories']} | "
+            f"| {r['label']} | {lora_label(r)} | {_pct(a['clip_pass_rate'])} | {a['stories_clean']}/{a['stories']} | "
             f"{_f(a['clean_clips_mean'], '{:.1f}')} | {_f(a['first_clip']['color_delta_e'], '{:.1f}')} → "
             f"{_f(a['last_clip']['color_delta_e'], '{:.1f}')} | {_f(a['last_clip']['background_delta_e'], '{:.1f}')} | "
             f"{_f(a['last_clip']['boundary_jump'])} ({_f(a['last_window']['boundary_jump'])}) | {checks} | "
@@ -424,7 +447,7 @@ def parse_args(argv=None):
     ap.add_argument("--clips", type=int, default=20, help="clips per story (default 20)")
     ap.add_argument("--modes", default=",".join(DEFAULT_MODES),
                     help="comma-separated modes without LoRA (default pro,svi2,chain; '' for none)")
-    ap.add_argument("--variant", action="append", default=[], type=parse_variant, metavar="NAME=LORA|none",
+    ap.add_argument("--variant", action="append", default=[], type=parse_variant, metavar="NAME=LORA|none|default",
                     help="a LoRA run in latent mode (repeatable; the first is the baseline)")
     ap.add_argument("--frames", type=int, help="frames per clip (default: the model's)")
     ap.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
@@ -459,24 +482,31 @@ def main(argv=None) -> dict:
     from cliploom.engine import Engine
 
     _quiet_libraries()
-    runs = [Run(m, m) for m in args.modes] + list(args.variant)
+    runs = [mode_run(m) for m in args.modes] + list(args.variant)
     engines: dict = {}
+    first = Engine.load(args.model, device=args.device)
+    settings = first.model.settings
+    own_lora = settings.svi_lora  # the model's own SVI LoRA file name, if it has one
+
+    def loras_of(run: Run) -> tuple:
+        """What a run applies: (the model's own SVI LoRA or None, the extra LoRA or None)."""
+        return (own_lora if run.svi_lora else None, str(run.lora) if run.lora else None)
 
     def engine_for(run: Run):
-        key = str(run.lora) if run.lora else ""
+        # one engine per LoRA stack: an engine keeps the stack it first applied
+        key = loras_of(run)
         if key not in engines:
-            engines[key] = Engine.load(args.model, device=args.device)
+            engines[key] = first if not engines else Engine.load(args.model, device=args.device)
         return engines[key]
 
-    first = engine_for(Run("probe", "pro"))
-    settings = first.model.settings
     frames = args.frames or settings.frames
     overrides = {k: v for k, v in (("frames", args.frames), ("steps", args.steps)) if v is not None}
     devs = dev_set(args.stories, args.clips, frames)
     size = settings.width
     out_root = Path(args.out_root)
     results: dict = {
-        "model": {"path": str(first.model.path), "kind": model_kind(first.model.path), "family": settings.family},
+        "model": {"path": str(first.model.path), "kind": model_kind(first.model.path), "family": settings.family,
+                  "svi_lora": own_lora},
         "settings": {"stories": args.stories, "clips": args.clips, "frames": frames,
                      "steps": args.steps or settings.steps, "guidance": settings.guidance,
                      "width": settings.width, "height": settings.height, "device": args.device,
@@ -491,13 +521,18 @@ def main(argv=None) -> dict:
             path = Path(tmp) / f"ref_{d.index:02d}.png"
             d.reference(size).save(path)
             refs.append(path)
+        done: dict = {}  # (mode, LoRAs) -> the run that generated it
         for run in runs:
-            # The no-LoRA variant is the pro-mode run: identical model, stories and seeds.
-            if run.kind == "variant" and run.lora is None and "pro" in results["runs"]:
-                results["runs"][run.name] = {**results["runs"]["pro"], "kind": "variant", "label": run.name,
-                                             "lora": None, "same_as": "pro"}
-                print(f"{run.name}: same as the pro run (no LoRA)", flush=True)
+            # A run identical to an earlier one (same mode, same LoRAs, same stories and seeds) is reused.
+            key = (run.mode, loras_of(run))
+            if key in done:
+                same = done[key]
+                results["runs"][run.name] = {**results["runs"][same], "kind": run.kind,
+                                             "label": run.name if run.kind == "variant" else f"`{run.name}`",
+                                             "same_as": same}
+                print(f"{run.name}: same as the {same} run", flush=True)
                 continue
+            done[key] = run.name
             engine = engine_for(run)
             stories, seconds = [], 0.0
             for d, ref in zip(devs, refs):
@@ -514,7 +549,7 @@ def main(argv=None) -> dict:
             agg = aggregate(stories, args.clips)
             label = run.name if run.kind == "variant" else f"`{run.name}`"
             results["runs"][run.name] = {"kind": run.kind, "label": label, "mode": run.mode,
-                                         "lora": str(run.lora) if run.lora else None,
+                                         "svi_lora": loras_of(run)[0], "lora": loras_of(run)[1],
                                          "seconds_per_clip": round(seconds / (len(devs) * args.clips), 4),
                                          "aggregate": agg, "stories": stories}
             print(f"{run.name}: {_pct(agg['clip_pass_rate'])} of clips pass, {agg['stories_clean']}/{agg['stories']} "

@@ -107,14 +107,14 @@ def test_update_keeps_other_sections(tmp_path):
     assert "--clips 2" in text
 
 
-def _tiny_lora(path: Path, model_dir: Path) -> Path:
+def _tiny_lora(path: Path, model_dir: Path, seed: int = 0) -> Path:
     """A small random LoRA (diffusers layout) on the tiny transformer's self-attention queries."""
     import torch
     from safetensors.torch import save_file
 
     cfg = json.loads((model_dir / "transformer" / "config.json").read_text())
     dim = cfg["num_attention_heads"] * cfg["attention_head_dim"]
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     state = {}
     for i in range(cfg["num_layers"]):
         for proj in ("to_q", "to_k", "to_v"):
@@ -125,33 +125,54 @@ def _tiny_lora(path: Path, model_dir: Path) -> Path:
     return path
 
 
-def test_smoke_run_writes_results_plots_and_docs(tiny_dirs, tmp_path, capsys):
+@pytest.fixture
+def model_with_svi_lora(tiny_dirs, tmp_path):
+    """A copy of the tiny model that ships its own SVI LoRA (``svi_lora`` in cliploom.json)."""
+    import shutil
+
+    d = tmp_path / "model"
+    shutil.copytree(tiny_dirs["wan21"], d)
+    _tiny_lora(d / "svi.safetensors", d, seed=1)
+    settings = json.loads((d / "cliploom.json").read_text())
+    (d / "cliploom.json").write_text(json.dumps({**settings, "svi_lora": "svi.safetensors"}))
+    return d
+
+
+def test_smoke_run_writes_results_plots_and_docs(model_with_svi_lora, tmp_path, capsys):
     """1 story x 2 clips, every default mode plus a LoRA ablation, on a tiny random model."""
-    lora = _tiny_lora(tmp_path / "er.safetensors", tiny_dirs["wan21"])
-    argv = ["--model", str(tiny_dirs["wan21"]), "--stories", "1", "--clips", "2", "--frames", "9", "--steps", "2",
-            "--variant", "base=none", "--variant", f"ER={lora}", "--out-root", str(tmp_path),
-            "--sheets", str(tmp_path / "sheets")]
+    lora = _tiny_lora(tmp_path / "er.safetensors", model_with_svi_lora)
+    argv = ["--model", str(model_with_svi_lora), "--stories", "1", "--clips", "2", "--frames", "9", "--steps", "2",
+            "--variant", "base=none", "--variant", "own=default", "--variant", f"ER={lora}",
+            "--out-root", str(tmp_path), "--sheets", str(tmp_path / "sheets")]
     results = bq.main(argv)
     saved = json.loads((tmp_path / "benchmarks" / "results" / "quality.json").read_text())
-    assert list(saved["runs"]) == ["pro", "svi2", "chain", "base", "ER"]
+    runs = saved["runs"]
+    assert list(runs) == ["pro", "svi2", "chain", "base", "own", "ER"]
     assert saved["dev_set"][0]["prompts"] == bq.dev_set(1, 2, 9)[0].prompts
-    for name, run in saved["runs"].items():
+    for name, run in runs.items():
         assert len(run["stories"]) == 1 and len(run["stories"][0]["clips"]) == 2
         assert len(run["aggregate"]["curves"]["pass_rate"]) == 2
         assert 0.0 <= run["aggregate"]["clip_pass_rate"] <= 1.0
-    assert saved["runs"]["base"]["same_as"] == "pro"
-    assert saved["runs"]["base"]["stories"] == saved["runs"]["pro"]["stories"]
-    # the LoRA is really applied: its video differs from the base model's
-    er, base = saved["runs"]["ER"]["stories"][0]["clips"], saved["runs"]["base"]["stories"][0]["clips"]
-    assert [c["background_delta_e"] for c in er] != [c["background_delta_e"] for c in base]
-    assert results["runs"]["pro"]["aggregate"] == saved["runs"]["pro"]["aggregate"]
+    # modes run as users run them (the model's own SVI LoRA), but naive chaining is plain I2V
+    assert runs["pro"]["svi_lora"] == runs["svi2"]["svi_lora"] == "svi.safetensors" and runs["chain"]["svi_lora"] is None
+    # ablation variants: the base model alone, the model's own LoRA (= the pro run), one LoRA file alone
+    assert runs["own"]["same_as"] == "pro" and runs["own"]["stories"] == runs["pro"]["stories"]
+    assert "same_as" not in runs["base"] and runs["base"]["svi_lora"] is None and runs["base"]["lora"] is None
+    assert runs["ER"]["svi_lora"] is None and runs["ER"]["lora"] == str(lora)
+
+    def bg(name):
+        return [c["background_delta_e"] for c in runs[name]["stories"][0]["clips"]]
+
+    assert bg("pro") != bg("base") and bg("ER") != bg("base") and bg("ER") != bg("pro")  # the LoRAs are applied
+    assert results["runs"]["pro"]["aggregate"] == runs["pro"]["aggregate"]
     for img in ("quality_modes.png", "quality_ablation.png"):
         assert (tmp_path / "docs" / "img" / img).stat().st_size > 5000
     md = (tmp_path / "docs" / "benchmarks.md").read_text()
     section = md[md.index("<!-- quality:start -->"): md.index("<!-- quality:end -->")]
     assert "python benchmarks/bench_quality.py --model" in section and "Error-recycling ablation" in section
-    assert "| `chain` |" in section and "| ER |" in section
-    assert len(list((tmp_path / "sheets").glob("*.png"))) == 4  # pro, svi2, chain, ER (base reuses pro)
+    assert "| `chain` | none |" in section and "| ER | `er.safetensors` |" in section
+    assert "| `pro` | model's own (`svi.safetensors`) |" in section
+    assert len(list((tmp_path / "sheets").glob("*.png"))) == 5  # every run but "own" (it reuses pro)
 
 
 def test_bad_variant_is_one_clear_line(tmp_path):
