@@ -205,7 +205,7 @@ def test_check_base_smoke(tiny_dirs, tmp_path):
     r = check_base.main(["--model", str(tiny_dirs["wan21"]), "--clips", "2", "--vae-clips", "1", "--frames", "9",
                          "--steps", "2", "--out-root", str(tmp_path)])
     assert r["single"]["clips"] == 2 and len(r["single"]["records"]) == 2
-    assert 0 <= r["single"]["rate"] <= 1 and r["vae"]["psnr_mean"] > 0
+    assert 0 <= r["single"]["rate"] <= 1 and r["vae"]["psnr_mean"] > 0 and 0 <= r["vae"]["evaluator_pass_rate"] <= 1
     saved = json.loads((tmp_path / "benchmarks" / "results" / "base_quality.json").read_text())
     assert saved["vae"]["frames"] == 9
     assert "<!-- quality-base:start -->" in (tmp_path / "docs" / "benchmarks.md").read_text()
@@ -217,3 +217,26 @@ def test_psnr():
     b[0, 0, 0, 0] = 255  # one of 96 values off by 255: MSE = 255^2 / 96
     assert check_base.psnr(a, b) == pytest.approx(10 * np.log10(96))
     assert check_base.psnr(a, a) == 99.0
+
+
+class _IdentityVAE:
+    """A stand-in model whose VAE round trip is exact, or darkens every frame."""
+
+    def __init__(self, darken: float = 0.0):
+        self.darken = darken
+
+    def encode_video(self, video):
+        return video
+
+    def decode_latents(self, latents):
+        import torch
+
+        frames = ((latents[0].permute(1, 2, 3, 0) + 1) * 127.5 * (1 - self.darken)).round().clamp(0, 255)
+        return frames.to(torch.uint8)
+
+
+def test_vae_check_scores_round_trips():
+    exact = check_base.vae_check(_IdentityVAE(), 3, 17, 32)
+    assert exact["psnr_mean"] == 99.0 and exact["meets_bar"] and exact["evaluator_pass_rate"] == 1.0
+    dark = check_base.vae_check(_IdentityVAE(darken=0.3), 3, 17, 32)
+    assert dark["psnr_mean"] < 30 and not dark["meets_bar"]
