@@ -42,6 +42,8 @@ def cmd_train(args) -> int:
         raise CliploomError(f"--max-steps {args.max_steps} must be at least 1", "pass --max-steps 1 or more")
     cfg = load_config(args.config, steps=args.steps, out_dir=args.out_dir)
     result = train(cfg, resume=args.resume, max_steps=args.max_steps, progress=not args.quiet)
+    if not result["main_process"]:
+        return 0
     done = "finished" if result["exported"] else "stopped"
     print(f"{done} at step {result['step']}/{cfg.steps} (loss ema {result['loss_ema'] or float('nan'):.4f}, "
           f"{result['seconds']:.0f} s); checkpoint {result['checkpoint']}")

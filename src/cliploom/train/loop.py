@@ -96,7 +96,12 @@ class SVITrainer:
 
         # 1. The model, its settings filled into the config, and the expert being trained.
         if model is None:
+            from ..models.builtin import SHIPPED
             from ..models.loading import load_model
+
+            if cfg.model == "builtin" and not (SHIPPED / "model_index.json").is_file():
+                raise CliploomError(f"the built-in ShapesWorld model is not in this install ({SHIPPED})",
+                                    "set `model:` to a diffusers-layout Wan I2V folder")
 
             dtype = torch.bfloat16 if mp == "bf16" else torch.float32
             model = load_model(cfg.model, device=acc.device, dtype=dtype)
@@ -296,7 +301,10 @@ class SVITrainer:
                     info.grad_norm = float(norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-            info.loss += r["loss"] / cfg.grad_accum
+            loss = r["loss"]
+            if acc.num_processes > 1:  # the logged loss is the mean over processes
+                loss = float(acc.gather(torch.tensor([loss], device=acc.device)).mean())
+            info.loss += loss / cfg.grad_accum
             info.timesteps += r["ts"]
             info.weights += r["weights"]
             info.modes += [s.choice.describe() for s in r["samples"]]
@@ -418,6 +426,7 @@ class SVITrainer:
             exported = self.export()
         acc.wait_for_everyone()
         return {"step": self.step, "loss_ema": ema, "seconds": time.perf_counter() - started,
+                "main_process": acc.is_main_process,
                 "exported": [str(p) for p in exported],
                 "checkpoint": str(ckpt.checkpoint_dir(self.out_dir, self.step))}
 

@@ -1,0 +1,473 @@
+"""The SVI LoRA trainer: error formulas, injection rules, conditioning shared with the engine, data,
+plain fine-tuning as the zero-probability case, and a CPU run that saves, resumes and exports."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from cliploom import conditioning as C
+from cliploom.cli import main
+from cliploom.errors import CliploomError
+from cliploom.models.components import frames_to_tensor
+from cliploom.sampling import euler_step, schedule
+from cliploom.train import config as config_mod
+from cliploom.train.config import TrainConfig, config_from_dict
+from cliploom.train.data import DataClip, ShapesWorldClips, VideoFolderClips
+from cliploom.train.recycling import ErrorRecycler, clean_end_error, noise_end_error
+from cliploom.train.samples import Choice, build_sample
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tests run many tiny ops: on a shared 2-core machine one thread is several times faster."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# -- the two error formulas --------------------------------------------------------------------------
+
+
+def test_one_step_errors_match_hand_computed_values():
+    v_hat = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    v = torch.tensor([[0.5, 2.0], [1.0, -1.0]])  # v_hat - v = [[0.5, 0], [2, 5]]
+    assert clean_end_error(v_hat, v, 0.25).tolist() == [[-0.125, 0.0], [-0.5, -1.25]]
+    assert noise_end_error(v_hat, v, 0.25).tolist() == [[0.375, 0.0], [1.5, 3.75]]
+    # one sigma per sample of a batch
+    vb_hat, vb = torch.ones(2, 1, 1, 1, 2), torch.zeros(2, 1, 1, 1, 2)
+    sig = torch.tensor([0.2, 0.9])
+    assert clean_end_error(vb_hat, vb, sig).flatten().tolist() == pytest.approx([-0.2, -0.2, -0.9, -0.9])
+    assert noise_end_error(vb_hat, vb, sig).flatten().tolist() == pytest.approx([0.8, 0.8, 0.1, 0.1])
+
+
+def test_errors_are_the_residuals_of_one_euler_step_to_either_end():
+    g = torch.Generator().manual_seed(0)
+    x0, noise, v_hat = (torch.randn(3, 4, generator=g) for _ in range(3))
+    sigma = 0.3
+    x_t = (1 - sigma) * x0 + sigma * noise
+    v = noise - x0
+    x0_hat = euler_step(x_t, v_hat, sigma, 0.0)  # the engine's own integrator
+    x1_hat = euler_step(x_t, v_hat, sigma, 1.0)
+    assert torch.allclose(x0_hat - euler_step(x_t, v, sigma, 0.0), clean_end_error(v_hat, v, sigma), atol=1e-6)
+    assert torch.allclose(x1_hat - euler_step(x_t, v, sigma, 1.0), noise_end_error(v_hat, v, sigma), atol=1e-6)
+    assert torch.allclose(euler_step(x_t, v, sigma, 0.0), x0, atol=1e-6)
+
+
+# -- injection rules and banking ---------------------------------------------------------------------
+
+
+def _recycler(**kw):
+    cfg = TrainConfig(replay_capacity=8, replay_dtype="float32", **kw)
+    return ErrorRecycler(cfg, schedule(cfg.replay_bins, 5.0)[:-1] * 1000)
+
+
+def test_draws_follow_each_probability_and_clean_steps_inject_nothing():
+    g = torch.Generator().manual_seed(0)
+    always = _recycler(p_latent_error=1, p_y_error=1, p_noise_error=1, p_clean=0)
+    assert {always.draw(g).flags() for _ in range(20)} == {"LYN"}
+    assert {_recycler(p_clean=1).draw(g).flags() for _ in range(20)} == {"C"}
+    never = _recycler(p_latent_error=0, p_y_error=0, p_noise_error=0, p_clean=0)
+    assert {never.draw(g).flags() for _ in range(20)} == {"-"}
+    off = _recycler(error_recycling=False, p_latent_error=1, p_y_error=1, p_noise_error=1, p_clean=0)
+    assert {off.draw(g).flags() for _ in range(20)} == {"-"}
+    rec = _recycler()  # official: 0.9 / 0.9 / 0.01, clean 0.2
+    draws = [rec.draw(g) for _ in range(4000)]
+    assert 0.17 < np.mean([d.clean for d in draws]) < 0.23
+    assert 0.69 < np.mean([d.latent for d in draws]) < 0.75  # 0.9 of the 0.8 non-clean steps
+    assert np.mean([d.noise for d in draws]) < 0.02
+
+
+def test_banking_files_both_errors_and_updates_rarely_on_clean_steps():
+    rec = _recycler(clean_update_prob=0.0)
+    g = torch.Generator().manual_seed(1)
+    v_hat, v = torch.ones(2, 1, 1, 1, 2), torch.zeros(2, 1, 1, 1, 2)
+    sig = torch.tensor([0.5, 0.5])
+    assert rec.bank(v_hat, v, sig, [False, True], g) == 1  # the clean step's sample is skipped
+    t = 500.0
+    assert rec.clean_memory.sample(t, g).flatten().tolist() == pytest.approx([-0.5, -0.5])
+    assert rec.noise_memory.sample(t, g).flatten().tolist() == pytest.approx([0.5, 0.5])
+    assert _recycler(clean_update_prob=1.0).bank(v_hat, v, sig, [True, True], g) == 2
+    assert _recycler(error_recycling=False).bank(v_hat, v, sig, [False, False], g) == 0
+
+
+def test_y_error_goes_into_the_motion_latents_of_y_only():
+    rec = _recycler(y_error_frames=2)
+    g = torch.Generator().manual_seed(0)
+    anchor, motion = torch.zeros(1, 3, 1, 2, 2), torch.zeros(1, 3, 1, 2, 2)
+    cond = C.latent_condition(anchor, motion, 5)
+    mask_before = cond.y[:, :4].clone()
+    error = torch.arange(5.0).view(1, 5, 1, 1).expand(3, 5, 2, 2)  # frame j holds j
+    src, dst = rec.inject_y(cond, error, 1, g)
+    y = cond.y[:, 4:]
+    assert dst == 1 and 0 <= src <= 3
+    assert torch.equal(cond.y[:, :4], mask_before)  # the mask is untouched
+    assert y[:, :, 0].abs().sum() == 0  # the anchor (the user's image) stays clean
+    assert y[0, 0, 1, 0, 0] == src and y[0, 0, 2, 0, 0] == src + 1
+    assert y[:, :, 3:].abs().sum() == 0
+
+
+# -- config ------------------------------------------------------------------------------------------
+
+
+def test_defaults_are_the_official_values():
+    cfg = TrainConfig()
+    assert (cfg.rank, cfg.alpha, cfg.lr, cfg.grad_clip, cfg.batch_size) == (128, 128.0, 1e-4, 1.0, 1)
+    assert cfg.targets == ["q", "k", "v", "o", "ffn.0", "ffn.2"]
+    assert cfg.diffusers_targets == ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]
+    assert (cfg.p_latent_error, cfg.p_y_error, cfg.p_noise_error, cfg.p_clean) == (0.9, 0.9, 0.01, 0.2)
+    assert (cfg.replay_bins, cfg.replay_capacity, cfg.replay_replace, cfg.clean_update_prob) == (50, 500, "nearest", 0.1)
+    assert cfg.velocity_target == "clean" and cfg.timestep_weighting == "gaussian"
+
+
+@pytest.mark.parametrize("data, fragment", [
+    ({"p_clean": 2}, "p_clean 2.0 is not a probability"),
+    ({"rank": 0}, "rank 0 must be at least 1"),
+    ({"rnak": 4}, "unknown keys ['rnak']"),
+    ({"frames": 10}, "frames 10 is not of the form 4k+1"),
+    ({"data": "videos"}, "data: videos needs a folder"),
+    ({"targets": "q"}, None),  # a single value is a one-element list
+    ({"replay_replace": "fifo"}, "replay_replace 'fifo' is not one of"),
+    ({"lr": "fast"}, "lr must be a number"),
+])
+def test_config_validation(data, fragment):
+    if fragment is None:
+        assert config_from_dict(data).targets == ["q"]
+        return
+    with pytest.raises(CliploomError) as err:
+        config_from_dict(data, "c.yaml")
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_bad_config_is_one_line_and_exit_2(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text("p_noise_error: -1\n")
+    assert main(["train-svi", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "p_noise_error" in err and len(err.splitlines()) == 1
+    assert main(["train-svi", str(tmp_path / "missing.yaml")]) == 2
+    path.write_text("steps: [1\n")
+    assert main(["train-svi", str(path)]) == 2
+    assert "malformed YAML" in capsys.readouterr().err
+
+
+def test_gaussian_timestep_weights():
+    from cliploom.train.loop import gaussian_weights
+
+    t = schedule(1000, 5.0)[:-1] * 1000
+    w = gaussian_weights(t)
+    assert w.mean() == pytest.approx(1.0, abs=1e-5) and float(w.min()) == pytest.approx(0.0, abs=1e-6)
+    mid = int(torch.argmin((t - 500).abs()))
+    assert int(torch.argmax(w)) == mid
+    raw = torch.exp(-2 * ((t - 500) / 1000) ** 2)
+    expected = (raw - raw.min()) / (raw - raw.min()).mean()
+    assert torch.allclose(w, expected, atol=1e-5)
+
+
+# -- data --------------------------------------------------------------------------------------------
+
+
+def test_shapesworld_clips_can_start_their_new_prompt_after_the_motion_memory():
+    from cliploom.shapesworld import sample_sequence
+
+    src = ShapesWorldClips(frames=9, size=32, segments=3, segment_frames=12, boundary_prob=1.0)
+    g = torch.Generator().manual_seed(0)
+    for motion in (5, 1):
+        clip = src.clip(g, motion)
+        assert clip.frames.shape == (9, 32, 32, 3) and clip.frames.dtype == np.uint8
+        assert (clip.offset + motion) % 12 == 0  # the prompt changes right after the motion frames
+        seed = int(clip.source.split(":")[1].split("@")[0])
+        seq = sample_sequence(seed, 3, 12, size=32)
+        assert clip.prompt == seq.prompts[(clip.offset + motion) // 12]
+        assert np.array_equal(clip.frames, seq.frames(clip.offset, clip.offset + 9))
+    with pytest.raises(CliploomError):
+        ShapesWorldClips(frames=33, size=32, segments=1, segment_frames=20)
+
+
+def _write_mp4(path: Path, frames: np.ndarray, fps: int = 16):
+    import av
+
+    with av.open(str(path), mode="w") as out:
+        stream = out.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        stream.options = {"crf": "0", "tune": "zerolatency"}
+        for f in frames:
+            for packet in stream.encode(__import__("av").VideoFrame.from_ndarray(f, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+
+
+def test_video_folder_clips_with_captions_offsets_stride_and_crop(tmp_path):
+    n = 30
+    ramp = np.stack([np.full((40, 48, 3), 6 * i, np.uint8) for i in range(n)])  # frame i is grey 6*i
+    _write_mp4(tmp_path / "ramp.mp4", ramp)
+    (tmp_path / "ramp.txt").write_text("a grey ramp\n")
+    sub = tmp_path / "more"
+    sub.mkdir()
+    _write_mp4(sub / "short.mp4", ramp[:4])
+    with pytest.warns(UserWarning, match="short.mp4"):
+        src = VideoFolderClips(tmp_path, frames=5, width=32, height=16, stride=2, default_caption="none")
+    g = torch.Generator().manual_seed(0)
+    starts = set()
+    for _ in range(6):
+        clip = src.clip(g)
+        assert clip.frames.shape == (5, 16, 32, 3) and clip.prompt == "a grey ramp"
+        means = clip.frames.reshape(5, -1).mean(1)
+        assert np.allclose(means, 6 * (clip.offset + 2 * np.arange(5)), atol=3)
+        starts.add(clip.offset)
+    assert len(starts) > 1 and max(starts) <= n - 9
+    with pytest.raises(CliploomError, match="no video"):
+        VideoFolderClips(sub, frames=5, width=32, height=16)
+
+
+# -- conditioning is the engine's --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def wan21(tiny_dirs):
+    """A private copy of the tiny wan21 model (the trainer attaches a LoRA to its transformer)."""
+    from cliploom.models import load_model
+
+    return load_model(tiny_dirs["wan21"], device="cpu")
+
+
+def _clip(frames=9, seed=0):
+    src = ShapesWorldClips(frames=frames, size=32, segments=2, segment_frames=frames, boundary_prob=0.0)
+    return src.clip(torch.Generator().manual_seed(seed), 1)
+
+
+def test_latent_mode_sample_is_built_by_the_engine_function(wan21, monkeypatch):
+    calls = []
+    real = C.latent_condition
+    monkeypatch.setattr(C, "latent_condition", lambda *a, **k: calls.append(a) or real(*a, **k))
+    clip = _clip()
+    sample = build_sample(wan21, clip, Choice("latent", motion=1, ref_index=6))
+    assert len(calls) == 1
+    video = frames_to_tensor(clip.frames)
+    latents = wan21.encode_video(video)
+    y = sample.cond.y[:, 4:]
+    assert torch.allclose(sample.latents, latents)
+    assert torch.allclose(y[:, :, :1], wan21.encode_video(video[:, :, 6:7]), atol=1e-5)  # anchor: frame 6
+    assert torch.equal(y[:, :, 1:2], latents[:, :, 1:2])  # motion: the clip's first 4-frame latent
+    assert y[:, :, 2:].abs().sum() == 0
+    assert torch.equal(sample.cond.y[:, :4], C.pixel_frame_mask(9, 4, 4))
+    assert sample.error_start == 1 and sample.cond.image_embeds is not None
+    first = build_sample(wan21, clip, Choice("latent", motion=0, ref_index=6))
+    assert torch.equal(first.cond.y[:, 4:, :1], latents[:, :, :1]) and first.error_start is None
+    assert first.cond.y[:, 4:, 1:].abs().sum() == 0
+
+
+def test_pixel_mode_sample_is_built_by_the_engine_functions(wan21, monkeypatch):
+    calls = []
+    real_video, real_cond = C.pixel_motion_video, C.pixel_condition
+    monkeypatch.setattr(C, "pixel_motion_video", lambda *a, **k: calls.append("video") or real_video(*a, **k))
+    monkeypatch.setattr(C, "pixel_condition", lambda *a, **k: calls.append("cond") or real_cond(*a, **k))
+    clip = _clip(seed=3)
+    sample = build_sample(wan21, clip, Choice("pixel", motion=5, ref_pad=0, ref_index=7))
+    assert calls == ["video", "cond"]
+    video = frames_to_tensor(clip.frames)
+    expected = torch.cat([video[:, :, :5], torch.zeros(1, 3, 4, 32, 32)], dim=2)
+    assert torch.allclose(sample.cond.y[:, 4:], wan21.encode_video(expected), atol=1e-5)
+    assert sample.error_start == 0
+
+
+# -- training steps ----------------------------------------------------------------------------------
+
+ZERO = dict(p_latent_error=0.0, p_y_error=0.0, p_noise_error=0.0, p_clean=0.0)
+
+
+def _cfg(tmp_path, model_dir, **kw):
+    values = dict(model=str(model_dir), out_dir=str(tmp_path / "run"), rank=4, alpha=8, frames=9, steps=3,
+                  replay_capacity=4, replay_dtype="float32", latent_mode_prob=0.5, checkpoint_every=2, lr=0.02,
+                  text_cache=4)
+    values.update(kw)
+    return config_from_dict(values)
+
+
+def _prefill(trainer, scale=0.5):
+    """Put large errors in every bin, so any injection changes the step."""
+    g = torch.Generator().manual_seed(9)
+    shape = (16, 3, 4, 4)
+    for t in trainer.recycler.clean_memory.grid.tolist():
+        trainer.recycler.clean_memory.add(scale * torch.randn(shape, generator=g), t)
+        trainer.recycler.noise_memory.add(scale * torch.randn(shape, generator=g), t)
+
+
+def _lora_params(transformer):
+    return {n: p.detach().clone() for n, p in transformer.named_parameters() if "lora_" in n}
+
+
+def test_with_every_injection_off_a_step_is_plain_lora_fine_tuning(tmp_path, tiny_dirs):
+    from cliploom.models import load_model
+    from cliploom.train.adapter import attach_lora
+    from cliploom.train.loop import SVITrainer
+
+    def trainer(**kw):
+        cfg = _cfg(tmp_path, tiny_dirs["wan21"], timestep_weighting="none", **kw)
+        t = SVITrainer(cfg, model=load_model(tiny_dirs["wan21"], device="cpu"), progress=False)
+        _prefill(t)
+        return t, cfg
+
+    plain, cfg = trainer(**ZERO)
+    before = _lora_params(plain.transformer)
+    info = plain.train_step()
+    assert info.injections == ["-"] and info.banked == 1
+    after = _lora_params(plain.transformer)
+
+    # The same step written out by hand: x_t = (1 - s) x0 + s n, target n - x0, MSE, clip, AdamW.
+    ref_model = load_model(tiny_dirs["wan21"], device="cpu")
+    params = attach_lora(ref_model.transformer, cfg, seed=cfg.seed)
+    ref = ref_model.transformer
+    assert all(torch.equal(p, before[n]) for n, p in _lora_params(ref).items())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    s = info.samples[0]
+    sigma = float(info.sigmas[0])
+    x0, noise = s.latents, info.noise
+    x_t = (1 - sigma) * x0 + sigma * noise
+    out = ref(hidden_states=s.cond.model_input(x_t), timestep=torch.tensor([sigma * 1000]),
+              encoder_hidden_states=ref_model.encode_text([s.prompt]),
+              encoder_hidden_states_image=s.cond.image_embeds, return_dict=False)[0]
+    loss = torch.nn.functional.mse_loss(out, noise - x0)
+    assert loss.item() == pytest.approx(info.loss, rel=1e-5)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    opt.step()
+    expected = _lora_params(ref)
+    assert all(torch.allclose(after[n], expected[n], atol=1e-6) for n in expected)
+    assert any(not torch.equal(after[n], before[n]) for n in before)
+
+    # With injections on, the same draws give another step.
+    noisy, _ = trainer(p_latent_error=1.0, p_y_error=1.0, p_noise_error=1.0, p_clean=0.0)
+    info2 = noisy.train_step()
+    assert info2.injections[0] in ("LYN", "LN")  # y only when the sample has motion memory
+    assert torch.equal(info2.noise, info.noise) and info2.loss != pytest.approx(info.loss, rel=1e-3)
+    changed = _lora_params(noisy.transformer)
+    assert any(not torch.allclose(changed[n], after[n], atol=1e-6) for n in after)
+
+
+@pytest.mark.parametrize("variant, extra", [("wan22", {"expert": "low"}), ("ti2v", {})])
+def test_other_families_train(tmp_path, tiny_dirs, variant, extra):
+    from cliploom.models import load_model
+    from cliploom.train.loop import SVITrainer
+
+    cfg = _cfg(tmp_path, tiny_dirs[variant], checkpoint_every=10, **extra)
+    model = load_model(tiny_dirs[variant], device="cpu")
+    t = SVITrainer(cfg, model=model, progress=False)
+    for _ in range(2):
+        info = t.train_step()
+        assert np.isfinite(info.loss)
+    if variant == "wan22":
+        assert t.transformer is model.transformer_2 and all(ts < 875 for ts in info.timesteps)
+        with pytest.raises(CliploomError, match="two experts"):
+            SVITrainer(_cfg(tmp_path, tiny_dirs[variant]), model=load_model(tiny_dirs[variant], device="cpu"))
+    else:
+        assert info.samples[0].loss_mask is not None  # TI2V: the known frames are not in the loss
+
+
+def _checkpoint_tensors(folder: Path):
+    from safetensors.torch import load_file
+
+    return {name: load_file(str(folder / name)) for name in ("lora.safetensors", "optimizer.safetensors",
+                                                             "replay-rank0.safetensors")}
+
+
+def test_three_step_run_saves_resumes_and_exports_loras_that_load(tmp_path, tiny_dirs, capsys, reference_png):
+    model_dir = tiny_dirs["wan21"]
+    straight = tmp_path / "straight.yaml"
+    straight.write_text(yaml.safe_dump(_cfg(tmp_path, model_dir, out_dir=str(tmp_path / "a")).to_dict()))
+    assert main(["train-svi", str(straight), "-q"]) == 0
+    run_a = tmp_path / "a"
+    assert sorted(p.name for p in (run_a / "checkpoints").iterdir()) == ["step-0000002", "step-0000003"]
+    rows = (run_a / "train.csv").read_text().splitlines()
+    assert rows[0].startswith("step,loss") and [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3"]
+    state = json.loads((run_a / "checkpoints" / "step-0000003" / "state.json").read_text())
+    assert state["step"] == 3 and state["config"]["rank"] == 4
+
+    # Interrupted after 2 steps, then resumed: the very same LoRA, optimizer and replay memory.
+    split = tmp_path / "split.yaml"
+    split.write_text(yaml.safe_dump(_cfg(tmp_path, model_dir, out_dir=str(tmp_path / "b")).to_dict()))
+    assert main(["train-svi", str(split), "--max-steps", "2", "-q"]) == 0
+    assert "stopped at step 2/3" in capsys.readouterr().out
+    assert not (tmp_path / "b" / "lora_svi.safetensors").exists()
+    assert main(["train-svi", str(split), "-q"]) == 2  # checkpoints there: --resume is needed
+    assert "--resume" in capsys.readouterr().err
+    assert main(["train-svi", str(split), "--resume", "-q"]) == 0
+    a = _checkpoint_tensors(run_a / "checkpoints" / "step-0000003")
+    b = _checkpoint_tensors(tmp_path / "b" / "checkpoints" / "step-0000003")
+    for name in a:
+        assert a[name].keys() == b[name].keys(), name
+        for key in a[name]:
+            assert torch.equal(a[name][key], b[name][key]), (name, key)
+    assert [r.split(",")[0] for r in (tmp_path / "b" / "train.csv").read_text().splitlines()[1:]] == ["1", "2", "3"]
+    changed = yaml.safe_load(split.read_text()) | {"rank": 8}
+    split.write_text(yaml.safe_dump(changed))
+    assert main(["train-svi", str(split), "--resume", "-q"]) == 2
+    assert "rank" in capsys.readouterr().err
+
+    # Both export layouts load through the engine's LoRA stack and give the frames the
+    # trained adapter gives in memory.
+    from safetensors import safe_open
+
+    svi, dif = run_a / "lora_svi.safetensors", run_a / "lora_diffusers.safetensors"
+    with safe_open(str(svi), "pt") as f:
+        keys = list(f.keys())
+        assert "blocks.0.self_attn.q.lora_A.default.weight" in keys and "blocks.1.ffn.2.lora_B.default.weight" in keys
+        assert f.metadata()["cliploom_layout"] == "svi"
+    with safe_open(str(dif), "pt") as f:
+        assert "transformer.blocks.0.attn1.to_q.lora_A.weight" in f.keys()
+    assert main(["export-lora", str(run_a), "-o", str(tmp_path / "again.safetensors"), "--layout", "svi"]) == 0
+    with safe_open(str(tmp_path / "again.safetensors"), "pt") as f, safe_open(str(svi), "pt") as g:
+        assert all(torch.equal(f.get_tensor(k), g.get_tensor(k)) for k in keys)
+
+    frames = {name: _render(model_dir, reference_png, lora) for name, lora in
+              [("base", None), ("svi", svi), ("diffusers", dif)]}
+    frames["memory"] = _render_with_checkpoint(model_dir, reference_png, run_a / "checkpoints" / "step-0000003")
+    diff = lambda x, y: (frames[x].int() - frames[y].int()).abs()  # noqa: E731
+    assert diff("memory", "base").float().mean() > 1.0  # the LoRA matters
+    for name in ("diffusers", "svi"):
+        assert diff(name, "memory").max() <= 1 and diff(name, "memory").float().mean() < 0.05, name
+
+
+def _story(reference_png, lora=None):
+    from cliploom.story import ClipSpec, LoraSpec, make_story
+
+    return make_story(clips=[ClipSpec("a red circle"), ClipSpec("a blue square")], reference=reference_png,
+                      frames=9, steps=2, seed=5, width=32, height=32, loras=[LoraSpec(lora)] if lora else [])
+
+
+def _render(model_dir, reference_png, lora):
+    from cliploom.engine import Engine
+
+    engine = Engine.load(model_dir, device="cpu")
+    return torch.cat([c.frames for c in engine.generate(_story(reference_png, lora), progress=False)])
+
+
+def _render_with_checkpoint(model_dir, reference_png, folder):
+    """The trained adapter in memory (peft, unfused), through the same clip loop."""
+    from cliploom.loom import weave
+    from cliploom.models import load_model
+    from cliploom.train.adapter import attach_lora, load_lora_state
+    from cliploom.train.checkpoint import read_checkpoint_lora
+
+    model = load_model(model_dir, device="cpu")
+    state, meta = read_checkpoint_lora(folder)
+    attach_lora(model.transformer, config_from_dict(meta["config"]))
+    load_lora_state(model.transformer, state)
+    model.transformer.eval()
+    return torch.cat([c.frames for c in weave(model, _story(reference_png), progress=False)])
+
+
+def test_module_documents_every_knob():
+    doc = (Path(__file__).parents[1] / "docs" / "training.md").read_text()
+    missing = [f.name for f in config_mod.dataclasses.fields(TrainConfig) if f"`{f.name}`" not in doc]
+    assert not missing, f"docs/training.md does not describe {missing}"
+
+
+def test_data_clip_roundtrip_type():
+    clip = DataClip(np.zeros((5, 8, 8, 3), np.uint8), "p", "x")
+    assert clip.offset == 0
