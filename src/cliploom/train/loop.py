@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import math
 import signal
+import sys
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -395,7 +396,8 @@ class SVITrainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             ckpt.write_json(self.out_dir / "config.json", cfg.to_dict())
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train-svi", unit="step",
-                   disable=not (self.progress and acc.is_main_process), dynamic_ncols=True)
+                   disable=not (self.progress and acc.is_main_process), dynamic_ncols=True,
+                   mininterval=0.1 if sys.stderr.isatty() else 10.0)  # a log file gets a line every 10 s
         ema = None
         previous = signal.getsignal(signal.SIGTERM)
         signal.signal(signal.SIGTERM, _raise_interrupt)
