@@ -55,8 +55,8 @@ class Engine:
         on_clip_start: Callable[[int], None] | None = None,
     ) -> Iterator[Clip]:
         """Yield the story's clips in order, each as soon as it is decoded."""
-        apply_memory_options(self.model, story.offload, story.vae_tiling)
         self.loras.apply(self.default_loras(story) + list(story.loras), fuse=story.fuse_loras)
+        apply_memory_options(self.model, story.offload, story.vae_tiling)  # after the LoRAs: hooks wrap final weights
         per_clip = any(clip.lora_weights for clip in story.clips)
 
         def start(i: int) -> None:

@@ -18,6 +18,7 @@ unpickled.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import struct
 from collections import Counter
@@ -813,3 +814,21 @@ def summarise_modules(names, num_blocks: int | None = None) -> list[str]:
 def most_common(values):
     c = Counter(values)
     return c.most_common(1)[0][0] if c else None
+
+
+class _ConsoleFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        return f"warning: {message}" if record.levelno >= logging.WARNING else message
+
+
+def console_logging(level: int = logging.INFO) -> None:
+    """Show the model loaders' reports (LoRAs applied, keys not applied, fp8 upcasts) on stderr,
+    one plain line each; the CLI calls this once."""
+    logger = logging.getLogger("cliploom.models")
+    if not any(getattr(h, "_cliploom_console", False) for h in logger.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(_ConsoleFormatter())
+        handler._cliploom_console = True
+        logger.addHandler(handler)
+    logger.setLevel(level)

@@ -34,7 +34,7 @@ from .components import SETTINGS_FILE, Components, ModelSettings
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-log = logging.getLogger("cliploom.loading")
+log = logging.getLogger(__name__)
 
 REQUIRED = ("transformer", "vae", "text_encoder", "tokenizer")
 FAMILY_DIR = Path(__file__).resolve().parent / "configs"

@@ -1,14 +1,85 @@
 """LoRA stacks: several LoRAs, each with a weight and a target expert, applied through peft.
 
-This first version loads the layouts diffusers already converts (diffusers/peft, ComfyUI
-``diffusion_model.``, kohya ``lora_unet_``); ``models/formats`` normalises the rest.
+Every file is first normalised by :func:`formats.read_lora` (SVI 1.0 / 2.0, diffusers/peft,
+ComfyUI/LightX2V, kohya/musubi layouts -> diffusers module names, alpha/rank folded into A).
+Low-rank pairs are then loaded as peft adapters with diffusers' ``load_lora_adapter``; full
+deltas (ComfyUI ``.diff`` / ``.diff_b``, e.g. norms and biases) are added to the weights
+directly, ``weight * delta``.
+
+* **fused** (default): adapters are merged into the weights and removed, so sampling runs at
+  the base model's speed; the stack is then permanent for this model.
+* **unfused**: adapters stay switchable; :meth:`LoraStack.set_clip_weights` changes each LoRA's
+  weight per clip (deltas are recomputed from a copy of the touched parameters, never drifted).
+
+Reporting: every LoRA's modules touched per expert are logged and kept in :meth:`summary`; keys
+that could not be applied are listed in a warning; a LoRA that matches nothing, a shape that does
+not fit, NaN/Inf values are errors.
 """
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from ..errors import CliploomError
+from . import formats
+
+log = logging.getLogger(__name__)
+
+EXPERT_ATTRS = {"high": ["transformer"], "low": ["transformer_2"], "both": ["transformer", "transformer_2"]}
+_SHOW = 8  # keys listed in a warning before "... and N more"
+
+
+@dataclass
+class _Delta:
+    """A full delta added to one parameter: ``param += weight * delta``."""
+
+    param: torch.nn.Parameter  # the parameter itself (peft wrapping renames it, never replaces it)
+    delta: torch.Tensor  # float32, on the parameter's device
+
+
+@dataclass
+class _Applied:
+    spec: object  # story.LoraSpec
+    adapter: str
+    file: formats.LoraFile
+    targets: list[str]
+    modules: dict[str, int] = field(default_factory=dict)  # expert attr -> modules touched
+    pairs: dict[str, int] = field(default_factory=dict)  # expert attr -> peft adapters injected
+    deltas: list[_Delta] = field(default_factory=list)
+    n_deltas: int = 0  # parameters changed by full deltas
+    unapplied: list[str] = field(default_factory=list)
+    weight: float = 1.0  # the weight in force now
+
+
+def _resolve(transformer, name: str):
+    """``("module", base module)`` or ``("param", parameter)`` for a diffusers name, else None."""
+    try:
+        module = transformer.get_submodule(name)
+    except AttributeError:
+        module = None
+    if module is not None:
+        base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+        return "module", base
+    try:
+        return "param", transformer.get_parameter(name)
+    except AttributeError:
+        return None
+
+
+def _set_adapters(transformer, names: list[str], weights: list[float]) -> None:
+    transformer.set_adapters(names, weights)
+    transformer.requires_grad_(False)  # peft marks active adapters trainable; sampling needs no graph
+
+
+def _fit_error(path, key: str, shape, target: str, expected) -> CliploomError:
+    return CliploomError(
+        f"LoRA {path}: {key} has shape {tuple(shape)} but the model's {target} has shape {tuple(expected)}",
+        "the LoRA is for another model size or variant: `cliploom inspect` it",
+    )
 
 
 class LoraStack:
@@ -17,38 +88,234 @@ class LoraStack:
     def __init__(self, model, fuse: bool = True):
         self.model = model
         self.fuse = fuse
-        self.applied: list = []
-        self.reports: list[dict] = []
+        self.fused = False
+        self.applied: list[_Applied] = []
+        self._key = None
+        self._base: dict[int, tuple[torch.nn.Parameter, torch.Tensor]] = {}  # untouched copies of delta'd params
 
+    # -- building ------------------------------------------------------------------------------
     def apply(self, specs, fuse: bool = True) -> None:
+        """Apply ``specs`` (``LoraSpec`` list) to the model, fused or as switchable adapters."""
         specs = list(specs)
-        key = [(str(s.path), s.weight, s.expert) for s in specs]
-        if key == [(str(s.path), s.weight, s.expert) for s in self.applied]:
+        key = ([(str(Path(s.path)), float(s.weight), s.expert, s.name) for s in specs], bool(fuse) and bool(specs))
+        if key == self._key or (not specs and not self.applied and not self.fused):
+            self._key = key
             return
-        if self.applied:
-            raise CliploomError("this engine already carries another LoRA stack", "load a new Engine for it")
-        from diffusers.loaders.lora_pipeline import WanLoraLoaderMixin
-        from safetensors.torch import load_file
+        if self.fused:
+            names = ", ".join(a.spec.name for a in self.applied)
+            raise CliploomError(
+                f"this engine's weights already have LoRAs fused into them ({names})",
+                "load a new Engine for another LoRA stack, or use fuse_loras: false (--no-fuse) to switch stacks",
+            )
+        offload = getattr(self.model, "_cliploom_offload", None)
+        if offload not in (None, "none"):
+            raise CliploomError(
+                f"cannot change LoRAs while offload {offload!r} is on", "load a new Engine for another LoRA stack"
+            )
+        self.clear()
+        pipe = self.model.pipe
+        try:
+            for i, spec in enumerate(specs):
+                self.applied.append(self._apply_one(i, spec))
+            for attr in ("transformer", "transformer_2"):
+                adapters = [a for a in self.applied if a.pairs.get(attr)]
+                if adapters:
+                    _set_adapters(getattr(pipe, attr), [a.adapter for a in adapters], [float(a.spec.weight) for a in adapters])
+            for a in self.applied:
+                a.weight = float(a.spec.weight)
+            self._write_deltas()
+            if fuse and self.applied:
+                for attr in ("transformer", "transformer_2"):
+                    adapters = [a.adapter for a in self.applied if a.pairs.get(attr)]
+                    module = getattr(pipe, attr)
+                    if adapters:
+                        module.fuse_lora(adapter_names=adapters)
+                        module.unload_lora()
+                self._base.clear()
+                for a in self.applied:
+                    a.deltas = []
+                self.fused = True
+        except BaseException:
+            if not self.fused:
+                self.clear()
+            raise
+        self.fuse = bool(fuse)
+        self._key = key
+        for a in self.applied:
+            log.info("%s", self._line(a))
 
-        for i, spec in enumerate(specs):
-            path = Path(spec.path)
-            if path.suffix != ".safetensors" or not path.is_file():
-                raise CliploomError(f"LoRA {path} is not a .safetensors file", "convert it to safetensors")
-            state = WanLoraLoaderMixin.lora_state_dict(load_file(path))
-            name = f"lora{i}_{path.stem}"
-            targets = {"both": ["transformer", "transformer_2"], "high": ["transformer"], "low": ["transformer_2"]}
-            for attr in targets[spec.expert]:
-                module = getattr(self.model.pipe, attr)
-                if module is None:
+    def _apply_one(self, i: int, spec) -> _Applied:
+        pipe = self.model.pipe
+        path = Path(spec.path).expanduser()
+        if spec.expert not in EXPERT_ATTRS:
+            raise CliploomError(f"LoRA {path}: unknown expert {spec.expert!r}", "use both, high or low")
+        if spec.expert != "both" and pipe.transformer_2 is None:
+            raise CliploomError(
+                f"LoRA {path} targets the {spec.expert}-noise expert, but model {self.model.path} has one transformer",
+                "use expert both: only Wan 2.2 A14B has high/low-noise experts",
+            )
+        lora = formats.read_lora(path)
+        named = formats.expert_from_name(path)
+        if spec.expert == "both" and pipe.transformer_2 is not None and named:
+            log.warning(
+                "LoRA %s: its name says %s-noise expert, but it is applied to both experts; "
+                "pass %s:%s:%s to target one", path.name, named, path, spec.weight, named,
+            )
+        targets = [a for a in EXPERT_ATTRS[spec.expert] if getattr(pipe, a) is not None]
+        applied = _Applied(spec, f"cliploom_{i}", lora, targets, weight=float(spec.weight))
+        unmatched: dict[str, str] = {}
+        for attr in targets:
+            transformer = getattr(pipe, attr)
+            pairs, touched = [], set()
+            for name, m in lora.modules.items():
+                found = _resolve(transformer, name)
+                if found is None:
+                    for k in m.keys:
+                        unmatched.setdefault(k, f"the model has no {name}")
                     continue
-                module.load_lora_adapter(dict(state), adapter_name=name, prefix="transformer")
-                module.set_adapters([name], weights=[spec.weight])
-            self.reports.append({"path": str(path), "weight": spec.weight, "expert": spec.expert})
-        self.applied = specs
+                kind, obj = found
+                if m.down is not None:
+                    if kind != "module" or not isinstance(obj, (torch.nn.Linear, torch.nn.Conv3d, torch.nn.Conv2d)):
+                        raise CliploomError(
+                            f"LoRA {path}: {m.keys[0]} adapts {name}, a {type(obj).__name__} that LoRA pairs cannot adapt",
+                            "the file is malformed or for another model",
+                        )
+                    w = obj.weight
+                    down_key = next(k for k in m.keys if formats._split_lora_key(k)[1] == "down")
+                    up_key = next(k for k in m.keys if formats._split_lora_key(k)[1] == "up")
+                    if tuple(m.down.shape[1:]) != tuple(w.shape[1:]):
+                        raise _fit_error(path, down_key, m.down.shape, f"{name}.weight", w.shape)
+                    if m.up.shape[0] != w.shape[0] or m.up.shape[2:] != torch.Size([1] * (w.dim() - 2)):
+                        raise _fit_error(path, up_key, m.up.shape, f"{name}.weight", w.shape)
+                    pairs.append(name)
+                    touched.add(name)
+                if m.diff is not None:
+                    param = obj.weight if kind == "module" else obj
+                    key = next(k for k in m.keys if k.endswith(".diff"))
+                    if tuple(m.diff.shape) != tuple(param.shape):
+                        raise _fit_error(path, key, m.diff.shape, name + (".weight" if kind == "module" else ""), param.shape)
+                    applied.deltas.append(_Delta(param, m.diff.float().to(param.device)))
+                    touched.add(name)
+                bias = m.bias_delta()
+                if bias is not None:
+                    key = next(k for k in m.keys if k.endswith((".diff_b", ".lora_B.bias")))
+                    if kind != "module" or getattr(obj, "bias", None) is None:
+                        raise CliploomError(f"LoRA {path}: {key} changes the bias of {name}, which has none",
+                                            "the LoRA is for another model variant")
+                    if tuple(bias.shape) != tuple(obj.bias.shape):
+                        raise _fit_error(path, key, bias.shape, f"{name}.bias", obj.bias.shape)
+                    applied.deltas.append(_Delta(obj.bias, bias.to(obj.bias.device)))
+                    touched.add(name)
+            if pairs:
+                transformer.load_lora_adapter(lora.peft_state_dict(set(pairs)), adapter_name=applied.adapter, prefix=None)
+                transformer.requires_grad_(False)
+                applied.pairs[attr] = self._count_adapters(transformer, applied.adapter)
+            applied.modules[attr] = len(touched)
+        applied.n_deltas = len(applied.deltas)
+        # A key is unapplied if no targeted expert took it.
+        taken = {k for name, m in lora.modules.items() for k in m.keys
+                 if any(_resolve(getattr(pipe, a), name) is not None for a in targets)}
+        unapplied = {**lora.ignored, **{k: why for k, why in unmatched.items() if k not in taken}}
+        applied.unapplied = sorted(unapplied)
+        if not any(applied.modules.values()):
+            example = next(iter(lora.modules.values()))
+            raise CliploomError(
+                f"LoRA {path} matches no module of model {self.model.path} ({lora.layout} layout, "
+                f"{len(lora.modules)} modules such as {example.source} -> {example.target})",
+                "it is a LoRA for another model: `cliploom inspect` it",
+            )
+        if unapplied:
+            shown = ", ".join(f"{k} ({unapplied[k]})" for k in applied.unapplied[:_SHOW])
+            more = f" and {len(unapplied) - _SHOW} more" if len(unapplied) > _SHOW else ""
+            log.warning("LoRA %s: %d key(s) not applied: %s%s", path.name, len(unapplied), shown, more)
+        return applied
 
+    @staticmethod
+    def _count_adapters(transformer, adapter: str) -> int:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        return sum(1 for m in transformer.modules()
+                   if isinstance(m, BaseTunerLayer) and adapter in getattr(m, "lora_A", {}))
+
+    def _write_deltas(self) -> None:
+        """Set every delta'd parameter to base + sum(weight * delta), from the kept base copy."""
+        terms: dict[int, list[tuple[float, torch.Tensor]]] = {}
+        for a in self.applied:
+            for d in a.deltas:
+                self._base.setdefault(id(d.param), (d.param, d.param.detach().clone()))
+                terms.setdefault(id(d.param), []).append((a.weight, d.delta))
+        with torch.no_grad():
+            for key, (param, base) in self._base.items():
+                value = base.float()
+                for w, delta in terms.get(key, []):
+                    value = value + w * delta
+                param.copy_(value.to(param.dtype))
+
+    def clear(self) -> None:
+        """Remove an unfused stack: adapters deleted, delta'd parameters restored."""
+        if self.fused:
+            raise CliploomError("fused LoRAs cannot be removed", "load a new Engine")
+        pipe = self.model.pipe
+        with torch.no_grad():
+            for param, base in self._base.values():
+                param.copy_(base)
+        self._base.clear()
+        for attr in ("transformer", "transformer_2"):
+            module = getattr(pipe, attr)
+            if module is not None and getattr(module, "peft_config", None):
+                module.unload_lora()
+        self.applied = []
+        self._key = None
+
+    # -- per clip ------------------------------------------------------------------------------
     def set_clip_weights(self, weights: dict[str, float] | None) -> None:
         """Per-clip LoRA weights by name (unfused stacks only); None restores the stack's weights."""
-        raise CliploomError("per-clip LoRA weights are not supported yet", "remove `loras:` from the clips")
+        wanted = {a.spec.name: float(a.spec.weight) for a in self.applied}
+        if weights:
+            unknown = sorted(set(weights) - set(wanted))
+            if unknown:
+                raise CliploomError(f"per-clip weights for unknown LoRAs {unknown}", f"use names among {sorted(wanted)}")
+            wanted.update({k: float(v) for k, v in weights.items()})
+        if all(wanted[a.spec.name] == a.weight for a in self.applied):
+            return
+        if self.fused:
+            raise CliploomError("per-clip LoRA weights need unfused LoRAs", "set fuse_loras: false (or --no-fuse)")
+        for a in self.applied:
+            a.weight = wanted[a.spec.name]
+        pipe = self.model.pipe
+        for attr in ("transformer", "transformer_2"):
+            adapters = [a for a in self.applied if a.pairs.get(attr)]
+            if adapters:
+                _set_adapters(getattr(pipe, attr), [a.adapter for a in adapters], [a.weight for a in adapters])
+        self._write_deltas()
+
+    def weights(self) -> dict[str, float]:
+        """The weight each LoRA has now, by name."""
+        return {a.spec.name: a.weight for a in self.applied}
+
+    # -- reporting -----------------------------------------------------------------------------
+    def _line(self, a: _Applied) -> str:
+        where = ", ".join(f"{n} modules on {attr}" for attr, n in a.modules.items())
+        ranks = "/".join(map(str, a.file.ranks)) or "-"
+        state = "fused" if self.fused else "unfused"
+        extra = f"; {len(a.unapplied)} key(s) not applied" if a.unapplied else ""
+        return f"LoRA {a.spec.name} ({a.file.layout}, rank {ranks}) weight {a.spec.weight} {state}: {where}{extra}"
 
     def summary(self) -> list[dict]:
-        return list(self.reports)
+        return [
+            {
+                "name": a.spec.name,
+                "path": str(a.spec.path),
+                "weight": float(a.spec.weight),
+                "expert": a.spec.expert,
+                "layout": a.file.layout,
+                "ranks": a.file.ranks,
+                "alphas": a.file.alphas,
+                "modules": dict(a.modules),
+                "adapters": dict(a.pairs),
+                "deltas": a.n_deltas,
+                "unapplied": list(a.unapplied),
+                "fused": self.fused,
+            }
+            for a in self.applied
+        ]

@@ -1,33 +1,66 @@
-"""Memory options for small GPUs: offloading and VAE tiling. None of them changes the frames."""
+"""Memory options for small GPUs: offloading and VAE tiling, all diffusers' own.
+
+* ``offload="model"``: each model part moves to the GPU when it runs and back to the CPU after
+  (diffusers' ``enable_model_cpu_offload``): peak memory is the largest part (one DiT expert).
+* ``offload="group"``: the DiT's blocks stream to the GPU one group at a time (diffusers' group
+  offloading, with a CUDA stream to overlap transfers); the VAE and text encoder likewise.
+* ``offload="sequential"``: every layer streams: the smallest footprint, the slowest. This is
+  diffusers' leaf-level group offloading on every part (accelerate's
+  ``enable_sequential_cpu_offload`` breaks on UMT5's tied embedding with transformers 5).
+* ``vae_tiling``: the VAE encodes/decodes in overlapping spatial tiles (256 px, stride 192,
+  blended at the seams). Frames that fit in one tile are decoded exactly as without tiling;
+  larger frames differ slightly along the seams (that is what tiling trades for memory).
+
+Offloading never changes the numbers: the same weights run on the same device, only when they
+are resident changes (``tests/test_memory.py`` checks identical frames on the CPU, where the
+offload device and the compute device coincide). LoRAs are applied before offloading is turned on;
+an engine's offload mode is fixed once set.
+"""
 
 from __future__ import annotations
 
+import torch
+
 from ..errors import CliploomError
+
+OFFLOAD = ("none", "model", "group", "sequential")
 
 
 def apply_memory_options(model, offload: str | None = None, vae_tiling: bool = False) -> None:
-    """Offload model parts to the CPU between uses and/or decode the VAE in tiles."""
-    pipe = model.pipe
+    """Offload model parts to the CPU between uses and/or run the VAE in tiles."""
     if vae_tiling:
         model.vae.enable_tiling()
     else:
         model.vae.disable_tiling()
-    if offload in (None, "none"):
+    offload = offload or "none"
+    if offload not in OFFLOAD:
+        raise CliploomError(f"unknown offload {offload!r}", f"use one of {', '.join(OFFLOAD)}")
+    current = getattr(model, "_cliploom_offload", "none")
+    if offload == current:
         return
-    if model.device.type != "cuda":
-        raise CliploomError(f"offload {offload!r} needs a CUDA device, the model is on {model.device}", "drop offload")
+    if current != "none":
+        raise CliploomError(
+            f"offload is already {current!r} on this model; it cannot change to {offload!r}",
+            "load a new Engine for another offload mode",
+        )
+    pipe = model.pipe
+    device = model.device
     if offload == "model":
-        pipe.enable_model_cpu_offload(device=model.device)
-    elif offload == "sequential":
-        pipe.enable_sequential_cpu_offload(device=model.device)
-    elif offload == "group":
-        import torch
-
-        for module in (model.transformer, model.transformer_2):
-            if module is not None:
-                module.enable_group_offload(
-                    onload_device=model.device, offload_device=torch.device("cpu"), offload_type="block_level",
-                    num_blocks_per_group=1,
-                )
+        pipe.enable_model_cpu_offload(device=device)
     else:
-        raise CliploomError(f"unknown offload {offload!r}", "use none, model, group or sequential")
+        from diffusers.hooks import apply_group_offloading
+
+        cpu = torch.device("cpu")
+        stream = device.type == "cuda"
+        for module in (model.transformer, model.transformer_2):
+            if module is not None and offload == "group":
+                apply_group_offloading(module, onload_device=device, offload_device=cpu, offload_type="block_level",
+                                       num_blocks_per_group=1, use_stream=stream)
+            elif module is not None:
+                apply_group_offloading(module, onload_device=device, offload_device=cpu, offload_type="leaf_level",
+                                       use_stream=stream)
+        for module in (pipe.vae, pipe.text_encoder, pipe.image_encoder):
+            if module is not None:
+                apply_group_offloading(module, onload_device=device, offload_device=cpu, offload_type="leaf_level",
+                                       use_stream=stream)
+    model._cliploom_offload = offload

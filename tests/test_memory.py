@@ -1,0 +1,91 @@
+"""Memory options (offload, VAE tiling, text-encoder release) do not change the frames (CPU)."""
+
+import pytest
+import torch
+
+from cliploom.engine import Engine
+from cliploom.errors import CliploomError
+from cliploom.models import load_model
+from cliploom.story import LoraSpec
+
+
+def frames(model, story):
+    return [c.frames for c in Engine(model).generate(story, progress=False)]
+
+
+def small(tiny_story, **kw):
+    """One clip, 2 steps (one per expert on Wan 2.2), no CFG: every part of the model runs once."""
+    return tiny_story(1, guidance=1.0, **kw)
+
+
+def same(a, b):
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+_BASELINE: dict = {}
+
+
+@pytest.fixture
+def baseline(tiny_dirs, tiny_story):
+    """Frames of the small story without memory options, computed once per variant."""
+
+    def get(variant):
+        if variant not in _BASELINE:
+            _BASELINE[variant] = frames(load_model(tiny_dirs[variant], device="cpu"), small(tiny_story))
+        return _BASELINE[variant]
+
+    return get
+
+
+@pytest.mark.parametrize("variant", ["wan21", "wan22"])
+@pytest.mark.parametrize("offload", ["model", "group", "sequential"])
+def test_offload_gives_the_same_frames(tiny_dirs, tiny_story, baseline, offload, variant):
+    model = load_model(tiny_dirs[variant], device="cpu")
+    assert same(frames(model, small(tiny_story, offload=offload)), baseline(variant))
+    assert model._cliploom_offload == offload
+    with pytest.raises(CliploomError, match=f"offload is already '{offload}'"):
+        frames(model, small(tiny_story, offload="none"))
+
+
+def test_release_text_encoder_gives_the_same_frames_and_reloads(tiny_dirs, tiny_story, baseline):
+    model = load_model(tiny_dirs["wan21"], device="cpu")
+    assert same(frames(model, small(tiny_story, release_text_encoder=True)), baseline("wan21"))
+    assert model.pipe.text_encoder is None
+    assert same(frames(model, small(tiny_story)), baseline("wan21"))  # encoded again from text_encoder/
+    assert model.pipe.text_encoder is not None
+
+
+def test_vae_tiling_is_exact_for_frames_within_a_tile(tiny_dirs, tiny_story, baseline):
+    from cliploom.models.memory import apply_memory_options
+
+    model = load_model(tiny_dirs["wan21"], device="cpu")
+    assert same(frames(model, small(tiny_story, vae_tiling=True)), baseline("wan21"))
+    assert model.vae.use_tiling
+    apply_memory_options(model, None, vae_tiling=False)  # what a story without it does
+    assert not model.vae.use_tiling
+
+
+def test_offload_after_fused_and_unfused_loras_gives_the_same_frames(tiny_dirs, tiny_story, tmp_path):
+    from test_lora import build_lora, write_lora
+
+    plain = load_model(tiny_dirs["wan21"], device="cpu")
+    tensors, _, _ = build_lora(plain, "comfy", alpha=8.0, deltas=True)
+    path = write_lora(tmp_path / "lora.safetensors", tensors)
+    for fuse in (True, False):
+        loras = [LoraSpec(path, 0.6)]
+        want = frames(load_model(tiny_dirs["wan21"], device="cpu"), small(tiny_story, loras=loras, fuse_loras=fuse))
+        model = load_model(tiny_dirs["wan21"], device="cpu")
+        engine = Engine(model)
+        got = [c.frames for c in engine.generate(small(tiny_story, loras=loras, fuse_loras=fuse, offload="group"), progress=False)]
+        assert same(got, want), fuse
+        why = "fused into them" if fuse else "cannot change LoRAs while offload 'group' is on"
+        with pytest.raises(CliploomError, match=why):
+            list(engine.generate(small(tiny_story, loras=[LoraSpec(path, 0.3)], fuse_loras=False, offload="group")))
+
+
+def test_unknown_offload_is_an_error(tiny_dirs):
+    from cliploom.models.memory import apply_memory_options
+
+    model = load_model(tiny_dirs["wan21"], device="cpu")
+    with pytest.raises(CliploomError, match="unknown offload 'disk'"):
+        apply_memory_options(model, "disk")
