@@ -211,6 +211,7 @@ def cmd_shapesworld_render(args) -> int:
 COMMAND_MODULES: tuple[str, ...] = (
     "cliploom.eval_cli",
     "cliploom.train.cli",
+    "cliploom.models.inspect",
 )
 
 
@@ -234,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _quiet_libraries()
+    from .models.formats import console_logging
+
+    console_logging()  # the loaders' one-line reports (LoRAs applied, keys not applied) on stderr
     try:
         return args.func(args) or 0
     except CliploomError as e:
