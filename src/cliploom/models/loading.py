@@ -464,6 +464,9 @@ def _load_diffusers(path: Path, device: torch.device, dtype: torch.dtype) -> Com
 def _load_original(model: Path, family: dict, device: torch.device, dtype: torch.dtype) -> Components:
     from transformers import AutoTokenizer, UMT5EncoderModel
 
+    if (model / "model_index.json").is_file():
+        raise CliploomError(f"{model} is a diffusers folder; --family is for original Wan / ComfyUI files",
+                            "drop --family: the folder's own configs are used")
     files = find_original_files(model, family)
     folder = files.folder
     experts = []
