@@ -5,7 +5,7 @@
 
 Writes a diffusers-layout Wan image-to-video folder (``model_index.json``, ``transformer/``,
 ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``) plus ``cliploom.json`` with the
-model's defaults (32x32, 33 frames at 16 fps, its sampling steps, guidance and shift). The
+model's defaults (32x32, 17 frames at 16 fps, its sampling steps, guidance and shift). The
 folder is written beside the target and renamed into place, so a failed build never leaves a
 half model behind. The result loads with ``cliploom.load_model`` like any Wan I2V folder.
 """
@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .world import CLIP_FRAMES, FPS
+from .world import FPS
 
 MODEL_DIR = Path(__file__).parent / "model"
 
@@ -28,12 +28,39 @@ DEFAULTS = {
     "width": 32,
     "height": 32,
     "fps": FPS,
-    "frames": CLIP_FRAMES,
+    "frames": 17,  # 5 latent frames: the clip length the VAE was trained on end to end
     "steps": 12,
     "guidance": 3.0,
     "shift": 5.0,
     "negative_prompt": "",
 }
+
+
+def export_vae_checkpoint(checkpoint: Path, frozen_dir: Path, out: Path) -> Path:
+    """Save the decoder trained so far (``train_vae``'s checkpoint, taken during its decoder-only
+    stage) as a VAE folder, with the frozen encoder's latent statistics. Lets the model be built
+    while the decoder keeps training."""
+    import torch
+
+    from .train_vae import VAEConfig, build_vae
+    from .trainutil import from_dict, load_checkpoint
+
+    state = load_checkpoint(checkpoint)
+    frozen = json.loads((frozen_dir / "config.json").read_text())
+    vae = build_vae(from_dict(VAEConfig, state["config"]))
+    vae.load_state_dict(state["model"])
+    vae.register_to_config(latents_mean=frozen["latents_mean"], latents_std=frozen["latents_std"])
+    with torch.no_grad():
+        from safetensors.torch import load_file
+
+        enc = load_file(frozen_dir / "diffusion_pytorch_model.safetensors")
+        own = vae.state_dict()
+        changed = [k for k in enc if (k.startswith("encoder.") or k.startswith("quant_conv.")) and not torch.equal(enc[k], own[k])]
+        if changed:
+            raise SystemExit(f"error: {checkpoint} has an encoder that differs from {frozen_dir} ({changed[0]}...)")
+    vae.save_pretrained(out, safe_serialization=True)
+    (out / "training_report.json").write_text(json.dumps({"from_checkpoint_step": state["step"]}, indent=2) + "\n")
+    return out
 
 
 def build(vae_dir: Path, dit_dir: Path, out: Path, settings: dict, svi_lora: Path | None = None) -> Path:
@@ -88,12 +115,17 @@ def build(vae_dir: Path, dit_dir: Path, out: Path, settings: dict, svi_lora: Pat
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m cliploom.shapesworld.build_model", description=__doc__.split("\n")[0])
     p.add_argument("--vae", type=Path, default=Path("runs/vae/final"))
+    p.add_argument("--vae-checkpoint", type=Path, default=None,
+                   help="take the decoder from this train_vae checkpoint (decoder-only stage) instead of --vae")
+    p.add_argument("--frozen", type=Path, default=Path("runs/vae/frozen"))
     p.add_argument("--dit", type=Path, default=Path("runs/dit/final"))
     p.add_argument("--svi-lora", type=Path, default=None, help="the SVI LoRA applied by default (safetensors)")
     p.add_argument("--out", type=Path, default=MODEL_DIR)
     p.add_argument("--steps", type=int, default=DEFAULTS["steps"])
     p.add_argument("--guidance", type=float, default=DEFAULTS["guidance"])
     args = p.parse_args(argv)
+    if args.vae_checkpoint is not None:
+        args.vae = export_vae_checkpoint(args.vae_checkpoint, args.frozen, Path(tempfile.mkdtemp(prefix="cliploom-vae-")))
     build(args.vae, args.dit, args.out, {**DEFAULTS, "steps": args.steps, "guidance": args.guidance}, args.svi_lora)
 
 

@@ -40,7 +40,7 @@ from .. import conditioning as C
 from .text import MAX_SEQUENCE_LENGTH, build_text_encoder, build_tokenizer, encode_prompts
 from .train_vae import to_tensor
 from .trainutil import CsvLog, StageClock, cosine_lr, load_checkpoint, load_config, save_checkpoint, to_dict, write_json
-from .world import CLIP_FRAMES, sample_clip
+from .world import sample_clip
 
 
 @dataclass
@@ -50,9 +50,9 @@ class DiTConfig:
     seed: int = 0
     threads: int = 1
     size: int = 32
-    frames: int = CLIP_FRAMES
+    frames: int = 17  # 5 latent frames, the clip length the VAE was trained on end to end
     # data
-    data_clips: int = 2400
+    data_clips: int = 3000
     chunk: int = 100
     heldout_clips: int = 64
     # model (WanTransformer3DModel)
@@ -62,7 +62,7 @@ class DiTConfig:
     ffn_dim: int = 768
     text_seed: int = 0
     # training
-    steps: int = 4500
+    steps: int = 8000
     batch: int = 8
     lr: float = 4e-4
     warmup: int = 200
