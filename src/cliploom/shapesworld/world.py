@@ -28,7 +28,7 @@ from .vocab import (
 
 REF = 32.0  # reference canvas size; every length below is in reference pixels
 FPS = 16
-CLIP_FRAMES = 33  # the built-in model's native clip length (9 latent frames)
+CLIP_FRAMES = 33  # default clip length of sampled clips (the built-in model itself makes 17-frame clips)
 SPEED = 0.4  # px per frame for moves left/right/up/down (12.8 px over a 33-frame clip)
 RADIUS = {"small": 4.0, "big": 6.0}  # circle radius / square half-extent; triangles x1.3
 MARGIN = 1.0  # the subject's outline stays this far inside the frame
