@@ -235,6 +235,8 @@ def lora_keys(layout: str, module: str, kind: str) -> str:
         suffix = {"down": "lora_A.default.weight", "up": "lora_B.default.weight"}[kind]
         return f"{'pipe.dit.' if layout == 'svi1' else ''}{original}.{suffix}"
     if layout == "comfy":
+        if kind == "diff_m":  # Kijai / LightX2V: the modulation delta sits beside the block's modules
+            return f"diffusion_model.{original.removesuffix('.modulation')}.diff_m"
         suffix = {"down": "lora_down.weight", "up": "lora_up.weight", "alpha": "alpha", "diff": "diff",
                   "diff_b": "diff_b"}[kind]
         return f"diffusion_model.{original}.{suffix}"

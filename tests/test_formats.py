@@ -66,6 +66,17 @@ def test_every_lora_layout_is_detected_and_normalised_to_the_same_update(tmp_pat
         assert torch.allclose(sd[f"{m}.lora_B.weight"] @ sd[f"{m}.lora_A.weight"], scale * b @ a, atol=1e-6)
 
 
+def test_lightx2v_diff_m_is_the_modulation_delta(tmp_path):
+    tensors = lora_tensors("comfy", rank=2)
+    tensors["diffusion_model.blocks.1.diff_m"] = torch.ones(1, 6, 8)
+    tensors["diffusion_model.blocks.1.cross_attn.norm_k_img.diff"] = torch.ones(8)
+    save_file(tensors, str(tmp_path / "lx.safetensors"))
+    lora = formats.read_lora(tmp_path / "lx.safetensors")
+    assert lora.modules["blocks.1.scale_shift_table"].is_param
+    assert torch.equal(lora.modules["blocks.1.scale_shift_table"].diff, torch.ones(1, 6, 8))
+    assert "blocks.1.attn2.norm_added_k" in lora.deltas()
+
+
 def test_kohya_names_cover_every_wan_module():
     forward, _ = formats.name_tables(2)
     modules = {formats._module_of(k) for k in forward}

@@ -52,7 +52,7 @@ def build_lora(model, layout, *, rank=4, alpha=None, seed=0, deltas=False, scale
         targets = []
         for i in range(len(model.transformer.blocks)):
             targets += [(f"blocks.{i}.norm2", "diff", "weight"), (f"blocks.{i}.norm2", "diff_b", "bias"),
-                        (f"blocks.{i}.attn1.norm_q", "diff", "weight"), (f"blocks.{i}.scale_shift_table", "diff", None),
+                        (f"blocks.{i}.attn1.norm_q", "diff", "weight"), (f"blocks.{i}.scale_shift_table", "diff_m", None),
                         (f"blocks.{i}.attn1.to_q", "diff_b", "bias")]
         targets += [("scale_shift_table", "diff", None), ("condition_embedder.time_embedder.linear_1", "diff", "weight")]
         for module, kind, param in targets:

@@ -221,7 +221,7 @@ def diffusers_module_to_original(module: str, num_blocks: int) -> str:
 
 LORA_SUFFIXES = (
     ".lora_A.default.weight", ".lora_B.default.weight", ".lora_A.weight", ".lora_B.weight", ".lora_B.bias",
-    ".lora_down.weight", ".lora_up.weight", ".alpha", ".diff", ".diff_b",
+    ".lora_down.weight", ".lora_up.weight", ".alpha", ".diff", ".diff_b", ".diff_m",
 )
 _UNSUPPORTED_ADAPTERS = {
     "dora_scale": "DoRA", "lora_magnitude_vector": "DoRA", "lora_mid": "LoCon (LyCORIS)", "hada_w1": "LoHa (LyCORIS)",
@@ -623,7 +623,11 @@ def _kohya_module(name: str) -> str | None:
 
 
 def _split_lora_key(key: str) -> tuple[str, str] | None:
-    """``blocks.0.self_attn.q.lora_down.weight`` -> (``blocks.0.self_attn.q``, ``down``)."""
+    """``blocks.0.self_attn.q.lora_down.weight`` -> (``blocks.0.self_attn.q``, ``down``).
+
+    ``blocks.0.diff_m`` (Kijai / LightX2V) is the delta of the block's ``modulation`` parameter."""
+    if key.endswith(".diff_m"):
+        return key[: -len(".diff_m")] + ".modulation", "diff"
     for suffix, kind in (
         (".lora_A.default.weight", "down"), (".lora_B.default.weight", "up"), (".lora_A.weight", "down"),
         (".lora_B.weight", "up"), (".lora_down.weight", "down"), (".lora_up.weight", "up"), (".lora_B.bias", "bias"),

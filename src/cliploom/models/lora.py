@@ -191,7 +191,7 @@ class LoraStack:
                     touched.add(name)
                 if m.diff is not None:
                     param = obj.weight if kind == "module" else obj
-                    key = next(k for k in m.keys if k.endswith(".diff"))
+                    key = next(k for k in m.keys if k.endswith((".diff", ".diff_m")))
                     if tuple(m.diff.shape) != tuple(param.shape):
                         raise _fit_error(path, key, m.diff.shape, name + (".weight" if kind == "module" else ""), param.shape)
                     applied.deltas.append(_Delta(param, m.diff.float().to(param.device)))
