@@ -286,7 +286,7 @@ def test_unapplied_keys_are_listed_in_a_warning(tiny_dirs, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="cliploom.models"):
         engine.loras.apply([LoraSpec(path, 1.0)])
     text = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
-    assert "2 key(s) not applied" in text and "pipe.dit.dwpose_embedding.0.weight" in text
+    assert "2 key(s) not applied: pipe.dit.dwpose_embedding.0 (full weights, not a LoRA" in text
     assert engine.loras.summary()[0]["unapplied"] == ["pipe.dit.dwpose_embedding.0.bias", "pipe.dit.dwpose_embedding.0.weight"]
 
 

@@ -724,7 +724,7 @@ def read_lora(path: str | Path) -> LoraFile:
             k = k.removeprefix("transformer.").removeprefix("base_model.model.")
         split = _split_lora_key(k)
         if split is None:
-            ignored[key] = "not a LoRA weight (full weights of a module the base model lacks?)"
+            ignored[key] = "full weights, not a LoRA: of a module the Wan DiT lacks"
             continue
         parsed[key] = split
 
@@ -813,6 +813,27 @@ def summarise_modules(names, num_blocks: int | None = None) -> list[str]:
         span = f"{b[0]}..{b[-1]}" if b == list(range(b[0], b[-1] + 1)) and len(b) > 1 else ",".join(map(str, b))
         lines.append(f"blocks.{{{span}}}.{kind}")
     return lines + sorted(top)
+
+
+def summarise_keys(keys) -> list[str]:
+    """File keys as module names with block indices collapsed, for messages:
+    ``pipe.dit.blocks.{0..39}.cross_attn.k_img``, ``dwpose_embedding.0``."""
+    groups: dict[tuple[str, str], set[int]] = {}
+    plain: list[str] = []
+    for key in keys:
+        split = _split_lora_key(key)
+        name = split[0] if split else (key.rsplit(".", 1)[0] if key.endswith((".weight", ".bias")) else key)
+        m = re.match(r"(.*?blocks[._])(\d+)([._].+)$", name)
+        if m:
+            groups.setdefault((m.group(1), m.group(3)), set()).add(int(m.group(2)))
+        elif name not in plain:
+            plain.append(name)
+    out = []
+    for (head, tail), blocks in sorted(groups.items(), key=lambda g: (g[0][1], g[0][0])):
+        b = sorted(blocks)
+        span = f"{b[0]}..{b[-1]}" if len(b) > 1 and b == list(range(b[0], b[-1] + 1)) else ",".join(map(str, b))
+        out.append(f"{head}{{{span}}}{tail}" if len(b) > 1 else f"{head}{b[0]}{tail}")
+    return out + plain
 
 
 def most_common(values):

@@ -30,7 +30,7 @@ from . import formats
 log = logging.getLogger(__name__)
 
 EXPERT_ATTRS = {"high": ["transformer"], "low": ["transformer_2"], "both": ["transformer", "transformer_2"]}
-_SHOW = 8  # keys listed in a warning before "... and N more"
+_SHOW = 6  # module groups listed in a warning before "... and N more"
 
 
 @dataclass
@@ -171,7 +171,7 @@ class LoraStack:
                 found = _resolve(transformer, name)
                 if found is None:
                     for k in m.keys:
-                        unmatched.setdefault(k, f"the model has no {name}")
+                        unmatched.setdefault(k, "no such module in this model")
                     continue
                 kind, obj = found
                 if m.down is not None:
@@ -225,8 +225,13 @@ class LoraStack:
                 "it is a LoRA for another model: `cliploom inspect` it",
             )
         if unapplied:
-            shown = ", ".join(f"{k} ({unapplied[k]})" for k in applied.unapplied[:_SHOW])
-            more = f" and {len(unapplied) - _SHOW} more" if len(unapplied) > _SHOW else ""
+            by_reason: dict[str, list[str]] = {}
+            for k in applied.unapplied:
+                by_reason.setdefault(unapplied[k], []).append(k)
+            groups = [(formats.summarise_keys(keys), why) for why, keys in by_reason.items()]
+            shown = "; ".join(f"{', '.join(names[:_SHOW])}{' ...' if len(names) > _SHOW else ''} ({why})"
+                              for names, why in groups)
+            more = ""
             log.warning("LoRA %s: %d key(s) not applied: %s%s", path.name, len(unapplied), shown, more)
         return applied
 
