@@ -89,3 +89,26 @@ def test_unknown_offload_is_an_error(tiny_dirs):
     model = load_model(tiny_dirs["wan21"], device="cpu")
     with pytest.raises(CliploomError, match="unknown offload 'disk'"):
         apply_memory_options(model, "disk")
+
+
+def test_loading_for_offload_defers_placement_and_gives_the_same_frames(tiny_dirs, tiny_story, baseline):
+    engine = Engine.load(tiny_dirs["wan22"], device="cpu", offload="group")
+    assert engine.model._cliploom_placed is False  # weights wait in host memory for the hooks
+    got = [c.frames for c in engine.generate(small(tiny_story, offload="group"), progress=False)]
+    assert same(got, baseline("wan22"))
+    other = Engine.load(tiny_dirs["wan22"], device="cpu", offload="model")
+    got = [c.frames for c in other.generate(small(tiny_story), progress=False)]  # the story runs without offload
+    assert other.model._cliploom_placed and same(got, baseline("wan22"))
+
+
+def test_per_clip_weights_of_full_deltas_are_refused_under_group_offload(tiny_dirs, tiny_story, tmp_path):
+    from cliploom.story import ClipSpec
+    from test_lora import build_lora, write_lora
+
+    model = load_model(tiny_dirs["wan21"], device="cpu")
+    tensors, _, _ = build_lora(model, "comfy", deltas=True)
+    path = write_lora(tmp_path / "lx.safetensors", tensors)
+    story = small(tiny_story, loras=[LoraSpec(path, 1.0, name="lx")], fuse_loras=False, offload="group")
+    story.clips = [ClipSpec("a", lora_weights={"lx": 0.5})]
+    with pytest.raises(CliploomError, match="per-clip weights cannot change under offload 'group'"):
+        frames(model, story)

@@ -139,7 +139,7 @@ def cmd_generate(args) -> int:
     out = args.out or f"out/{story.source.stem if story.source else 'cliploom'}.mp4"
     load_image(story.reference)  # fail on bad input before loading the model
     check_output(out, args.overwrite)
-    engine = Engine.load(story.model, device=args.device, family=args.family)
+    engine = Engine.load(story.model, device=args.device, family=args.family, offload=story.offload)
     report = engine.render(story, out, progress=not args.quiet, overwrite=args.overwrite)
     t = report["totals"]
     print(

@@ -42,9 +42,13 @@ class Engine:
         device: str | None = None,
         dtype: torch.dtype | None = None,
         family: str | None = None,
+        offload: str | None = None,
     ) -> "Engine":
-        """Load a model folder (or, with ``family``, original-format files) once for many stories."""
-        return cls(load_model(model, device=device, dtype=dtype, family=family))
+        """Load a model folder (or, with ``family``, original-format files) once for many stories.
+
+        With ``offload`` (the stories' offload mode) the weights stay in host memory until offloading
+        starts, so a model larger than the GPU loads."""
+        return cls(load_model(model, device=device, dtype=dtype, family=family, offload=offload))
 
     def generate(
         self,

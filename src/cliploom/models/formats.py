@@ -384,38 +384,82 @@ _DROP_SUFFIXES = (".scale_input", ".input_scale", ".comfy_quant")
 _DROP_KEYS = ("scaled_fp8",)
 
 
+def _scale_key(key: str) -> str | None:
+    """``a.weight`` for ``a.scale_weight`` / ``a.weight_scale``, else None."""
+    for suffix in _SCALE_SUFFIXES:
+        if key.endswith(suffix):
+            return key[: -len(suffix)] + ".weight"
+    return None
+
+
+def _is_marker(key: str) -> bool:
+    return key in _DROP_KEYS or key.endswith(_DROP_SUFFIXES)
+
+
+def dequantize_one(key: str, t: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype, where: str) -> torch.Tensor:
+    """One stored tensor -> ``dtype``: fp8 times its per-tensor (or per-row) scale, computed in float32."""
+    if scale is not None:
+        s = scale.float()
+        if s.numel() != 1 and s.shape not in ((t.shape[0], 1), (t.shape[0],)):
+            raise CliploomError(
+                f"{where}: {key} uses a block-wise quantisation scale {tuple(s.shape)}",
+                "use an fp8 file with per-tensor scales, or a bf16/fp16 file",
+            )
+        s = s.reshape(-1, *([1] * (t.dim() - 1))) if s.numel() > 1 else s.reshape(())
+        return (t.float() * s).to(dtype)
+    return t.to(dtype) if t.is_floating_point() else t
+
+
 def dequantize(
     tensors: dict[str, torch.Tensor], dtype: torch.dtype, where: str, keep_fp32=None
 ) -> dict[str, torch.Tensor]:
     """Upcast/downcast every floating tensor to ``dtype`` (``float32`` where ``keep_fp32(key)``);
     fp8 weights with a ComfyUI per-tensor scale (``<m>.scale_weight`` or ``<m>.weight_scale``) are
     multiplied by it in float32 first. Quantisation markers (``scaled_fp8``) are dropped."""
-    scales = {}
+    scales = {w: t for k, t in tensors.items() if (w := _scale_key(k))}
     out = {}
     for k, t in tensors.items():
-        if k in _DROP_KEYS or k.endswith(_DROP_SUFFIXES):
+        if _is_marker(k) or _scale_key(k):
             continue
-        for s in _SCALE_SUFFIXES:
-            if k.endswith(s):
-                scales[k[: -len(s)] + ".weight"] = t
-                break
-        else:
-            out[k] = t
-    for k, t in out.items():
-        if k in scales:
-            s = scales.pop(k).float()
-            if s.numel() != 1 and s.shape not in ((t.shape[0], 1), (t.shape[0],)):
-                raise CliploomError(
-                    f"{where}: {k} uses a block-wise quantisation scale {tuple(s.shape)}",
-                    "use an fp8 file with per-tensor scales, or a bf16/fp16 file",
-                )
-            s = s.reshape(-1, *([1] * (t.dim() - 1))) if s.numel() > 1 else s.reshape(())
-            out[k] = (t.float() * s).to(torch.float32 if keep_fp32 and keep_fp32(k) else dtype)
-        elif t.is_floating_point():
-            out[k] = t.to(torch.float32 if keep_fp32 and keep_fp32(k) else dtype)
+        out[k] = dequantize_one(k, t, scales.pop(k, None), torch.float32 if keep_fp32 and keep_fp32(k) else dtype, where)
     if scales:
         raise CliploomError(f"{where}: scales without weights: {sorted(scales)[:3]}", "the file is incomplete")
     return out
+
+
+def stream_dit(path: str | Path, layout: str, dtype: torch.dtype, keep_fp32=None, device="cpu"):
+    """Yield ``(diffusers name, tensor)`` for every weight of one DiT file, one tensor at a time:
+    renamed, dequantised to ``dtype`` (float32 where ``keep_fp32(name)``), moved to ``device`` and
+    checked for NaN/Inf there. Host memory holds one tensor, not the file.
+    Keys outside the DiT prefix of a ComfyUI file (bundled VAE or encoders, markers) are skipped."""
+    from safetensors import safe_open
+
+    header = read_header(path, "DiT checkpoint")
+    where = f"DiT checkpoint {header.path}"
+    keys = [k for k in header.keys if not _is_marker(k)]
+    prefix = ""
+    if layout != "diffusers":
+        prefix = next((p for p in _DIT_PREFIXES if any(k.startswith(p) for k in keys)), "")
+        keys = [k for k in keys if k.startswith(prefix)]
+    scale_of = {w: k for k in keys if (w := _scale_key(k))}
+    weights = [k for k in keys if not _scale_key(k)]
+    missing = sorted(set(scale_of) - set(weights))
+    if missing:
+        raise CliploomError(f"{where}: scales without weights: {missing[:3]}", "the file is incomplete")
+    bare = {k: k[len(prefix):] for k in weights}
+    names = rename_original(bare.values()) if layout != "diffusers" else {b: b for b in bare.values()}
+    try:
+        handle = safe_open(str(header.path), framework="pt", device="cpu")
+    except Exception as e:  # noqa: BLE001
+        raise CliploomError(f"cannot read {where}: {str(e).splitlines()[0]}", "download or convert it again") from None
+    with handle as f:
+        for k in weights:
+            name = names[bare[k]]
+            scale = f.get_tensor(scale_of[k]) if k in scale_of else None
+            target = torch.float32 if keep_fp32 and keep_fp32(name) else dtype
+            t = dequantize_one(k, f.get_tensor(k), scale, target, where).to(device)
+            check_finite({k: t}, where)
+            yield name, t
 
 
 def strip_prefix(tensors: dict, prefixes=_DIT_PREFIXES) -> dict:
@@ -425,15 +469,6 @@ def strip_prefix(tensors: dict, prefixes=_DIT_PREFIXES) -> dict:
         if any(k.startswith(p) for k in tensors):
             return {k[len(p):]: v for k, v in tensors.items() if k.startswith(p)}
     return tensors
-
-
-def dit_to_diffusers(tensors: dict[str, torch.Tensor], layout: str) -> dict[str, torch.Tensor]:
-    """A DiT state dict in any base layout -> diffusers names (values untouched)."""
-    if layout == "diffusers":
-        return dict(tensors)
-    tensors = strip_prefix(tensors)
-    mapping = rename_original(tensors)
-    return {mapping[k]: v for k, v in tensors.items()}
 
 
 # Original Wan VAE -> diffusers. Both generations share the middle, head and quant convs; they

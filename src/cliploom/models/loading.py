@@ -331,12 +331,14 @@ def _fill(model, state: dict[str, torch.Tensor], where: str, family: dict, hint_
     model.load_state_dict(state, strict=True, assign=True)
 
 
-def load_original_transformer(files: list[Path], layout: str, family: dict, dtype: torch.dtype, where: str):
+def load_original_transformer(files: list[Path], layout: str, family: dict, dtype: torch.dtype, where: str,
+                              device: torch.device | str = "cpu"):
     """A ``WanTransformer3DModel`` from original/ComfyUI/diffusers-named safetensors shards.
 
-    fp8 weights (with ComfyUI per-tensor scales or without) are upcast to ``dtype``; parameters
-    diffusers keeps in float32 (norms, modulation tables, time embedding) stay float32, as when
-    diffusers loads a folder.
+    Tensors are read one at a time and placed on ``device`` directly (host memory holds one
+    tensor, not the checkpoint). fp8 weights (with ComfyUI per-tensor scales or without) are
+    upcast to ``dtype``; parameters diffusers keeps in float32 (norms, modulation tables, time
+    embedding) stay float32, as when diffusers loads a folder.
     """
     from diffusers import WanTransformer3DModel
 
@@ -345,12 +347,9 @@ def load_original_transformer(files: list[Path], layout: str, family: dict, dtyp
     state: dict[str, torch.Tensor] = {}
     stored = set()
     for f in files:
-        raw = formats.load_tensors(f, "DiT checkpoint")
-        formats.check_finite(raw, f"DiT checkpoint {f}")
-        stored |= {str(t.dtype).replace("torch.", "") for t in raw.values() if t.is_floating_point()}
-        renamed = formats.dit_to_diffusers(raw, layout)
-        state.update(formats.dequantize(renamed, dtype, f"DiT checkpoint {f}", lambda k: bool(keep & set(k.split(".")))))
-        del raw, renamed
+        stored |= set(formats.read_header(f).dtypes.values())
+        for name, t in formats.stream_dit(f, layout, dtype, lambda k: bool(keep & set(k.split("."))), device):
+            state[name] = t
     if any(s.startswith("float8") for s in stored):
         log.info("%s: fp8 weights upcast to %s", where, str(dtype).replace("torch.", ""))
     _fill(model, state, where, family, hint_signature=True)
@@ -409,6 +408,7 @@ def load_model(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     family: str | os.PathLike | None = None,
+    offload: str | None = None,
 ) -> Components:
     """Load a Wan image-to-video model (Wan 2.1 I2V, Wan 2.2 A14B, Wan 2.2 TI2V).
 
@@ -416,7 +416,8 @@ def load_model(
     diffusers folder; with it, a folder (or DiT file) of original Wan / ComfyUI files, read with
     the family's config (a shipped name such as ``wan21-i2v-14b-480p``, or a JSON file). The
     transformer(s) take ``dtype`` (bfloat16 on CUDA, float32 on CPU by default); the VAE stays in
-    float32.
+    float32. With ``offload`` (model, group, sequential) the weights stay in host memory until the
+    memory options put their hooks in place, so a model larger than the GPU can load.
     """
     from .builtin import resolve_model_path
 
@@ -426,12 +427,13 @@ def load_model(
     path = resolve_model_path(path)
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
+    place = offload in (None, "none")
     if family is not None:
-        return _load_original(path, load_family(family), device, dtype)
-    return _load_diffusers(path, device, dtype)
+        return _load_original(path, load_family(family), device, dtype, place)
+    return _load_diffusers(path, device, dtype, place)
 
 
-def _load_diffusers(path: Path, device: torch.device, dtype: torch.dtype) -> Components:
+def _load_diffusers(path: Path, device: torch.device, dtype: torch.dtype, place: bool) -> Components:
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import AutoTokenizer, UMT5EncoderModel
 
@@ -454,14 +456,15 @@ def _load_diffusers(path: Path, device: torch.device, dtype: torch.dtype) -> Com
 
         image_encoder = _load(CLIPVisionModel, path, "image_encoder", torch_dtype=torch.float32)
         image_processor = _load(CLIPImageProcessor, path, "image_processor")
+    model = _assemble(path, settings, device, dtype, transformer, transformer_2, vae, text_encoder, tokenizer,
+                      image_encoder, image_processor, place)
     for name, module in (("transformer", transformer), ("transformer_2", transformer_2)):
-        if module is not None:
+        if module is not None:  # on the device: fast on a GPU
             formats.check_finite(dict(module.state_dict()), f"{path}/{name}")
-    return _assemble(path, settings, device, dtype, transformer, transformer_2, vae, text_encoder, tokenizer,
-                     image_encoder, image_processor)
+    return model
 
 
-def _load_original(model: Path, family: dict, device: torch.device, dtype: torch.dtype) -> Components:
+def _load_original(model: Path, family: dict, device: torch.device, dtype: torch.dtype, place: bool) -> Components:
     from transformers import AutoTokenizer, UMT5EncoderModel
 
     if (model / "model_index.json").is_file():
@@ -472,7 +475,7 @@ def _load_original(model: Path, family: dict, device: torch.device, dtype: torch
     experts = []
     for i, (shards, layout) in enumerate(zip(files.experts, files.dit_layouts)):
         what = f"model {model}" + ("" if len(files.experts) == 1 else f" ({('high', 'low')[i]}-noise expert)")
-        experts.append(load_original_transformer(shards, layout, family, dtype, what))
+        experts.append(load_original_transformer(shards, layout, family, dtype, what, device if place else "cpu"))
     vae = load_original_vae(files.vae, files.vae_layout, family, f"model {model}")
     text_encoder = _load(UMT5EncoderModel, folder, files.text_encoder.name, torch_dtype=dtype)
     tokenizer = _load(AutoTokenizer, files.tokenizer.parent, files.tokenizer.name)
@@ -484,11 +487,11 @@ def _load_original(model: Path, family: dict, device: torch.device, dtype: torch
         image_processor = _load(CLIPImageProcessor, folder, files.image_processor.name)
     settings = family_settings(family, folder)
     return _assemble(folder, settings, device, dtype, experts[0], experts[1] if len(experts) > 1 else None, vae,
-                     text_encoder, tokenizer, image_encoder, image_processor)
+                     text_encoder, tokenizer, image_encoder, image_processor, place)
 
 
 def _assemble(path, settings, device, dtype, transformer, transformer_2, vae, text_encoder, tokenizer,
-              image_encoder, image_processor) -> Components:
+              image_encoder, image_processor, place: bool = True) -> Components:
     from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline
 
     check_image_to_video(path, transformer, vae, settings)
@@ -514,11 +517,14 @@ def _assemble(path, settings, device, dtype, transformer, transformer_2, vae, te
         boundary_ratio=settings.boundary_ratio,
         expand_timesteps=settings.expand_timesteps,
     )
-    pipe.to(device)
+    if place:
+        pipe.to(device)
     for module in (transformer, transformer_2, vae, text_encoder, image_encoder):
         if module is not None:
             module.eval().requires_grad_(False)
-    return Components(pipe=pipe, settings=settings, path=path, device=device, dtype=dtype)
+    model = Components(pipe=pipe, settings=settings, path=path, device=device, dtype=dtype)
+    model._cliploom_placed = place  # False: in host memory until memory options place it
+    return model
 
 
 def check_image_to_video(path: Path, transformer, vae, settings: ModelSettings) -> None:

@@ -285,6 +285,14 @@ class LoraStack:
             return
         if self.fused:
             raise CliploomError("per-clip LoRA weights need unfused LoRAs", "set fuse_loras: false (or --no-fuse)")
+        offload = getattr(self.model, "_cliploom_offload", "none")
+        changed = [a for a in self.applied if wanted[a.spec.name] != a.weight and a.deltas]
+        if changed and offload in ("group", "sequential"):
+            raise CliploomError(
+                f"LoRA {changed[0].spec.name} has full deltas (.diff/.diff_b), whose per-clip weights cannot change "
+                f"under offload {offload!r} (the offloaded copies would keep the old values)",
+                "use --offload model, or keep this LoRA's weight fixed across clips",
+            )
         for a in self.applied:
             a.weight = wanted[a.spec.name]
         pipe = self.model.pipe

@@ -14,7 +14,8 @@
 Offloading never changes the numbers: the same weights run on the same device, only when they
 are resident changes (``tests/test_memory.py`` checks identical frames on the CPU, where the
 offload device and the compute device coincide). LoRAs are applied before offloading is turned on;
-an engine's offload mode is fixed once set.
+an engine's offload mode is fixed once set. Load with ``Engine.load(..., offload=...)`` (the CLI
+does) so that the weights stay in host memory until the hooks are in place.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ def apply_memory_options(model, offload: str | None = None, vae_tiling: bool = F
         raise CliploomError(f"unknown offload {offload!r}", f"use one of {', '.join(OFFLOAD)}")
     current = getattr(model, "_cliploom_offload", "none")
     if offload == current:
+        if offload == "none" and not getattr(model, "_cliploom_placed", True):
+            model.pipe.to(model.device)  # loaded for offloading, run without: place it now
+            model._cliploom_placed = True
         return
     if current != "none":
         raise CliploomError(
