@@ -242,6 +242,27 @@ def test_inspect_base_files_and_folders(tiny_dirs, tmp_path, capsys):
     assert "text encoder" in out
 
 
+def test_inspect_folder_names_the_family_that_loads_it(tiny_dirs, tmp_path, capsys, monkeypatch):
+    """With the tiny model's family among the known ones, a folder of its original files is
+    recognised and the printed --model/--family line loads it."""
+    from cliploom.models import inspect, loading
+
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    folder = RL.write_original(tiny_dirs["wan22"], tmp_path / "A14B-tiny", shards=2)
+    (configs / "tiny-a14b.json").write_text(RL.family_path(folder).read_text())
+    monkeypatch.setattr(loading, "FAMILY_DIR", configs)
+    inspect._families.cache_clear()
+    try:
+        code, out, _ = run_inspect(capsys, folder)
+        assert code == 0 and "fits: tiny-a14b" in out and f"load with: --model {folder} --family tiny-a14b" in out
+        assert "high_noise_model/diffusion_pytorch_model-00001-of-00002.safetensors" in out
+        model = loading.load_model(folder, device="cpu", family="tiny-a14b")
+        assert model.settings.family == "A14B-tiny" and model.transformer_2 is not None
+    finally:
+        inspect._families.cache_clear()
+
+
 def test_inspect_errors_are_one_line(tmp_path, capsys):
     code, _, err = run_inspect(capsys, tmp_path / "missing.safetensors")
     assert code == 2 and err.strip().startswith("error:") and "does not exist" in err and len(err.strip().splitlines()) == 1

@@ -10,6 +10,7 @@ are read whole (they are small) so that alphas are known and NaN/Inf is caught.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -34,6 +35,7 @@ def human_size(n: int) -> str:
     return f"{n:.1f} GB"
 
 
+@functools.lru_cache(maxsize=1)
 def _families():
     from .loading import family_names, load_family
 
@@ -236,9 +238,10 @@ def describe_dir(path: str | Path) -> dict:
     files = []
     for f in sorted(path.glob("*.safetensors")) + sorted(path.glob("*_noise_model/*.safetensors")):
         try:
-            files.append(describe_file(f))
+            d = describe_file(f)
         except CliploomError as e:
-            files.append({"path": str(f), "kind": "error", "error": str(e)})
+            d = {"path": str(f), "kind": "error", "error": str(e)}
+        files.append({**d, "name": str(f.relative_to(path))})
     pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".pth", ".pt", ".ckpt", ".bin", ".pkl"))
     out["files"] = files
     out["pickles"] = pickles
@@ -286,7 +289,7 @@ def inspect_path(path: str | Path) -> dict:
 
 
 def format_file(d: dict, indent: str = "") -> list[str]:
-    name = Path(d["path"]).name
+    name = d.get("name") or Path(d["path"]).name
     if d["kind"] == "error":
         return [f"{indent}{name}: {d['error']}"]
     head = f"{indent}{name}: {KIND_NAMES.get(d['kind'], d['kind'])}"
@@ -307,8 +310,12 @@ def format_file(d: dict, indent: str = "") -> list[str]:
         lines.append(f"{indent}  expert: {expert}")
     elif d["kind"] == "dit":
         s = d["signature"]
-        lines.append(f"{indent}  {_count(d['parameters'])} parameters; {s['num_layers']} blocks, width {s['dim']}, "
-                     f"ffn {s['ffn_dim']}, in_channels {s['in_channels']}, image attention {'yes' if s['has_image'] else 'no'}")
+        shown = [f"{s['num_layers']} blocks"] + [f"{label} {s[key]}" for key, label in
+                                                  (("dim", "width"), ("ffn_dim", "ffn"), ("in_channels", "in_channels"))
+                                                  if s[key] is not None]
+        if d["complete"]:
+            shown.append(f"image attention {'yes' if s['has_image'] else 'no'}")
+        lines.append(f"{indent}  {_count(d['parameters'])} parameters; {', '.join(shown)}")
         if d["fp8_scaled"]:
             lines.append(f"{indent}  fp8 with per-tensor scales (ComfyUI scaled): upcast on load")
         elif any(t.startswith("float8") for t in d["dtypes"]):
@@ -340,6 +347,8 @@ def format_report(d: dict) -> str:
         lines += format_file(f, "  ")
     if d["pickles"]:
         lines.append(f"  pickles (never loaded): {', '.join(d['pickles'])}")
+    if d.get("families"):
+        lines.append(f"  fits: {', '.join(d['families'])}")
     if "load" in d:
         lines.append(f"  load with: {d['load']}")
     for name, problem in (d.get("problems") or {}).items():
