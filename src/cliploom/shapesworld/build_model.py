@@ -119,6 +119,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="take the decoder from this train_vae checkpoint (decoder-only stage) instead of --vae")
     p.add_argument("--frozen", type=Path, default=Path("runs/vae/frozen"))
     p.add_argument("--dit", type=Path, default=Path("runs/dit/final"))
+    p.add_argument("--dit-checkpoint", type=Path, default=None,
+                   help="take the DiT (EMA) from this train_dit run folder's latest checkpoint instead of --dit")
     p.add_argument("--svi-lora", type=Path, default=None, help="the SVI LoRA applied by default (safetensors)")
     p.add_argument("--out", type=Path, default=MODEL_DIR)
     p.add_argument("--steps", type=int, default=DEFAULTS["steps"])
@@ -126,6 +128,10 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.vae_checkpoint is not None:
         args.vae = export_vae_checkpoint(args.vae_checkpoint, args.frozen, Path(tempfile.mkdtemp(prefix="cliploom-vae-")))
+    if args.dit_checkpoint is not None:
+        from .train_dit import export_checkpoint
+
+        args.dit = export_checkpoint(args.dit_checkpoint, Path(tempfile.mkdtemp(prefix="cliploom-dit-")))
     build(args.vae, args.dit, args.out, {**DEFAULTS, "steps": args.steps, "guidance": args.guidance}, args.svi_lora)
 
 

@@ -306,6 +306,26 @@ def finalize(cfg: DiTConfig, ema, tokenizer, text_encoder, clock: StageClock, he
     return final
 
 
+def export_checkpoint(out_dir: str | Path, dest: str | Path) -> Path:
+    """Save the EMA weights of a run's latest checkpoint like :func:`finalize` does (to look at
+    or build a model from while training goes on)."""
+    from .trainutil import from_dict
+
+    out_dir = Path(out_dir)
+    cfg = from_dict(DiTConfig, json.loads((out_dir / "config.json").read_text()))
+    state = load_checkpoint(out_dir / "checkpoint.pt")
+    if state is None:
+        raise SystemExit(f"error: no checkpoint in {out_dir}")
+    tokenizer = build_tokenizer()
+    text_encoder = build_text_encoder(len(tokenizer), seed=cfg.text_seed)
+    z_dim = (state["ema"]["patch_embedding.weight"].shape[1] - 4) // 2
+    ema = build_transformer(cfg, text_encoder.config.d_model, z_dim)
+    ema.load_state_dict(state["ema"])
+    clock = StageClock(state["stage_seconds"])
+    cfg.out_dir = str(dest)
+    return finalize(cfg, ema, tokenizer, text_encoder, clock, float("nan"))
+
+
 def main(argv: list[str] | None = None) -> None:
     train(load_config(DiTConfig, argv))
 
