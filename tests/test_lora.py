@@ -187,19 +187,7 @@ def test_per_clip_weights_equal_weights_merged_by_hand(tiny_dirs, tmp_path):
     path = write_lora(tmp_path / "style.safetensors", tensors)
     engine = Engine(model)
     engine.loras.apply([LoraSpec(path, 1.0, name="style")], fuse=False)
-    g = torch.Generator().manual_seed(0)
-    cfg = model.transformer.config
-    inputs = dict(
-        hidden_states=torch.randn(1, cfg.in_channels, 2, 4, 4, generator=g),
-        timestep=torch.tensor([500.0]),
-        encoder_hidden_states=torch.randn(1, 512, cfg.text_dim, generator=g),
-        encoder_hidden_states_image=torch.randn(1, 257, cfg.image_dim, generator=g),
-        return_dict=False,
-    )
-
-    def out(m):
-        with torch.no_grad():
-            return m.transformer(**inputs)[0]
+    out = transformer_output
 
     for w in (0.3, -1.0, 0.0):
         engine.loras.set_clip_weights({"style": w})
@@ -209,6 +197,50 @@ def test_per_clip_weights_equal_weights_merged_by_hand(tiny_dirs, tmp_path):
     want = out(merged_model(tiny_dirs, "wan21", {"transformer": [(1.0, expected)]}))
     assert float((out(model) - want).norm() / want.norm()) <= TOL
     assert engine.loras.weights() == {"style": 1.0}
+
+
+def transformer_output(model):
+    """The wan21 tiny transformer on fixed random inputs."""
+    g = torch.Generator().manual_seed(0)
+    cfg = model.transformer.config
+    inputs = dict(
+        hidden_states=torch.randn(1, cfg.in_channels, 2, 4, 4, generator=g),
+        timestep=torch.tensor([500.0]),
+        encoder_hidden_states=torch.randn(1, 512, cfg.text_dim, generator=g),
+        encoder_hidden_states_image=torch.randn(1, 257, cfg.image_dim, generator=g),
+        return_dict=False,
+    )
+    with torch.no_grad():
+        return model.transformer(**inputs)[0]
+
+
+def test_a_lora_saved_by_diffusers_gives_the_peft_model_it_came_from(tiny_dirs, tmp_path):
+    """Interop: diffusers' own save_lora_weights (alpha in its metadata) round-trips exactly."""
+    from diffusers import WanImageToVideoPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    trained = fresh(tiny_dirs)
+    config = LoraConfig(r=4, lora_alpha=12, target_modules=["to_q", "to_k", "to_v", "to_out.0", "net.0.proj", "net.2"])
+    trained.transformer.add_adapter(config)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in trained.transformer.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    want = transformer_output(trained)
+    WanImageToVideoPipeline.save_lora_weights(
+        tmp_path, transformer_lora_layers=get_peft_model_state_dict(trained.transformer),
+        transformer_lora_adapter_metadata=config.to_dict(),
+    )
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    model = fresh(tiny_dirs)
+    engine = Engine(model)
+    engine.loras.apply([LoraSpec(path, 1.0)], fuse=True)
+    assert engine.loras.summary()[0]["alphas"] == [12.0]
+    got = transformer_output(model)
+    assert float((got - want).norm() / want.norm()) <= TOL
+    assert float((got - transformer_output(fresh(tiny_dirs))).norm() / want.norm()) > 1e-2
 
 
 def test_story_changes_lora_weights_per_clip(tiny_dirs, tiny_story, tmp_path):

@@ -9,8 +9,10 @@ Everything a user may bring is turned into diffusers names here, once, at load t
 * original Wan VAE files (Wan 2.1 ``Wan2.1_VAE`` and Wan 2.2 ``Wan2.2_VAE`` key names);
 * LoRA files in the layouts listed in :data:`LORA_LAYOUTS` (see ``docs/formats.md``).
 
-Renaming of original Wan keys is diffusers' own (``convert_wan_transformer_to_diffusers`` and
-``convert_wan_vae_to_diffusers``), so base checkpoints and LoRAs can never disagree on a name.
+Renaming of original DiT keys is diffusers' own (``convert_wan_transformer_to_diffusers``), for
+base checkpoints and LoRAs alike, so the two can never disagree on a name. VAE keys are renamed
+from the stage sizes the keys show (any ``num_res_blocks``); for the real Wan 2.1 VAE this agrees
+key for key with diffusers' ``convert_wan_vae_to_diffusers`` (tests/test_formats.py).
 Only safetensors files are read; pickles (``.pth``, ``.ckpt``, ``.bin``) are refused, never
 unpickled.
 """

@@ -265,10 +265,14 @@ class LoraStack:
             for param, base in self._base.values():
                 param.copy_(base)
         self._base.clear()
+        ours = {f"cliploom_{i}" for i in range(len(self.applied) + 1)}
         for attr in ("transformer", "transformer_2"):
             module = getattr(pipe, attr)
-            if module is not None and getattr(module, "peft_config", None):
-                module.unload_lora()
+            loaded = set(getattr(module, "peft_config", None) or {}) if module is not None else set()
+            if loaded and loaded <= ours:
+                module.unload_lora()  # only our adapters: back to plain layers
+            elif loaded & ours:
+                module.delete_adapters(sorted(loaded & ours))  # leave adapters others attached
         self.applied = []
         self._key = None
 
