@@ -266,8 +266,10 @@ def find_original_files(model: Path, family: dict) -> OriginalFiles:
     # Encoders: transformers folders.
     text_encoder = folder / "text_encoder"
     if not (text_encoder / "config.json").is_file():
+        single = [f.name for f, _, c in top if c["kind"] == "text_encoder"]
         raise CliploomError(
-            f"{where} has no text_encoder/ folder",
+            f"{where} has no text_encoder/ folder"
+            + (f" ({single[0]} is a single-file text encoder, which cliploom does not load)" if single else ""),
             "copy text_encoder/ (UMT5-XXL, transformers layout) from the model's -Diffusers release; "
             "the original models_t5_*.pth is a pickle cliploom does not load",
         )
