@@ -43,6 +43,9 @@ CASES = {
 }
 
 
+_REFERENCE_FRAMES: dict = {}  # frames of each diffusers-folder model, computed once
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_original_layouts_give_the_same_weights_and_frames(tiny_dirs, tiny_story, tmp_path, case):
     variant, kw = CASES[case]
@@ -52,8 +55,10 @@ def test_original_layouts_give_the_same_weights_and_frames(tiny_dirs, tiny_story
     assert_same_weights(model, reference)
     assert model.settings.boundary_ratio == reference.settings.boundary_ratio
     assert model.settings.expand_timesteps == reference.settings.expand_timesteps
-    story = tiny_story(2, guidance=1.0)
-    assert all(torch.equal(a, b) for a, b in zip(clips(model, story), clips(reference, story)))
+    story = tiny_story(1, guidance=1.0)  # 2 steps: both experts of wan22 run
+    if variant not in _REFERENCE_FRAMES:
+        _REFERENCE_FRAMES[variant] = clips(reference, story)
+    assert all(torch.equal(a, b) for a, b in zip(clips(model, story), _REFERENCE_FRAMES[variant]))
 
 
 def test_model_may_be_the_dit_file_itself(tiny_dirs, tmp_path):
