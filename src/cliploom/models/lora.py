@@ -45,7 +45,9 @@ class _Delta:
 class _Applied:
     spec: object  # story.LoraSpec
     adapter: str
-    file: formats.LoraFile
+    layout: str
+    ranks: list[int]
+    alphas: list[float]
     targets: list[str]
     modules: dict[str, int] = field(default_factory=dict)  # expert attr -> modules touched
     pairs: dict[str, int] = field(default_factory=dict)  # expert attr -> peft adapters injected
@@ -162,7 +164,8 @@ class LoraStack:
                 "pass %s:%s:%s to target one", path.name, named, path, spec.weight, named,
             )
         targets = [a for a in EXPERT_ATTRS[spec.expert] if getattr(pipe, a) is not None]
-        applied = _Applied(spec, f"cliploom_{i}", lora, targets, weight=float(spec.weight))
+        # The file's tensors are not kept: peft holds the pairs, the deltas are kept below.
+        applied = _Applied(spec, f"cliploom_{i}", lora.layout, lora.ranks, lora.alphas, targets, weight=float(spec.weight))
         unmatched: dict[str, str] = {}
         for attr in targets:
             transformer = getattr(pipe, attr)
@@ -231,8 +234,7 @@ class LoraStack:
             groups = [(formats.summarise_keys(keys), why) for why, keys in by_reason.items()]
             shown = "; ".join(f"{', '.join(names[:_SHOW])}{' ...' if len(names) > _SHOW else ''} ({why})"
                               for names, why in groups)
-            more = ""
-            log.warning("LoRA %s: %d key(s) not applied: %s%s", path.name, len(unapplied), shown, more)
+            log.warning("LoRA %s: %d key(s) not applied: %s", path.name, len(unapplied), shown)
         return applied
 
     @staticmethod
@@ -313,10 +315,10 @@ class LoraStack:
     # -- reporting -----------------------------------------------------------------------------
     def _line(self, a: _Applied) -> str:
         where = ", ".join(f"{n} modules on {attr}" for attr, n in a.modules.items())
-        ranks = "/".join(map(str, a.file.ranks)) or "-"
+        ranks = "/".join(map(str, a.ranks)) or "-"
         state = "fused" if self.fused else "unfused"
         extra = f"; {len(a.unapplied)} key(s) not applied" if a.unapplied else ""
-        return f"LoRA {a.spec.name} ({a.file.layout}, rank {ranks}) weight {a.spec.weight} {state}: {where}{extra}"
+        return f"LoRA {a.spec.name} ({a.layout}, rank {ranks}) weight {a.spec.weight} {state}: {where}{extra}"
 
     def summary(self) -> list[dict]:
         return [
@@ -325,9 +327,9 @@ class LoraStack:
                 "path": str(a.spec.path),
                 "weight": float(a.spec.weight),
                 "expert": a.spec.expert,
-                "layout": a.file.layout,
-                "ranks": a.file.ranks,
-                "alphas": a.file.alphas,
+                "layout": a.layout,
+                "ranks": a.ranks,
+                "alphas": a.alphas,
                 "modules": dict(a.modules),
                 "adapters": dict(a.pairs),
                 "deltas": a.n_deltas,
