@@ -19,6 +19,7 @@ not fit, NaN/Inf values are errors.
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -210,7 +211,10 @@ class LoraStack:
                     applied.deltas.append(_Delta(obj.bias, bias.to(obj.bias.device)))
                     touched.add(name)
             if pairs:
-                transformer.load_lora_adapter(lora.peft_state_dict(set(pairs)), adapter_name=applied.adapter, prefix=None)
+                with warnings.catch_warnings():  # a stack is several adapters by design
+                    warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+                    transformer.load_lora_adapter(lora.peft_state_dict(set(pairs)), adapter_name=applied.adapter,
+                                                  prefix=None)
                 transformer.requires_grad_(False)
                 applied.pairs[attr] = self._count_adapters(transformer, applied.adapter)
             applied.modules[attr] = len(touched)
