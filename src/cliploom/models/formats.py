@@ -23,7 +23,6 @@ import json
 import logging
 import re
 import struct
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -834,7 +833,7 @@ def read_lora(path: str | Path) -> LoraFile:
 # -- reading names for people ---------------------------------------------------------------------
 
 
-def summarise_modules(names, num_blocks: int | None = None) -> list[str]:
+def summarise_modules(names) -> list[str]:
     """``blocks.{0..39}.self_attn.q`` style lines: which kinds of module, over which blocks."""
     per_kind: dict[str, set[int]] = {}
     top: list[str] = []
@@ -871,11 +870,6 @@ def summarise_keys(keys) -> list[str]:
         span = f"{b[0]}..{b[-1]}" if len(b) > 1 and b == list(range(b[0], b[-1] + 1)) else ",".join(map(str, b))
         out.append(f"{head}{{{span}}}{tail}" if len(b) > 1 else f"{head}{b[0]}{tail}")
     return out + plain
-
-
-def most_common(values):
-    c = Counter(values)
-    return c.most_common(1)[0][0] if c else None
 
 
 class _ConsoleFormatter(logging.Formatter):
