@@ -45,7 +45,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--image", help="reference image (the anchor)")
     p.add_argument("--prompt", action="append", default=[], help="a clip prompt; repeat for several (they cycle)")
     p.add_argument("--clips", type=int, help="number of clips (default: one per --prompt)")
-    p.add_argument("--model", help="diffusers-layout Wan I2V folder (default: the built-in model)")
+    p.add_argument("--model", help="diffusers-layout Wan I2V folder, or original Wan/ComfyUI files with --family "
+                   "(default: the built-in model)")
     p.add_argument("--mode", help="pro (latent motion) | film | shot | svi2 | tom | chain")
     p.add_argument("--frames", type=int, help="frames per clip, 4k+1")
     p.add_argument("--motion-latents", type=int, help="K latent frames of motion memory (pro mode, 1-3)")
@@ -63,7 +64,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--negative-prompt")
     p.add_argument("--lora", action="append", type=_lora_arg, default=[], metavar="FILE[:WEIGHT[:EXPERT]]",
                    help="add a LoRA (repeatable); EXPERT is both, high or low")
-    p.add_argument("--family", help="model family of original-format files in --model (see `cliploom inspect`)")
+    p.add_argument("--family", help="family of the original-format files in --model: wan21-i2v-14b-480p, "
+                   "wan21-i2v-14b-720p, wan22-i2v-a14b, wan22-ti2v-5b or a family JSON (`cliploom inspect DIR` names it)")
     p.add_argument("--no-fuse", dest="fuse_loras", action="store_const", const=False,
                    help="keep LoRAs as switchable adapters (allows per-clip weights; slower)")
     p.add_argument("--no-svi-lora", dest="svi_lora", action="store_const", const=False,
