@@ -412,7 +412,7 @@ class SVITrainer:
                     log.write(info, len(self.recycler.clean_memory), len(self.recycler.noise_memory),
                               time.perf_counter() - t0)
                 bar.update()
-                bar.set_postfix(loss=f"{ema:.4f}", replay=len(self.recycler.clean_memory))
+                bar.set_postfix(loss=f"{ema:.4f}", replay=len(self.recycler.clean_memory), refresh=False)
                 if self.step % cfg.checkpoint_every == 0 or self.step == target:
                     self.save_checkpoint()
                     last_saved = self.step
