@@ -95,5 +95,6 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, layout: str, dtyp
     folder = find_checkpoint(Path(checkpoint))
     state, meta = read_checkpoint_lora(folder)
     cfg = meta["config"]
-    info = {"step": meta["step"], "model": cfg["model"], "targets": cfg["targets"], "expert": cfg["expert"]}
+    info = {"step": meta["step"], "model": cfg["model"], "targets": cfg["targets"], "expert": cfg["expert"],
+            "error_recycling": cfg["error_recycling"]}
     return export_lora(state, out, layout, rank=cfg["rank"], alpha=cfg["alpha"], dtype=dtypes[dtype], info=info)
