@@ -64,7 +64,7 @@ def export_vae_checkpoint(checkpoint: Path, frozen_dir: Path, out: Path) -> Path
 
 
 def build(vae_dir: Path, dit_dir: Path, out: Path, settings: dict, svi_lora: Path | None = None) -> Path:
-    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
 
     for path, what in [(vae_dir / "config.json", "VAE"), (dit_dir / "transformer" / "config.json", "DiT")]:
         if not path.is_file():
@@ -72,7 +72,10 @@ def build(vae_dir: Path, dit_dir: Path, out: Path, settings: dict, svi_lora: Pat
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
-        shutil.copytree(dit_dir / "transformer", tmp / "transformer")
+        # Re-saved in shards of at most 10 MB (same tensors): no single file in the repository is large.
+        WanTransformer3DModel.from_pretrained(dit_dir / "transformer").save_pretrained(
+            tmp / "transformer", safe_serialization=True, max_shard_size="10MB"
+        )
         shutil.copytree(dit_dir / "text_encoder", tmp / "text_encoder")
         shutil.copytree(dit_dir / "tokenizer", tmp / "tokenizer")
         (tmp / "vae").mkdir()
