@@ -213,7 +213,8 @@ _SCALARS: dict[str, type] = {
 OFFLOAD = ("none", "model", "group", "sequential")
 
 
-def _typed(where: str, key: str, value: Any, kind: type):
+def typed_value(where: str, key: str, value: Any, kind: type):
+    """``value`` as ``kind`` (bool, str, int or float), or a one-line error naming ``key`` (stories, training configs)."""
     if kind is bool:
         if not isinstance(value, bool):
             _fail(where, f"{key} must be true or false, got {value!r}", f"write {key}: true")
@@ -244,17 +245,17 @@ def _parse_clips(where: str, raw: Any) -> list[ClipSpec]:
         prompt = item.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
             _fail(where, f"clip {i + 1} has no prompt", "give every clip a non-empty `prompt:`")
-        repeat = _typed(where, f"clip {i + 1} repeat", item.get("repeat", 1), int)
+        repeat = typed_value(where, f"clip {i + 1} repeat", item.get("repeat", 1), int)
         if repeat < 1:
             _fail(where, f"clip {i + 1} repeat {repeat} must be at least 1", "use repeat: 1 or more")
         seed = item.get("seed")
         if seed is not None:
-            seed = _typed(where, f"clip {i + 1} seed", seed, int)
+            seed = typed_value(where, f"clip {i + 1} seed", seed, int)
         weights = item.get("loras")
         if weights is not None:
             if not isinstance(weights, dict):
                 _fail(where, f"clip {i + 1} loras must map LoRA names to weights", "write `loras: {svi: 1.0}`")
-            weights = {str(k): _typed(where, f"clip {i + 1} lora {k}", v, float) for k, v in weights.items()}
+            weights = {str(k): typed_value(where, f"clip {i + 1} lora {k}", v, float) for k, v in weights.items()}
         clips.extend(ClipSpec(prompt.strip(), seed, weights) for _ in range(repeat))
     return clips
 
@@ -276,9 +277,9 @@ def _parse_loras(where: str, raw: Any, base: Path) -> list[LoraSpec]:
         expert = item.get("expert", "both")
         if expert not in EXPERTS:
             _fail(where, f"lora {i + 1} expert {expert!r} is unknown", f"use one of {', '.join(EXPERTS)}")
-        weight = _typed(where, f"lora {i + 1} weight", item.get("weight", 1.0), float)
+        weight = typed_value(where, f"lora {i + 1} weight", item.get("weight", 1.0), float)
         path = Path(item["path"]).expanduser()
-        name = _typed(where, f"lora {i + 1} name", item["name"], str) if item.get("name") is not None else None
+        name = typed_value(where, f"lora {i + 1} name", item["name"], str) if item.get("name") is not None else None
         out.append(LoraSpec(path if path.is_absolute() else base / path, weight, expert, name))
     names = [spec.name for spec in out]
     if len(set(names)) != len(names):
@@ -298,7 +299,7 @@ def story_from_dict(data: Any, base: Path = Path("."), source: Path | None = Non
     values: dict[str, Any] = {}
     for key, kind in _SCALARS.items():
         if data.get(key) is not None:
-            values[key] = _typed(where, key, data[key], kind)
+            values[key] = typed_value(where, key, data[key], kind)
     if "prompts" in data and "clips" in data:
         _fail(where, "both prompts and clips are given", "use one of them")
     values["clips"] = _parse_clips(where, data.get("clips", data.get("prompts")))
@@ -307,11 +308,11 @@ def story_from_dict(data: Any, base: Path = Path("."), source: Path | None = Non
         ts = data["timesteps"]
         if not isinstance(ts, list):
             _fail(where, "timesteps must be a list", "write timesteps: [1000, 750, 500, 250]")
-        values["timesteps"] = [_typed(where, "timesteps", t, float) for t in ts]
+        values["timesteps"] = [typed_value(where, "timesteps", t, float) for t in ts]
         if "steps" in values:
             _fail(where, "both steps and timesteps are given", "use one of them")
     if data.get("reference") is not None:
-        ref = Path(_typed(where, "reference", data["reference"], str)).expanduser()
+        ref = Path(typed_value(where, "reference", data["reference"], str)).expanduser()
         values["reference"] = ref if ref.is_absolute() else base / ref
     return make_story(source=source, **values)
 

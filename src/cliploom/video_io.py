@@ -34,11 +34,18 @@ def load_image(path: str | Path, width: int | None = None, height: int | None = 
             image = im.convert("RGB")
     except (UnidentifiedImageError, OSError) as e:
         raise CliploomError(f"cannot read reference image {path}: {e}", "pass a valid PNG or JPEG file") from None
-    if width is None or height is None or image.size == (width, height):
+    if width is None or height is None:
+        return image
+    return cover_crop(image, width, height, Image.Resampling.LANCZOS)
+
+
+def cover_crop(image: Image.Image, width: int, height: int, resample=Image.Resampling.BILINEAR) -> Image.Image:
+    """Scale ``image`` to cover ``width x height``, then crop the centre (reference images, training videos)."""
+    if image.size == (width, height):
         return image
     scale = max(width / image.width, height / image.height)
     w, h = max(width, round(image.width * scale)), max(height, round(image.height * scale))
-    image = image.resize((w, h), Image.Resampling.LANCZOS)
+    image = image.resize((w, h), resample)
     left, top = (w - width) // 2, (h - height) // 2
     return image.crop((left, top, left + width, top + height))
 

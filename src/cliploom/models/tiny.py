@@ -133,6 +133,33 @@ def tiny_image_encoder(seed: int):
     return CLIPVisionModel(config), processor
 
 
+def write_model_index(
+    folder: Path, *, image_encoder: bool = False, boundary_ratio: float | None = None, expand_timesteps: bool = False
+) -> None:
+    """``model_index.json`` of a diffusers ``WanImageToVideoPipeline`` folder: CLIP image encoder
+    (Wan 2.1), a second expert ``transformer_2`` below ``boundary_ratio`` (Wan 2.2 A14B), or
+    ``expand_timesteps`` (TI2V)."""
+
+    def entry(library, cls, present=True):
+        return [library, cls] if present else [None, None]
+
+    index = {
+        "_class_name": "WanImageToVideoPipeline",
+        "_diffusers_version": "0.42.1",
+        "boundary_ratio": boundary_ratio,
+        "expand_timesteps": expand_timesteps,
+        "image_encoder": entry("transformers", "CLIPVisionModel", image_encoder),
+        "image_processor": entry("transformers", "CLIPImageProcessor", image_encoder),
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "UMT5EncoderModel"],
+        "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+        "transformer": ["diffusers", "WanTransformer3DModel"],
+        "transformer_2": entry("diffusers", "WanTransformer3DModel", boundary_ratio is not None),
+        "vae": ["diffusers", "AutoencoderKLWan"],
+    }
+    (Path(folder) / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
 def make_tiny(out: str | Path, variant: str = "wan21", seed: int = 0, overwrite: bool = False) -> Path:
     """Write a random-weight tiny model of ``variant`` to ``out`` (atomically) and return its path."""
     from diffusers import FlowMatchEulerDiscreteScheduler
@@ -172,24 +199,8 @@ def make_tiny(out: str | Path, variant: str = "wan21", seed: int = 0, overwrite:
             image_encoder.save_pretrained(tmp / "image_encoder", **kwargs)
             processor.save_pretrained(tmp / "image_processor")
 
-        def entry(library, cls, present=True):
-            return [library, cls] if present else [None, None]
-
-        index = {
-            "_class_name": "WanImageToVideoPipeline",
-            "_diffusers_version": "0.42.1",
-            "boundary_ratio": 0.875 if two_experts else None,
-            "expand_timesteps": variant == "ti2v",
-            "image_encoder": entry("transformers", "CLIPVisionModel", has_image),
-            "image_processor": entry("transformers", "CLIPImageProcessor", has_image),
-            "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-            "text_encoder": ["transformers", "UMT5EncoderModel"],
-            "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
-            "transformer": ["diffusers", "WanTransformer3DModel"],
-            "transformer_2": entry("diffusers", "WanTransformer3DModel", two_experts),
-            "vae": ["diffusers", "AutoencoderKLWan"],
-        }
-        (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        write_model_index(tmp, image_encoder=has_image, boundary_ratio=0.875 if two_experts else None,
+                          expand_timesteps=variant == "ti2v")
         size = 64 if variant == "ti2v" else 32
         settings = {
             "family": f"tiny-{variant}",

@@ -66,6 +66,8 @@ def export_vae_checkpoint(checkpoint: Path, frozen_dir: Path, out: Path) -> Path
 def build(vae_dir: Path, dit_dir: Path, out: Path, settings: dict, svi_lora: Path | None = None) -> Path:
     from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
 
+    from ..models.tiny import write_model_index
+
     for path, what in [(vae_dir / "config.json", "VAE"), (dit_dir / "transformer" / "config.json", "DiT")]:
         if not path.is_file():
             raise SystemExit(f"error: no {what} at {path.parent}; train it first (see docs/shapesworld.md)")
@@ -82,21 +84,7 @@ def build(vae_dir: Path, dit_dir: Path, out: Path, settings: dict, svi_lora: Pat
         for name in ("config.json", "diffusion_pytorch_model.safetensors"):
             shutil.copy2(vae_dir / name, tmp / "vae" / name)
         FlowMatchEulerDiscreteScheduler(shift=settings["shift"]).save_pretrained(tmp / "scheduler")
-        index = {
-            "_class_name": "WanImageToVideoPipeline",
-            "_diffusers_version": "0.42.1",
-            "boundary_ratio": None,
-            "expand_timesteps": False,
-            "image_encoder": [None, None],
-            "image_processor": [None, None],
-            "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-            "text_encoder": ["transformers", "UMT5EncoderModel"],
-            "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
-            "transformer": ["diffusers", "WanTransformer3DModel"],
-            "transformer_2": [None, None],
-            "vae": ["diffusers", "AutoencoderKLWan"],
-        }
-        (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        write_model_index(tmp)  # a plain Wan I2V folder: no image encoder, one expert
         if svi_lora is not None:
             shutil.copy2(svi_lora, tmp / "svi_lora.safetensors")
             settings = {**settings, "svi_lora": "svi_lora.safetensors"}

@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from ..errors import CliploomError
+from ..story import typed_value
 
 # LoRA target names as SVI writes them (original Wan module names) -> diffusers module names.
 WAN_TARGETS = {
@@ -163,19 +164,7 @@ def _check_type(where: str, key: str, value: Any, kind) -> Any:
         if not isinstance(value, list):
             value = [value]  # a single value stands for a one-element list
         return [_check_type(where, key, v, args[0]) for v in value]
-    if kind is bool:
-        if not isinstance(value, bool):
-            _fail(where, f"{key} must be true or false, got {value!r}", f"write `{key}: true` or `{key}: false`")
-        return value
-    if kind is str:
-        if not isinstance(value, str):
-            _fail(where, f"{key} must be text, got {value!r}", f'quote it: {key}: "{value}"')
-        return value
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        _fail(where, f"{key} must be a number, got {value!r}", f"write e.g. `{key}: 1`")
-    if kind is int and float(value) != int(value):
-        _fail(where, f"{key} must be a whole number, got {value!r}", f"write e.g. `{key}: {int(value)}`")
-    return kind(value)
+    return typed_value(where, key, value, kind)
 
 
 def config_from_dict(data: Any, where: str = "config") -> TrainConfig:

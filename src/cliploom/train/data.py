@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from ..errors import CliploomError
+from ..video_io import cover_crop
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi")
 
@@ -113,17 +114,6 @@ def read_frames(path: Path, start: int, count: int, stride: int = 1) -> list[Ima
     if len(out) != count:
         raise ValueError(f"{path} has fewer frames than its header says ({len(out)} of {count} read)")
     return out
-
-
-def cover_crop(image: Image.Image, width: int, height: int) -> Image.Image:
-    """Scale to cover ``width x height``, then crop the centre."""
-    if image.size == (width, height):
-        return image
-    scale = max(width / image.width, height / image.height)
-    w, h = max(width, round(image.width * scale)), max(height, round(image.height * scale))
-    image = image.resize((w, h), Image.Resampling.BILINEAR)
-    left, top = (w - width) // 2, (h - height) // 2
-    return image.crop((left, top, left + width, top + height))
 
 
 class VideoFolderClips:
