@@ -205,10 +205,12 @@ def test_check_base_smoke(tiny_dirs, tmp_path):
     r = check_base.main(["--model", str(tiny_dirs["wan21"]), "--clips", "2", "--vae-clips", "1", "--frames", "9",
                          "--steps", "2", "--out-root", str(tmp_path)])
     assert r["single"]["clips"] == 2 and len(r["single"]["records"]) == 2
+    assert r["single"]["mode"] == "chain" and set(r["single_other_modes"]) == {"pro"}
     assert 0 <= r["single"]["rate"] <= 1 and r["vae"]["psnr_mean"] > 0 and 0 <= r["vae"]["evaluator_pass_rate"] <= 1
     saved = json.loads((tmp_path / "benchmarks" / "results" / "base_quality.json").read_text())
     assert saved["vae"]["frames"] == 9
-    assert "<!-- quality-base:start -->" in (tmp_path / "docs" / "benchmarks.md").read_text()
+    docs = (tmp_path / "docs" / "benchmarks.md").read_text()
+    assert "<!-- quality-base:start -->" in docs and "single clips in pro mode" in docs
 
 
 def test_psnr():

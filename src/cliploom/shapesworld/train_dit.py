@@ -1,4 +1,4 @@
-"""Train the built-in tiny Wan image-to-video DiT (``WanTransformer3DModel``) on ShapesWorld, on CPU.
+"""Train the built-in tiny Wan image-to-video DiT (``WanTransformer3DModel``) on ShapesWorld, on CPU or a GPU.
 
     python -m cliploom.shapesworld.train_dit [CONFIG.yaml]
 
@@ -20,6 +20,12 @@ Two phases, both resumable:
    ``eval.csv`` (held-out loss at fixed timesteps). At the end the EMA weights are saved as a
    diffusers folder in ``out_dir/final/transformer`` and the frozen text encoder and tokenizer
    beside it.
+
+``device: auto`` uses the GPU when there is one (the data then lives on it); ``workers``
+render clips in background processes while the VAE encodes them ``encode_batch`` at a time;
+``max_minutes`` bounds the training phase's wall time (the learning rate decays on whichever
+of steps or time runs out first); ``init_from`` starts from a trained transformer folder
+(a continuation: fresh optimiser and schedule, the EMA starts at those weights).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import math
 import signal
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +46,20 @@ from tqdm import tqdm
 from .. import conditioning as C
 from .text import MAX_SEQUENCE_LENGTH, build_text_encoder, build_tokenizer, encode_prompts
 from .train_vae import to_tensor
-from .trainutil import CsvLog, StageClock, cosine_lr, load_checkpoint, load_config, save_checkpoint, to_dict, write_json
+from .trainutil import (
+    CsvLog,
+    Prefetch,
+    StageClock,
+    cosine_lr,
+    load_checkpoint,
+    load_config,
+    pick_device,
+    save_checkpoint,
+    time_progress,
+    to_dict,
+    worker_pool,
+    write_json,
+)
 from .world import sample_clip
 
 
@@ -49,6 +69,9 @@ class DiTConfig:
     vae_dir: str = "runs/vae/frozen"
     seed: int = 0
     threads: int = 1
+    device: str = "auto"  # "auto": the GPU when there is one
+    workers: int = 0  # processes rendering clips for the encode phase (0: render inline)
+    encode_batch: int = 1  # clips per VAE encode call
     size: int = 32
     frames: int = 17  # 5 latent frames, the clip length the VAE was trained on end to end
     # data
@@ -61,6 +84,7 @@ class DiTConfig:
     layers: int = 4
     ffn_dim: int = 768
     text_seed: int = 0
+    init_from: str = ""  # a transformer folder to continue from ("": random init)
     # training
     steps: int = 8000
     batch: int = 8
@@ -71,6 +95,7 @@ class DiTConfig:
     ema: float = 0.998
     shift: float = 5.0
     cfg_dropout: float = 0.1
+    max_minutes: float = 0.0  # wall-time budget of the training phase (0: none)
     checkpoint_every_s: float = 300.0
     eval_every: int = 250
     log_every: int = 10
@@ -106,46 +131,57 @@ def load_vae(path: str | Path):
 
 
 def _normalise(vae, z: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
-    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+    mean = torch.tensor(vae.config.latents_mean, device=z.device).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std, device=z.device).view(1, -1, 1, 1, 1)
     return (z - mean) / std
 
 
 @torch.no_grad()
-def encode_clip(vae, frames: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """One clip -> (normalised latents, normalised I2V ``y``), each ``[C, T, h, w]``.
+def encode_clips(vae, clips: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clips -> (normalised latents, normalised I2V ``y``), each ``[B, C, T, h, w]`` on the CPU.
 
     ``y`` is the encoding of the first frame followed by grey, exactly as the engine builds it
     for a plain image-to-video clip (:func:`cliploom.conditioning.pixel_motion_video`, ``ref_pad=0``).
     """
-    video = to_tensor(frames)[None]
+    device = next(vae.parameters()).device
+    video = torch.stack([to_tensor(f) for f in clips]).to(device)
     cond_video = C.pixel_motion_video(video[:, :, 0], None, video.shape[2], ref_pad=0)
-    z = vae.encode(torch.cat([video, cond_video])).latent_dist.mode()
-    z = _normalise(vae, z)
-    return z[0], z[1]
+    z = _normalise(vae, vae.encode(torch.cat([video, cond_video])).latent_dist.mode()).cpu()
+    return z[: len(clips)], z[len(clips) :]
 
 
-def encode_data(cfg: DiTConfig, vae, data_dir: Path, first_seed: int, count: int, name: str) -> list[Path]:
+def render_clip(seed: int, *, frames: int, size: int) -> tuple[np.ndarray, str]:
+    """One training clip's frames and prompt (what the render workers send back)."""
+    clip = sample_clip(seed, frames=frames, size=size)
+    return clip.frames(), clip.segments[0].prompt
+
+
+def encode_data(cfg: DiTConfig, vae, data_dir: Path, first_seed: int, count: int, name: str, pool=None) -> list[Path]:
     """Encode ``count`` clips (seeds ``first_seed...``) into chunk files, skipping chunks on disk."""
     from safetensors.torch import save_file
 
     data_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     chunks = math.ceil(count / cfg.chunk)
+    render = partial(render_clip, frames=cfg.frames, size=cfg.size)
+    todo = [c for c in range(chunks) if not (data_dir / f"{name}_{c:04d}.safetensors").is_file()]
+    seeds = [first_seed + k for c in todo for k in range(c * cfg.chunk, min(count, (c + 1) * cfg.chunk))]
+    rendered = Prefetch(pool, render, seeds, depth=4 * max(1, cfg.workers, cfg.encode_batch))
     for c in tqdm(range(chunks), desc=f"encode {name}", mininterval=10):
         path = data_dir / f"{name}_{c:04d}.safetensors"
         paths.append(path)
-        if path.is_file():
+        if c not in todo:
             continue
         lat, ys, prompts = [], [], []
-        for k in range(c * cfg.chunk, min(count, (c + 1) * cfg.chunk)):
-            clip = sample_clip(first_seed + k, frames=cfg.frames, size=cfg.size)
-            z, y = encode_clip(vae, clip.frames())
+        n = min(count, (c + 1) * cfg.chunk) - c * cfg.chunk
+        for start in range(0, n, cfg.encode_batch):
+            batch = [next(rendered) for _ in range(min(cfg.encode_batch, n - start))]
+            z, y = encode_clips(vae, [frames for frames, _ in batch])
             lat.append(z)
             ys.append(y)
-            prompts.append(clip.segments[0].prompt)
+            prompts += [prompt for _, prompt in batch]
         tmp = path.with_suffix(".partial")
-        save_file({"latents": torch.stack(lat), "y": torch.stack(ys)}, tmp, metadata={"prompts": json.dumps(prompts)})
+        save_file({"latents": torch.cat(lat), "y": torch.cat(ys)}, tmp, metadata={"prompts": json.dumps(prompts)})
         tmp.rename(path)
     return paths
 
@@ -184,6 +220,8 @@ def train(cfg: DiTConfig) -> Path:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "config.json", to_dict(cfg))
+    pool = worker_pool(cfg.workers)  # forked before CUDA starts
+    device = pick_device(cfg.device)
     clock = StageClock()
 
     # 1. Data: encode once with the frozen encoder.
@@ -191,24 +229,32 @@ def train(cfg: DiTConfig) -> Path:
     if state is not None:
         clock = StageClock(state["stage_seconds"])
     clock.enter("encode")
-    vae = load_vae(cfg.vae_dir)
-    train_paths = encode_data(cfg, vae, out / "data", 0, cfg.data_clips, "train")
-    held_paths = encode_data(cfg, vae, out / "data", 50_000_000, cfg.heldout_clips, "heldout")
+    vae = load_vae(cfg.vae_dir).to(device)
+    train_paths = encode_data(cfg, vae, out / "data", 0, cfg.data_clips, "train", pool)
+    held_paths = encode_data(cfg, vae, out / "data", 50_000_000, cfg.heldout_clips, "heldout", pool)
     del vae
-    x_all, y_all, prompts = load_data(train_paths)
-    x_held, y_held, prompts_held = load_data(held_paths)
+    if pool is not None:
+        pool.terminate()
+    x_all, y_all, prompts = (t.to(device) if torch.is_tensor(t) else t for t in load_data(train_paths))
+    x_held, y_held, prompts_held = (t.to(device) if torch.is_tensor(t) else t for t in load_data(held_paths))
 
     # 2. Text: the frozen tiny UMT5 embeds every distinct prompt once.
     tokenizer = build_tokenizer()
     text_encoder = build_text_encoder(len(tokenizer), seed=cfg.text_seed)
     distinct = sorted(set(prompts) | set(prompts_held) | {""})
     table = dict(zip(distinct, encode_prompts(tokenizer, text_encoder, distinct)))
-    text_all = torch.stack([table[p] for p in prompts])
-    text_held = torch.stack([table[p] for p in prompts_held])
-    empty = table[""]
+    text_all = torch.stack([table[p] for p in prompts]).to(device)
+    text_held = torch.stack([table[p] for p in prompts_held]).to(device)
+    empty = table[""].to(device)
 
     # 3. Model, optimiser, EMA; resume.
     model = build_transformer(cfg, text_encoder.config.d_model, x_all.shape[1])
+    if cfg.init_from and state is None:
+        from diffusers import WanTransformer3DModel
+
+        model.load_state_dict(WanTransformer3DModel.from_pretrained(cfg.init_from).state_dict())
+        print(f"starting from {cfg.init_from}", flush=True)
+    model.to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     step = 0
@@ -232,8 +278,8 @@ def train(cfg: DiTConfig) -> Path:
         write_json(out / "stages.json", {"step": step, "stage_seconds": clock.snapshot()})
 
     g = torch.Generator().manual_seed(1234)
-    held_sigma = torch.linspace(0.05, 0.95, len(x_held))
-    held_noise = torch.randn(x_held.shape, generator=g)
+    held_sigma = torch.linspace(0.05, 0.95, len(x_held)).to(device)
+    held_noise = torch.randn(x_held.shape, generator=g).to(device)
 
     @torch.no_grad()
     def heldout(m) -> float:
@@ -250,15 +296,22 @@ def train(cfg: DiTConfig) -> Path:
     model.train()
     last_ckpt = time.monotonic()
     bar = tqdm(total=cfg.steps, initial=step, desc="dit", mininterval=10, dynamic_ncols=True)
+    ema_params, model_params = list(ema.parameters()), list(model.parameters())
     while step < cfg.steps and not stop["now"]:
+        spent = time_progress(clock.snapshot().get("train", 0.0), cfg.max_minutes)
+        if spent >= 1.0:
+            tqdm.write(f"training ended by its {cfg.max_minutes} min budget at step {step}/{cfg.steps}")
+            cfg.steps = step  # the run is complete at this step (recorded in config.json)
+            write_json(out / "config.json", to_dict(cfg))
+            break
         t0 = time.monotonic()
-        lr = cosine_lr(cfg.lr, step, cfg.steps, cfg.warmup)
+        lr = cosine_lr(cfg.lr, step, cfg.steps, cfg.warmup, time_progress=spent)
         for group in opt.param_groups:
             group["lr"] = lr
-        idx = torch.randint(len(x_all), (cfg.batch,))
+        idx = torch.randint(len(x_all), (cfg.batch,)).to(device)
         text = text_all[idx].clone()
-        text[torch.rand(cfg.batch) < cfg.cfg_dropout] = empty
-        sigma = shifted(torch.rand(cfg.batch).clamp(1e-3, 1 - 1e-3), cfg.shift)
+        text[torch.rand(cfg.batch, device=device) < cfg.cfg_dropout] = empty
+        sigma = shifted(torch.rand(cfg.batch).clamp(1e-3, 1 - 1e-3), cfg.shift).to(device)
         loss = flow_loss(model, x_all[idx], y_all[idx], text, sigma, torch.randn_like(x_all[idx]), cfg.frames)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -266,8 +319,9 @@ def train(cfg: DiTConfig) -> Path:
         opt.step()
         with torch.no_grad():
             decay = min(cfg.ema, (1 + step) / (10 + step))
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - decay)
+            if cfg.init_from:  # the EMA already holds trained weights: no short-memory warm-up
+                decay = cfg.ema
+            torch._foreach_lerp_(ema_params, model_params, 1 - decay)
         step += 1
         bar.update(1)
         if step % cfg.log_every == 0 or step == 1:

@@ -1,4 +1,4 @@
-"""Train the built-in tiny Wan VAE (``AutoencoderKLWan``) on ShapesWorld, on CPU.
+"""Train the built-in tiny Wan VAE (``AutoencoderKLWan``) on ShapesWorld, on CPU or a GPU.
 
     python -m cliploom.shapesworld.train_vae [CONFIG.yaml]
 
@@ -9,6 +9,11 @@ resumes from it when restarted; it logs every step to ``train.csv``, held-out PS
 ``eval.csv`` and the wall time per stage to ``stages.json``. When all stages are done it
 measures the per-channel mean/std of the encoder's mean latents, writes them into the config
 (``latents_mean`` / ``latents_std``) and saves a diffusers folder to ``out_dir/final``.
+
+``device: auto`` trains on the GPU when there is one; ``workers`` render the batches in
+background processes (the GPU would otherwise wait on numpy); a stage's ``max_minutes`` ends it
+when its time is spent, with its learning rate decayed on the time left (see
+:func:`trainutil.cosine_lr`), so a recipe can say "this stage gets 6 minutes of a GPU".
 """
 
 from __future__ import annotations
@@ -17,13 +22,27 @@ import math
 import signal
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from .trainutil import CsvLog, StageClock, cosine_lr, load_checkpoint, load_config, save_checkpoint, to_dict, write_json
+from .trainutil import (
+    CsvLog,
+    Prefetch,
+    StageClock,
+    cosine_lr,
+    load_checkpoint,
+    load_config,
+    pick_device,
+    save_checkpoint,
+    time_progress,
+    to_dict,
+    worker_pool,
+    write_json,
+)
 from .world import CLIP_FRAMES, sample_clip, sample_sequence
 
 
@@ -39,6 +58,7 @@ class VAEStage:
     # ``out_dir/frozen`` so the DiT can be trained on final latents while the decoder improves.
     decoder_only: bool = False
     threads: int = 0  # torch threads for this stage (0: the config's ``threads``)
+    max_minutes: float = 0.0  # wall-time budget of the stage (0: none); it ends at steps or time
 
 
 @dataclass
@@ -46,6 +66,8 @@ class VAEConfig:
     out_dir: str = "runs/vae"
     seed: int = 0
     threads: int = 2
+    device: str = "auto"  # "auto": the GPU when there is one
+    workers: int = 0  # processes rendering training batches ahead (0: render inline)
     size: int = 32
     base_dim: int = 16
     z_dim: int = 16
@@ -67,7 +89,9 @@ class VAEConfig:
     checkpoint_every_s: float = 300.0
     eval_every: int = 250
     eval_clips: int = 8
+    eval_frames: int = CLIP_FRAMES  # frames per held-out clip in eval.csv
     stats_clips: int = 64
+    final_eval_clips: int = 32
     log_every: int = 10
 
     _item_types = {"stages": VAEStage}
@@ -96,8 +120,19 @@ def to_tensor(frames: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(frames).permute(3, 0, 1, 2).float().div(127.5).sub(1.0)
 
 
+def batch_to_tensor(frames: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 ``[B, F, H, W, 3]`` -> float ``[B, 3, F, H, W]`` in -1..1 on ``device``."""
+    x = torch.from_numpy(frames).to(device, non_blocking=True)
+    return x.permute(0, 4, 1, 2, 3).float().div(127.5).sub(1.0)
+
+
 def training_batch(seed: int, step: int, stage: VAEStage, size: int) -> torch.Tensor:
     """A deterministic batch for ``step``: random frames (images) or windows of long sequences."""
+    return batch_to_tensor(training_frames(step, seed=seed, stage=stage, size=size))
+
+
+def training_frames(step: int, *, seed: int, stage: VAEStage, size: int) -> np.ndarray:
+    """The frames of :func:`training_batch` as uint8 ``[B, F, H, W, 3]`` (what workers send)."""
     rng = np.random.default_rng([seed, step])
     items = []
     for _ in range(stage.batch):
@@ -105,12 +140,12 @@ def training_batch(seed: int, step: int, stage: VAEStage, size: int) -> torch.Te
         if stage.frames == 1:
             clip = sample_clip(s, frames=CLIP_FRAMES, size=size)
             k = int(rng.integers(clip.num_frames))
-            items.append(to_tensor(clip.frames(k, k + 1)))
+            items.append(clip.frames(k, k + 1))
         else:
             seq = sample_sequence(s, num_segments=3, segment_frames=max(stage.frames, 12), size=size)
             a = int(rng.integers(seq.num_frames - stage.frames + 1))
-            items.append(to_tensor(seq.frames(a, a + stage.frames)))
-    return torch.stack(items)
+            items.append(seq.frames(a, a + stage.frames))
+    return np.stack(items)
 
 
 def heldout_clips(n: int, size: int, frames: int = CLIP_FRAMES) -> list[np.ndarray]:
@@ -133,10 +168,10 @@ def psnr_uint8(a: np.ndarray, b: np.ndarray) -> float:
 @torch.no_grad()
 def reconstruct(vae, frames: np.ndarray) -> np.ndarray:
     """Encode (mean latents) and decode one clip; returns uint8 frames like the input."""
-    x = to_tensor(frames)[None]
+    x = to_tensor(frames)[None].to(next(vae.parameters()).device)
     z = vae.encode(x).latent_dist.mode()
     y = vae.decode(z).sample[0]
-    return ((y.permute(1, 2, 3, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
+    return ((y.permute(1, 2, 3, 0).clamp(-1, 1) + 1) * 127.5).round().byte().cpu().numpy()
 
 
 def heldout_psnr(vae, clips: list[np.ndarray]) -> float:
@@ -156,7 +191,7 @@ def latent_stats(vae, n: int, size: int) -> tuple[list[float], list[float]]:
     zs = []
     for i in range(n):
         frames = sample_sequence(20_000_000 + i, 2, [16, 17], size=size).frames()
-        zs.append(vae.encode(to_tensor(frames)[None]).latent_dist.mode())
+        zs.append(vae.encode(to_tensor(frames)[None].to(next(vae.parameters()).device)).latent_dist.mode().cpu())
     z = torch.cat(zs).transpose(0, 1).reshape(zs[0].shape[1], -1)
     return z.mean(1).tolist(), z.std(1).tolist()
 
@@ -177,8 +212,10 @@ def train(cfg: VAEConfig) -> Path:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "config.json", to_dict(cfg))
+    pool = worker_pool(cfg.workers)  # forked before CUDA starts
+    device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    vae = build_vae(cfg)
+    vae = build_vae(cfg).to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.stages[0].lr, weight_decay=0.0)
     ckpt_path = out / "checkpoint.pt"
     state = load_checkpoint(ckpt_path)
@@ -192,7 +229,7 @@ def train(cfg: VAEConfig) -> Path:
     total = sum(s.steps for s in cfg.stages)
     log = CsvLog(out / "train.csv", ["step", "stage", "lr", "loss", "l1", "mse", "kl", "psnr", "step_s", "wall_s"])
     eval_log = CsvLog(out / "eval.csv", ["step", "stage", "heldout_psnr", "wall_s"])
-    eval_clips = heldout_clips(cfg.eval_clips, cfg.size)
+    eval_clips = heldout_clips(cfg.eval_clips, cfg.size, cfg.eval_frames)
 
     stop = {"now": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
@@ -214,22 +251,36 @@ def train(cfg: VAEConfig) -> Path:
     vae.train()
     last_ckpt = time.monotonic()
     bar = tqdm(total=total, initial=step, desc="vae", mininterval=10, dynamic_ncols=True)
-    current = None
+    current, batches = None, None
     while step < total and not stop["now"]:
         si, stage, local = stage_at(cfg.stages, step)
         if stage.name != current:
             current = stage.name
-            clock.enter(stage.name)
             torch.set_num_threads(stage.threads or cfg.threads)
             vae.encoder.requires_grad_(not stage.decoder_only)
             vae.quant_conv.requires_grad_(not stage.decoder_only)
             if stage.decoder_only and not (out / "frozen" / "config.json").exists():
+                clock.enter("freeze")  # its own line in stages.json, outside any stage's budget
                 save_frozen(cfg, vae)
-        lr = cosine_lr(stage.lr, local, stage.steps, cfg.warmup)
+            clock.enter(stage.name)
+            make = partial(training_frames, seed=cfg.seed, stage=stage, size=cfg.size)
+            batches = Prefetch(pool, make, range(step, step - local + stage.steps), depth=2 * max(1, cfg.workers))
+        spent = time_progress(clock.snapshot().get(stage.name, 0.0), stage.max_minutes)
+        if spent >= 1.0:  # the stage's time is up: on to the next stage (or the end)
+            tqdm.write(f"stage {stage.name} ended by its {stage.max_minutes} min budget after {local} steps")
+            p = heldout_psnr(vae, eval_clips)
+            eval_log.write(step=step, stage=stage.name, heldout_psnr=p, wall_s=sum(clock.snapshot().values()))
+            step += stage.steps - local
+            bar.update(stage.steps - local)
+            checkpoint()
+            last_ckpt = time.monotonic()
+            current = None
+            continue
+        lr = cosine_lr(stage.lr, local, stage.steps, cfg.warmup, time_progress=spent)
         for g in opt.param_groups:
             g["lr"] = lr
         t0 = time.monotonic()
-        x = training_batch(cfg.seed, step, stage, cfg.size)
+        x = batch_to_tensor(next(batches), device)
         with torch.set_grad_enabled(not stage.decoder_only):
             posterior = vae.encode(x).latent_dist
         y = vae.decode(posterior.sample()).sample
@@ -258,6 +309,8 @@ def train(cfg: VAEConfig) -> Path:
             last_ckpt = time.monotonic()
     bar.close()
     checkpoint()
+    if pool is not None:
+        pool.terminate()
     if step < total:
         print(f"stopped at step {step}/{total}; run the same command again to resume", flush=True)
         return ckpt_path
@@ -290,13 +343,16 @@ def finalize(cfg: VAEConfig, vae, clock: StageClock) -> Path:
     vae.register_to_config(latents_mean=mean, latents_std=std)
     final = out / "final"
     vae.save_pretrained(final, safe_serialization=True)
-    p33 = heldout_psnr(vae, heldout_clips(32, cfg.size))
-    p81 = heldout_psnr(vae, heldout_clips(4, cfg.size, frames=81))
+    n = cfg.final_eval_clips
+    p17 = heldout_psnr(vae, heldout_clips(n, cfg.size, frames=17))
+    p33 = heldout_psnr(vae, heldout_clips(n, cfg.size))
+    p81 = heldout_psnr(vae, heldout_clips(max(1, n // 8), cfg.size, frames=81))
     seconds = clock.snapshot()
     seconds["finalize"] = time.monotonic() - t0
     report = {
-        "heldout_psnr_33f_32clips": p33,
-        "heldout_psnr_81f_4clips": p81,
+        f"heldout_psnr_17f_{n}clips": p17,
+        f"heldout_psnr_33f_{n}clips": p33,
+        f"heldout_psnr_81f_{max(1, n // 8)}clips": p81,
         "latents_mean": mean,
         "latents_std": std,
         "stage_seconds": seconds,
@@ -304,7 +360,7 @@ def finalize(cfg: VAEConfig, vae, clock: StageClock) -> Path:
         "params": sum(p.numel() for p in vae.parameters()),
     }
     write_json(final / "training_report.json", report)
-    print(f"saved {final}: held-out PSNR {p33:.2f} dB (33 frames), {p81:.2f} dB (81 frames)", flush=True)
+    print(f"saved {final}: held-out PSNR {p17:.2f} dB (17 frames), {p33:.2f} dB (33), {p81:.2f} dB (81)", flush=True)
     return final
 
 

@@ -7,6 +7,7 @@ checkpoints, a CSV log, and a per-stage wall-clock ledger. Scripts run as
 
 from __future__ import annotations
 
+import collections
 import csv
 import dataclasses
 import json
@@ -119,11 +120,74 @@ def write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def cosine_lr(base: float, step: int, total: int, warmup: int, floor: float = 0.1) -> float:
-    """Linear warm-up to ``base`` then cosine decay to ``floor * base`` at ``total``."""
+def cosine_lr(base: float, step: int, total: int, warmup: int, floor: float = 0.1, time_progress: float = 0.0) -> float:
+    """Linear warm-up to ``base`` then cosine decay to ``floor * base`` at ``total``.
+
+    ``time_progress`` (the share of a time budget spent, see :func:`time_progress`) moves the
+    decay on when time runs out before the steps do, so a run cut by its budget still ends at the
+    low learning rate instead of mid-schedule.
+    """
     import math
 
     if step < warmup:
         return base * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    progress = min(1.0, max((step - warmup) / max(1, total - warmup), time_progress))
     return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def time_progress(seconds: float, max_minutes: float) -> float:
+    """The share of a ``max_minutes`` budget that ``seconds`` spent (0 when there is no budget)."""
+    return 0.0 if max_minutes <= 0 else seconds / (60.0 * max_minutes)
+
+
+def pick_device(name: str) -> torch.device:
+    """``"auto"``: the GPU when there is one, else the CPU; otherwise the named device."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit(f"error: device {name!r} asked for but torch sees no GPU; set device: cpu (or auto)")
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return device
+
+
+def worker_pool(workers: int):
+    """A process pool for CPU-side data rendering (``None`` for ``workers <= 0``: render inline).
+
+    Made with ``fork`` before the caller touches CUDA; the workers only run numpy.
+    """
+    if workers <= 0:
+        return None
+    import multiprocessing
+
+    return multiprocessing.get_context("fork").Pool(workers)
+
+
+class Prefetch:
+    """``fn(item)`` for each of ``items`` in order, computed up to ``depth`` items ahead in
+    ``pool``'s workers (inline when ``pool`` is None). Bounded, unlike ``Pool.imap``, which
+    queues the whole iterable and would hold every finished batch in memory."""
+
+    def __init__(self, pool, fn, items, depth: int = 4):
+        self.pool, self.fn, self.items, self.depth = pool, fn, iter(items), depth
+        self.pending: collections.deque = collections.deque()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.pool is None:
+            return self.fn(next(self.items))
+        while len(self.pending) < self.depth:
+            item = next(self.items, _END)
+            if item is _END:
+                break
+            self.pending.append(self.pool.apply_async(self.fn, (item,)))
+        if not self.pending:
+            raise StopIteration
+        return self.pending.popleft().get()
+
+
+_END = object()
