@@ -121,3 +121,18 @@ def test_dit_time_budget_then_continue_from_its_weights(tiny_vae_run, tmp_path):
     worst = max(float((after[k] - start[k]).abs().max()) for k in start)
     assert worst < 1e-3
     assert any(not torch.equal(after[k], start[k]) for k in start)  # and it did take the step
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the trainers' device path)")
+def test_trainers_run_on_cuda(tmp_path):
+    cfg = {
+        "out_dir": str(tmp_path / "vae"), "device": "cuda", "workers": 1, "base_dim": 8, "eval_every": 100,
+        "eval_clips": 1, "eval_frames": 5, "stats_clips": 1, "final_eval_clips": 1,
+        "stages": [{"name": "images", "steps": 2, "frames": 1, "batch": 2, "lr": 5e-4},
+                   {"name": "dec", "steps": 2, "frames": 5, "batch": 2, "lr": 2e-4, "decoder_only": True}],
+    }
+    (tmp_path / "vae.yaml").write_text(yaml.safe_dump(cfg))
+    train_vae.train(train_vae.load_config(train_vae.VAEConfig, [str(tmp_path / "vae.yaml")]))
+    final = train_dit.train(_dit_config(tmp_path, tmp_path / "vae" / "frozen", "dit", steps=3, device="cuda"))
+    assert (final / "transformer" / "config.json").is_file()
+    assert np.isfinite(json.loads((final / "training_report.json").read_text())["heldout_loss_ema"])
