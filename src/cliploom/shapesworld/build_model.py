@@ -59,7 +59,10 @@ def export_vae_checkpoint(checkpoint: Path, frozen_dir: Path, out: Path) -> Path
         if changed:
             raise SystemExit(f"error: {checkpoint} has an encoder that differs from {frozen_dir} ({changed[0]}...)")
     vae.save_pretrained(out, safe_serialization=True)
-    (out / "training_report.json").write_text(json.dumps({"from_checkpoint_step": state["step"]}, indent=2) + "\n")
+    seconds = state.get("stage_seconds", {})
+    report = {"from_checkpoint_step": state["step"], "stage_seconds": seconds, "total_hours": sum(seconds.values()) / 3600,
+              "stages": state.get("config", {}).get("stages"), "params": sum(p.numel() for p in vae.parameters())}
+    (out / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return out
 
 

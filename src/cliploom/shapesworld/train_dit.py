@@ -349,15 +349,26 @@ def finalize(cfg: DiTConfig, ema, tokenizer, text_encoder, clock: StageClock, he
     text_encoder.save_pretrained(final / "text_encoder", safe_serialization=True)
     tokenizer.save_pretrained(final / "tokenizer")
     seconds = clock.snapshot()
-    write_json(final / "training_report.json", {
+    report = {
         "heldout_loss_ema": heldout_loss,
         "params": sum(p.numel() for p in ema.parameters()),
+        "steps": cfg.steps,
+        "batch": cfg.batch,
+        "device": _device_name(next(ema.parameters()).device),
         "stage_seconds": seconds,
         "total_hours": sum(seconds.values()) / 3600,
         "max_sequence_length": MAX_SEQUENCE_LENGTH,
-    })
+    }
+    earlier = Path(cfg.init_from).parent / "training_report.json" if cfg.init_from else None
+    if earlier is not None and earlier.is_file():  # a continuation: keep the run it continued
+        report["continued_from"] = {"path": cfg.init_from, **json.loads(earlier.read_text())}
+    write_json(final / "training_report.json", report)
     print(f"saved {final}: held-out loss {heldout_loss:.4f}", flush=True)
     return final
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def export_checkpoint(out_dir: str | Path, dest: str | Path) -> Path:
