@@ -471,3 +471,27 @@ def test_module_documents_every_knob():
 def test_data_clip_roundtrip_type():
     clip = DataClip(np.zeros((5, 8, 8, 3), np.uint8), "p", "x")
     assert clip.offset == 0
+
+
+def test_far_anchor_comes_from_the_source_and_leaves_other_streams_alone(wan21):
+    src = ShapesWorldClips(frames=9, size=32, segments=3, segment_frames=12, boundary_prob=0.0)
+    near = src.clip(torch.Generator().manual_seed(5), 5)
+    far = src.clip(torch.Generator().manual_seed(5), 5, far_anchor=True)
+    assert near.anchor is None and np.array_equal(near.frames, far.frames)  # the same clip either way
+    assert far.anchor.shape == (1, 32, 32, 3)
+    sample = build_sample(wan21, far, Choice("latent", motion=1, ref_index=2, far_anchor=True))
+    anchor = wan21.encode_video(frames_to_tensor(far.anchor))
+    assert torch.allclose(sample.cond.y[:, 4:, :1], anchor, atol=1e-5)  # y's anchor is the far frame
+    pixel = build_sample(wan21, far, Choice("pixel", motion=5, ref_pad=-1, ref_index=2, far_anchor=True))
+    video = frames_to_tensor(far.frames)
+    expected = torch.cat([video[:, :, :5], frames_to_tensor(far.anchor).expand(-1, -1, 4, -1, -1)], dim=2)
+    assert torch.allclose(pixel.cond.y[:, 4:], wan21.encode_video(expected), atol=1e-5)
+    # The far draw comes last and only when asked for: the other draws are the same either way.
+    from cliploom.train.samples import draw_choice
+
+    never, always = TrainConfig(anchor_far_prob=0.0), TrainConfig(anchor_far_prob=1.0)
+    for seed in range(20):
+        a = draw_choice(never, 9, torch.Generator().manual_seed(seed))
+        b = draw_choice(always, 9, torch.Generator().manual_seed(seed))
+        assert (a.mode, a.motion, a.ref_pad, a.ref_index) == (b.mode, b.motion, b.ref_pad, b.ref_index)
+        assert not a.far_anchor and b.far_anchor == (b.motion > 0)

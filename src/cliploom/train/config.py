@@ -67,6 +67,10 @@ class TrainConfig:
     motion_frames: list[int] = field(default_factory=lambda: [5])  # pixel mode: N, drawn from this list
     ref_pad: list[int] = field(default_factory=lambda: [-1])  # pixel mode: padding rule, drawn from this list
     no_motion_prob: float = 0.1  # chance of a first-clip sample: no motion memory (official p_motion_threshold 0.9)
+    # Chance that a sample with motion memory takes its anchor / reference image from anywhere in
+    # the clip's source (the whole ShapesWorld sequence or video file) instead of from the clip:
+    # at inference the anchor is the story's first frame, however far the subject has moved since.
+    anchor_far_prob: float = 0.0
 
     # -- LoRA ------------------------------------------------------------------------------------------
     rank: int = 128
@@ -138,7 +142,7 @@ _CHOICES = {
     "replay_dtype": ("bfloat16", "float16", "float32"),
 }
 _PROBABILITIES = (
-    "boundary_prob", "latent_mode_prob", "no_motion_prob", "p_latent_error", "p_y_error", "p_noise_error",
+    "boundary_prob", "latent_mode_prob", "no_motion_prob", "anchor_far_prob", "p_latent_error", "p_y_error", "p_noise_error",
     "p_clean", "clean_update_prob",
 )
 _POSITIVE = (

@@ -33,6 +33,7 @@ class DataClip:
     prompt: str
     source: str  # where it came from, for logs
     offset: int = 0  # first frame's index in its sequence or file
+    anchor: np.ndarray | None = None  # uint8 [1, H, W, 3]: a frame from anywhere in the source (far anchor)
 
 
 def _randint(generator: torch.Generator, low: int, high: int) -> int:
@@ -60,8 +61,9 @@ class ShapesWorldClips:
                 "raise `segments` or `segment_frames`",
             )
 
-    def clip(self, generator: torch.Generator, motion_pixels: int) -> DataClip:
-        """A clip whose first ``motion_pixels`` frames are its motion memory."""
+    def clip(self, generator: torch.Generator, motion_pixels: int, far_anchor: bool = False) -> DataClip:
+        """A clip whose first ``motion_pixels`` frames are its motion memory (and, with
+        ``far_anchor``, a frame from anywhere in its sequence as ``anchor``)."""
         from ..shapesworld import sample_sequence
 
         seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
@@ -75,7 +77,11 @@ class ShapesWorldClips:
             offset = _randint(generator, 0, total - F)
         first_new = min(offset + motion_pixels, total - 1)
         prompt = next(s.prompt for s in seq.segments if s.start <= first_new < s.stop)
-        return DataClip(seq.frames(offset, offset + F), prompt, f"shapesworld:{seed}@{offset}", offset)
+        anchor = None
+        if far_anchor:
+            k = _randint(generator, 0, total - 1)
+            anchor = seq.frames(k, k + 1)
+        return DataClip(seq.frames(offset, offset + F), prompt, f"shapesworld:{seed}@{offset}", offset, anchor)
 
 
 def _caption(path: Path, default: str) -> str:
@@ -150,9 +156,13 @@ class VideoFolderClips:
                 "use longer videos, fewer `frames` or a smaller `frame_stride`",
             )
 
-    def clip(self, generator: torch.Generator, motion_pixels: int = 0) -> DataClip:
+    def clip(self, generator: torch.Generator, motion_pixels: int = 0, far_anchor: bool = False) -> DataClip:
         path, n, caption = self.videos[_randint(generator, 0, len(self.videos) - 1)]
         start = _randint(generator, 0, n - ((self.frames - 1) * self.stride + 1))
         images = read_frames(path, start, self.frames, self.stride)
         frames = np.stack([np.asarray(cover_crop(im, self.width, self.height)) for im in images])
-        return DataClip(frames, caption, f"{path.name}@{start}", start)
+        anchor = None
+        if far_anchor:
+            (image,) = read_frames(path, _randint(generator, 0, n - 1), 1)
+            anchor = np.asarray(cover_crop(image, self.width, self.height))[None]
+        return DataClip(frames, caption, f"{path.name}@{start}", start, anchor)

@@ -211,7 +211,7 @@ class SVITrainer:
         out = []
         for _ in range(self.cfg.batch_size):
             choice = draw_choice(self.cfg, self.cfg.frames, generator)
-            clip = self.data.clip(generator, choice.motion_pixels)
+            clip = self.data.clip(generator, choice.motion_pixels, choice.far_anchor)
             out.append(build_sample(self.model, clip, choice))
         return out
 

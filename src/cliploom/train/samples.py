@@ -13,6 +13,10 @@ so training and inference cannot disagree. What plays the previous clip's part:
   by ``ref_pad`` padding made from a random frame of the clip, VAE-encoded into ``y``.
 * **no motion** (a first clip): the anchor / reference is the clip's first frame and there is no
   motion memory, as for clip 0 at inference.
+
+With ``anchor_far_prob`` a sample with motion memory takes its anchor / reference from anywhere
+in the clip's source instead (``DataClip.anchor``), as at inference, where the anchor is the
+story's first frame while the motion memory is wherever the last clip ended.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ class Choice:
     motion: int  # K latents (latent mode) or N frames (pixel mode); 0: no motion memory
     ref_pad: int = -1
     ref_index: int = 0  # the clip frame used as anchor / reference
+    far_anchor: bool = False  # take the anchor / reference from the clip's source instead (DataClip.anchor)
 
     @property
     def motion_pixels(self) -> int:
@@ -70,7 +75,10 @@ def draw_choice(cfg: TrainConfig, frames: int, generator: torch.Generator) -> Ch
     if u[1] < cfg.no_motion_prob:
         motion = 0
     ref_index = int(torch.randint(frames, (1,), generator=generator))
-    return Choice(mode, max(motion, 0), ref_pad, ref_index)
+    far = False
+    if cfg.anchor_far_prob > 0:  # drawn only when asked for, so other configs keep their random streams
+        far = bool(torch.rand((), generator=generator) < cfg.anchor_far_prob) and motion > 0
+    return Choice(mode, max(motion, 0), ref_pad, ref_index, far)
 
 
 @dataclass
@@ -100,19 +108,20 @@ def build_sample(model: Components, clip: DataClip, choice: Choice) -> TrainSamp
     error_start = None
     if choice.mode == "latent":
         if choice.motion == 0:
-            anchor_frame, motion = 0, None
+            motion = None
             anchor = latents[:, :, :1]  # the Wan VAE encodes frame 0 on its own: this is VAE(frame 0)
         else:
-            anchor_frame, motion = choice.ref_index, latents[:, :, 1 : 1 + choice.motion]
-            anchor = model.encode_video(video[:, :, anchor_frame : anchor_frame + 1])
+            motion = latents[:, :, 1 : 1 + choice.motion]
+            anchor_image = _anchor_image(video, clip, choice)
+            anchor = model.encode_video(anchor_image[:, :, None])
             error_start = 1
         cond = C.latent_condition(anchor, motion, T, expand, patch)
-        cond.image_embeds = _image_features(model, video[0, :, anchor_frame])
+        cond.image_embeds = _image_features(model, video[0, :, 0] if choice.motion == 0 else anchor_image[0])
     else:
         if choice.motion == 0:
             reference, motion_frames, first = video[:, :, 0], None, video[0, :, 0]
         else:
-            reference = video[:, :, choice.ref_index]
+            reference = _anchor_image(video, clip, choice)
             motion_frames = video[:, :, : choice.motion]
             first = video[0, :, 0]
             error_start = 0
@@ -125,6 +134,13 @@ def build_sample(model: Components, clip: DataClip, choice: Choice) -> TrainSamp
     if cond.known is not None:  # TI2V: known frames are given, not predicted
         loss_mask = (1 - cond.known[:, :, :, :1, :1]).to(latents)
     return TrainSample(latents, cond, clip.prompt, choice, error_start, loss_mask)
+
+
+def _anchor_image(video: torch.Tensor, clip: DataClip, choice: Choice) -> torch.Tensor:
+    """The anchor / reference image ``[1, 3, H, W]``: a frame of the clip, or the far frame."""
+    if choice.far_anchor and clip.anchor is not None:
+        return frames_to_tensor(clip.anchor).to(video)[:, :, 0]
+    return video[:, :, choice.ref_index]
 
 
 def _image_features(model: Components, frame: torch.Tensor):
