@@ -242,3 +242,14 @@ def test_vae_check_scores_round_trips():
     assert exact["psnr_mean"] == 99.0 and exact["meets_bar"] and exact["evaluator_pass_rate"] == 1.0
     dark = check_base.vae_check(_IdentityVAE(darken=0.3), 3, 17, 32)
     assert dark["psnr_mean"] < 30 and not dark["meets_bar"]
+
+
+def test_trace_boundaries_follows_the_subject_across_every_boundary(capsys):
+    import trace_boundaries
+
+    rows = trace_boundaries.main([str(trace_boundaries.ROOT / "examples" / "demo.yaml")])
+    assert [r["clip"] for r in rows] == list(range(10))
+    for before, after in zip(rows, rows[1:]):
+        assert np.array_equal(after["previous_last"], before["last"])
+    assert all(np.isfinite(r["frame0"]).all() and np.isfinite(r["first_kept"]).all() for r in rows)
+    assert "clips re-create their tail nearer the anchor" in capsys.readouterr().out
