@@ -495,3 +495,21 @@ def test_far_anchor_comes_from_the_source_and_leaves_other_streams_alone(wan21):
         b = draw_choice(always, 9, torch.Generator().manual_seed(seed))
         assert (a.mode, a.motion, a.ref_pad, a.ref_index) == (b.mode, b.motion, b.ref_pad, b.ref_index)
         assert not a.far_anchor and b.far_anchor == (b.motion > 0)
+
+
+def test_previous_clip_motion_is_the_last_latent_of_the_clip_that_ends_there(wan21):
+    from cliploom.shapesworld import sample_sequence
+
+    src = ShapesWorldClips(frames=9, size=32, segments=3, segment_frames=12, boundary_prob=0.5)
+    clip = src.clip(torch.Generator().manual_seed(4), 5, history=4)
+    seed, offset = clip.source.split(":")[1].split("@")
+    full = sample_sequence(int(seed), 3, 12, size=32).frames()
+    assert clip.history.shape == (4, 32, 32, 3) and int(offset) >= 4
+    assert np.array_equal(clip.history, full[int(offset) - 4 : int(offset)])
+    sample = build_sample(wan21, clip, Choice("latent", motion=1, ref_index=2))
+    previous = wan21.encode_video(frames_to_tensor(np.concatenate([clip.history, clip.frames[:5]])))  # 9 frames
+    assert torch.allclose(sample.cond.y[:, 4:, 1:2], previous[:, :, -1:], atol=1e-5)
+    own = wan21.encode_video(frames_to_tensor(clip.frames))[:, :, 1:2]
+    assert not torch.allclose(sample.cond.y[:, 4:, 1:2], own, atol=1e-3)  # not the clip's own latent 1
+    with pytest.raises(CliploomError, match="history"):
+        ShapesWorldClips(frames=9, size=32, segments=1, segment_frames=12).clip(torch.Generator(), 5, history=8)

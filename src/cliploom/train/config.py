@@ -71,6 +71,11 @@ class TrainConfig:
     # the clip's source (the whole ShapesWorld sequence or video file) instead of from the clip:
     # at inference the anchor is the story's first frame, however far the subject has moved since.
     anchor_far_prob: float = 0.0
+    # Latent mode: where the motion latents come from. "previous_clip": the last K latents of the
+    # F-frame clip that ends where the motion ends, encoded as a whole (what inference hands on:
+    # the previous clip's last latents, deep in a causal VAE's context); "clip": the clip's own
+    # latents 1..K (encoded right after its first frame; a causal VAE makes them differ).
+    motion_source: str = "clip"
 
     # -- LoRA ------------------------------------------------------------------------------------------
     rank: int = 128
@@ -138,6 +143,7 @@ _CHOICES = {
     "mixed_precision": ("auto", "no", "bf16", "fp16"),
     "gradient_checkpointing": ("auto", "on", "off"),
     "velocity_target": ("clean", "injected"),
+    "motion_source": ("clip", "previous_clip"),
     "replay_replace": ("nearest", "random"),
     "replay_dtype": ("bfloat16", "float16", "float32"),
 }

@@ -34,6 +34,7 @@ class DataClip:
     source: str  # where it came from, for logs
     offset: int = 0  # first frame's index in its sequence or file
     anchor: np.ndarray | None = None  # uint8 [1, H, W, 3]: a frame from anywhere in the source (far anchor)
+    history: np.ndarray | None = None  # uint8 [h, H, W, 3]: the frames just before the clip (motion_source)
 
 
 def _randint(generator: torch.Generator, low: int, high: int) -> int:
@@ -61,27 +62,33 @@ class ShapesWorldClips:
                 "raise `segments` or `segment_frames`",
             )
 
-    def clip(self, generator: torch.Generator, motion_pixels: int, far_anchor: bool = False) -> DataClip:
-        """A clip whose first ``motion_pixels`` frames are its motion memory (and, with
-        ``far_anchor``, a frame from anywhere in its sequence as ``anchor``)."""
+    def clip(self, generator: torch.Generator, motion_pixels: int, far_anchor: bool = False,
+             history: int = 0) -> DataClip:
+        """A clip whose first ``motion_pixels`` frames are its motion memory (with ``far_anchor``,
+        a frame from anywhere in its sequence as ``anchor``; with ``history``, that many frames
+        before the clip as ``history``)."""
         from ..shapesworld import sample_sequence
 
         seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
         seq = sample_sequence(seed, self.segments, self.segment_frames, size=self.size)
         total, F, L = seq.num_frames, self.frames, self.segment_frames
         starts = [b * L - motion_pixels for b in range(1, self.segments)]
-        starts = [s for s in starts if 0 <= s and s + F <= total]
+        starts = [s for s in starts if history <= s and s + F <= total]
+        if history + F > total:
+            raise CliploomError(f"ShapesWorld sequences of {total} frames cannot hold {history} frames of history "
+                                f"before a {F}-frame clip", "raise `segments` or `segment_frames`")
         if starts and _rand(generator) < self.boundary_prob:
             offset = starts[_randint(generator, 0, len(starts) - 1)]
         else:
-            offset = _randint(generator, 0, total - F)
+            offset = _randint(generator, history, total - F)
         first_new = min(offset + motion_pixels, total - 1)
         prompt = next(s.prompt for s in seq.segments if s.start <= first_new < s.stop)
         anchor = None
         if far_anchor:
             k = _randint(generator, 0, total - 1)
             anchor = seq.frames(k, k + 1)
-        return DataClip(seq.frames(offset, offset + F), prompt, f"shapesworld:{seed}@{offset}", offset, anchor)
+        past = seq.frames(offset - history, offset) if history else None
+        return DataClip(seq.frames(offset, offset + F), prompt, f"shapesworld:{seed}@{offset}", offset, anchor, past)
 
 
 def _caption(path: Path, default: str) -> str:
@@ -156,13 +163,19 @@ class VideoFolderClips:
                 "use longer videos, fewer `frames` or a smaller `frame_stride`",
             )
 
-    def clip(self, generator: torch.Generator, motion_pixels: int = 0, far_anchor: bool = False) -> DataClip:
+    def clip(self, generator: torch.Generator, motion_pixels: int = 0, far_anchor: bool = False,
+             history: int = 0) -> DataClip:
         path, n, caption = self.videos[_randint(generator, 0, len(self.videos) - 1)]
-        start = _randint(generator, 0, n - ((self.frames - 1) * self.stride + 1))
-        images = read_frames(path, start, self.frames, self.stride)
+        lo, hi = history * self.stride, n - ((self.frames - 1) * self.stride + 1)
+        if lo > hi:
+            raise CliploomError(f"{path.name} has {n} frames, too few for {history} frames of history before a clip",
+                                "use longer videos or `motion_source: clip`")
+        start = _randint(generator, lo, hi)
+        images = read_frames(path, start - lo, history + self.frames, self.stride)
         frames = np.stack([np.asarray(cover_crop(im, self.width, self.height)) for im in images])
+        past, frames = (frames[:history], frames[history:]) if history else (None, frames)
         anchor = None
         if far_anchor:
             (image,) = read_frames(path, _randint(generator, 0, n - 1), 1)
             anchor = np.asarray(cover_crop(image, self.width, self.height))[None]
-        return DataClip(frames, caption, f"{path.name}@{start}", start, anchor)
+        return DataClip(frames, caption, f"{path.name}@{start}", start, anchor, past)

@@ -211,7 +211,10 @@ class SVITrainer:
         out = []
         for _ in range(self.cfg.batch_size):
             choice = draw_choice(self.cfg, self.cfg.frames, generator)
-            clip = self.data.clip(generator, choice.motion_pixels, choice.far_anchor)
+            history = 0
+            if self.cfg.motion_source == "previous_clip" and choice.mode == "latent" and choice.motion > 0:
+                history = self.cfg.frames - choice.motion_pixels  # the previous clip = history + the motion frames
+            clip = self.data.clip(generator, choice.motion_pixels, choice.far_anchor, history)
             out.append(build_sample(self.model, clip, choice))
         return out
 

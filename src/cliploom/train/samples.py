@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -112,6 +113,9 @@ def build_sample(model: Components, clip: DataClip, choice: Choice) -> TrainSamp
             anchor = latents[:, :, :1]  # the Wan VAE encodes frame 0 on its own: this is VAE(frame 0)
         else:
             motion = latents[:, :, 1 : 1 + choice.motion]
+            if clip.history is not None and len(clip.history):  # as inference: the previous clip's last K
+                past = np.concatenate([clip.history, clip.frames[: choice.motion_pixels]])
+                motion = model.encode_video(frames_to_tensor(past).to(model.device))[:, :, -choice.motion :]
             anchor_image = _anchor_image(video, clip, choice)
             anchor = model.encode_video(anchor_image[:, :, None])
             error_start = 1
