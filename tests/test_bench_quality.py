@@ -253,3 +253,11 @@ def test_trace_boundaries_follows_the_subject_across_every_boundary(capsys):
         assert np.array_equal(after["previous_last"], before["last"])
     assert all(np.isfinite(r["frame0"]).all() and np.isfinite(r["first_kept"]).all() for r in rows)
     assert "clips re-create their tail nearer the anchor" in capsys.readouterr().out
+
+
+def test_latent_context_measures_the_same_frames_deep_and_shallow():
+    import latent_context
+
+    r = latent_context.main(["--sequences", "2"])
+    assert len(r["per_sequence"]) == 2 and all(v > 0 for v in r["per_sequence"])
+    assert r["unrelated_clips"] > 0
