@@ -14,6 +14,11 @@ so training and inference cannot disagree. What plays the previous clip's part:
 * **no motion** (a first clip): the anchor / reference is the clip's first frame and there is no
   motion memory, as for clip 0 at inference.
 
+With ``motion_source: previous_clip`` the latent-mode motion is instead the last ``K`` latents of
+the ``F`` frames that end where the motion ends, encoded as one clip (``DataClip.history`` plus
+the motion frames): what inference hands on, since a causal VAE encodes the same frames
+differently deep in a clip than right after its first frame.
+
 With ``anchor_far_prob`` a sample with motion memory takes its anchor / reference from anywhere
 in the clip's source instead (``DataClip.anchor``), as at inference, where the anchor is the
 story's first frame while the motion memory is wherever the last clip ended.
