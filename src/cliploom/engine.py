@@ -169,6 +169,6 @@ def _totals(clips: list[dict], fps: int, seconds: float) -> dict:
         "seconds": round(seconds, 4),
         "seconds_denoise": round(sum(c["seconds_denoise"] for c in clips), 4),
         "seconds_decode": round(sum(c["seconds_decode"] for c in clips), 4),
-        "time_to_video": round(seconds / video_seconds, 4) if video_seconds else None,
+        "time_to_video": round(seconds / video_seconds, 6) if video_seconds else None,
         "peak_memory_mb": max(c["peak_memory_mb"] for c in clips),
     }
