@@ -513,3 +513,63 @@ def test_previous_clip_motion_is_the_last_latent_of_the_clip_that_ends_there(wan
     assert not torch.allclose(sample.cond.y[:, 4:, 1:2], own, atol=1e-3)  # not the clip's own latent 1
     with pytest.raises(CliploomError, match="history"):
         ShapesWorldClips(frames=9, size=32, segments=1, segment_frames=12).clip(torch.Generator(), 5, history=8)
+
+
+def _deltas(transformer, scale):
+    """Each adapted module's update ``scale * B @ A`` (what the LoRA adds to the weight)."""
+    from cliploom.train.adapter import lora_state
+
+    st = lora_state(transformer)
+    return {k[: -len(".lora_A.weight")]: scale * st[k.replace("lora_A", "lora_B")] @ st[k]
+            for k in st if k.endswith(".lora_A.weight")}
+
+
+def test_init_lora_starts_from_a_file_in_either_layout_with_the_same_update(tmp_path, tiny_dirs):
+    from cliploom.models import load_model
+    from cliploom.train.adapter import attach_lora, init_from_file, lora_state
+    from cliploom.train.export import export_lora
+
+    source = load_model(tiny_dirs["wan21"], device="cpu")
+    cfg = _cfg(tmp_path, tiny_dirs["wan21"])  # rank 4, alpha 8
+    attach_lora(source.transformer, cfg)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in source.transformer.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    want = _deltas(source.transformer, 8 / 4)
+    for layout in ("svi", "diffusers"):
+        path = export_lora(lora_state(source.transformer), tmp_path / f"{layout}.safetensors", layout, rank=4, alpha=8)
+        for alpha in (8, 4):  # another alpha: the file's update is kept, A absorbs the difference
+            model = load_model(tiny_dirs["wan21"], device="cpu")
+            c = _cfg(tmp_path, tiny_dirs["wan21"], alpha=alpha, init_lora=str(path))
+            attach_lora(model.transformer, c)
+            init_from_file(model.transformer, c)
+            got = _deltas(model.transformer, alpha / 4)
+            assert got.keys() == want.keys()
+            for k in want:
+                torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-7)
+
+    # A file that does not fit is a one-line error naming the mismatch.
+    for kw, fragment in [({"rank": 8}, "rank [4], the config trains rank 8"),
+                         ({"targets": ["q", "k"]}, "does not touch the modules the config targets")]:
+        model = load_model(tiny_dirs["wan21"], device="cpu")
+        c = _cfg(tmp_path, tiny_dirs["wan21"], init_lora=str(tmp_path / "svi.safetensors"), **kw)
+        attach_lora(model.transformer, c)
+        with pytest.raises(CliploomError) as err:
+            init_from_file(model.transformer, c)
+        assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_cosine_schedule_warms_up_then_decays_to_lr_min(tmp_path, tiny_dirs):
+    from cliploom.train.loop import SVITrainer
+
+    t = SVITrainer(_cfg(tmp_path, tiny_dirs["wan21"], steps=100, warmup_steps=10, lr=1e-3, lr_schedule="cosine",
+                        lr_min=1e-4), progress=False)
+    lrs = [t.lr_at(s) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] == pytest.approx(1e-4, rel=0.01)
+    assert SVITrainer(_cfg(tmp_path, tiny_dirs["wan21"], out_dir=str(tmp_path / "c"), steps=100),
+                      progress=False).lr_at(99) == pytest.approx(0.02)
+    with pytest.raises(CliploomError, match="lr_min"):
+        config_from_dict({"lr": 1e-4, "lr_min": 1e-3})

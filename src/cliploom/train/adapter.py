@@ -72,3 +72,44 @@ def load_lora_state(transformer, state: dict[str, torch.Tensor]) -> None:
             f"{expected} expected, {len(state)} saved)",
             "resume with the same model, rank and targets it was trained with",
         )
+
+
+def init_from_file(transformer, cfg: TrainConfig) -> None:
+    """Start the attached adapter from ``cfg.init_lora``, a LoRA file in any layout cliploom reads.
+
+    The file's update ``scale * B @ A`` is kept exactly: its scale is folded into A and divided
+    by the trainer's own ``alpha / rank``. The file must hold the same rank on exactly the
+    modules the config targets, and nothing else the adapter could not carry (full deltas)."""
+    from ..models.formats import check_finite, read_lora
+
+    path = cfg.init_lora
+    lf = read_lora(path)
+    where = f"init_lora {path}"
+    if lf.deltas():
+        raise CliploomError(f"{where} carries full-weight or bias deltas ({len(lf.deltas())} modules) "
+                            "a LoRA adapter cannot start from", "start from a file of lora_A/lora_B pairs only")
+    if lf.ranks != [cfg.rank]:
+        raise CliploomError(f"{where} has rank {lf.ranks}, the config trains rank {cfg.rank}",
+                            f"set `rank: {lf.ranks[0] if len(lf.ranks) == 1 else '...'}` to match the file")
+    own = {n[: -len(f".lora_A.{ADAPTER}.weight")] for n, _ in transformer.named_parameters()
+           if n.endswith(f".lora_A.{ADAPTER}.weight")}
+    theirs = set(lf.pairs())
+    if own != theirs:
+        extra, missing = sorted(theirs - own), sorted(own - theirs)
+        raise CliploomError(
+            f"{where} does not touch the modules the config targets "
+            f"({len(missing)} targeted but not in the file, e.g. {missing[:2]}; "
+            f"{len(extra)} in the file but not targeted, e.g. {extra[:2]})",
+            "set `targets` to the modules the file was trained on",
+        )
+    state = lf.peft_state_dict()
+    check_finite(state, where)
+    scale = cfg.alpha / cfg.rank
+    state = {k: v / scale if ".lora_A." in k else v for k, v in state.items()}
+    params = dict(transformer.named_parameters())
+    for key, value in state.items():
+        param = params[key.replace(".weight", f".{ADAPTER}.weight")]
+        if param.shape != value.shape:
+            raise CliploomError(f"{where}: {key} has shape {tuple(value.shape)}, this model needs "
+                                f"{tuple(param.shape)}", "start from a LoRA trained for this model")
+    load_lora_state(transformer, state)

@@ -82,13 +82,18 @@ class TrainConfig:
     alpha: float = 128.0
     targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o", "ffn.0", "ffn.2"])
     init: str = "kaiming"  # LoRA A initialisation: "kaiming" or "gaussian" (B starts at zero either way)
+    # Start from this LoRA file instead (any layout cliploom loads: an official SVI LoRA, an
+    # earlier export, ...); its rank must equal `rank` and it must touch exactly `targets`.
+    init_lora: str | None = None
 
     # -- optimisation ---------------------------------------------------------------------------------
     steps: int = 2000  # optimizer steps
     batch_size: int = 1  # clips per process per micro-step
     grad_accum: int = 1  # micro-steps per optimizer step
     lr: float = 1e-4
-    warmup_steps: int = 0  # linear learning-rate warm-up, then constant
+    warmup_steps: int = 0  # linear learning-rate warm-up, then `lr_schedule`
+    lr_schedule: str = "constant"  # after warm-up: "constant" (official) or "cosine" (decays to lr_min at `steps`)
+    lr_min: float = 0.0  # the cosine schedule's final learning rate
     weight_decay: float = 0.01
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     grad_clip: float = 1.0  # max gradient norm; 0 turns clipping off
@@ -143,6 +148,7 @@ _CHOICES = {
     "mixed_precision": ("auto", "no", "bf16", "fp16"),
     "gradient_checkpointing": ("auto", "on", "off"),
     "velocity_target": ("clean", "injected"),
+    "lr_schedule": ("constant", "cosine"),
     "motion_source": ("clip", "previous_clip"),
     "replay_replace": ("nearest", "random"),
     "replay_dtype": ("bfloat16", "float16", "float32"),
@@ -226,6 +232,8 @@ def validate(cfg: TrainConfig, where: str = "config") -> None:
     for key in ("warmup_steps", "seed", "threads", "y_error_frames", "replay_warmup_steps"):
         if getattr(cfg, key) < 0:
             _fail(where, f"{key} {getattr(cfg, key)} must not be negative", f"use e.g. `{key}: 0`")
+    if cfg.lr_min < 0 or cfg.lr_min > cfg.lr:
+        _fail(where, f"lr_min {cfg.lr_min} must lie between 0 and lr ({cfg.lr})", "use e.g. `lr_min: 0`")
     if cfg.grad_clip < 0 or cfg.weight_decay < 0 or cfg.error_modulate < 0:
         _fail(where, "grad_clip, weight_decay and error_modulate must not be negative", "use 0 to turn them off")
     if cfg.shift is not None and cfg.shift <= 0:

@@ -33,8 +33,9 @@ import torch
 
 from ..errors import CliploomError
 from ..sampling import NUM_TRAIN_TIMESTEPS, schedule
+from ..shapesworld.trainutil import cosine_lr
 from . import checkpoint as ckpt
-from .adapter import attach_lora, load_lora_state, lora_state
+from .adapter import attach_lora, init_from_file, load_lora_state, lora_state
 from .config import TrainConfig
 from .data import ShapesWorldClips, VideoFolderClips
 from .export import export_lora
@@ -116,6 +117,8 @@ class SVITrainer:
 
         # 2. The LoRA and its optimizer.
         params = attach_lora(self.transformer, cfg, seed=cfg.seed)
+        if cfg.init_lora and not resume:
+            init_from_file(self.transformer, cfg)
         if cfg.gradient_checkpointing == "on" or (cfg.gradient_checkpointing == "auto" and cuda):
             self.transformer.enable_gradient_checkpointing()
         self.transformer.train()
@@ -284,9 +287,12 @@ class SVITrainer:
                     samples=samples, noise=noise, sigmas=sigmas, banked=banked)
 
     def lr_at(self, step: int) -> float:
-        if self.cfg.warmup_steps and step < self.cfg.warmup_steps:
-            return self.cfg.lr * (step + 1) / self.cfg.warmup_steps
-        return self.cfg.lr
+        cfg = self.cfg
+        if cfg.lr_schedule == "cosine":
+            return cosine_lr(cfg.lr, step, cfg.steps, cfg.warmup_steps, floor=cfg.lr_min / cfg.lr)
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return cfg.lr * (step + 1) / cfg.warmup_steps
+        return cfg.lr
 
     def train_step(self) -> StepInfo:
         """One optimizer step (``grad_accum`` micro-steps); advances ``self.step``."""
