@@ -185,15 +185,17 @@ def parse_variant(text: str) -> Run:
     return Run(name, "pro", lora, "variant", svi_lora=False)
 
 
-def generate_story(engine, dev: DevStory, run: Run, reference: Path, overrides: dict):
-    """Generate one dev story in one run; returns (frames uint8 [N, H, W, 3], prompts, frames per clip)."""
+def generate_story(engine, dev: DevStory, run: Run, reference: Path, overrides: dict, sample_seed: int = 0):
+    """Generate one dev story in one run; returns (frames uint8 [N, H, W, 3], prompts, frames per clip).
+
+    ``sample_seed`` moves the sampling noise only (the story, its reference and prompts stay)."""
     from cliploom.story import ClipSpec, LoraSpec, make_story
 
     story = make_story(
         clips=[ClipSpec(p) for p in dev.prompts],
         reference=reference,
         mode=run.mode,
-        seed=dev.seed,
+        seed=dev.seed + 1000 * sample_seed,
         loras=[LoraSpec(run.lora)] if run.lora else [],
         svi_lora=run.svi_lora,
         **overrides,
@@ -446,6 +448,8 @@ def parse_args(argv=None):
                     help="a LoRA run in latent mode (repeatable; the first is the baseline)")
     ap.add_argument("--frames", type=int, help="frames per clip (default: the model's)")
     ap.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
+    ap.add_argument("--sample-seed", type=int, default=0,
+                    help="another draw of the sampling noise over the same dev set (default 0: the published one)")
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     ap.add_argument("--sheets", help="also write a contact sheet per story and run into this folder")
     ap.add_argument("--out-root", default=str(ROOT),
@@ -503,7 +507,7 @@ def main(argv=None) -> dict:
         "model": {"path": str(first.model.path), "kind": model_kind(first.model.path), "family": settings.family,
                   "svi_lora": own_lora},
         "settings": {"stories": args.stories, "clips": args.clips, "frames": frames,
-                     "steps": args.steps or settings.steps, "guidance": settings.guidance,
+                     "steps": args.steps or settings.steps, "guidance": settings.guidance, "sample_seed": args.sample_seed,
                      "width": settings.width, "height": settings.height, "device": args.device,
                      "threads": torch.get_num_threads(), "torch": torch.__version__, "host": platform.node()},
         "thresholds": ev.THRESHOLDS,
@@ -532,7 +536,7 @@ def main(argv=None) -> dict:
             stories, seconds = [], 0.0
             for d, ref in zip(devs, refs):
                 started = time.perf_counter()
-                video, prompts, lengths = generate_story(engine, d, run, ref, overrides)
+                video, prompts, lengths = generate_story(engine, d, run, ref, overrides, args.sample_seed)
                 seconds += time.perf_counter() - started
                 scored = score(video, prompts, lengths)
                 if args.sheets and scored["result"] is not None:

@@ -261,3 +261,15 @@ def test_latent_context_measures_the_same_frames_deep_and_shallow():
     r = latent_context.main(["--sequences", "2"])
     assert len(r["per_sequence"]) == 2 and all(v > 0 for v in r["per_sequence"])
     assert r["unrelated_clips"] > 0
+
+
+def test_sample_seed_draws_other_noise_over_the_same_dev_set(tiny_dirs, tmp_path):
+    """--sample-seed: the run-to-run spread of the dev-set numbers, without changing the stories."""
+    out = {}
+    for s in (0, 1):
+        argv = ["--model", str(tiny_dirs["wan21"]), "--stories", "1", "--clips", "2", "--frames", "9", "--steps", "2",
+                "--modes", "chain", "--sample-seed", str(s), "--out-root", str(tmp_path / str(s))]
+        out[s] = bq.main(argv)
+    assert out[1]["settings"]["sample_seed"] == 1 and out[0]["dev_set"] == out[1]["dev_set"]
+    bg = [[c["background_delta_e"] for c in out[s]["runs"]["chain"]["stories"][0]["clips"]] for s in (0, 1)]
+    assert bg[0] != bg[1]
