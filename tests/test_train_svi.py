@@ -2,6 +2,7 @@
 plain fine-tuning as the zero-probability case, and a CPU run that saves, resumes and exports."""
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -539,7 +540,12 @@ def test_init_lora_starts_from_a_file_in_either_layout_with_the_same_update(tmp_
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
     want = _deltas(source.transformer, 8 / 4)
     for layout in ("svi", "diffusers"):
-        path = export_lora(lora_state(source.transformer), tmp_path / f"{layout}.safetensors", layout, rank=4, alpha=8)
+        old = os.umask(0o022)
+        try:
+            path = export_lora(lora_state(source.transformer), tmp_path / f"{layout}.safetensors", layout, rank=4, alpha=8)
+        finally:
+            os.umask(old)
+        assert path.stat().st_mode & 0o777 == 0o644  # readable by others, like any file the user writes
         for alpha in (8, 4):  # another alpha: the file's update is kept, A absorbs the difference
             model = load_model(tiny_dirs["wan21"], device="cpu")
             c = _cfg(tmp_path, tiny_dirs["wan21"], alpha=alpha, init_lora=str(path))

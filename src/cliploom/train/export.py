@@ -11,6 +11,7 @@ into ``lora_B``: every loader then applies ``W += B @ A`` and gets the trained u
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -81,8 +82,17 @@ def export_lora(
     }
     tmp = path.with_name(path.name + ".partial")
     save_file(tensors, str(tmp), metadata=metadata)
+    _readable(tmp)
     tmp.replace(path)
     return path
+
+
+def _readable(path: Path) -> None:
+    """Give a written file the usual permissions (0666 less the umask): safetensors creates its
+    files 0600, which leaves an exported LoRA unreadable to the other users of a shared machine."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, layout: str, dtype: str = "float32") -> Path:
