@@ -579,3 +579,19 @@ def test_cosine_schedule_warms_up_then_decays_to_lr_min(tmp_path, tiny_dirs):
                       progress=False).lr_at(99) == pytest.approx(0.02)
     with pytest.raises(CliploomError, match="lr_min"):
         config_from_dict({"lr": 1e-4, "lr_min": 1e-3})
+
+
+def test_a_lora_state_of_the_wrong_shape_is_a_one_line_error(tiny_dirs, tmp_path):
+    from cliploom.models import load_model
+    from cliploom.train.adapter import attach_lora, load_lora_state, lora_state
+
+    model = load_model(tiny_dirs["wan21"], device="cpu")
+    attach_lora(model.transformer, _cfg(tmp_path, tiny_dirs["wan21"]))
+    state = lora_state(model.transformer)
+    key = next(k for k in state if k.endswith("lora_A.weight"))
+    state[key] = torch.zeros(state[key].shape[0] + 1, state[key].shape[1])
+    with pytest.raises(CliploomError) as err:
+        load_lora_state(model.transformer, state, "init_lora x.safetensors", "start from a LoRA trained for this model")
+    msg = str(err.value)
+    assert "init_lora x.safetensors does not fit this model (1 tensors do not match" in msg and key in msg
+    assert "\n" not in msg

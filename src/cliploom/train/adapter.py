@@ -51,7 +51,12 @@ def lora_state(transformer) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
 
 
-def load_lora_state(transformer, state: dict[str, torch.Tensor]) -> None:
+def load_lora_state(
+    transformer,
+    state: dict[str, torch.Tensor],
+    what: str = "the saved LoRA",
+    fix: str = "resume with the same model, rank and targets it was trained with",
+) -> None:
     """Put saved adapter tensors back (the adapter must already be attached with the same shape)."""
     own = dict(transformer.named_parameters())
     missing = []
@@ -68,9 +73,9 @@ def load_lora_state(transformer, state: dict[str, torch.Tensor]) -> None:
     expected = sum(1 for n in own if f".{ADAPTER}." in n and "lora_" in n)
     if missing or expected != len(state):
         raise CliploomError(
-            f"the saved LoRA does not fit this model ({len(missing)} tensors do not match, "
-            f"{expected} expected, {len(state)} saved)",
-            "resume with the same model, rank and targets it was trained with",
+            f"{what} does not fit this model ({len(missing)} tensors do not match, e.g. {missing[:1]}; "
+            f"{expected} expected, {len(state)} given)",
+            fix,
         )
 
 
@@ -106,10 +111,4 @@ def init_from_file(transformer, cfg: TrainConfig) -> None:
     check_finite(state, where)
     scale = cfg.alpha / cfg.rank
     state = {k: v / scale if ".lora_A." in k else v for k, v in state.items()}
-    params = dict(transformer.named_parameters())
-    for key, value in state.items():
-        param = params[key.replace(".weight", f".{ADAPTER}.weight")]
-        if param.shape != value.shape:
-            raise CliploomError(f"{where}: {key} has shape {tuple(value.shape)}, this model needs "
-                                f"{tuple(param.shape)}", "start from a LoRA trained for this model")
-    load_lora_state(transformer, state)
+    load_lora_state(transformer, state, where, "start from a LoRA trained for this model")
