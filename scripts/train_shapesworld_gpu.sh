@@ -4,8 +4,9 @@
 #   1. the VAE decoder resumes runs/vae (vae_recipe_gpu.yaml) while
 #   2. the DiT continues from the CPU run's weights on fresh clips (dit_recipe_gpu.yaml);
 #   3. a base model folder from the new DiT, and both SVI LoRAs (error recycling and its
-#      no-ER twin, configs/svi-shapesworld*.yaml) trained on it side by side, each exported
-#      (bf16, SVI layout) from its last checkpoint;
+#      no-ER twin, configs/svi-shapesworld.yaml and -noer.yaml) trained on it side by side, each
+#      exported (bf16, SVI layout) from its last checkpoint; this is the LoRA recipe's stage 1:
+#      stages 2 and 3 (configs/svi-shapesworld*-stage{2,3}.yaml, `init_lora`) continue from it;
 #   4. the results worth keeping (weights, logs, CSVs; no data, no optimiser states except the
 #      VAE's) packed into OUT as pack.tar.part-* (cat them, then tar -xf at the repository root).
 # Every step has a deadline inside BUDGET seconds; a step that fails does not stop the others.
