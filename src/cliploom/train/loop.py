@@ -287,12 +287,10 @@ class SVITrainer:
                     samples=samples, noise=noise, sigmas=sigmas, banked=banked)
 
     def lr_at(self, step: int) -> float:
+        """Linear warm-up, then constant (a cosine whose floor is 1) or a cosine decay to ``lr_min``."""
         cfg = self.cfg
-        if cfg.lr_schedule == "cosine":
-            return cosine_lr(cfg.lr, step, cfg.steps, cfg.warmup_steps, floor=cfg.lr_min / cfg.lr)
-        if cfg.warmup_steps and step < cfg.warmup_steps:
-            return cfg.lr * (step + 1) / cfg.warmup_steps
-        return cfg.lr
+        floor = cfg.lr_min / cfg.lr if cfg.lr_schedule == "cosine" else 1.0
+        return cosine_lr(cfg.lr, step, cfg.steps, cfg.warmup_steps, floor=floor)
 
     def train_step(self) -> StepInfo:
         """One optimizer step (``grad_accum`` micro-steps); advances ``self.step``."""
