@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.cliploom-installed
 
-.PHONY: setup test demo bench bench-quality clean
+.PHONY: setup test test-portability demo bench bench-quality clean
 
 setup: $(STAMP)
 
@@ -19,6 +19,13 @@ $(STAMP): pyproject.toml
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# The tests that compare clips computed along two paths (load paths, offload, tiling, LoRA fusing,
+# threads), run as another machine would: one thread and ATen's portable (non-vector) kernels
+# instead of the ones this CPU picks. Under 30 s on 2 cores; .ci/run runs it after `make test`.
+PORTABILITY_TESTS ?= tests/test_compare.py tests/test_loading.py tests/test_memory.py tests/test_loom.py tests/test_lora.py
+test-portability: setup
+	env -u CLIPLOOM_THREADS OMP_NUM_THREADS=1 ATEN_CPU_CAPABILITY=default $(BIN)/python -m pytest -q -p no:cacheprovider $(PORTABILITY_TESTS)
 
 # The demo video, then its scores: out/demo.eval.json, out/demo.eval_metrics.png and the contact
 # sheet out/demo.eval_contact.png. `cliploom eval` exits 1 when a clip fails its checks; that is a

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +10,19 @@ import pytest
 import torch
 from PIL import Image
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
-warnings.filterwarnings("ignore", message=".*CLIPImageProcessor.*")
+# Threads: OMP_NUM_THREADS when it is set (the portability runs use 1 and 2; torch reads it),
+# else at most 2, the CI machine's cores. No test may depend on the count (tests/test_compare.py).
+if not os.environ.get("OMP_NUM_THREADS"):
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+THREADS = torch.get_num_threads()
+
+
+@pytest.fixture(autouse=True)
+def _keep_thread_count():
+    """Benchmarks' main() set their own thread count; later tests run with the suite's."""
+    yield
+    if torch.get_num_threads() != THREADS:
+        torch.set_num_threads(THREADS)
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,7 @@
 """The command line: generation from flags and stories, and every bad input as one clear line."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -130,3 +131,24 @@ def test_make_tiny_command(capsys, tmp_path):
     assert rc == 0 and (tmp_path / "m" / "transformer_2" / "config.json").is_file()
     rc, _, err = run(capsys, "make-tiny", tmp_path / "m", "--variant", "wan22")
     assert rc == 2 and "not empty" in err
+
+
+def test_python_api_is_as_quiet_as_the_cli(tmp_path, reference_png):
+    """A fresh interpreter (library warnings fire once per process): loading a Wan 2.1 model with its
+    CLIP encoder, generating and writing a tiny model print nothing, and the caller's own logging
+    settings are left as they were."""
+    script = f"""
+import transformers, cliploom
+transformers.utils.logging.set_verbosity_info()
+cliploom.make_tiny({str(tmp_path / "m")!r}, "wan21")
+engine = cliploom.Engine.load({str(tmp_path / "m")!r}, device="cpu")
+story = cliploom.make_story(reference={str(reference_png)!r}, clips=["a prompt", "another"], frames=9, steps=1)
+clips = list(engine.generate(story, progress=False))
+assert transformers.utils.logging.get_verbosity() == transformers.logging.INFO
+assert transformers.utils.logging.is_progress_bar_enabled()
+print(len(clips))
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRANSFORMERS_VERBOSITY", "CI")}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "2" and proc.stderr == ""

@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 import torch
 
+from compare import assert_frames_close, assert_same_clips
+
 from cliploom import conditioning
 from cliploom.engine import Engine
 from cliploom.loom import weave
@@ -33,7 +35,9 @@ def test_same_seed_same_frames_other_seed_other_frames(tiny_models, tiny_story):
     a = frames_of(model, tiny_story(2, seed=5))
     b = frames_of(model, tiny_story(2, seed=5))
     c = frames_of(model, tiny_story(2, seed=6))
-    assert all(torch.equal(x.frames, y.frames) for x, y in zip(a, b))
+    # A product claim, exact on one machine: the same seed on the same path gives the same video
+    # bit for bit (other CPUs may round differently; that is tests/compare.py's business).
+    assert all(torch.equal(x.frames, y.frames) and torch.equal(x.latents, y.latents) for x, y in zip(a, b))
     assert not torch.equal(a[1].frames, c[1].frames)
     assert a[0].seed != a[1].seed  # each clip draws its own noise
 
@@ -67,7 +71,8 @@ def test_pixel_mode_conditions_on_the_previous_clips_last_frames(tiny_models, ti
 
     tail = model.decode_latents(clips[0].latents)[-3:]
     assert len(clips[0].frames) == 9 - 3
-    assert torch.equal(videos[1], frames_to_tensor(tail))
+    # the loop decoded these frames itself (perhaps on its decode thread): equal to rounding
+    assert_frames_close(videos[1], frames_to_tensor(tail), "motion frames")
     # the CLIP image of clip 1 is the first motion frame
     first_motion = ((videos[1][0, :, 0].permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()
     assert np.array_equal(features[-1], first_motion)
@@ -115,7 +120,10 @@ def test_overlapped_decode_gives_the_same_frames(tiny_models, tiny_story):
     model = tiny_models("wan22")
     a = frames_of(model, tiny_story(3), overlap_decode=False)
     b = frames_of(model, tiny_story(3), overlap_decode=True)
-    assert all(torch.equal(x.frames, y.frames) for x, y in zip(a, b))
+    # Same latents (the decode thread does not touch them); frames decoded on another thread, whose
+    # intra-op thread count may differ from the main thread's, agree to rounding.
+    assert all(torch.equal(x.latents, y.latents) for x, y in zip(a, b))
+    assert_same_clips(b, a)
 
 
 @pytest.mark.parametrize("suffix", ["video.mp4", "frames/"])

@@ -103,3 +103,46 @@ def test_per_clip_lora_weights_need_unfused_loras(tmp_path):
         load_story(write(tmp_path, text))
     s = load_story(write(tmp_path, text + "\nfuse_loras: false"))
     assert s.clips[0].lora_weights == {"svi": 0.5}
+
+
+# -- the Python API: make_story takes what a story file takes ------------------------------------
+
+
+def test_make_story_takes_plain_prompts_mappings_and_clipspecs(tmp_path):
+    import cliploom
+    from cliploom.story import LoraSpec
+
+    plain = cliploom.make_story(reference=str(tmp_path / "ref.png"), clips=["a prompt", "another"])
+    assert [c.prompt for c in plain.clips] == ["a prompt", "another"] and plain.reference == tmp_path / "ref.png"
+    mixed = make_story(
+        clips=["a", {"prompt": "b", "repeat": 2, "seed": 9, "loras": {"svi": 0.5}}, ClipSpec("c", seed=3)],
+        loras=[str(tmp_path / "svi.safetensors"), {"path": tmp_path / "x.safetensors", "weight": 0.8},
+               LoraSpec(tmp_path / "y.safetensors", 0.3, "high")],
+        fuse_loras=False, model=tmp_path,
+    )
+    assert [(c.prompt, c.seed) for c in mixed.clips] == [("a", None), ("b", 9), ("b", 9), ("c", 3)]
+    assert mixed.clips[1].lora_weights == {"svi": 0.5} and mixed.clip_seed(3) == 3
+    assert [(lo.name, lo.weight, lo.expert) for lo in mixed.loras] == [("svi", 1.0, "both"), ("x", 0.8, "both"), ("y", 0.3, "high")]
+    assert mixed.model == str(tmp_path)
+    assert [c.prompt for c in make_story(prompts=["p", "q"]).clips] == ["p", "q"]  # the story file's other key
+
+
+@pytest.mark.parametrize("values, message", [
+    (dict(clips="a prompt"), "clips must be a list of prompts, got str"),
+    (dict(clips=[]), "no clips"),
+    (dict(clips=[3]), "clip 1 must be a prompt or a mapping"),
+    (dict(clips=[{"prompt": "a", "colour": "red"}]), "clip 1 has unknown keys ['colour']"),
+    (dict(clips=[ClipSpec(" ")]), "clip 1 has no prompt"),
+    (dict(clips=["a"], frames="9"), "frames must be a number"),
+    (dict(clips=["a"], frames=9.5), "frames must be a whole number"),
+    (dict(clips=["a"], colour="red"), "unknown keys ['colour']"),
+    (dict(clips=["a"], prompts=["b"]), "both prompts and clips"),
+    (dict(clips=["a"], loras=[{"weight": 1.0}]), "lora 1 has no path"),
+    (dict(clips=["a"], loras=[{"path": "x.safetensors", "weight": "high"}]), "lora 1 weight must be a number"),
+    (dict(clips=["a"], steps=4, timesteps=[1000, 500]), "both steps and timesteps"),
+    (dict(clips=["a"], reference=7), "reference must be a path"),
+])
+def test_make_story_checks_python_values_like_the_story_file(values, message):
+    with pytest.raises(CliploomError) as e:
+        make_story(**values)
+    assert message in str(e.value) and "\n" not in str(e.value)

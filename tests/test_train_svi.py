@@ -398,6 +398,7 @@ def test_three_step_run_saves_resumes_and_exports_loras_that_load(tmp_path, tiny
     assert main(["train-svi", str(split), "-q"]) == 2  # checkpoints there: --resume is needed
     assert "--resume" in capsys.readouterr().err
     assert main(["train-svi", str(split), "--resume", "-q"]) == 0
+    # A product claim, exact on one machine: a resumed run ends where an uninterrupted one does.
     a = _checkpoint_tensors(run_a / "checkpoints" / "step-0000003")
     b = _checkpoint_tensors(tmp_path / "b" / "checkpoints" / "step-0000003")
     for name in a:
