@@ -22,6 +22,7 @@ model folder). See ``docs/story.md`` for the schema.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -231,10 +232,15 @@ def typed_value(where: str, key: str, value: Any, kind: type):
 
 
 def _parse_clips(where: str, raw: Any) -> list[ClipSpec]:
-    if not isinstance(raw, list) or not raw:
-        _fail(where, "no clips", "add `clips:` with at least one prompt, e.g. `clips: [\"a cat walks\"]`")
+    """Clips as the story file gives them (prompts, or mappings with prompt/repeat/seed/loras), or
+    :class:`ClipSpec` objects from Python; every one checked the same way."""
+    if isinstance(raw, (str, dict)) or not isinstance(raw, (list, tuple)) or not raw:
+        _fail(where, "no clips" if not raw else f"clips must be a list of prompts, got {type(raw).__name__}",
+              "add `clips:` with at least one prompt, e.g. `clips: [\"a cat walks\"]`")
     clips: list[ClipSpec] = []
     for i, item in enumerate(raw):
+        if isinstance(item, ClipSpec):
+            item = {"prompt": item.prompt, "seed": item.seed, "loras": item.lora_weights}
         if isinstance(item, str):
             item = {"prompt": item}
         if not isinstance(item, dict):
@@ -261,14 +267,20 @@ def _parse_clips(where: str, raw: Any) -> list[ClipSpec]:
 
 
 def _parse_loras(where: str, raw: Any, base: Path) -> list[LoraSpec]:
+    """LoRAs as the story file gives them (paths, or mappings with path/weight/expert/name), or
+    :class:`LoraSpec` objects from Python; relative paths are relative to ``base``."""
     if raw is None:
         return []
-    if not isinstance(raw, list):
+    if not isinstance(raw, (list, tuple)):
         _fail(where, "loras must be a list", "write `loras: [{path: file.safetensors, weight: 1.0}]`")
     out = []
     for i, item in enumerate(raw):
-        if isinstance(item, str):
+        if isinstance(item, LoraSpec):
+            item = {"path": item.path, "weight": item.weight, "expert": item.expert, "name": item.name}
+        if isinstance(item, (str, os.PathLike)):
             item = {"path": item}
+        if isinstance(item, dict) and isinstance(item.get("path"), os.PathLike):
+            item = {**item, "path": os.fspath(item["path"])}
         if not isinstance(item, dict) or not isinstance(item.get("path"), str):
             _fail(where, f"lora {i + 1} has no path", "write `- path: file.safetensors`")
         unknown = set(item) - {"path", "weight", "expert", "name"}
@@ -287,40 +299,58 @@ def _parse_loras(where: str, raw: Any, base: Path) -> list[LoraSpec]:
     return out
 
 
+_FIELDS = tuple(f.name for f in dataclasses.fields(Story) if f.name != "source")
+
+
 def story_from_dict(data: Any, base: Path = Path("."), source: Path | None = None) -> Story:
-    """Build and validate a story from parsed YAML (or any dict of the same shape)."""
+    """Build and validate a story from parsed YAML (or any dict of the same shape); paths in it
+    (reference, LoRAs) are relative to ``base``."""
     where = str(source or "story")
     if not isinstance(data, dict):
         _fail(where, "a story must be a mapping of settings", "see docs/story.md for an example")
-    known = set(_SCALARS) | {"reference", "clips", "loras", "timesteps", "prompts"}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        _fail(where, f"unknown keys {unknown}", f"valid keys are {', '.join(sorted(known))}")
-    values: dict[str, Any] = {}
-    for key, kind in _SCALARS.items():
-        if data.get(key) is not None:
-            values[key] = typed_value(where, key, data[key], kind)
-    if "prompts" in data and "clips" in data:
-        _fail(where, "both prompts and clips are given", "use one of them")
-    values["clips"] = _parse_clips(where, data.get("clips", data.get("prompts")))
+    values = {key: value for key, value in data.items() if value is not None}
     values["loras"] = _parse_loras(where, data.get("loras"), base)
-    if data.get("timesteps") is not None:
-        ts = data["timesteps"]
-        if not isinstance(ts, list):
-            _fail(where, "timesteps must be a list", "write timesteps: [1000, 750, 500, 250]")
-        values["timesteps"] = [typed_value(where, "timesteps", t, float) for t in ts]
-        if "steps" in values:
-            _fail(where, "both steps and timesteps are given", "use one of them")
-    if data.get("reference") is not None:
-        ref = Path(typed_value(where, "reference", data["reference"], str)).expanduser()
+    if "reference" in values:
+        ref = Path(typed_value(where, "reference", values["reference"], str)).expanduser()
         values["reference"] = ref if ref.is_absolute() else base / ref
     return make_story(source=source, **values)
 
 
 def make_story(**values) -> Story:
-    """Build a story from keyword values, apply the mode's preset and validate."""
-    story = Story(**values)
-    where = str(story.source or "story")
+    """Build a story from Python values, checked exactly as a story file is; apply the mode's preset.
+
+    ``clips`` (or ``prompts``) is a list of prompts, of mappings as in the story file
+    (``{"prompt": ..., "repeat": 2, "seed": 7, "loras": {"svi": 0.5}}``) or of :class:`ClipSpec`;
+    ``loras`` a list of paths, mappings (``{"path": ..., "weight": 0.8}``) or :class:`LoraSpec`.
+    The other keywords are the story keys of docs/story.md.
+    """
+    source = values.pop("source", None)
+    where = str(source or "story")
+    unknown = sorted(set(values) - set(_FIELDS) - {"prompts"})
+    if unknown:
+        _fail(where, f"unknown keys {unknown}", f"valid keys are {', '.join(sorted({*_FIELDS, 'prompts'}))}")
+    if "prompts" in values:
+        if "clips" in values:
+            _fail(where, "both prompts and clips are given", "use one of them")
+        values["clips"] = values.pop("prompts")
+    values["clips"] = _parse_clips(where, values.get("clips"))
+    values["loras"] = _parse_loras(where, values.get("loras"), Path("."))
+    for key, kind in _SCALARS.items():
+        if values.get(key) is not None:
+            value = os.fspath(values[key]) if key == "model" and isinstance(values[key], os.PathLike) else values[key]
+            values[key] = typed_value(where, key, value, kind)
+    if values.get("timesteps") is not None:
+        ts = values["timesteps"]
+        if not isinstance(ts, (list, tuple)):
+            _fail(where, "timesteps must be a list", "write timesteps: [1000, 750, 500, 250]")
+        values["timesteps"] = [typed_value(where, "timesteps", t, float) for t in ts]
+        if values.get("steps") is not None:
+            _fail(where, "both steps and timesteps are given", "use one of them")
+    if values.get("reference") is not None:
+        if not isinstance(values["reference"], (str, os.PathLike)):
+            _fail(where, f"reference must be a path, got {values['reference']!r}", "write reference: ref.png")
+        values["reference"] = Path(values["reference"]).expanduser()
+    story = Story(source=source, **values)
     if story.mode not in MODES:
         _fail(where, f"unknown mode {story.mode!r}", f"use one of {', '.join(MODES)}")
     if story.mode in PIXEL_PRESETS:
@@ -329,8 +359,6 @@ def make_story(**values) -> Story:
         story.ref_pad = pad if story.ref_pad is None else story.ref_pad
         if story.ref_pad < -1:
             _fail(where, f"ref_pad {story.ref_pad} is invalid", "use -1 (repeat reference), 0 (zeros) or k > 0")
-    if not story.clips:
-        _fail(where, "no clips", "give at least one prompt")
     if story.offload is not None and story.offload not in OFFLOAD:
         _fail(where, f"unknown offload {story.offload!r}", f"use one of {', '.join(OFFLOAD)}")
     names = {spec.name for spec in story.loras}

@@ -128,7 +128,10 @@ class Components:
         if self.pipe.text_encoder is None:
             from transformers import UMT5EncoderModel
 
-            encoder = UMT5EncoderModel.from_pretrained(self.path / "text_encoder", local_files_only=True)
+            from .quiet import quiet_hf
+
+            with quiet_hf():
+                encoder = UMT5EncoderModel.from_pretrained(self.path / "text_encoder", local_files_only=True)
             self.pipe.text_encoder = encoder.to(self.device, self.dtype).eval().requires_grad_(False)
 
     @torch.no_grad()

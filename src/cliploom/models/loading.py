@@ -29,6 +29,7 @@ import torch
 from ..errors import CliploomError
 from . import formats
 from .components import SETTINGS_FILE, Components, ModelSettings
+from .quiet import quiet_hf
 
 # Nothing is ever fetched: every file must be on disk.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -65,6 +66,19 @@ def _load(loader, folder: Path, name: str, **kwargs):
             f"cannot load {name}/ of model {folder}: {first}",
             "check that the folder is a complete diffusers-layout Wan model",
         ) from None
+
+
+def clip_image_processor():
+    """CLIP's image processor on PIL: what transformers falls back to without torchvision (with a
+    warning), chosen outright so the CLIP input is the same with or without torchvision installed."""
+    try:
+        from transformers import CLIPImageProcessorPil
+
+        return CLIPImageProcessorPil
+    except ImportError:  # transformers before 5: the PIL processor is the only one
+        from transformers import CLIPImageProcessor
+
+        return CLIPImageProcessor
 
 
 # -- families ------------------------------------------------------------------------------------
@@ -430,9 +444,10 @@ def load_model(
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
     place = offload in (None, "none")
-    if family is not None:
-        return _load_original(path, load_family(family), device, dtype, place)
-    return _load_diffusers(path, device, dtype, place)
+    with quiet_hf():  # the libraries' loading bars and notes are not for our users
+        if family is not None:
+            return _load_original(path, load_family(family), device, dtype, place)
+        return _load_diffusers(path, device, dtype, place)
 
 
 def _load_diffusers(path: Path, device: torch.device, dtype: torch.dtype, place: bool) -> Components:
@@ -454,10 +469,10 @@ def _load_diffusers(path: Path, device: torch.device, dtype: torch.dtype, place:
     tokenizer = _load(AutoTokenizer, path, "tokenizer")
     image_encoder = image_processor = None
     if index.get("image_encoder", [None])[0] is not None and (path / "image_encoder").is_dir():
-        from transformers import CLIPImageProcessor, CLIPVisionModel
+        from transformers import CLIPVisionModel
 
         image_encoder = _load(CLIPVisionModel, path, "image_encoder", torch_dtype=torch.float32)
-        image_processor = _load(CLIPImageProcessor, path, "image_processor")
+        image_processor = _load(clip_image_processor(), path, "image_processor")
     model = _assemble(path, settings, device, dtype, transformer, transformer_2, vae, text_encoder, tokenizer,
                       image_encoder, image_processor, place)
     for name, module in (("transformer", transformer), ("transformer_2", transformer_2)):
@@ -483,10 +498,10 @@ def _load_original(model: Path, family: dict, device: torch.device, dtype: torch
     tokenizer = _load(AutoTokenizer, files.tokenizer.parent, files.tokenizer.name)
     image_encoder = image_processor = None
     if files.image_encoder is not None:
-        from transformers import CLIPImageProcessor, CLIPVisionModel
+        from transformers import CLIPVisionModel
 
         image_encoder = _load(CLIPVisionModel, folder, files.image_encoder.name, torch_dtype=torch.float32)
-        image_processor = _load(CLIPImageProcessor, folder, files.image_processor.name)
+        image_processor = _load(clip_image_processor(), folder, files.image_processor.name)
     settings = family_settings(family, folder)
     return _assemble(folder, settings, device, dtype, experts[0], experts[1] if len(experts) > 1 else None, vae,
                      text_encoder, tokenizer, image_encoder, image_processor, place)

@@ -20,6 +20,7 @@ import torch
 
 from ..errors import CliploomError
 from .components import SETTINGS_FILE
+from .quiet import quiet_hf
 
 VARIANTS = ("wan21", "wan22", "ti2v")
 
@@ -176,28 +177,29 @@ def make_tiny(out: str | Path, variant: str = "wan21", seed: int = 0, overwrite:
         two_experts = variant == "wan22"
         has_image = variant == "wan21"
         max_len = 512 if has_image else 64
-        tokenizer = build_byte_tokenizer(max_len)
-        text_encoder = tiny_text_encoder(len(tokenizer), seed=seed)
-        vae = tiny_vae(variant, seed)
-        z = vae.config.z_dim
-        cin = z if variant == "ti2v" else 2 * z + 4
-        image_encoder = processor = None
-        if has_image:
-            image_encoder, processor = tiny_image_encoder(seed)
-        transformer = tiny_transformer(cin, z, text_encoder.config.d_model, 8 if has_image else None, seed + 1)
-        transformer_2 = tiny_transformer(cin, z, text_encoder.config.d_model, None, seed + 2) if two_experts else None
+        with quiet_hf():  # no loading bars or notes from the libraries
+            tokenizer = build_byte_tokenizer(max_len)
+            text_encoder = tiny_text_encoder(len(tokenizer), seed=seed)
+            vae = tiny_vae(variant, seed)
+            z = vae.config.z_dim
+            cin = z if variant == "ti2v" else 2 * z + 4
+            image_encoder = processor = None
+            if has_image:
+                image_encoder, processor = tiny_image_encoder(seed)
+            transformer = tiny_transformer(cin, z, text_encoder.config.d_model, 8 if has_image else None, seed + 1)
+            transformer_2 = tiny_transformer(cin, z, text_encoder.config.d_model, None, seed + 2) if two_experts else None
 
-        kwargs = dict(safe_serialization=True)
-        transformer.save_pretrained(tmp / "transformer", **kwargs)
-        vae.save_pretrained(tmp / "vae", **kwargs)
-        text_encoder.save_pretrained(tmp / "text_encoder", **kwargs)
-        tokenizer.save_pretrained(tmp / "tokenizer")
-        FlowMatchEulerDiscreteScheduler(shift=5.0).save_pretrained(tmp / "scheduler")
-        if transformer_2 is not None:
-            transformer_2.save_pretrained(tmp / "transformer_2", **kwargs)
-        if image_encoder is not None:
-            image_encoder.save_pretrained(tmp / "image_encoder", **kwargs)
-            processor.save_pretrained(tmp / "image_processor")
+            kwargs = dict(safe_serialization=True)
+            transformer.save_pretrained(tmp / "transformer", **kwargs)
+            vae.save_pretrained(tmp / "vae", **kwargs)
+            text_encoder.save_pretrained(tmp / "text_encoder", **kwargs)
+            tokenizer.save_pretrained(tmp / "tokenizer")
+            FlowMatchEulerDiscreteScheduler(shift=5.0).save_pretrained(tmp / "scheduler")
+            if transformer_2 is not None:
+                transformer_2.save_pretrained(tmp / "transformer_2", **kwargs)
+            if image_encoder is not None:
+                image_encoder.save_pretrained(tmp / "image_encoder", **kwargs)
+                processor.save_pretrained(tmp / "image_processor")
 
         write_model_index(tmp, image_encoder=has_image, boundary_ratio=0.875 if two_experts else None,
                           expand_timesteps=variant == "ti2v")
