@@ -9,6 +9,7 @@ from compare import assert_frames_close, assert_same_clips
 from cliploom import conditioning
 from cliploom.engine import Engine
 from cliploom.loom import weave
+from cliploom.video_io import read_video
 
 
 def frames_of(model, story, **kw):
@@ -131,26 +132,22 @@ def test_first_clip_is_on_disk_before_the_last_clip_starts(tiny_models, tiny_sto
     engine = Engine(tiny_models("wan22"))
     story = tiny_story(3)
     out = tmp_path / suffix
+    run = tmp_path / ("frames.run" if suffix.endswith("/") else "video.run")
     on_disk = {}
 
     def check(i):
         if i == 2:  # the last clip is about to start
-            if suffix.endswith("/"):
-                partial = [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
-                on_disk["frames"] = len(list(partial[0].glob("frame_*.png")))
-            else:
-                on_disk["bytes"] = (tmp_path / "video.mp4.partial").stat().st_size
+            on_disk["clips"] = sorted(p.name for p in (run / "clips").glob("*.json"))
+            segment = run / "clips" / ("000000" if suffix.endswith("/") else "000000.mp4")
+            on_disk["first"] = len(read_video(segment))
             on_disk["final_exists"] = out.exists()
 
     report = engine.render(story, out, progress=False, on_clip_start=check, overlap_decode=False)
     assert on_disk["final_exists"] is False  # nothing looks finished while it runs
+    assert "000000.json" in on_disk["clips"] and on_disk["first"] == 9  # clip 0 (9 frames kept) is checkpointed
     if suffix.endswith("/"):
-        assert on_disk["frames"] >= 9  # clip 0 (9 frames kept) is already written
         assert len(list(out.glob("frame_*.png"))) == report["totals"]["frames"] == 9 + 2 * 4
     else:
-        assert on_disk["bytes"] > 0
-        from cliploom.video_io import read_video
-
         assert read_video(out).shape == (17, 32, 32, 3)
     assert report["totals"]["clips"] == 3 and len(report["clips"]) == 3
 
@@ -168,7 +165,7 @@ def test_report_contents(tiny_models, tiny_story, tmp_path):
     t = report["totals"]
     assert t["frames"] == 13 and t["video_seconds"] == pytest.approx(13 / 8)
     assert t["time_to_video"] == pytest.approx(t["seconds"] / t["video_seconds"], rel=1e-3, abs=1e-4)  # both sides rounded
-    assert not (tmp_path / "v.json.partial").exists() and not (tmp_path / "v.mp4.partial").exists()
+    assert not list(tmp_path.rglob("*.partial")) and not (tmp_path / "v.run" / "report.json").exists()
 
 
 def test_a_failure_mid_video_leaves_nothing_that_looks_finished(tiny_models, tiny_story, tmp_path, monkeypatch):
@@ -189,4 +186,7 @@ def test_a_failure_mid_video_leaves_nothing_that_looks_finished(tiny_models, tin
         with pytest.raises(RuntimeError):
             engine.render(tiny_story(3), out, progress=False, overlap_decode=False)
         assert not out.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    # Only the run folders remain, holding the one clip that finished (resumable), no video.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.run", "v.run"]
+    assert not [p for p in tmp_path.rglob("*") if p.suffix in (".mp4", ".png") and "clips" not in p.parts]
+    assert sorted(p.name for p in (tmp_path / "v.run" / "clips").glob("*.json")) == ["000000.json"]

@@ -76,7 +76,12 @@ def _add_generate(sub) -> None:
     p.add_argument("--release-text-encoder", action="store_const", const=True,
                    help="free the text encoder once the prompts are encoded")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output (and start its run afresh)")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue an interrupted run after its last finished clip (checkpoints in OUT.run/)")
+    again.add_argument("--from-clip", type=int, metavar="N",
+                       help="keep clips 0..N-1 of a finished run byte for byte, generate clip N on from the story")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_generate)
 
@@ -140,12 +145,23 @@ def cmd_generate(args) -> int:
 
     out = args.out or f"out/{story.source.stem if story.source else 'cliploom'}.mp4"
     load_image(story.reference)  # fail on bad input before loading the model
-    check_output(out, args.overwrite)
+    again = args.resume or args.from_clip is not None
+    check_output(out, args.overwrite or again)
     engine = Engine.load(story.model, device=args.device, family=args.family, offload=story.offload)
-    report = engine.render(story, out, progress=not args.quiet, overwrite=args.overwrite)
+    try:
+        report = engine.render(story, out, progress=not args.quiet, overwrite=args.overwrite, resume=args.resume,
+                               from_clip=args.from_clip)
+    except KeyboardInterrupt:
+        from .runs import Run, run_folder_for
+
+        done = len(Run(run_folder_for(out)).saved())
+        print(f"interrupted: {out} was not written; {done} finished clip(s) are kept in {run_folder_for(out)}, "
+              "continue with --resume", file=sys.stderr)
+        return 130
     t = report["totals"]
+    kept = f" (clips 0..{report['resumed_at_clip'] - 1} kept from the run)" if report.get("resumed_at_clip") else ""
     print(
-        f"wrote {out}: {t['clips']} clips, {t['frames']} frames, {t['video_seconds']:.1f} s of video "
+        f"wrote {out}: {t['clips']} clips{kept}, {t['frames']} frames, {t['video_seconds']:.1f} s of video "
         f"in {t['seconds']:.1f} s (time-to-video {t['time_to_video']:.2f}); report {report['report_path']}"
     )
     return 0

@@ -18,13 +18,14 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .loom import Clip, weave
+from .loom import Clip, Start, weave
 from .models.components import Components
 from .models.loading import load_model
 from .models.lora import LoraStack
 from .models.memory import apply_memory_options
 from .story import LoraSpec, Story
-from .video_io import open_sink
+from .runs import Run, run_folder_for
+from .video_io import check_output, is_dir_target, write_json_atomic
 
 
 class Engine:
@@ -57,19 +58,23 @@ class Engine:
         progress: bool = True,
         overlap_decode: bool | None = None,
         on_clip_start: Callable[[int], None] | None = None,
+        on_step: Callable[[int, int, int], None] | None = None,
+        start: Start | None = None,
     ) -> Iterator[Clip]:
-        """Yield the story's clips in order, each as soon as it is decoded."""
+        """Yield the story's clips in order, each as soon as it is decoded (from ``start.index``
+        on when ``start`` is given: see :class:`cliploom.loom.Start`)."""
         self.loras.apply(self.default_loras(story) + list(story.loras), fuse=story.fuse_loras)
         apply_memory_options(self.model, story.offload, story.vae_tiling)  # after the LoRAs: hooks wrap final weights
         per_clip = any(clip.lora_weights for clip in story.clips)
 
-        def start(i: int) -> None:
+        def clip_start(i: int) -> None:
             if per_clip:
                 self.loras.set_clip_weights(story.clips[i].lora_weights)
             if on_clip_start is not None:
                 on_clip_start(i)
 
-        yield from weave(self.model, story, progress=progress, overlap_decode=overlap_decode, on_clip_start=start)
+        yield from weave(self.model, story, progress=progress, overlap_decode=overlap_decode, on_clip_start=clip_start,
+                         on_step=on_step, start=start)
 
     def default_loras(self, story: Story) -> list[LoraSpec]:
         """The model's own SVI LoRA (``svi_lora`` in its cliploom.json), unless the story turns it off."""
@@ -85,30 +90,48 @@ class Engine:
         *,
         progress: bool = True,
         overwrite: bool = False,
+        resume: bool = False,
+        from_clip: int | None = None,
         overlap_decode: bool | None = None,
         on_clip_start: Callable[[int], None] | None = None,
+        on_step: Callable[[int, int, int], None] | None = None,
+        on_clip: Callable[[Clip, dict], None] | None = None,
     ) -> dict:
         """Generate ``story`` into ``out`` (``x.mp4`` or ``DIR/``) and write the JSON report.
 
-        Each clip is appended to the output as soon as it is decoded. The output appears under
-        its final name only when the video is complete.
+        Each clip is checkpointed in the run folder beside the output (``x.run/``, see
+        :mod:`cliploom.runs`) as soon as it is decoded; the output appears under its final name
+        only when the video is complete. ``resume`` continues an interrupted run after its last
+        finished clip; ``from_clip=N`` keeps clips 0..N-1 of a finished run (byte for byte) and
+        generates the rest from the story. ``on_clip(clip, entry)`` runs after each checkpoint.
         """
         resolved = story.resolve(self.model.settings, self.model.size_multiple, self.model.scale_temporal)
-        sink = open_sink(out, resolved.fps, overwrite)
+        out = Path(out)
+        again = resume or from_clip is not None
+        check_output(out, overwrite or again)
+        run = Run(run_folder_for(out), png=is_dir_target(out))
+        start = run.prepare(resolved, self.model, resume=resume, from_clip=from_clip, overwrite=overwrite,
+                            name=str(story.source or out))
         report = self._report_head(resolved, out)
+        report["run"] = str(run.folder)
+        report["resumed_at_clip"] = start.index if again else None
+        report["clips"] = [_entry_of(saved.entry) for saved in run.saved()]
+        progress_path = run.folder / "report.json"
         started = time.perf_counter()
-        try:
-            clips = self.generate(story, progress=progress, overlap_decode=overlap_decode, on_clip_start=on_clip_start)
-            for clip in clips:
-                sink.append(clip.frames.numpy())
-                report["clips"].append(_clip_entry(clip))
-                report["totals"] = _totals(report["clips"], resolved.fps, time.perf_counter() - started)
-                sink.write_progress(report)
-            sink.finish(report)
-        except BaseException:
-            sink.abort()
-            raise
-        report["report_path"] = str(sink.report_path)
+        for clip in self.generate(story, progress=progress, overlap_decode=overlap_decode,
+                                  on_clip_start=on_clip_start, on_step=on_step, start=start):
+            saved = run.save(clip, resolved, _clip_entry(clip))
+            report["clips"].append(_entry_of(saved.entry))
+            report["totals"] = _totals(report["clips"], resolved.fps, time.perf_counter() - started)
+            write_json_atomic(progress_path, report)  # the report so far, inside the run folder
+            if on_clip is not None:
+                on_clip(clip, saved.entry)
+        report["story"]["loras"] = self.loras.summary()  # applied by generate, after the head was written
+        n = len(report["clips"])
+        report["clips"][-1]["frames_kept"] += run.saved()[-1].entry["frames_tail"]  # the last clip keeps its tail
+        report["totals"] = _totals(report["clips"], resolved.fps, time.perf_counter() - started)
+        report["report_path"] = str(run.assemble(out, n, resolved.fps, report))
+        progress_path.unlink(missing_ok=True)
         return report
 
     def _report_head(self, s: Story, out) -> dict:
@@ -144,6 +167,13 @@ class Engine:
             "clips": [],
             "totals": {},
         }
+
+
+def _entry_of(saved: dict) -> dict:
+    """A checkpointed clip's report entry: the frames it puts in the video before any clip follows it."""
+    entry = {k: v for k, v in saved.items() if k not in ("key", "files", "frames_body", "frames_tail")}
+    entry["frames_kept"] = saved["frames_body"]
+    return entry
 
 
 def _clip_entry(clip: Clip) -> dict:

@@ -34,6 +34,20 @@ class Clip:
     seconds_denoise: float
     seconds_decode: float
     peak_memory_mb: float
+    # What the next clip continues from: the last K latents [1, C, K, h, w] (latent mode), or the
+    # last N generated frames in [-1, 1], [1, 3, N, H, W] (pixel modes; not among ``frames``
+    # unless this is the story's last clip, because the next clip regenerates them).
+    memory: torch.Tensor | None = None
+    tail: torch.Tensor | None = None  # pixel modes: uint8 [N, H, W, 3], the frames ``memory`` holds
+
+
+@dataclass
+class Start:
+    """Where the loop starts: clip ``index``, continuing from ``memory`` (the ``Clip.memory`` of
+    clip ``index - 1``; ``None`` for clip 0). Resume, re-run from clip N and extension use it."""
+
+    index: int = 0
+    memory: torch.Tensor | None = None
 
 
 def weave(
@@ -43,20 +57,27 @@ def weave(
     progress: bool = True,
     overlap_decode: bool | None = None,
     on_clip_start: Callable[[int], None] | None = None,
+    on_step: Callable[[int, int, int], None] | None = None,
+    start: Start | None = None,
 ) -> Iterator[Clip]:
     """Generate ``story`` clip by clip, yielding each clip as soon as it is decoded.
 
     Memory is constant in the number of clips: only the motion memory (K latents or N frames)
     and at most two decoded clips exist at any time. In latent mode the next clip starts
     denoising while the previous one is decoded (``overlap_decode``; default: on CUDA).
+    ``start`` begins at a later clip from a saved motion memory: the clips it makes equal those
+    of an uninterrupted run. ``on_step(clip, step, steps)`` runs after every denoising step; an
+    exception raised there (a cancel) stops the loop at once.
     """
+    start = start or Start()
     # 1. Settle every number: the story's own, else the model's defaults.
     story = story.resolve(model.settings, model.size_multiple, model.scale_temporal)
     F, T = story.frames, C.latent_frame_count(story.frames, model.scale_temporal)
     h, w = story.height // model.scale_spatial, story.width // model.scale_spatial
     cfg = max(story.guidance, story.guidance_low) > 1
 
-    # 2. Encode each distinct prompt once (and the negative prompt when guidance is on).
+    # 2. Encode each distinct prompt once (and the negative prompt when guidance is on). All of
+    #    the story's, even when starting later: the same batch gives the same embeddings.
     prompts = [story.prompt(i) for i in range(len(story.clips))]
     distinct = list(dict.fromkeys(prompts))
     text = {p: e[None] for p, e in zip(distinct, model.encode_text(distinct))}
@@ -75,11 +96,14 @@ def weave(
     experts = _experts(model, story)
 
     decoder = _Decoder(model, overlap_decode if overlap_decode is not None else model.device.type == "cuda")
-    clip_bar = tqdm(total=len(prompts), desc="clips", unit="clip", disable=not progress)
-    memory = None  # motion memory: the previous clip's last K latents, or its last N frames
+    clip_bar = tqdm(total=len(prompts), initial=start.index, desc="clips", unit="clip", disable=not progress)
+    memory = start.memory  # motion memory: the previous clip's last K latents, or its last N frames
+    if memory is not None:
+        memory = memory.to(model.device)
     pending: Future | None = None
     try:
-        for i, prompt in enumerate(prompts):
+        for i in range(start.index, len(prompts)):
+            prompt = prompts[i]
             started = time.perf_counter()
             _reset_peak_memory(model.device)
             if on_clip_start is not None:
@@ -104,24 +128,37 @@ def weave(
                 (1, model.z_dim, T, h, w), generator=torch.Generator("cpu").manual_seed(seed)
             ).to(model.device)
             denoise = make_denoiser(experts, cond, text[prompt], negative)
-            with tqdm(total=len(sigmas) - 1, desc=f"clip {i + 1}", leave=False, disable=not progress) as bar:
-                latents = sample_euler(denoise, noise, sigmas, cond.finish, lambda _: bar.update())
+            steps = len(sigmas) - 1
+            with tqdm(total=steps, desc=f"clip {i + 1}", leave=False, disable=not progress) as bar:
+                def step_done(k: int, i: int = i) -> None:
+                    bar.update()
+                    if on_step is not None:
+                        on_step(i, k + 1, steps)
+
+                latents = sample_euler(denoise, noise, sigmas, cond.finish, step_done)
             seconds_denoise = time.perf_counter() - started
 
             # 7. Keep the motion memory; decode beside the loop (latent mode) or now (pixel mode).
             keep = story.frames_kept(i)
-            job = decoder.submit(latents, keep, (i, prompt, seed, seconds_denoise))
             if story.latent_motion:
                 memory = latents[:, :, -story.motion_latents :]
+                job = decoder.submit(latents, keep, (i, prompt, seed, seconds_denoise), memory)
             else:
-                frames = job.result().frames_all
-                memory = frames_to_tensor(frames[-story.motion_frames :]).to(model.device)
+                job = decoder.submit(latents, keep, (i, prompt, seed, seconds_denoise), None)
+                decoded = job.result()
+                decoded.clip.tail = decoded.frames_all[-story.motion_frames :]
+                memory = decoded.clip.memory = frames_to_tensor(decoded.clip.tail).to(model.device)
 
-            # 8. Hand over the previous clip once its decode is done (the video stays in order).
+            # 8. Hand over finished clips in order: the previous one once its decode beside this
+            #    clip's denoising is done, or this one at once when decoding is not overlapped.
             if pending is not None:
                 yield pending.result().clip
                 clip_bar.update()
             pending = job
+            if not decoder.overlapped:
+                yield pending.result().clip
+                clip_bar.update()
+                pending = None
         if pending is not None:
             yield pending.result().clip
             clip_bar.update()
@@ -150,20 +187,21 @@ class _Decoder:
     def __init__(self, model: Components, overlap: bool):
         self.model = model
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="cliploom-decode") if overlap else None
+        self.overlapped = overlap
         self.stream = torch.cuda.Stream() if overlap and model.device.type == "cuda" else None
 
-    def submit(self, latents: torch.Tensor, keep: tuple[int, int], info: tuple) -> Future:
+    def submit(self, latents: torch.Tensor, keep: tuple[int, int], info: tuple, memory) -> Future:
         if self.pool is None:
             future: Future = Future()
-            future.set_result(self._decode(latents, keep, info, None))
+            future.set_result(self._decode(latents, keep, info, memory, None))
             return future
         ready = None
         if self.stream is not None:
             ready = torch.cuda.Event()
             ready.record()
-        return self.pool.submit(self._decode, latents, keep, info, ready)
+        return self.pool.submit(self._decode, latents, keep, info, memory, ready)
 
-    def _decode(self, latents, keep, info, ready) -> _Decoded:
+    def _decode(self, latents, keep, info, memory, ready) -> _Decoded:
         started = time.perf_counter()
         if self.stream is not None:
             with torch.cuda.stream(self.stream):
@@ -183,6 +221,7 @@ class _Decoder:
             seconds_denoise=seconds_denoise,
             seconds_decode=time.perf_counter() - started,
             peak_memory_mb=_peak_memory_mb(self.model.device),
+            memory=memory,
         )
         return _Decoded(clip, frames)
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -68,12 +66,45 @@ def read_video(path: str | Path) -> np.ndarray:
 
 
 # -- output ----------------------------------------------------------------------------------------
+#
+# Every file is written under a temporary name, flushed to disk and renamed into place: a crash
+# at any instant leaves either the old file or the whole new one, never a torn file that looks
+# finished (``*.partial`` names are never read back).
+
+
+def _sync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def publish(tmp: Path, path: Path) -> None:
+    """Flush ``tmp`` to disk and rename it to ``path`` (atomic on one file system)."""
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _sync_dir(path.parent)
+
+
+def partial_name(path: Path) -> Path:
+    return path.with_name(path.name + ".partial")
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    tmp = partial_name(path)
+    tmp.write_bytes(data)
+    publish(tmp, path)
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    write_bytes_atomic(path, (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode())
 
 
 def is_dir_target(out: str | Path) -> bool:
@@ -83,130 +114,79 @@ def is_dir_target(out: str | Path) -> bool:
     return s.endswith(("/", os.sep)) or p.is_dir() or p.suffix.lower() not in (".mp4", ".mov", ".mkv")
 
 
-class VideoSink:
-    """Appends frames to a video that becomes visible under its final name only at :meth:`finish`."""
-
-    def __init__(self, out: Path, fps: int, overwrite: bool):
-        self.out, self.fps, self.overwrite = out, fps, overwrite
-        self.frames_written = 0
-
-    @property
-    def report_path(self) -> Path:
-        raise NotImplementedError
-
-    def append(self, frames: np.ndarray) -> None:
-        raise NotImplementedError
-
-    def finish(self, report: dict) -> None:
-        raise NotImplementedError
-
-    def abort(self) -> None:
-        raise NotImplementedError
-
-    def write_progress(self, report: dict) -> None:
-        """The report so far, beside the partial output (``*.partial``: clearly not finished)."""
-        write_json_atomic(self.partial_report_path, report)
-
-    @property
-    def partial_report_path(self) -> Path:
-        return self.report_path.with_name(self.report_path.name + ".partial")
+MP4_OPTIONS = {"preset": "medium", "tune": "zerolatency"}  # no B-frames: every clip segment starts clean
 
 
-class Mp4Sink(VideoSink):
-    """H.264 MP4 through PyAV, muxed incrementally into ``x.mp4.partial``."""
+def write_mp4(path: Path, frames: np.ndarray, fps: int, crf: int = 12) -> None:
+    """H.264 MP4 of uint8 ``[n, H, W, 3]`` frames, written atomically. Segments written with the
+    same size, fps and crf join without re-encoding (:func:`concat_mp4`)."""
+    import av
 
-    def __init__(self, out: Path, fps: int, overwrite: bool = False, crf: int = 12):
-        super().__init__(out, fps, overwrite)
-        if out.exists() and not overwrite:
-            raise CliploomError(f"{out} already exists", "choose another --out or pass --overwrite")
-        check_writable(out.parent)
-        self.tmp = out.with_name(out.name + ".partial")
-        self.crf = crf
-        self.container = self.stream = None
-
-    @property
-    def report_path(self) -> Path:
-        return self.out.with_suffix(".json")
-
-    def _open(self, height: int, width: int) -> None:
-        import av
-
-        if height % 2 or width % 2:
-            raise CliploomError(f"H.264 needs even sizes, got {width}x{height}", "write PNGs with --out DIR/")
-        self.container = av.open(str(self.tmp), mode="w", format="mp4")
-        self.stream = self.container.add_stream("libx264", rate=self.fps)
-        self.stream.width, self.stream.height = width, height
-        self.stream.pix_fmt = "yuv420p"
-        # zerolatency: no lookahead and no B-frames, so each frame is muxed to disk as soon as
-        # it is appended (true streaming) at the cost of a slightly larger file.
-        self.stream.options = {"crf": str(self.crf), "preset": "medium", "tune": "zerolatency"}
-
-    def append(self, frames: np.ndarray) -> None:
-        import av
-
-        frames = np.asarray(frames)
-        if self.container is None:
-            self._open(frames.shape[1], frames.shape[2])
+    frames = np.asarray(frames)
+    n, height, width = frames.shape[:3]
+    if height % 2 or width % 2:
+        raise CliploomError(f"H.264 needs even sizes, got {width}x{height}", "write PNGs with --out DIR/")
+    tmp = partial_name(path)
+    with av.open(str(tmp), mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"crf": str(crf), **MP4_OPTIONS}
         for frame in frames:
-            for packet in self.stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
-                self.container.mux(packet)
-        self.frames_written += len(frames)
-
-    def finish(self, report: dict) -> None:
-        if self.container is None:
-            raise CliploomError("no frames were generated", "check the story's clips")
-        for packet in self.stream.encode(None):
-            self.container.mux(packet)
-        self.container.close()
-        os.replace(self.tmp, self.out)
-        write_json_atomic(self.report_path, report)
-        self.partial_report_path.unlink(missing_ok=True)
-
-    def abort(self) -> None:
-        if self.container is not None:
-            try:
-                self.container.close()
-            except Exception:  # noqa: BLE001 - already failing; cleaning up is best effort
-                pass
-        self.tmp.unlink(missing_ok=True)
-        self.partial_report_path.unlink(missing_ok=True)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
+        container.mux(stream.encode(None))
+    publish(tmp, path)
 
 
-class PngSink(VideoSink):
-    """Lossless PNGs ``frame_00000.png ...`` written per clip into ``.DIR.partial/``."""
+def concat_mp4(segments: list[Path], out: Path, fps: int) -> None:
+    """Join MP4 segments into ``out`` (atomically) by copying their packets: no re-encoding, so each
+    clip's bytes in the video are its segment's. Segments whose codec settings differ are decoded
+    and encoded again instead."""
+    import av
 
-    def __init__(self, out: Path, fps: int, overwrite: bool = False):
-        super().__init__(out, fps, overwrite)
-        if out.exists() and not out.is_dir():
-            raise CliploomError(f"{out} exists and is not a folder", "choose another --out")
-        if out.is_dir() and any(out.iterdir()) and not overwrite:
-            raise CliploomError(f"output folder {out} is not empty", "choose another --out or pass --overwrite")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        check_writable(out.parent)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    if not segments:
+        raise CliploomError("no frames were generated", "check the story's clips")
+    tmp = partial_name(out)
+    with av.open(str(segments[0])) as first:
+        template = first.streams.video[0]
+        extradata = template.codec_context.extradata
+        same = all(_extradata(s) == extradata for s in segments[1:])
+        if not same:
+            tmp.unlink(missing_ok=True)
+            write_mp4(out, np.concatenate([read_video(s) for s in segments]), fps)
+            return
+        with av.open(str(tmp), mode="w", format="mp4") as dst:
+            stream = dst.add_stream_from_template(template)
+            offset = 0
+            for segment in segments:
+                with av.open(str(segment)) as src:
+                    end = offset
+                    for packet in src.demux(src.streams.video[0]):
+                        if packet.dts is None:  # the demuxer's end-of-stream marker
+                            continue
+                        packet.pts += offset
+                        packet.dts += offset
+                        end = max(end, packet.pts + (packet.duration or 0))
+                        packet.stream = stream
+                        dst.mux(packet)
+                    offset = end
+    publish(tmp, out)
 
-    @property
-    def report_path(self) -> Path:
-        return self.out / "report.json"
 
-    @property
-    def partial_report_path(self) -> Path:
-        return self.tmp / "report.json.partial"
+def _extradata(path: Path) -> bytes | None:
+    import av
 
-    def append(self, frames: np.ndarray) -> None:
-        for frame in np.asarray(frames):
-            Image.fromarray(frame).save(self.tmp / PNG_PATTERN.format(self.frames_written))
-            self.frames_written += 1
+    with av.open(str(path)) as c:
+        return c.streams.video[0].codec_context.extradata
 
-    def finish(self, report: dict) -> None:
-        self.partial_report_path.unlink(missing_ok=True)
-        write_json_atomic(self.tmp / "report.json", report)
-        if self.out.exists():
-            shutil.rmtree(self.out)
-        os.replace(self.tmp, self.out)
 
-    def abort(self) -> None:
-        shutil.rmtree(self.tmp, ignore_errors=True)
+def write_pngs(folder: Path, frames: np.ndarray, first: int = 0) -> None:
+    """``frame_{first:05d}.png ...`` into ``folder`` (each file written atomically)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, frame in enumerate(np.asarray(frames)):
+        path = folder / PNG_PATTERN.format(first + k)
+        tmp = partial_name(path)
+        Image.fromarray(frame).save(tmp, format="PNG")
+        publish(tmp, path)
 
 
 def check_writable(folder: Path) -> None:
@@ -234,10 +214,3 @@ def check_output(out: str | Path, overwrite: bool = False) -> None:
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise CliploomError(f"cannot write {out}: {parent} is not a writable folder", "choose a writable --out")
-
-
-def open_sink(out: str | Path, fps: int, overwrite: bool = False) -> VideoSink:
-    """``x.mp4`` -> H.264 MP4 + ``x.json``; ``DIR/`` -> PNG frames + ``DIR/report.json``."""
-    if is_dir_target(out):
-        return PngSink(Path(out), fps, overwrite)
-    return Mp4Sink(Path(out), fps, overwrite)

@@ -1,0 +1,268 @@
+"""Run folders: a story's clips checkpointed one at a time, so that a run can be resumed after a
+crash, re-run from clip N with new prompts or seeds, or extended with more clips, each giving the
+frames an uninterrupted run gives (on the same machine).
+
+    NAME.run/
+      run.json                          what every clip depends on (model, reference, sampling)
+      clips/000003.mp4                  clip 3's frames in the video (PNG output: clips/000003/)
+      clips/000003.tail.mp4             pixel modes: its last N frames, in the video only while
+                                        clip 3 is the story's last clip (the next one remakes them)
+      clips/000003.memory.safetensors   the motion memory clip 4 continues from
+      clips/000003.json                 written last: the clip's report entry; it makes the clip count
+
+Every file is written under a ``*.partial`` name, flushed and renamed, the clip's JSON last, and a
+clip counts only when its JSON names files that exist at the sizes it records: a crash at any
+instant leaves whole clips only. The video itself is assembled from the segments by copying their
+packets, so clips kept from an earlier run are kept byte for byte.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .errors import CliploomError
+from .loom import Clip, Start
+from .story import Story
+from .video_io import (
+    PNG_PATTERN,
+    concat_mp4,
+    is_dir_target,
+    partial_name,
+    publish,
+    write_json_atomic,
+    write_mp4,
+    write_pngs,
+)
+
+VERSION = 1
+
+
+def run_folder_for(out: str | Path) -> Path:
+    """``video.mp4`` -> ``video.run/``; ``frames/`` -> ``frames.run/``."""
+    out = Path(str(out).rstrip("/"))
+    return out.with_name((out.name if is_dir_target(out) else out.stem) + ".run")
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def settings_key(story: Story, model) -> dict:
+    """What every clip of a resolved story depends on besides its own prompt and seed."""
+    return {
+        "model": str(model.path),
+        "family": model.settings.family,
+        "dtype": str(model.dtype).replace("torch.", ""),
+        "reference_sha256": file_digest(story.reference) if story.reference and Path(story.reference).is_file() else None,
+        "mode": story.mode,
+        "motion_latents": story.motion_latents if story.latent_motion else None,
+        "motion_frames": None if story.latent_motion else story.motion_frames,
+        "ref_pad": None if story.latent_motion else story.ref_pad,
+        **{k: getattr(story, k) for k in ("width", "height", "frames", "steps", "timesteps", "guidance",
+                                          "guidance_low", "shift", "boundary", "negative_prompt", "fps")},
+        "loras": [{"name": lo.name, "weight": lo.weight, "expert": lo.expert,
+                   "bytes": Path(lo.path).stat().st_size if Path(lo.path).is_file() else None} for lo in story.loras],
+        "svi_lora": story.svi_lora and bool(model.settings.svi_lora),
+        "fuse_loras": story.fuse_loras,
+    }
+
+
+def clip_key(story: Story, i: int) -> dict:
+    """What clip ``i`` depends on of its own."""
+    return {"prompt": story.prompt(i), "seed": story.clip_seed(i), "loras": story.clips[i].lora_weights}
+
+
+@dataclass
+class SavedClip:
+    index: int
+    entry: dict  # the clip's report entry plus what the run needs (segment names, sizes, key)
+
+
+class Run:
+    """One run folder. ``png`` runs keep PNG segments (lossless output), others MP4 segments."""
+
+    def __init__(self, folder: str | Path, png: bool = False):
+        self.folder = Path(folder)
+        self.clips_dir = self.folder / "clips"
+        self.png = png
+
+    # -- reading ------------------------------------------------------------------------------
+    def header(self) -> dict | None:
+        path = self.folder / "run.json"
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def saved(self) -> list[SavedClip]:
+        """The whole clips 0, 1, 2 ... in order, up to the first missing or torn one."""
+        out: list[SavedClip] = []
+        while True:
+            i = len(out)
+            try:
+                entry = json.loads((self.clips_dir / f"{i:06d}.json").read_text())
+            except (OSError, ValueError):
+                return out
+            if not isinstance(entry, dict) or not self._files_whole(entry):
+                return out
+            out.append(SavedClip(i, entry))
+
+    def _files_whole(self, entry: dict) -> bool:
+        for name, size in (entry.get("files") or {}).items():
+            path = self.clips_dir / name
+            if path.is_dir():
+                count = len(list(path.glob("frame_*.png")))
+                if count != size:
+                    return False
+            elif not path.is_file() or path.stat().st_size != size:
+                return False
+        return bool(entry.get("files"))
+
+    def memory(self, i: int) -> torch.Tensor:
+        """The motion memory clip ``i + 1`` continues from."""
+        path = self.clips_dir / f"{i:06d}.memory.safetensors"
+        with safe_open(str(path), "pt") as f:
+            return f.get_tensor("memory")
+
+    # -- preparing ----------------------------------------------------------------------------
+    def prepare(self, story: Story, model, *, resume: bool = False, from_clip: int | None = None,
+                overwrite: bool = False, name: str = "") -> Start:
+        """Check the folder against ``story`` and return where generation starts.
+
+        New run: the folder must hold no clips (``overwrite`` clears it). ``resume``: keep every
+        saved clip the story still asks for, continue after them. ``from_clip=N``: keep clips
+        0..N-1 (they must be unchanged), generate from clip N on."""
+        settings = settings_key(story, model)
+        saved = self.saved()
+        where = name or str(self.folder)
+        if resume or from_clip is not None:
+            header = self.header()
+            if header is None:
+                raise CliploomError(f"{where}: no run to continue (no {self.folder}/run.json)",
+                                    "run without --resume/--from-clip to start one")
+            changed = [k for k in settings if header.get("settings", {}).get(k) != settings[k]]
+            if changed:
+                k = changed[0]
+                raise CliploomError(
+                    f"{where}: the story's {k} changed since the run ({header['settings'].get(k)!r} -> {settings[k]!r})",
+                    "restore it, or start over with --overwrite")
+            if header.get("png") != self.png:
+                raise CliploomError(f"{where}: the run wrote {'PNG' if header.get('png') else 'MP4'} segments",
+                                    "keep the output kind of the run (x.mp4 or DIR/)")
+            keep = len(saved) if from_clip is None else from_clip
+            if from_clip is not None and not 0 <= from_clip <= len(saved):
+                raise CliploomError(f"{where}: --from-clip {from_clip} but the run has {len(saved)} finished clips",
+                                    f"use 0..{len(saved)}")
+            if keep > len(story.clips):
+                raise CliploomError(f"{where}: the run has {keep} clips, the story only {len(story.clips)}",
+                                    f"re-run with --from-clip {len(story.clips)} or give the story more clips")
+            for clip in saved[:keep]:
+                if clip.entry.get("key") != clip_key(story, clip.index):
+                    raise CliploomError(f"{where}: clip {clip.index} changed since the run (prompt or seed)",
+                                        f"use --from-clip {clip.index} to re-run from there")
+            self.drop_from(keep)
+        else:
+            if saved and not overwrite:
+                raise CliploomError(
+                    f"{where}: {self.folder} holds {len(saved)} finished clips of an earlier run",
+                    "pass --resume to continue it, --from-clip N to re-run from clip N, or --overwrite to start over")
+            if self.folder.exists():
+                shutil.rmtree(self.folder)
+            keep = 0
+        self.clips_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.folder / "run.json", {"version": VERSION, "png": self.png, "settings": settings})
+        return Start(keep, self.memory(keep - 1) if keep else None)
+
+    def drop_from(self, n: int) -> None:
+        """Forget clips ``n, n+1, ...`` (their JSON first, so a crash midway leaves whole clips)."""
+        for entry in sorted(self.clips_dir.glob("*.json"), reverse=True):
+            stem = entry.name.split(".")[0]
+            if stem.isdigit() and int(stem) >= n:
+                entry.unlink()
+        for path in sorted(self.clips_dir.glob("*")):
+            stem = path.name.split(".")[0]
+            if stem.isdigit() and int(stem) >= n or path.name.endswith(".partial"):
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+    # -- writing ------------------------------------------------------------------------------
+    def save(self, clip: Clip, story: Story, entry: dict) -> SavedClip:
+        """Checkpoint a finished clip: segments, motion memory, then its JSON."""
+        i = clip.index
+        frames = clip.frames.numpy()
+        files: dict[str, int] = {}
+        tail = None
+        if clip.tail is not None:
+            tail = clip.tail.numpy()
+            if clip.keep[1] == story.frames:  # the story's last clip kept its tail: store it apart
+                frames = frames[: len(frames) - len(tail)]
+        files.update(self._segment(f"{i:06d}", frames, story.fps))
+        if tail is not None:
+            files.update(self._segment(f"{i:06d}.tail", tail, story.fps))
+        memory = self.clips_dir / f"{i:06d}.memory.safetensors"
+        save_file({"memory": clip.memory.detach().to("cpu").contiguous()}, str(partial_name(memory)))
+        publish(partial_name(memory), memory)
+        files[memory.name] = memory.stat().st_size
+        full = {**entry, "frames_body": len(frames), "frames_tail": 0 if tail is None else len(tail),
+                "key": clip_key(story, i), "files": files}
+        write_json_atomic(self.clips_dir / f"{i:06d}.json", full)
+        return SavedClip(i, full)
+
+    def _segment(self, stem: str, frames: np.ndarray, fps: int) -> dict[str, int]:
+        if self.png:
+            folder = self.clips_dir / stem
+            if folder.exists():
+                shutil.rmtree(folder)
+            write_pngs(folder, frames)
+            return {stem: len(frames)}
+        path = self.clips_dir / f"{stem}.mp4"
+        write_mp4(path, frames, fps)
+        return {path.name: path.stat().st_size}
+
+    def segments(self, n: int) -> list[Path]:
+        """The segments of a video of clips 0..n-1: every body, and the last clip's tail."""
+        ext = "" if self.png else ".mp4"
+        out = [self.clips_dir / f"{i:06d}{ext}" for i in range(n)]
+        if n and (self.clips_dir / f"{n - 1:06d}.tail{ext}").exists():
+            out.append(self.clips_dir / f"{n - 1:06d}.tail{ext}")
+        return [p for p in out if (p.exists() if self.png else p.is_file())]
+
+    def assemble(self, out: Path, n: int, fps: int, report: dict) -> Path:
+        """Write the video of clips 0..n-1 to ``out`` and its report (``x.json`` beside an MP4,
+        ``DIR/report.json`` in a PNG folder), each atomically; returns the report's path."""
+        segments = self.segments(n)
+        if not self.png:
+            concat_mp4(segments, out, fps)
+            report_path = out.with_suffix(".json")
+            write_json_atomic(report_path, report)
+            return report_path
+        tmp = out.with_name(f".{out.name}.partial")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        count = 0
+        for folder in segments:
+            for frame in sorted(folder.glob("frame_*.png")):
+                target = tmp / PNG_PATTERN.format(count)
+                try:
+                    target.hardlink_to(frame)  # PNG segments are immutable once written
+                except OSError:
+                    shutil.copyfile(frame, target)
+                count += 1
+        write_json_atomic(tmp / "report.json", report)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+        return out / "report.json"
