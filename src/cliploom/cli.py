@@ -230,6 +230,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "cliploom.eval_cli",
     "cliploom.train.cli",
     "cliploom.models.inspect",
+    "cliploom.serve",
 )
 
 

@@ -1,0 +1,527 @@
+"""HTTP routes: OpenAI's videos API (so the official ``openai`` client works unchanged) plus
+cliploom's own streaming, extension and re-run routes. Parsing and answering only: stories are
+built by ``forms``, jobs kept by ``jobs``, generation done by ``worker``.
+
+    POST   /v1/videos                      create (multipart like OpenAI, or JSON)
+    GET    /v1/videos                      list (cursor page: after, limit, order)
+    GET    /v1/videos/{id}                 status, progress, clips_done / clips_total
+    DELETE /v1/videos/{id}                 a queued job never starts; a running one stops within a step
+    GET    /v1/videos/{id}/content         ?variant=video|thumbnail|spritesheet|eval_contact|eval_metrics
+    GET    /v1/videos/{id}/clips/{n}       clip n as an MP4, as soon as it is finished
+    GET    /v1/videos/{id}/events          server-sent events: queued, started, step, clip_done, completed, failed
+    GET    /v1/videos/{id}/report          the run report (and the ShapesWorld evaluation)
+    POST   /v1/videos/extensions           continue a finished video from its saved motion memory
+    POST   /v1/videos/{id}/rerun           keep clips 0..N-1, remake the rest with new prompts or seeds
+    GET    /v1/models, /v1/loras           what this server offers
+    GET    /v1/shapesworld/reference       a ShapesWorld first frame for a prompt (the page's reference)
+    GET    /healthz                        liveness, queue length (no token needed)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import CliploomError
+from ..sampling import schedule
+from . import forms
+from .jobs import Job, JobStore
+
+PAGE = Path(__file__).resolve().parent / "page"
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, code: str, param: str | None = None,
+                 kind: str = "invalid_request_error", headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.code, self.param, self.kind = status, message, code, param, kind
+        self.headers = headers or {}
+
+
+class TooLarge(Exception):
+    pass
+
+
+@dataclass
+class ModelEntry:
+    name: str
+    engine: object  # cliploom.Engine
+
+    @property
+    def settings(self):
+        return self.engine.model.settings
+
+
+@dataclass
+class ServerState:
+    store: JobStore
+    data_dir: Path
+    models: dict[str, ModelEntry]
+    lora_dir: Path | None = None
+    token: str | None = None
+    limits: forms.Limits = field(default_factory=forms.Limits)
+    workers: list = field(default_factory=list)
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.data_dir / "jobs"
+
+    def wake(self) -> None:
+        for worker in self.workers:
+            worker.wake.set()
+
+
+# -- answers ----------------------------------------------------------------------------------------
+
+
+def error_body(message: str, code: str, param: str | None = None, kind: str = "invalid_request_error") -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def video_object(job: Job, position: int | None = None) -> dict:
+    out = {
+        "id": job.id,
+        "object": "video",
+        "created_at": job.created_at,
+        "status": job.status,
+        "progress": job.progress,
+        "model": job.model,
+        "prompt": job.prompt,
+        "seconds": job.seconds,
+        "size": job.size,
+        "error": {"code": job.error_code, "message": job.error_message} if job.status == "failed" else None,
+        "completed_at": job.completed_at,
+        "expires_at": None,
+        "remixed_from_video_id": job.parent,
+        "clips_done": job.clips_done,
+        "clips_total": job.clips_total,
+    }
+    if position is not None:
+        out["queue_position"] = position
+    return out
+
+
+# -- the app ----------------------------------------------------------------------------------------
+
+
+def create_app(state: ServerState) -> FastAPI:
+    app = FastAPI(title="cliploom", version=_version(), docs_url="/docs", redoc_url=None)
+    app.state.cliploom = state
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, e: ApiError):
+        return JSONResponse(error_body(e.message, e.code, e.param, e.kind), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(CliploomError)
+    async def _bad_input(request: Request, e: CliploomError):
+        return JSONResponse(error_body(str(e), "invalid_value", getattr(e, "param", None)), status_code=400)
+
+    @app.exception_handler(TooLarge)
+    async def _too_large(request: Request, e: TooLarge):
+        return _413(state)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, e: RequestValidationError):
+        first = e.errors()[0] if e.errors() else {}
+        param = ".".join(str(p) for p in first.get("loc", [])[1:]) or None
+        return JSONResponse(error_body(f"{param or 'request'}: {first.get('msg', 'invalid')}", "invalid_value", param),
+                            status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, e: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
+        return JSONResponse(error_body(str(e.detail), code), status_code=e.status_code)
+
+    app.include_router(_routes(state), prefix="/v1", dependencies=[Depends(_auth(state))])
+
+    @app.get("/healthz")
+    def healthz():
+        return {"status": "ok", "queued": state.store.queued_count(),
+                "workers": [{"name": w.name, "alive": w.is_alive(), "job": w.current} for w in state.workers]}
+
+    @app.get("/", include_in_schema=False)
+    def index():
+        return FileResponse(PAGE / "index.html", headers={"Cache-Control": "no-cache"})
+
+    app.mount("/page", StaticFiles(directory=PAGE), name="page")
+    return _BodyLimit(app, state.limits.max_body_bytes)
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+def _413(state: ServerState) -> JSONResponse:
+    mb = state.limits.max_body_bytes / 2**20
+    return JSONResponse(error_body(f"request body larger than {mb:g} MB", "request_too_large"), status_code=413)
+
+
+class _BodyLimit:
+    """Refuse bodies over the limit: by Content-Length before reading, else while reading."""
+
+    def __init__(self, app: FastAPI, limit: int):
+        self.app, self.limit = app, limit
+        self.state = app.state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await _413(self.state.cliploom)(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise TooLarge()
+            return message
+
+        await self.app(scope, limited, send)
+
+
+def _auth(state: ServerState):
+    async def check(request: Request) -> None:
+        if not state.token:
+            return
+        header = request.headers.get("authorization", "")
+        given = header[7:] if header.lower().startswith("bearer ") else ""
+        if not hmac.compare_digest(given.encode(), state.token.encode()):
+            raise ApiError(401, "missing or wrong API token", "invalid_api_key", kind="authentication_error",
+                           headers={"WWW-Authenticate": "Bearer"})
+
+    return check
+
+
+# -- routes -----------------------------------------------------------------------------------------
+
+
+def _routes(state: ServerState) -> APIRouter:
+    r = APIRouter()
+    store = state.store
+
+    def job_or_404(video_id: str) -> Job:
+        job = store.get(video_id)
+        if job is None:
+            raise ApiError(404, f"no video {video_id!r}", "video_not_found", "video_id")
+        return job
+
+    @r.get("/models")
+    def models():
+        return {"object": "list", "data": [
+            {"id": m.name, "object": "model", "created": 0, "owned_by": "cliploom",
+             "family": m.settings.family, "width": m.settings.width, "height": m.settings.height,
+             "fps": m.settings.fps, "frames": m.settings.frames, "steps": m.settings.steps,
+             "builtin": m.settings.family == "shapesworld"} for m in state.models.values()]}
+
+    @r.get("/loras")
+    def loras():
+        names = sorted(p.stem for p in state.lora_dir.glob("*.safetensors")) if state.lora_dir else []
+        return {"object": "list", "data": [{"id": n, "object": "lora"} for n in names if forms.NAME.match(n)]}
+
+    @r.post("/videos")
+    async def create(request: Request):
+        fields, files = await _fields(request, state)
+        return await run_in_threadpool(_create, state, fields, files)
+
+    @r.get("/videos")
+    def list_videos(after: str | None = None, limit: int = 20, order: str = "desc"):
+        if order not in ("asc", "desc"):
+            raise ApiError(400, f"order must be asc or desc, got {order!r}", "invalid_value", "order")
+        limit = max(1, min(100, limit))
+        jobs, more = store.list(after, limit, order)
+        data = [video_object(j) for j in jobs]
+        return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+                "last_id": data[-1]["id"] if data else None, "has_more": more}
+
+    @r.get("/videos/{video_id}")
+    def retrieve(video_id: str):
+        job = job_or_404(video_id)
+        return video_object(job, store.position(video_id) if job.status == "queued" else None)
+
+    @r.delete("/videos/{video_id}")
+    def delete(video_id: str):
+        status = store.request_delete(video_id)
+        if status is None:
+            raise ApiError(404, f"no video {video_id!r}", "video_not_found", "video_id")
+        if status != "in_progress":  # gone from the store; its files go now
+            shutil.rmtree(state.jobs_dir / video_id, ignore_errors=True)
+        return {"id": video_id, "object": "video.deleted", "deleted": True}
+
+    @r.get("/videos/{video_id}/content")
+    def content(video_id: str, variant: str = "video"):
+        job = job_or_404(video_id)
+        names = {"video": ("video.mp4", "video/mp4"), "thumbnail": ("thumbnail.png", "image/png"),
+                 "spritesheet": ("spritesheet.png", "image/png"), "eval_contact": ("video.eval_contact.png", "image/png"),
+                 "eval_metrics": ("video.eval_metrics.png", "image/png")}
+        if variant not in names:
+            raise ApiError(400, f"unknown variant {variant!r}", "invalid_value", "variant")
+        if job.status != "completed":
+            raise ApiError(409, f"video {video_id} is {job.status}, not completed", "video_not_ready")
+        name, media = names[variant]
+        path = state.jobs_dir / video_id / name
+        if not path.is_file():
+            raise ApiError(404, f"video {video_id} has no {variant}", "variant_not_found", "variant")
+        return FileResponse(path, media_type=media, filename=f"{video_id}{path.suffix}" if variant == "video" else None)
+
+    @r.get("/videos/{video_id}/clips/{index}")
+    def clip(video_id: str, index: int):
+        job = job_or_404(video_id)
+        if not 0 <= index < job.clips_total:
+            raise ApiError(404, f"video {video_id} has clips 0..{job.clips_total - 1}", "clip_not_found", "index")
+        path = state.jobs_dir / video_id / "video.run" / "clips" / f"{index:06d}.mp4"
+        if not (path.with_suffix(".json")).is_file() or not path.is_file():
+            raise ApiError(409, f"clip {index} of {video_id} is not finished yet", "clip_not_ready")
+        return FileResponse(path, media_type="video/mp4")
+
+    @r.get("/videos/{video_id}/report")
+    def report(video_id: str):
+        job = job_or_404(video_id)
+        folder = state.jobs_dir / video_id
+        out = {"video": video_object(job)}
+        for key, name in (("report", "video.json"), ("evaluation", "video.eval.json")):
+            path = folder / name if (folder / name).is_file() else folder / "video.run" / "report.json"
+            if key == "evaluation" and not (folder / name).is_file():
+                continue
+            try:
+                out[key] = json.loads(path.read_text())
+            except (OSError, ValueError):
+                pass
+        return out
+
+    @r.get("/videos/{video_id}/events")
+    async def events(video_id: str, request: Request):
+        await run_in_threadpool(job_or_404, video_id)
+        last = request.headers.get("last-event-id", "")
+        return StreamingResponse(_event_stream(state, video_id, int(last) if last.isdigit() else 0, request),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @r.post("/videos/extensions")
+    async def extend(request: Request):
+        fields, files = await _fields(request, state)
+        return await run_in_threadpool(_extend, state, fields, files)
+
+    @r.post("/videos/{video_id}/rerun")
+    async def rerun(video_id: str, request: Request):
+        fields, _ = await _fields(request, state)
+        return await run_in_threadpool(_rerun, state, video_id, fields)
+
+    @r.get("/shapesworld/reference")
+    def shapesworld_reference(prompt: str, size: int = 32):
+        import io
+
+        if not 8 <= size <= 1024:
+            raise ApiError(400, f"size {size} is outside 8..1024", "invalid_value", "size")
+        from ..shapesworld import render_reference
+
+        try:
+            image = render_reference(prompt[:500], size=size)
+        except (ValueError, KeyError) as e:
+            raise ApiError(400, f"not a ShapesWorld prompt: {e}", "invalid_value", "prompt") from None
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        return Response(buf.getvalue(), media_type="image/png")
+
+    return r
+
+
+async def _fields(request: Request, state: ServerState) -> tuple[dict, dict]:
+    """Form fields and uploaded files, from multipart / urlencoded forms or a JSON body. OpenAI's
+    reference objects arrive in forms as ``video[id]``; JSON bodies nest them (``{"video": {"id": ...}}``)."""
+    kind = request.headers.get("content-type", "")
+    fields: dict = {}
+    files: dict = {}
+    if kind.startswith("application/json"):
+        try:
+            body = json.loads(await request.body() or b"{}")
+        except ValueError:
+            raise ApiError(400, "the JSON body is malformed", "invalid_json") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the JSON body must be an object", "invalid_json")
+        for key, value in body.items():
+            if isinstance(value, dict) and key in ("video", "input_reference"):
+                for sub, v in value.items():
+                    fields[f"{key}[{sub}]"] = v
+            elif key in ("prompts", "story") and not isinstance(value, str):
+                fields[key] = json.dumps(value)
+            else:
+                fields[key] = value
+        return fields, files
+    if kind.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+        form = await request.form(max_files=4, max_fields=64, max_part_size=2**20)
+        for key, value in form.multi_items():
+            if hasattr(value, "read"):
+                files[key] = await value.read()
+            else:
+                fields[key] = value
+        return fields, files
+    if await request.body():
+        raise ApiError(415, f"unsupported content type {kind!r}", "unsupported_media_type")
+    return fields, files
+
+
+def _model(state: ServerState, name) -> ModelEntry:
+    if not name or name not in state.models:
+        if not name or name.startswith("sora"):  # OpenAI's default names mean "this server's model"
+            return next(iter(state.models.values()))
+        raise ApiError(400, f"unknown model {name!r}; this server has {', '.join(state.models)}", "model_not_found", "model")
+    return state.models[name]
+
+
+def _queue_full(state: ServerState) -> ApiError:
+    return ApiError(429, f"the queue is full ({state.limits.max_queue} videos waiting)", "queue_full",
+                    kind="rate_limit_error", headers={"Retry-After": "30"})
+
+
+def _steps(story) -> int:
+    return len(schedule(story.steps, story.shift, story.timesteps)) - 1
+
+
+def _queue(state: ServerState, folder: Path, job: Job) -> dict:
+    """Publish a job folder prepared under a temporary name and queue the job (429 when full)."""
+    final = state.jobs_dir / job.id
+    folder.rename(final)
+    if not state.store.create(job, max_queued=state.limits.max_queue):
+        shutil.rmtree(final, ignore_errors=True)
+        raise _queue_full(state)
+    state.wake()
+    return video_object(state.store.get(job.id), state.store.position(job.id))
+
+
+def _new_folder(state: ServerState, job_id: str) -> Path:
+    state.jobs_dir.mkdir(parents=True, exist_ok=True)
+    folder = state.jobs_dir / f".{job_id}.partial"
+    folder.mkdir()
+    return folder
+
+
+def _create(state: ServerState, fields: dict, files: dict) -> dict:
+    if state.store.queued_count() >= state.limits.max_queue:
+        raise _queue_full(state)
+    entry = _model(state, fields.get("model"))
+    job_id = JobStore.new_id()
+    folder = _new_folder(state, job_id)
+    try:
+        reference = folder / "reference.png"
+        data, story = forms.build_story(fields, entry.settings, reference=reference, lora_dir=state.lora_dir,
+                                        limits=state.limits)
+        if "input_reference" in files:
+            forms.save_reference(files["input_reference"], reference, state.limits)
+        elif entry.settings.family == "shapesworld":
+            forms.shapesworld_reference(story.clips[0].prompt, reference, story.width)
+        else:
+            raise forms.bad("input_reference is required for this model", "upload the anchor image", "input_reference")
+        (folder / "story.json").write_text(json.dumps(data, indent=2))
+        job = _job(job_id, entry.name, fields.get("prompt") or story.clips[0].prompt, story)
+        return _queue(state, folder, job)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+def _job(job_id: str, model: str, prompt: str, story, parent: str | None = None, keep: int = 0) -> Job:
+    steps = _steps(story)
+    return Job(id=job_id, status="queued", created_at=int(time.time()), model=model, prompt=prompt,
+               seconds=f"{story.total_frames() / story.fps:g}", size=f"{story.width}x{story.height}",
+               clips_total=len(story.clips), steps_per_clip=steps, clips_done=keep, steps_done=keep * steps,
+               parent=parent, keep=keep or None)
+
+
+def _continue(state: ServerState, parent: Job, keep: int, fields: dict) -> dict:
+    """A new video that keeps ``keep`` clips of ``parent`` and generates the clips ``fields`` ask for."""
+    if parent.status != "completed":
+        raise ApiError(409, f"video {parent.id} is {parent.status}; only a completed video continues",
+                       "video_not_ready", "video")
+    if state.store.queued_count() >= state.limits.max_queue:
+        raise _queue_full(state)
+    entry = _model(state, parent.model)
+    source = state.jobs_dir / parent.id
+    base = json.loads((source / "story.json").read_text())
+    kept = _kept_clips(base, keep, source)
+    job_id = JobStore.new_id()
+    folder = _new_folder(state, job_id)
+    try:
+        os.link(source / "reference.png", folder / "reference.png")
+        data, story = forms.build_story(fields, entry.settings, reference=folder / "reference.png",
+                                        lora_dir=state.lora_dir, limits=state.limits, base={**base, "clips": kept})
+        (folder / "story.json").write_text(json.dumps(data, indent=2))
+        job = _job(job_id, entry.name, fields.get("prompt") or story.clips[keep].prompt, story, parent.id, keep)
+        return _queue(state, folder, job)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+def _kept_clips(base: dict, keep: int, source: Path) -> list[dict]:
+    """The parent's first ``keep`` clips, one entry each (repeats spelled out, indices unchanged,
+    so every kept clip keeps its seed)."""
+    from ..story import story_from_dict
+
+    story = story_from_dict({**base, "reference": str(source / "reference.png")}, base=source)
+    return [{"prompt": c.prompt, **({"seed": c.seed} if c.seed is not None else {}),
+             **({"loras": c.lora_weights} if c.lora_weights else {})} for c in story.clips[:keep]]
+
+
+def _extend(state: ServerState, fields: dict, files: dict) -> dict:
+    if "video" in files:
+        raise ApiError(400, "extending an uploaded video file is not supported by this server yet",
+                       "unsupported_value", "video")
+    video_id = fields.get("video[id]") or fields.get("video_id")
+    if not video_id:
+        raise ApiError(400, "no video to extend", "missing_field", "video")
+    parent = state.store.get(str(video_id))
+    if parent is None:
+        raise ApiError(404, f"no video {video_id!r}", "video_not_found", "video")
+    return _continue(state, parent, parent.clips_total, fields)
+
+
+def _rerun(state: ServerState, video_id: str, fields: dict) -> dict:
+    parent = state.store.get(video_id)
+    if parent is None:
+        raise ApiError(404, f"no video {video_id!r}", "video_not_found", "video_id")
+    start = forms._int(fields.get("from_clip"), "from_clip")
+    if start is None or not 0 <= start <= parent.clips_total:
+        raise ApiError(400, f"from_clip must be 0..{parent.clips_total}", "invalid_value", "from_clip")
+    return _continue(state, parent, start, fields)
+
+
+async def _event_stream(state: ServerState, video_id: str, last: int, request: Request):
+    quiet_since = time.monotonic()
+    while True:
+        if await request.is_disconnected():
+            return
+        events = await run_in_threadpool(state.store.events, video_id, last)
+        for seq, kind, data in events:
+            last = seq
+            quiet_since = time.monotonic()
+            yield f"id: {seq}\nevent: {kind}\ndata: {json.dumps({'type': kind, 'video_id': video_id, **data})}\n\n"
+            if kind in ("completed", "failed"):
+                return
+        if not events:
+            job = await run_in_threadpool(state.store.get, video_id)
+            if job is None:
+                yield f"event: deleted\ndata: {json.dumps({'type': 'deleted', 'video_id': video_id})}\n\n"
+                return
+            if time.monotonic() - quiet_since > 15:
+                quiet_since = time.monotonic()
+                yield ": keep-alive\n\n"
+        await asyncio.sleep(0.2)

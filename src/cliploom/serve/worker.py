@@ -1,0 +1,190 @@
+"""The worker: takes the oldest queued job, runs it through ``Engine.render`` and keeps the job
+store up to date. One worker per device; the models it serves are loaded once and stay loaded.
+
+A job's folder (``DATA/jobs/<id>/``) holds what the job needs and makes:
+
+    reference.png    the anchor (uploaded, or rendered by ShapesWorld for the built-in model)
+    story.json       the request's story (LoRAs resolved to the server's files)
+    video.run/       per-clip segments and checkpoints (cliploom.runs): resume, extend, re-run
+    video.mp4        the finished video, video.json its report
+    thumbnail.png    the first frame; spritesheet.png one frame per clip
+    video.eval.*     ShapesWorld jobs: the evaluator's JSON, metrics plot and contact sheet
+
+Cancel is checked after every denoising step (the delete takes effect within one step); a
+crash leaves the run folder, from which the job resumes when a worker claims it again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import CliploomError
+from ..runs import Run, run_folder_for
+from ..story import story_from_dict
+from .jobs import Job, JobStore
+
+log = logging.getLogger(__name__)
+
+STEP_EVENT_SECONDS = 0.5  # step events at most twice a second (progress is in the store every step)
+
+
+class Cancelled(Exception):
+    """The job was deleted while it ran."""
+
+
+def job_story(folder: Path):
+    data = json.loads((folder / "story.json").read_text())
+    return story_from_dict({**data, "reference": str(folder / "reference.png")}, base=folder)
+
+
+def seed_from_parent(folder: Path, parent: Path, keep: int) -> None:
+    """An extension or re-run starts from its parent's run folder: clips 0..keep-1 (hard links:
+    segments and checkpoints are never modified once written) and its ``run.json``."""
+    src = Run(parent / "video.run")
+    dst = Run(folder / "video.run")
+    if dst.folder.exists():
+        shutil.rmtree(dst.folder)
+    dst.clips_dir.mkdir(parents=True)
+    for clip in src.saved()[:keep]:
+        for name in [f"{clip.index:06d}.json", *clip.entry["files"]]:
+            path = src.clips_dir / name
+            if path.is_dir():
+                shutil.copytree(path, dst.clips_dir / name, copy_function=_link)
+            else:
+                _link(path, dst.clips_dir / name)
+    shutil.copyfile(src.folder / "run.json", dst.folder / "run.json")
+
+
+def _link(src, dst) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+class Worker(threading.Thread):
+    def __init__(self, store: JobStore, engines: dict, jobs_dir: Path, name: str = "worker-0",
+                 idle_wait: float = 0.5, heartbeat_seconds: float = 5.0):
+        super().__init__(name=name, daemon=True)
+        self.store, self.engines, self.jobs_dir = store, engines, Path(jobs_dir)
+        self.idle_wait, self.heartbeat_seconds = idle_wait, heartbeat_seconds
+        self.wake = threading.Event()
+        self.stopping = threading.Event()
+        self.current: str | None = None
+        self.last_cancel_latency: float | None = None
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.wake.set()
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            job = self.store.claim(self.name)
+            if job is None:
+                self.wake.wait(self.idle_wait)
+                self.wake.clear()
+                continue
+            self.current = job.id
+            try:
+                self.run_job(job)
+            except Exception:  # noqa: BLE001 - the worker outlives any job
+                log.exception("job %s", job.id)
+            finally:
+                self.current = None
+
+    # -- one job ----------------------------------------------------------------------------------
+    def run_job(self, job: Job) -> None:
+        folder = self.jobs_dir / job.id
+        try:
+            self._render(job, folder)
+        except Cancelled:
+            shutil.rmtree(folder, ignore_errors=True)
+            self.store.remove(job.id)
+        except CliploomError as e:
+            self.store.finish(job.id, ("invalid_request", str(e)))
+        except MemoryError:
+            self.store.finish(job.id, ("out_of_memory", "the host ran out of memory; try fewer frames or a smaller size"))
+        except Exception as e:  # noqa: BLE001 - a failed job must not stop the server
+            name = type(e).__name__
+            code = "out_of_memory" if "OutOfMemory" in name else "internal_error"
+            first = (str(e).strip().splitlines() or [name])[0]
+            log.exception("job %s failed", job.id)
+            self.store.finish(job.id, (code, f"{name}: {first}"))
+
+    def _render(self, job: Job, folder: Path) -> None:
+        if self.store.cancelled(job.id):
+            raise Cancelled()
+        engine = self.engines[job.model]
+        story = job_story(folder)
+        out = folder / "video.mp4"
+        run = Run(run_folder_for(out))
+        if job.parent and not (run.folder / "run.json").exists():
+            seed_from_parent(folder, self.jobs_dir / job.parent, job.keep or 0)
+        resume = (run.folder / "run.json").exists()
+        per_clip = job.steps_per_clip
+        last = {"beat": 0.0, "event": 0.0}
+
+        def on_step(i: int, k: int, steps: int) -> None:
+            now = time.monotonic()
+            asked = time.perf_counter()
+            if not self.store.step(job.id, i, i * per_clip + k):
+                self.last_cancel_latency = time.perf_counter() - asked
+                raise Cancelled()
+            if now - last["event"] >= STEP_EVENT_SECONDS or k == steps:
+                last["event"] = now
+                self.store.event(job.id, "step", {"clip": i, "step": k, "steps": steps,
+                                                  "progress": self.store.get(job.id).progress})
+
+        def on_clip(clip, entry: dict) -> None:
+            done = clip.index + 1
+            if not self.store.step(job.id, done, done * per_clip):
+                raise Cancelled()
+            self.store.event(job.id, "clip_done", {"clip": clip.index, "frames": entry["frames_body"],
+                                                   "url": f"/v1/videos/{job.id}/clips/{clip.index}"})
+
+        report = engine.render(story, out, progress=False, resume=resume, overwrite=not resume,
+                               on_step=on_step, on_clip=on_clip)
+        self._extras(out, report, engine)
+        self.store.finish(job.id, data={"url": f"/v1/videos/{job.id}/content", "frames": report["totals"]["frames"]})
+
+    def _extras(self, out: Path, report: dict, engine) -> None:
+        """Thumbnail, one-frame-per-clip spritesheet, and for ShapesWorld the evaluator's outputs."""
+        from PIL import Image
+
+        from ..video_io import read_video
+
+        frames = read_video(out)
+        Image.fromarray(frames[0]).save(out.with_name("thumbnail.png"))
+        starts = np.cumsum([0] + [c["frames_kept"] for c in report["clips"]])
+        picks = [frames[min(len(frames) - 1, (a + b) // 2)] for a, b in zip(starts[:-1], starts[1:])]
+        spritesheet(picks).save(out.with_name("spritesheet.png"))
+        if engine.model.settings.family == "shapesworld":
+            from ..evaluate import evaluate
+
+            try:
+                evaluate(out, out_dir=out.parent)
+            except ValueError as e:  # nothing to measure (e.g. no subject): the video is still fine
+                log.warning("evaluation of %s skipped: %s", out, e)
+
+
+def spritesheet(frames: list[np.ndarray], columns: int = 10, cell: int = 160):
+    from PIL import Image
+
+    h, w = frames[0].shape[:2]
+    scale = min(1.0, cell / max(h, w)) if max(h, w) > cell else max(1, cell // max(h, w) // 2)
+    cw, ch = max(1, int(w * scale)), max(1, int(h * scale))
+    cols = min(columns, len(frames))
+    rows = (len(frames) + cols - 1) // cols
+    sheet = Image.new("RGB", (cols * cw, rows * ch), (16, 16, 16))
+    for i, frame in enumerate(frames):
+        tile = Image.fromarray(frame).resize((cw, ch), Image.Resampling.NEAREST if scale >= 1 else Image.Resampling.BILINEAR)
+        sheet.paste(tile, ((i % cols) * cw, (i // cols) * ch))
+    return sheet
