@@ -186,6 +186,31 @@ class Run:
         write_json_atomic(self.folder / "run.json", {"version": VERSION, "png": self.png, "settings": settings})
         return Start(keep, self.memory(keep - 1) if keep else None)
 
+    def adopt(self, story: Story, model, frames: np.ndarray, prompt: str) -> None:
+        """Start a run whose clip 0 is an existing video (an uploaded file to extend; pixel modes):
+        its last N frames become the motion memory and the first clip's regenerated tail."""
+        from .models.components import frames_to_tensor
+
+        n = story.motion_frames
+        if len(frames) < n + 1:
+            raise CliploomError(f"the video has {len(frames)} frames; extending it needs more than {n}",
+                                "send a longer video")
+        if self.folder.exists():
+            shutil.rmtree(self.folder)
+        self.clips_dir.mkdir(parents=True)
+        write_json_atomic(self.folder / "run.json",
+                          {"version": VERSION, "png": self.png, "settings": settings_key(story, model)})
+        files = {**self._segment("000000", frames[:-n], story.fps), **self._segment("000000.tail", frames[-n:], story.fps)}
+        memory = self.clips_dir / "000000.memory.safetensors"
+        save_file({"memory": frames_to_tensor(frames[-n:]).contiguous()}, str(partial_name(memory)))
+        publish(partial_name(memory), memory)
+        files[memory.name] = memory.stat().st_size
+        entry = {"index": 0, "prompt": prompt, "seed": story.clip_seed(0), "frames_kept": len(frames) - n,
+                 "keep": [0, len(frames) - n], "uploaded": True, "seconds_denoise": 0.0, "seconds_decode": 0.0,
+                 "peak_memory_mb": 0.0, "frames_body": len(frames) - n, "frames_tail": n,
+                 "key": clip_key(story, 0), "files": files}
+        write_json_atomic(self.clips_dir / "000000.json", entry)
+
     def drop_from(self, n: int) -> None:
         """Forget clips ``n, n+1, ...`` (their JSON first, so a crash midway leaves whole clips)."""
         for entry in sorted(self.clips_dir.glob("*.json"), reverse=True):

@@ -483,8 +483,7 @@ def _kept_clips(base: dict, keep: int, source: Path) -> list[dict]:
 
 def _extend(state: ServerState, fields: dict, files: dict) -> dict:
     if "video" in files:
-        raise ApiError(400, "extending an uploaded video file is not supported by this server yet",
-                       "unsupported_value", "video")
+        return _extend_upload(state, fields, files)
     video_id = fields.get("video[id]") or fields.get("video_id")
     if not video_id:
         raise ApiError(400, "no video to extend", "missing_field", "video")
@@ -492,6 +491,53 @@ def _extend(state: ServerState, fields: dict, files: dict) -> dict:
     if parent is None:
         raise ApiError(404, f"no video {video_id!r}", "video_not_found", "video")
     return _continue(state, parent, parent.clips_total, fields)
+
+
+UPLOADED = "(the uploaded video)"
+PIXEL_DEFAULT = "svi2"
+
+
+def _extend_upload(state: ServerState, fields: dict, files: dict) -> dict:
+    """Extend an uploaded video file: there is no saved motion memory, so it continues from its
+    last frames, pixel-motion style (mode svi2 unless the story names another pixel mode)."""
+    import av
+    import numpy as np
+    from PIL import Image
+
+    if state.store.queued_count() >= state.limits.max_queue:
+        raise _queue_full(state)
+    entry = _model(state, fields.get("model"))
+    text = forms.parse_story_text(fields.get("story"))
+    if text.get("mode") == "pro":
+        raise ApiError(400, "an uploaded video continues from its last frames: mode pro needs a video made here",
+                       "invalid_value", "story")
+    fields = {**fields, "story": json.dumps({"mode": PIXEL_DEFAULT, **text})}
+    job_id = JobStore.new_id()
+    folder = _new_folder(state, job_id)
+    try:
+        upload = folder / "upload.mp4"
+        upload.write_bytes(files["video"])
+        try:
+            with av.open(str(upload)) as container:
+                stream = container.streams.video[0]
+                if stream.codec_context.width * stream.codec_context.height > state.limits.max_image_pixels:
+                    raise ApiError(400, "the video's frames are too large", "invalid_value", "video")
+                first = next(container.decode(video=0)).to_ndarray(format="rgb24")
+        except (av.error.FFmpegError, IndexError, StopIteration, OSError) as e:
+            raise ApiError(400, f"video is not a readable video file: {e}", "invalid_value", "video") from None
+        reference = folder / "reference.png"
+        if "input_reference" in files:
+            forms.save_reference(files["input_reference"], reference, state.limits)
+        else:
+            Image.fromarray(np.asarray(first)).save(reference)
+        data, story = forms.build_story(fields, entry.settings, reference=reference, lora_dir=state.lora_dir,
+                                        limits=state.limits, prefix=[UPLOADED])
+        (folder / "story.json").write_text(json.dumps(data, indent=2))
+        job = _job(job_id, entry.name, fields.get("prompt") or story.clips[1].prompt, story, keep=1)
+        return _queue(state, folder, job)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
 
 
 def _rerun(state: ServerState, video_id: str, fields: dict) -> dict:

@@ -127,11 +127,12 @@ def clips_for_seconds(story: Story, seconds: float, extending: bool = False) -> 
 
 
 def build_story(fields: dict, settings, *, reference: Path, lora_dir: Path | None, limits: Limits,
-                base: dict | None = None) -> tuple[dict, Story]:
+                base: dict | None = None, prefix: list | None = None) -> tuple[dict, Story]:
     """The story a request asks for, validated and resolved against the model's ``settings``.
 
     Returns the story as a dict (what the job folder keeps; paths inside the server) and the
-    resolved story. ``base``: an existing video's story that this request extends."""
+    resolved story. ``base``: an existing video's story that this request extends (its settings
+    stay). ``prefix``: clips that exist already (an uploaded video), placed before the new ones."""
     data = dict(base or {})
     text = parse_story_text(fields.get("story"))
     if base is not None and set(text) - {"clips", "prompts"}:
@@ -160,12 +161,11 @@ def build_story(fields: dict, settings, *, reference: Path, lora_dir: Path | Non
             raise bad("prompts must be a JSON list of non-empty strings", 'send e.g. prompts=["a", "b"]', "prompts")
     prompt = (fields.get("prompt") or "").strip()
 
-    old = list(data.pop("clips", None) or data.pop("prompts", None) or []) if base is not None else []
+    old = list(base.get("clips") or base.get("prompts") or []) if base is not None else list(prefix or [])
     new = text.get("clips") or text.get("prompts")
-    if new is not None and base is not None:
-        data.pop("prompts", None)
+    data.pop("clips", None)
+    data.pop("prompts", None)
     if new is None:
-        data.pop("clips", None) if base is not None else None
         sources = prompts or ([prompt] if prompt else None)
         if not sources:
             raise bad("no prompt", "send prompt (and seconds or clips), prompts, or a story with clips", "prompt")

@@ -63,6 +63,17 @@ def seed_from_parent(folder: Path, parent: Path, keep: int) -> None:
     shutil.copyfile(src.folder / "run.json", dst.folder / "run.json")
 
 
+def seed_from_upload(folder: Path, story, model, run: Run) -> None:
+    """An uploaded video to extend becomes the run's clip 0, fitted to the story's size."""
+    from ..video_io import cover_crop, read_video
+    from PIL import Image
+
+    story = story.resolve(model.settings, model.size_multiple, model.scale_temporal)
+    frames = read_video(folder / "upload.mp4")
+    fitted = np.stack([np.asarray(cover_crop(Image.fromarray(f), story.width, story.height)) for f in frames])
+    run.adopt(story, model, fitted, story.clips[0].prompt)
+
+
 def _link(src, dst) -> None:
     try:
         os.link(src, dst)
@@ -79,7 +90,7 @@ class Worker(threading.Thread):
         self.wake = threading.Event()
         self.stopping = threading.Event()
         self.current: str | None = None
-        self.last_cancel_latency: float | None = None
+        self.cancelled_at: dict | None = None  # where the last cancelled job stopped (job, clip, step)
 
     def stop(self) -> None:
         self.stopping.set()
@@ -126,18 +137,23 @@ class Worker(threading.Thread):
         story = job_story(folder)
         out = folder / "video.mp4"
         run = Run(run_folder_for(out))
-        if job.parent and not (run.folder / "run.json").exists():
-            seed_from_parent(folder, self.jobs_dir / job.parent, job.keep or 0)
+        if not (run.folder / "run.json").exists():
+            if job.parent:
+                seed_from_parent(folder, self.jobs_dir / job.parent, job.keep or 0)
+            elif (folder / "upload.mp4").is_file():
+                seed_from_upload(folder, story, engine.model, run)
         resume = (run.folder / "run.json").exists()
         per_clip = job.steps_per_clip
         last = {"beat": 0.0, "event": 0.0}
 
+        def stop(clip: int, step: int | None) -> None:
+            self.cancelled_at = {"job": job.id, "clip": clip, "step": step, "at": time.time()}
+            raise Cancelled()
+
         def on_step(i: int, k: int, steps: int) -> None:
             now = time.monotonic()
-            asked = time.perf_counter()
             if not self.store.step(job.id, i, i * per_clip + k):
-                self.last_cancel_latency = time.perf_counter() - asked
-                raise Cancelled()
+                stop(i, k)
             if now - last["event"] >= STEP_EVENT_SECONDS or k == steps:
                 last["event"] = now
                 self.store.event(job.id, "step", {"clip": i, "step": k, "steps": steps,
@@ -146,7 +162,7 @@ class Worker(threading.Thread):
         def on_clip(clip, entry: dict) -> None:
             done = clip.index + 1
             if not self.store.step(job.id, done, done * per_clip):
-                raise Cancelled()
+                stop(clip.index, None)
             self.store.event(job.id, "clip_done", {"clip": clip.index, "frames": entry["frames_body"],
                                                    "url": f"/v1/videos/{job.id}/clips/{clip.index}"})
 
