@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.cliploom-installed
 
-.PHONY: setup test test-portability demo bench bench-quality clean
+.PHONY: setup browser test test-portability demo bench bench-quality clean
 
 setup: $(STAMP)
 
@@ -17,8 +17,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $@
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest -q
+
+# The web page's tests drive Debian's Chromium (see tests/test_serve_page.py). As root (CI) it is
+# installed here; elsewhere, without it, those tests skip and say why.
+browser:
+	@command -v chromium >/dev/null || [ -x /usr/lib/chromium/chromium ] || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) ; } || \
+	  echo "no Chromium and no root to install it: the web page tests will be skipped"
 
 # The tests that compare clips computed along two paths (load paths, offload, tiling, LoRA fusing,
 # threads), run as another machine would: one thread and ATen's portable (non-vector) kernels

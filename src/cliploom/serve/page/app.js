@@ -165,6 +165,9 @@ async function select(id) {
   $("#final-box").hidden = true;
   $("#eval-box").hidden = true;
   $("#extend-form").hidden = true;
+  $("#viewer-bar").parentNode.classList.add("reset");
+  $("#viewer-bar").style.width = "0%";
+  requestAnimationFrame(() => $("#viewer-bar").parentNode.classList.remove("reset"));
   document.querySelectorAll("#jobs tr").forEach((r) => r.classList.toggle("selected", r.dataset.id === id));
   const video = await getJSON(`/v1/videos/${id}`);
   $("#viewer-title").textContent = video.prompt;
