@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.cliploom-installed
 
-.PHONY: setup browser test test-portability demo bench bench-quality clean
+.PHONY: setup browser test test-portability demo bench bench-serve bench-quality clean
 
 setup: $(STAMP)
 
@@ -44,6 +44,10 @@ demo: setup
 
 bench: setup
 	$(BIN)/python benchmarks/bench_engine.py
+
+# cliploom serve under load: burst vs --max-queue, status latency, first clip, cancel, whole job.
+bench-serve: setup
+	$(BIN)/python benchmarks/bench_serve.py
 
 # Drift on the 14-story dev set (latent, pixel and naive-chaining modes) and the base model's
 # single-clip bars; see docs/shapesworld.md. The SVI LoRA ablation (issue 5; the first variant is

@@ -322,3 +322,20 @@ def test_serve_refuses_to_listen_off_loopback_without_a_token(capsys):
 
     assert main(["serve", "--host", "0.0.0.0", "--token", ""]) == 2
     assert "without a token" in capsys.readouterr().err
+
+
+def test_rerun_from_a_clip_keeps_the_clips_before_it(server):
+    with http(server) as h:
+        story = {"seed": 4, "clips": [PROMPT, PROMPT, PROMPT]}
+        a = wait(h, h.post("/v1/videos", data={"prompt": PROMPT, "story": json.dumps(story)}).json()["id"])
+        r = h.post(f"/v1/videos/{a['id']}/rerun",
+                   json={"from_clip": 1, "story": {"clips": [{"prompt": "a big red circle moves up on a navy background", "seed": 77}]}})
+        assert r.status_code == 200, r.text
+        b = wait(h, r.json()["id"])
+        assert b["status"] == "completed" and b["clips_total"] == 2
+        report = h.get(f"/v1/videos/{b['id']}/report").json()["report"]
+        assert [c["seed"] for c in report["clips"]][1] == 77 and report["resumed_at_clip"] == 1
+        assert h.post(f"/v1/videos/{a['id']}/rerun", json={"from_clip": 9}).status_code == 400
+    jobs = server.state.jobs_dir
+    # clip 0 is the very segment of the first video (kept byte for byte)
+    assert (jobs / a["id"] / "video.run/clips/000000.mp4").read_bytes() == (jobs / b["id"] / "video.run/clips/000000.mp4").read_bytes()

@@ -109,6 +109,9 @@ def add_command(sub) -> None:
 
 
 def cmd_serve(args) -> int:
+    import signal
+    import threading
+
     import uvicorn
 
     if not args.token and not is_loopback(args.host):
@@ -121,8 +124,32 @@ def cmd_serve(args) -> int:
 
         torch.set_num_threads(int(threads))
     app, state = build_server(Path(args.data_dir), parse_models(args.model), lora_dir=args.lora_dir, token=args.token,
-                              max_queue=args.max_queue, max_clips=args.max_clips, device=args.device)
+                              max_queue=args.max_queue, max_clips=args.max_clips, device=args.device,
+                              start_workers=False)
+    # HTTP in a thread, generation in the main thread: torch's CPU thread pool keeps its threads
+    # spinning between ops only for the thread that created it, and a job run from another thread
+    # took 1.7x as long on the built-in model (docs/serve.md).
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                           timeout_graceful_shutdown=5))
+    http = threading.Thread(target=server.run, name="http", daemon=True)
+    http.start()
+    while not server.started:
+        if not http.is_alive():
+            raise CliploomError(f"cannot listen on {args.host}:{args.port}", "is the port in use? pass another --port")
+        http.join(0.05)
     print(f"cliploom serving {', '.join(state.models)} on http://{args.host}:{args.port} (data in {state.data_dir})",
           flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt()
+
+    signal.signal(signal.SIGTERM, stop)
+    worker = state.workers[0]
+    try:
+        worker.run()  # until interrupted; a job cut short stays in_progress and resumes at the next start
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.should_exit = True
+        http.join(10)
     return 0

@@ -74,6 +74,7 @@ class ServerState:
     token: str | None = None
     limits: forms.Limits = field(default_factory=forms.Limits)
     workers: list = field(default_factory=list)
+    bell: object = None
 
     @property
     def jobs_dir(self) -> Path:
@@ -117,9 +118,40 @@ def video_object(job: Job, position: int | None = None) -> dict:
 # -- the app ----------------------------------------------------------------------------------------
 
 
+class Bell:
+    """Wakes the event streams of a job as soon as the worker (in this process) records an event;
+    streams also poll the store, so events written by other processes arrive too."""
+
+    def __init__(self):
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.waiting: dict[str, set[asyncio.Event]] = {}
+
+    def ring(self, job_id: str) -> None:  # any thread
+        if self.loop is not None and job_id in self.waiting:
+            self.loop.call_soon_threadsafe(self._set, job_id)
+
+    def _set(self, job_id: str) -> None:
+        for event in self.waiting.get(job_id, ()):
+            event.set()
+
+    def listen(self, job_id: str) -> asyncio.Event:
+        """Register before reading the store, so an event recorded in between still rings."""
+        self.loop = self.loop or asyncio.get_running_loop()
+        event = asyncio.Event()
+        self.waiting.setdefault(job_id, set()).add(event)
+        return event
+
+    def forget(self, job_id: str, event: asyncio.Event) -> None:
+        self.waiting.get(job_id, set()).discard(event)
+        if not self.waiting.get(job_id, True):
+            del self.waiting[job_id]
+
+
 def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="cliploom", version=_version(), docs_url="/docs", redoc_url=None)
     app.state.cliploom = state
+    state.bell = Bell()
+    state.store.listeners.append(state.bell.ring)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError):
@@ -150,7 +182,8 @@ def create_app(state: ServerState) -> FastAPI:
     @app.get("/healthz")
     def healthz():
         return {"status": "ok", "queued": state.store.queued_count(),
-                "workers": [{"name": w.name, "alive": w.is_alive(), "job": w.current} for w in state.workers]}
+                "workers": [{"name": w.name, "alive": w.is_alive() or w.current is not None, "job": w.current,
+                             "last_cancel": w.cancelled_at} for w in state.workers]}
 
     @app.get("/", include_in_schema=False)
     def index():
@@ -262,7 +295,10 @@ def _routes(state: ServerState) -> APIRouter:
         status = store.request_delete(video_id)
         if status is None:
             raise ApiError(404, f"no video {video_id!r}", "video_not_found", "video_id")
-        if status != "in_progress":  # gone from the store; its files go now
+        if status == "in_progress":  # the worker stops at its next step and removes the files
+            for worker in state.workers:
+                worker.cancel(video_id)
+        else:  # gone from the store; its files go now
             shutil.rmtree(state.jobs_dir / video_id, ignore_errors=True)
         return {"id": video_id, "object": "video.deleted", "deleted": True}
 
@@ -278,6 +314,8 @@ def _routes(state: ServerState) -> APIRouter:
             raise ApiError(409, f"video {video_id} is {job.status}, not completed", "video_not_ready")
         name, media = names[variant]
         path = state.jobs_dir / video_id / name
+        if variant.startswith("eval_") and not path.is_file() and _is_shapesworld(state, job):
+            _evaluate(state.jobs_dir / video_id)
         if not path.is_file():
             raise ApiError(404, f"video {video_id} has no {variant}", "variant_not_found", "variant")
         return FileResponse(path, media_type=media, filename=f"{video_id}{path.suffix}" if variant == "video" else None)
@@ -297,6 +335,8 @@ def _routes(state: ServerState) -> APIRouter:
         job = job_or_404(video_id)
         folder = state.jobs_dir / video_id
         out = {"video": video_object(job)}
+        if job.status == "completed" and _is_shapesworld(state, job):
+            _evaluate(folder)
         for key, name in (("report", "video.json"), ("evaluation", "video.eval.json")):
             path = folder / name if (folder / name).is_file() else folder / "video.run" / "report.json"
             if key == "evaluation" and not (folder / name).is_file():
@@ -377,6 +417,20 @@ async def _fields(request: Request, state: ServerState) -> tuple[dict, dict]:
     if await request.body():
         raise ApiError(415, f"unsupported content type {kind!r}", "unsupported_media_type")
     return fields, files
+
+
+def _is_shapesworld(state: ServerState, job: Job) -> bool:
+    entry = state.models.get(job.model)
+    return entry is not None and entry.settings.family == "shapesworld"
+
+
+def _evaluate(folder: Path) -> None:
+    from .worker import evaluate_job
+
+    try:
+        evaluate_job(folder)
+    except (ValueError, CliploomError):  # nothing to measure (no subject, an uploaded first clip...)
+        pass
 
 
 def _model(state: ServerState, name) -> ModelEntry:
@@ -552,22 +606,30 @@ def _rerun(state: ServerState, video_id: str, fields: dict) -> dict:
 
 async def _event_stream(state: ServerState, video_id: str, last: int, request: Request):
     quiet_since = time.monotonic()
+    bell = state.bell
     while True:
         if await request.is_disconnected():
             return
-        events = await run_in_threadpool(state.store.events, video_id, last)
-        for seq, kind, data in events:
-            last = seq
-            quiet_since = time.monotonic()
-            yield f"id: {seq}\nevent: {kind}\ndata: {json.dumps({'type': kind, 'video_id': video_id, **data})}\n\n"
-            if kind in ("completed", "failed"):
-                return
-        if not events:
-            job = await run_in_threadpool(state.store.get, video_id)
-            if job is None:
-                yield f"event: deleted\ndata: {json.dumps({'type': 'deleted', 'video_id': video_id})}\n\n"
-                return
-            if time.monotonic() - quiet_since > 15:
+        ring = bell.listen(video_id)
+        try:
+            events = await run_in_threadpool(state.store.events, video_id, last)
+            for seq, kind, data in events:
+                last = seq
                 quiet_since = time.monotonic()
-                yield ": keep-alive\n\n"
-        await asyncio.sleep(0.2)
+                yield f"id: {seq}\nevent: {kind}\ndata: {json.dumps({'type': kind, 'video_id': video_id, **data})}\n\n"
+                if kind in ("completed", "failed"):
+                    return
+            if not events:
+                job = await run_in_threadpool(state.store.get, video_id)
+                if job is None:
+                    yield f"event: deleted\ndata: {json.dumps({'type': 'deleted', 'video_id': video_id})}\n\n"
+                    return
+                if time.monotonic() - quiet_since > 15:
+                    quiet_since = time.monotonic()
+                    yield ": keep-alive\n\n"
+                try:  # woken by this process's worker at once; events of other processes within 0.5 s
+                    await asyncio.wait_for(ring.wait(), 0.5)
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            bell.forget(video_id, ring)

@@ -106,6 +106,7 @@ class JobStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
+        self.listeners: list = []  # called with a job id after each event is committed (same process)
         db = self._connection()
         db.execute("PRAGMA journal_mode=WAL")
         version = db.execute("PRAGMA user_version").fetchone()[0]
@@ -131,12 +132,16 @@ class JobStore:
     def _tx(self):
         db = self._connection()
         db.execute("BEGIN IMMEDIATE")
+        self._local.touched = set()
         try:
             yield db
         except BaseException:
             db.execute("ROLLBACK")
             raise
         db.execute("COMMIT")
+        for job_id in self._local.touched:
+            for listener in self.listeners:
+                listener(job_id)
 
     # -- creating and reading -----------------------------------------------------------------
     @staticmethod
@@ -264,8 +269,8 @@ class JobStore:
         with self._tx() as db:
             self._event(db, job_id, kind, data)
 
-    @staticmethod
-    def _event(db, job_id: str, kind: str, data: dict) -> None:
+    def _event(self, db, job_id: str, kind: str, data: dict) -> None:
+        self._local.touched.add(job_id)
         seq = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM events WHERE job_id = ?", (job_id,)).fetchone()[0]
         db.execute("INSERT INTO events (job_id, seq, type, data, at) VALUES (?, ?, ?, ?, ?)",
                    (job_id, seq, kind, json.dumps(data), time.time()))

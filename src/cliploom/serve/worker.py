@@ -7,8 +7,9 @@ A job's folder (``DATA/jobs/<id>/``) holds what the job needs and makes:
     story.json       the request's story (LoRAs resolved to the server's files)
     video.run/       per-clip segments and checkpoints (cliploom.runs): resume, extend, re-run
     video.mp4        the finished video, video.json its report
-    thumbnail.png    the first frame; spritesheet.png one frame per clip
-    video.eval.*     ShapesWorld jobs: the evaluator's JSON, metrics plot and contact sheet
+    thumbnail.png    the first frame; sprites/ one frame per clip, spritesheet.png of them all
+    video.eval.*     ShapesWorld jobs: the evaluator's JSON, metrics plot and contact sheet (made
+                     on the first request for them)
 
 Cancel is checked after every denoising step (the delete takes effect within one step); a
 crash leaves the run folder, from which the job resumes when a worker claims it again.
@@ -25,6 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from ..errors import CliploomError
 from ..runs import Run, run_folder_for
@@ -33,7 +35,8 @@ from .jobs import Job, JobStore
 
 log = logging.getLogger(__name__)
 
-STEP_EVENT_SECONDS = 0.5  # step events at most twice a second (progress is in the store every step)
+STEP_EVENT_SECONDS = 0.5  # step events at most twice a second
+BEAT_SECONDS = 0.2  # progress and heartbeat to the store, and its cancel flag read, at most this often
 
 
 class Cancelled(Exception):
@@ -61,17 +64,23 @@ def seed_from_parent(folder: Path, parent: Path, keep: int) -> None:
             else:
                 _link(path, dst.clips_dir / name)
     shutil.copyfile(src.folder / "run.json", dst.folder / "run.json")
+    (folder / "sprites").mkdir(exist_ok=True)
+    for i in range(keep):
+        if (parent / "sprites" / f"{i:06d}.png").is_file():
+            _link(parent / "sprites" / f"{i:06d}.png", folder / "sprites" / f"{i:06d}.png")
+    if keep and (parent / "thumbnail.png").is_file():
+        _link(parent / "thumbnail.png", folder / "thumbnail.png")
 
 
 def seed_from_upload(folder: Path, story, model, run: Run) -> None:
     """An uploaded video to extend becomes the run's clip 0, fitted to the story's size."""
     from ..video_io import cover_crop, read_video
-    from PIL import Image
 
     story = story.resolve(model.settings, model.size_multiple, model.scale_temporal)
     frames = read_video(folder / "upload.mp4")
     fitted = np.stack([np.asarray(cover_crop(Image.fromarray(f), story.width, story.height)) for f in frames])
     run.adopt(story, model, fitted, story.clips[0].prompt)
+    save_previews(folder, 0, fitted)
 
 
 def _link(src, dst) -> None:
@@ -91,6 +100,12 @@ class Worker(threading.Thread):
         self.stopping = threading.Event()
         self.current: str | None = None
         self.cancelled_at: dict | None = None  # where the last cancelled job stopped (job, clip, step)
+        self._cancel: str | None = None  # a delete of the running job, from this process's API
+
+    def cancel(self, job_id: str) -> None:
+        """Stop ``job_id`` at its next step if this worker runs it (the store's flag reaches
+        workers in other processes within ``BEAT_SECONDS``)."""
+        self._cancel = job_id
 
     def stop(self) -> None:
         self.stopping.set()
@@ -152,14 +167,19 @@ class Worker(threading.Thread):
 
         def on_step(i: int, k: int, steps: int) -> None:
             now = time.monotonic()
-            if not self.store.step(job.id, i, i * per_clip + k):
+            if self._cancel == job.id:
                 stop(i, k)
+            if now - last["beat"] >= BEAT_SECONDS or k == steps:
+                last["beat"] = now
+                if not self.store.step(job.id, i, i * per_clip + k):
+                    stop(i, k)
             if now - last["event"] >= STEP_EVENT_SECONDS or k == steps:
                 last["event"] = now
                 self.store.event(job.id, "step", {"clip": i, "step": k, "steps": steps,
                                                   "progress": self.store.get(job.id).progress})
 
         def on_clip(clip, entry: dict) -> None:
+            save_previews(folder, clip.index, clip.frames.numpy())
             done = clip.index + 1
             if not self.store.step(job.id, done, done * per_clip):
                 stop(clip.index, None)
@@ -168,32 +188,36 @@ class Worker(threading.Thread):
 
         report = engine.render(story, out, progress=False, resume=resume, overwrite=not resume,
                                on_step=on_step, on_clip=on_clip)
-        self._extras(out, report, engine)
+        sprites = [folder / "sprites" / f"{i:06d}.png" for i in range(len(report["clips"]))]
+        spritesheet([np.asarray(Image.open(p).convert("RGB")) for p in sprites if p.is_file()]).save(
+            folder / "spritesheet.png")
         self.store.finish(job.id, data={"url": f"/v1/videos/{job.id}/content", "frames": report["totals"]["frames"]})
 
-    def _extras(self, out: Path, report: dict, engine) -> None:
-        """Thumbnail, one-frame-per-clip spritesheet, and for ShapesWorld the evaluator's outputs."""
-        from PIL import Image
 
-        from ..video_io import read_video
+def save_previews(folder: Path, index: int, frames: np.ndarray) -> None:
+    """Per clip, as it finishes: its middle frame for the spritesheet (and the video's first frame
+    as the thumbnail), so the finished video never has to be decoded again."""
+    sprites = folder / "sprites"
+    sprites.mkdir(exist_ok=True)
+    Image.fromarray(frames[len(frames) // 2]).save(sprites / f"{index:06d}.png")
+    if index == 0:
+        Image.fromarray(frames[0]).save(folder / "thumbnail.png")
 
-        frames = read_video(out)
-        Image.fromarray(frames[0]).save(out.with_name("thumbnail.png"))
-        starts = np.cumsum([0] + [c["frames_kept"] for c in report["clips"]])
-        picks = [frames[min(len(frames) - 1, (a + b) // 2)] for a, b in zip(starts[:-1], starts[1:])]
-        spritesheet(picks).save(out.with_name("spritesheet.png"))
-        if engine.model.settings.family == "shapesworld":
-            from ..evaluate import evaluate
 
-            try:
-                evaluate(out, out_dir=out.parent)
-            except ValueError as e:  # nothing to measure (e.g. no subject): the video is still fine
-                log.warning("evaluation of %s skipped: %s", out, e)
+_EVAL_LOCK = threading.Lock()
+
+
+def evaluate_job(folder: Path) -> None:
+    """The ShapesWorld evaluator's JSON, metrics plot and contact sheet for a finished job, made
+    when first asked for (not on the job's own time)."""
+    from ..evaluate import evaluate
+
+    with _EVAL_LOCK:
+        if not (folder / "video.eval.json").is_file():
+            evaluate(folder / "video.mp4", out_dir=folder)
 
 
 def spritesheet(frames: list[np.ndarray], columns: int = 10, cell: int = 160):
-    from PIL import Image
-
     h, w = frames[0].shape[:2]
     scale = min(1.0, cell / max(h, w)) if max(h, w) > cell else max(1, cell // max(h, w) // 2)
     cw, ch = max(1, int(w * scale)), max(1, int(h * scale))
