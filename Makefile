@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.cliploom-installed
 
-.PHONY: setup browser test test-portability demo bench bench-serve bench-quality clean
+.PHONY: setup browser test test-portability demo bench bench-serve bench-quality screenshots clean
 
 setup: $(STAMP)
 
@@ -44,6 +44,10 @@ demo: setup
 
 bench: setup
 	$(BIN)/python benchmarks/bench_engine.py
+
+# The page's screenshots in docs/img (the browser test, writing where the docs look).
+screenshots: setup browser
+	CLIPLOOM_SCREENSHOTS=docs/img $(BIN)/python -m pytest -q tests/test_serve_page.py
 
 # cliploom serve under load: burst vs --max-queue, status latency, first clip, cancel, whole job.
 bench-serve: setup

@@ -1,6 +1,7 @@
 """The web page in a real headless Chromium (Debian's, driven by Playwright): token, compose,
 submit, clips appearing while the video is made, the final video playing, extend, cancel.
-Screenshots go to docs/img/serve_*.png."""
+Screenshots go to $CLIPLOOM_SCREENSHOTS (``make screenshots``: docs/img/serve_*.png), else to
+the test's temporary folder."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ from pathlib import Path
 import pytest
 
 CHROMIUM = next((p for p in ("/usr/lib/chromium/chromium", shutil.which("chromium") or "") if p and os.path.exists(p)), None)
-SHOTS = Path(__file__).resolve().parents[1] / "docs" / "img"
 
 pytest.importorskip("pytest_playwright", reason="pytest-playwright is not installed (pip install -e '.[dev]')")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium: `apt-get install chromium` (make test does this as root)")
@@ -31,7 +31,8 @@ def page_server(tmp_path_factory):
     srv.close()
 
 
-def test_compose_submit_watch_play_extend_and_cancel(page_server, page):
+def test_compose_submit_watch_play_extend_and_cancel(page_server, page, tmp_path):
+    shots = Path(os.environ.get("CLIPLOOM_SCREENSHOTS") or tmp_path)
     page.set_viewport_size({"width": 1280, "height": 900})
     page.goto(page_server.url + "/")
     # The server wants a token: the page asks once and keeps it for this tab.
@@ -54,8 +55,8 @@ def test_compose_submit_watch_play_extend_and_cancel(page_server, page):
     page.wait_for_selector("#reference-preview:not([hidden])")
     page.fill("#steps", "4")
     page.fill("#seed", "3")
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SHOTS / "serve_compose.png"))
+    shots.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(shots / "serve_compose.png"))
     page.click("#submit")
 
     # Clips appear as they finish, then the whole video plays.
@@ -68,7 +69,7 @@ def test_compose_submit_watch_play_extend_and_cancel(page_server, page):
     assert abs(state["duration"] - (17 + 2 * 12) / 16) < 0.1  # 3 clips of the built-in model at 16 fps
     page.wait_for_selector("#eval-box:not([hidden])", timeout=30_000)
     page.wait_for_function("document.querySelector('#eval-contact').naturalWidth > 0")
-    page.screenshot(path=str(SHOTS / "serve_video.png"), full_page=True)
+    page.screenshot(path=str(shots / "serve_video.png"), full_page=True)
     first = page.locator("#jobs tbody tr").first.get_attribute("data-id")
 
     # Extend the finished video with one more clip.
@@ -86,7 +87,7 @@ def test_compose_submit_watch_play_extend_and_cancel(page_server, page):
     page.click("#submit")
     page.wait_for_function("document.querySelectorAll('#jobs tbody tr').length == 3")
     page.wait_for_selector("#jobs tbody tr:first-child .status.in_progress", timeout=30_000)
-    page.screenshot(path=str(SHOTS / "serve_running.png"), full_page=True)
+    page.screenshot(path=str(shots / "serve_running.png"), full_page=True)
     page.click("#jobs tbody tr:first-child button.danger")
     page.wait_for_function("document.querySelectorAll('#jobs tbody tr').length == 2", timeout=30_000)
     assert page_server.state.workers[0].cancelled_at is not None
