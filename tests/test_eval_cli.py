@@ -141,13 +141,13 @@ def _bad_inputs(tmp_path, seq, video):
     return [
         ((tmp_path / "missing.mp4",), "missing.mp4 not found"),
         ((no_report,), "no report beside"),
-        ((video, "--report", tmp_path / "nope.json"), "nope.json not found"),
+        ((video, "--report", tmp_path / "nope.json"), "nope.json does not exist"),
         ((video, "--report", short), "describes 40 frames in 3 clips but"),
         ((video, "--report", foreign), "clip 0: bad ShapesWorld prompt"),
-        ((video, "--report", broken), "cannot read report"),
+        ((video, "--report", broken), "broken.json: malformed JSON"),
         ((video, "--report", not_report), "no 'clips' list"),
         ((video, "--story", odd_story), "2-clip story in pro mode cannot make a 41-frame video"),
-        ((video, "--story", tmp_path / "none.yaml"), "cannot read story"),
+        ((video, "--story", tmp_path / "none.yaml"), "none.yaml does not exist"),
         ((junk, "--report", video.with_suffix(".json")), "cannot read video"),
     ]
 

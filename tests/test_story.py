@@ -77,7 +77,7 @@ BAD = [
     ("clips: [a]\nsteps: many", "steps must be a number"),
     ("clips: [a]\nloras: [{path: x.safetensors, expert: middle}]", "expert 'middle' is unknown"),
     ("clips: [a]\ntimesteps: [250, 500]", "must decrease strictly"),
-    ("clips: [a]\nguidance: 0.5", "guidance 0.5 is below 1"),
+    ("clips: [a]\nguidance: 0.5", "guidance 0.5 must be between 1 and 100"),
     ("clips: [a\n  b: c", "malformed YAML"),
     ("- just\n- a list", "a story must be a mapping"),
     ("clips: [{prompt: a, loras: {svi: 0.5}}]", "unknown LoRAs ['svi']"),
@@ -93,7 +93,7 @@ def test_bad_stories_fail_with_one_clear_line(tmp_path, text, message):
 
 
 def test_unreadable_story_file(tmp_path):
-    with pytest.raises(CliploomError, match="cannot read story"):
+    with pytest.raises(CliploomError, match="story .*missing.yaml does not exist"):
         load_story(tmp_path / "missing.yaml")
 
 

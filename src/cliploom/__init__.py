@@ -1,11 +1,34 @@
-"""cliploom: long video generation by SVI clip stitching on Wan image-to-video models."""
+"""cliploom: long video generation by SVI clip stitching on Wan image-to-video models.
+
+The public names are imported on first use, so ``cliploom --help`` (and a Ctrl-C while it
+starts) does not wait for torch and diffusers to load.
+"""
+
+import importlib
 
 __version__ = "0.1.0"
 
-from .engine import Engine  # noqa: E402
-from .errors import CliploomError  # noqa: E402
-from .loom import Clip  # noqa: E402
-from .models import Components, load_model, make_tiny  # noqa: E402
-from .story import Story, load_story, make_story  # noqa: E402
+_PUBLIC = {
+    "Engine": ".engine",
+    "Clip": ".loom",
+    "CliploomError": ".errors",
+    "Components": ".models",
+    "load_model": ".models",
+    "make_tiny": ".models",
+    "Story": ".story",
+    "load_story": ".story",
+    "make_story": ".story",
+}
+__all__ = list(_PUBLIC)
 
-__all__ = ["Engine", "Clip", "CliploomError", "Components", "Story", "load_model", "load_story", "make_story", "make_tiny"]
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(_PUBLIC[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'cliploom' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

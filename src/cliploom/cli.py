@@ -9,6 +9,7 @@ from pathlib import Path
 from .errors import CliploomError
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
 
 
 def _lora_arg(text: str):
@@ -152,12 +153,15 @@ def cmd_generate(args) -> int:
         report = engine.render(story, out, progress=not args.quiet, overwrite=args.overwrite, resume=args.resume,
                                from_clip=args.from_clip)
     except KeyboardInterrupt:
+        import signal
+
         from .runs import Run, run_folder_for
 
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         done = len(Run(run_folder_for(out)).saved())
         print(f"interrupted: {out} was not written; {done} finished clip(s) are kept in {run_folder_for(out)}, "
               "continue with --resume", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     t = report["totals"]
     kept = f" (clips 0..{report['resumed_at_clip'] - 1} kept from the run)" if report.get("resumed_at_clip") else ""
     print(
@@ -179,8 +183,13 @@ def _add_make_tiny(sub) -> None:
 
 
 def cmd_make_tiny(args) -> int:
+    from .inputs import check_writable
     from .models.tiny import make_tiny
 
+    out = Path(args.dir)
+    if out.exists() and not out.is_dir():
+        raise CliploomError(f"{out} exists and is not a folder", "choose another folder for the model")
+    check_writable(out.parent if str(out.parent) else Path("."), "choose a writable folder for the model")
     path = make_tiny(args.dir, args.variant, seed=args.seed, overwrite=args.overwrite)
     print(f"wrote tiny {args.variant} model to {path}")
     return 0
@@ -209,17 +218,24 @@ def cmd_shapesworld_vocab(args) -> int:
 
 
 def cmd_shapesworld_render(args) -> int:
+    from PIL import Image
+
     from .shapesworld import render_reference
 
-    if args.size < 8:
-        raise CliploomError(f"--size {args.size} is too small", "use 32 or more")
+    from .inputs import check_output_file
+
+    if not 8 <= args.size <= 4096:
+        raise CliploomError(f"--size {args.size} must be between 8 and 4096", "use e.g. 32")
+    if args.seed is not None and not 0 <= args.seed < 2**32:
+        raise CliploomError(f"--seed {args.seed} must be in 0..2**32-1", "use e.g. --seed 7")
+    out = check_output_file(args.out, "image output", (".png", ".jpg", ".jpeg", ".webp", ".bmp"))
     try:
         image = render_reference(args.prompt, size=args.size, seed=args.seed)
     except ValueError as e:
         raise CliploomError(str(e).splitlines()[0], "run `cliploom shapesworld vocab` for the valid words") from None
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    image.save(out)
+    tmp = out.with_name(f".{out.name}.partial")
+    image.save(tmp, format=Image.registered_extensions()[out.suffix.lower()])
+    tmp.replace(out)
     print(f"wrote {out} ({args.size}x{args.size})")
     return 0
 
@@ -234,12 +250,19 @@ COMMAND_MODULES: tuple[str, ...] = (
 )
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in the one-line form every other error has (not argparse's usage block)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"error: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     import importlib
 
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="cliploom", description="Long video generation by SVI clip stitching.")
+    parser = _Parser(prog="cliploom", description="Long video generation by SVI clip stitching.")
     parser.add_argument("--version", action="version", version=f"cliploom {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
@@ -251,20 +274,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    _quiet_libraries()
-    from .models.formats import console_logging
-
-    console_logging()  # the loaders' one-line reports (LoRAs applied, keys not applied) on stderr
     try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        _quiet_libraries()
+        from .models.formats import console_logging
+
+        console_logging()  # the loaders' one-line reports (LoRAs applied, keys not applied) on stderr
         return args.func(args) or 0
     except CliploomError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("interrupted: partial output removed", file=sys.stderr)
-        return 130
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the goodbye
+        print("interrupted: nothing that looks finished was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except OSError as e:  # the machine said no: disk full, read-only, permissions, a vanished file
+        where = f" {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"error: cannot use{where}: {e.strerror or e}; check free space and permissions", file=sys.stderr)
+        return EXIT_USAGE
+    except MemoryError:
+        print("error: out of memory; use fewer frames, a smaller size or --offload", file=sys.stderr)
+        return EXIT_USAGE
 
 
 def _quiet_libraries() -> None:

@@ -22,7 +22,7 @@ from .loom import Clip, Start, weave
 from .models.components import Components
 from .models.loading import load_model
 from .models.lora import LoraStack
-from .models.memory import apply_memory_options
+from .models.memory import apply_memory_options, check_story_fits
 from .story import LoraSpec, Story
 from .runs import Run, run_folder_for
 from .video_io import check_output, is_dir_target, write_json_atomic
@@ -63,6 +63,8 @@ class Engine:
     ) -> Iterator[Clip]:
         """Yield the story's clips in order, each as soon as it is decoded (from ``start.index``
         on when ``start`` is given: see :class:`cliploom.loom.Start`)."""
+        m = self.model
+        check_story_fits(m, story.resolve(m.settings, m.size_multiple, m.scale_temporal))  # before anything is applied
         self.loras.apply(self.default_loras(story) + list(story.loras), fuse=story.fuse_loras)
         apply_memory_options(self.model, story.offload, story.vae_tiling)  # after the LoRAs: hooks wrap final weights
         per_clip = any(clip.lora_weights for clip in story.clips)

@@ -57,6 +57,9 @@ def cmd_eval(args) -> int:
         raise _error(e, "check that the video was generated from these ShapesWorld prompts") from None
     result.update(video=str(video), clip_source=str(source))
     out = Path(args.out).expanduser() if args.out else (video if video.is_dir() else video.parent)
+    from .inputs import check_writable
+
+    check_writable(out, "choose a writable --out folder")
     result["outputs"] = ev.write_outputs(frames, result, out, "eval" if video.is_dir() else f"{video.stem}.eval")
     if args.json:
         print(json.dumps(result, indent=2))
@@ -101,7 +104,22 @@ def _read(video: Path):
     import av
 
     from .evaluate import read_frames
+    from .inputs import available_memory, check_regular, human_bytes
 
+    fix = "pass the MP4 (or PNG folder) that `cliploom generate` wrote"
+    if not video.is_dir():
+        check_regular(video, "video", fix)
+        try:
+            with av.open(str(video)) as container:
+                stream = container.streams.video[0]
+                need = stream.frames * stream.codec_context.width * stream.codec_context.height * 3
+        except (av.error.FFmpegError, OSError, IndexError) as e:
+            reason = getattr(e, "strerror", None) or (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise CliploomError(f"cannot read video {video}: {reason}", fix) from None
+        have = available_memory()
+        if have is not None and need > have // 2:
+            raise CliploomError(f"video {video} decodes to {human_bytes(need)}, more than this machine can hold",
+                                "evaluate a shorter or smaller video")
     try:
         return read_frames(video)
     except (av.error.FFmpegError, OSError) as e:  # a broken container or image: one line, no traceback
@@ -126,8 +144,6 @@ def _clips(args, video: Path, num_frames: int) -> tuple[list[str], list[int], Pa
         return prompts, lengths, Path(args.story)
     if args.report:
         report = Path(args.report).expanduser()
-        if not report.is_file():
-            raise CliploomError(f"report {report} not found", "pass the JSON report `cliploom generate` wrote")
     else:
         report = find_report(video)
         if report is None:
@@ -136,10 +152,9 @@ def _clips(args, video: Path, num_frames: int) -> tuple[list[str], list[int], Pa
                 f"no report beside {video} (looked for {beside})",
                 "pass --report REPORT.json or --story STORY.yaml",
             )
-    try:
-        data = json.loads(report.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CliploomError(f"cannot read report {report}: {e}", "pass the JSON report `cliploom generate` wrote") from None
+    from .inputs import read_json
+
+    data = read_json(report, "report", "pass the JSON report `cliploom generate` wrote")
     try:
         prompts, lengths = clips_from_report(data)
     except (ValueError, TypeError, AttributeError) as e:

@@ -15,7 +15,9 @@ import torch
 from tqdm.auto import tqdm
 
 from . import conditioning as C
+from .errors import CliploomError
 from .models.components import Components, frames_to_tensor
+from .models.memory import check_story_fits
 from .sampling import Expert, make_denoiser, sample_euler, schedule
 from .story import Story
 from .video_io import load_image
@@ -72,6 +74,7 @@ def weave(
     start = start or Start()
     # 1. Settle every number: the story's own, else the model's defaults.
     story = story.resolve(model.settings, model.size_multiple, model.scale_temporal)
+    check_story_fits(model, story)  # refuse what cannot fit before anything is allocated
     F, T = story.frames, C.latent_frame_count(story.frames, model.scale_temporal)
     h, w = story.height // model.scale_spatial, story.width // model.scale_spatial
     cfg = max(story.guidance, story.guidance_low) > 1
@@ -137,6 +140,10 @@ def weave(
 
                 latents = sample_euler(denoise, noise, sigmas, cond.finish, step_done)
             seconds_denoise = time.perf_counter() - started
+            if not bool(torch.isfinite(latents).all()):  # never decode garbage into a video
+                raise CliploomError(
+                    f"clip {i}: the latents hold NaN or Inf after denoising",
+                    "lower the LoRA weights or the guidance, or run in float32/bfloat16; a damaged checkpoint does this too")
 
             # 7. Keep the motion memory; decode beside the loop (latent mode) or now (pixel mode).
             keep = story.frames_kept(i)

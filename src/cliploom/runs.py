@@ -146,8 +146,10 @@ class Run:
         saved clip the story still asks for, continue after them. ``from_clip=N``: keep clips
         0..N-1 (they must be unchanged), generate from clip N on."""
         settings = settings_key(story, model)
-        saved = self.saved()
         where = name or str(self.folder)
+        if self.folder.exists() and not self.folder.is_dir():
+            raise CliploomError(f"{where}: the run folder {self.folder} is a file", "move it away or choose another --out")
+        saved = self.saved()
         if resume or from_clip is not None:
             header = self.header()
             if header is None:

@@ -22,13 +22,13 @@ model folder). See ``docs/story.md`` for the schema.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from .errors import CliploomError
 
@@ -147,11 +147,27 @@ def _fail(where: str, problem: str, fix: str):
     raise CliploomError(f"{where}: {problem}", fix)
 
 
+# Sanity bounds: far beyond any real use, small enough that nothing they allow exhausts a machine
+# before the memory estimate (models/memory.py) has looked at the whole story.
+MAX_FRAMES = 1025  # pixel frames per clip (Wan models are trained on 81 or 121)
+MAX_SIZE = 4096  # width and height
+MAX_STEPS = 1000
+MAX_FPS = 240
+MAX_GUIDANCE = 100.0
+MAX_SHIFT = 100.0
+MAX_CLIPS = 10_000
+MAX_PROMPT_CHARS = 10_000
+MAX_LORA_WEIGHT = 100.0
+SEED_LIMIT = 2**63
+
+
 def check_numbers(s: Story, size_multiple: int = 16, temporal: int = 4) -> None:
     """Checks that need the final numbers (after model defaults are filled in)."""
     where = str(s.source or "story")
     if s.frames is not None:
-        if s.frames < 1 + temporal or (s.frames - 1) % temporal:
+        if not 1 + temporal <= s.frames <= MAX_FRAMES or (s.frames - 1) % temporal:
+            if s.frames > MAX_FRAMES:
+                _fail(where, f"frames {s.frames} is more than {MAX_FRAMES} per clip", "use e.g. 81 and more clips")
             k = max(1, round((s.frames - 1) / temporal))
             _fail(where, f"frames {s.frames} is not of the form 4k+1", f"use e.g. {temporal * k + 1} or 81")
         latent = (s.frames - 1) // temporal + 1
@@ -163,26 +179,43 @@ def check_numbers(s: Story, size_multiple: int = 16, temporal: int = 4) -> None:
             )
         if not s.latent_motion and not 1 <= s.motion_frames <= s.frames - 1:
             _fail(where, f"motion_frames {s.motion_frames} does not fit {s.frames}-frame clips", f"use 1..{s.frames - 1}")
+        if not s.latent_motion and s.ref_pad is not None and s.ref_pad > s.frames:
+            _fail(where, f"ref_pad {s.ref_pad} is more than the clip's {s.frames} frames", "use -1, 0 or 1..frames")
     for name in ("width", "height"):
         v = getattr(s, name)
-        if v is not None and (v <= 0 or v % size_multiple):
+        if v is not None and (v <= 0 or v % size_multiple or v > MAX_SIZE):
+            if v > MAX_SIZE:
+                _fail(where, f"{name} {v} is more than {MAX_SIZE}", "use e.g. 832 x 480")
             _fail(where, f"{name} {v} is not a positive multiple of {size_multiple}", f"use e.g. {max(1, round(v / size_multiple)) * size_multiple}")
-    if s.fps is not None and s.fps <= 0:
-        _fail(where, f"fps {s.fps} must be positive", "use e.g. 16")
-    if s.steps is not None and s.steps < 1:
-        _fail(where, f"steps {s.steps} must be at least 1", "use e.g. 4 with a distill LoRA or 50 without")
+    if s.fps is not None and not 0 < s.fps <= MAX_FPS:
+        _fail(where, f"fps {s.fps} must be between 1 and {MAX_FPS}", "use e.g. 16")
+    if s.steps is not None and not 1 <= s.steps <= MAX_STEPS:
+        _fail(where, f"steps {s.steps} must be between 1 and {MAX_STEPS}", "use e.g. 4 with a distill LoRA or 50 without")
     if s.timesteps is not None:
         ts = list(s.timesteps)
-        if not ts or any(not 0 < t <= 1000 for t in ts) or any(a <= b for a, b in zip(ts, ts[1:])):
-            _fail(where, f"timesteps {ts} must decrease strictly within (0, 1000]", "use e.g. [1000, 750, 500, 250]")
+        if not ts or len(ts) > MAX_STEPS or any(not 0 < t <= 1000 for t in ts) or any(a <= b for a, b in zip(ts, ts[1:])):
+            _fail(where, f"timesteps {_short(ts)} must decrease strictly within (0, 1000]", "use e.g. [1000, 750, 500, 250]")
     for name in ("guidance", "guidance_low"):
         v = getattr(s, name)
-        if v is not None and v < 1:
-            _fail(where, f"{name} {v} is below 1", "use 1 for no guidance, or e.g. 5")
-    if s.shift is not None and s.shift <= 0:
-        _fail(where, f"shift {s.shift} must be positive", "use e.g. 5")
+        if v is not None and not 1 <= v <= MAX_GUIDANCE:
+            _fail(where, f"{name} {v} must be between 1 and {MAX_GUIDANCE:g}", "use 1 for no guidance, or e.g. 5")
+    if s.shift is not None and not 0 < s.shift <= MAX_SHIFT:
+        _fail(where, f"shift {s.shift} must be in (0, {MAX_SHIFT:g}]", "use e.g. 5")
     if s.boundary is not None and not 0 < s.boundary < 1:
         _fail(where, f"boundary {s.boundary} must be between 0 and 1", "use e.g. 0.875 (Wan 2.2 I2V)")
+    if not 0 <= s.seed < SEED_LIMIT:
+        _fail(where, f"seed {s.seed} must be in 0..2**63-1", "use e.g. seed: 7")
+    if len(s.clips) > MAX_CLIPS:
+        _fail(where, f"{len(s.clips)} clips is more than {MAX_CLIPS}", "split the story into several videos")
+    for i, clip in enumerate(s.clips):
+        if clip.seed is not None and not 0 <= clip.seed < SEED_LIMIT:
+            _fail(where, f"clip {i + 1} seed {clip.seed} must be in 0..2**63-1", "use e.g. seed: 7")
+    for name, text in (("negative_prompt", s.negative_prompt), ("style", s.style)):
+        if text is not None and len(text) > MAX_PROMPT_CHARS:
+            _fail(where, f"{name} has {len(text)} characters, more than {MAX_PROMPT_CHARS}", "shorten it")
+    for spec in s.loras:
+        if not abs(spec.weight) <= MAX_LORA_WEIGHT:
+            _fail(where, f"LoRA {spec.name} weight {spec.weight} is beyond +-{MAX_LORA_WEIGHT:g}", "use e.g. weight: 1.0")
 
 
 # -- parsing ---------------------------------------------------------------------------------------
@@ -214,26 +247,43 @@ _SCALARS: dict[str, type] = {
 OFFLOAD = ("none", "model", "group", "sequential")
 
 
+INT_LIMIT = 2**63 - 1
+
+
 def typed_value(where: str, key: str, value: Any, kind: type):
-    """``value`` as ``kind`` (bool, str, int or float), or a one-line error naming ``key`` (stories, training configs)."""
+    """``value`` as ``kind`` (bool, str, int or float), or a one-line error naming ``key`` (stories,
+    training configs). Numbers must be finite; whole numbers must fit in 64 bits."""
     if kind is bool:
         if not isinstance(value, bool):
             _fail(where, f"{key} must be true or false, got {value!r}", f"write {key}: true")
         return value
     if kind is str:
         if not isinstance(value, str):
-            _fail(where, f"{key} must be text, got {value!r}", f"quote it: {key}: \"{value}\"")
+            _fail(where, f"{key} must be text, got {_short(value)}", f"quote it: {key}: \"...\"")
         return value
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        _fail(where, f"{key} must be a number, got {value!r}", f"write e.g. {key}: 1")
-    if kind is int and float(value) != int(value):
-        _fail(where, f"{key} must be a whole number, got {value!r}", f"write e.g. {key}: {int(value)}")
+        _fail(where, f"{key} must be a number, got {_short(value)}", f"write e.g. {key}: 1")
+    if isinstance(value, float) and not math.isfinite(value):
+        _fail(where, f"{key} must be a finite number, got {value}", f"write e.g. {key}: 1")
+    if kind is int:
+        if float(value) != int(value):
+            _fail(where, f"{key} must be a whole number, got {value!r}", f"write e.g. {key}: {int(value)}")
+        value = int(value)
+        if abs(value) > INT_LIMIT:
+            _fail(where, f"{key} {value} is out of range", "use a number of magnitude below 2**63")
     return kind(value)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _parse_clips(where: str, raw: Any) -> list[ClipSpec]:
     """Clips as the story file gives them (prompts, or mappings with prompt/repeat/seed/loras), or
     :class:`ClipSpec` objects from Python; every one checked the same way."""
+    if isinstance(raw, (list, tuple)) and len(raw) > MAX_CLIPS:
+        _fail(where, f"{len(raw)} clips is more than {MAX_CLIPS}", "split the story into several videos")
     if isinstance(raw, (str, dict)) or not isinstance(raw, (list, tuple)) or not raw:
         _fail(where, "no clips" if not raw else f"clips must be a list of prompts, got {type(raw).__name__}",
               "add `clips:` with at least one prompt, e.g. `clips: [\"a cat walks\"]`")
@@ -251,9 +301,13 @@ def _parse_clips(where: str, raw: Any) -> list[ClipSpec]:
         prompt = item.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
             _fail(where, f"clip {i + 1} has no prompt", "give every clip a non-empty `prompt:`")
+        if len(prompt) > MAX_PROMPT_CHARS:
+            _fail(where, f"clip {i + 1} prompt has {len(prompt)} characters, more than {MAX_PROMPT_CHARS}", "shorten it")
         repeat = typed_value(where, f"clip {i + 1} repeat", item.get("repeat", 1), int)
-        if repeat < 1:
-            _fail(where, f"clip {i + 1} repeat {repeat} must be at least 1", "use repeat: 1 or more")
+        if not 1 <= repeat <= MAX_CLIPS or len(clips) + repeat > MAX_CLIPS:
+            if repeat < 1:
+                _fail(where, f"clip {i + 1} repeat {repeat} must be at least 1", "use repeat: 1 or more")
+            _fail(where, f"clip {i + 1} repeat {repeat} makes more than {MAX_CLIPS} clips", "split the story into several videos")
         seed = item.get("seed")
         if seed is not None:
             seed = typed_value(where, f"clip {i + 1} seed", seed, int)
@@ -374,26 +428,18 @@ def make_story(**values) -> Story:
 
 
 def load_story(path: str | Path) -> Story:
+    from .inputs import load_yaml, read_text
+
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise CliploomError(f"cannot read story {path}: {e.strerror or e}", "check the path") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or "invalid YAML"
-        raise CliploomError(f"{path}: malformed YAML{at}: {problem}", "fix the YAML syntax") from None
-    return story_from_dict(data, base=path.parent, source=path)
+    text = read_text(path, "story", "pass a story YAML file (see docs/story.md)")
+    return story_from_dict(load_yaml(text, str(path)), base=path.parent, source=path)
 
 
 def cycle_prompts(prompts: list[str], clips: int | None) -> list[ClipSpec]:
     """CLI form: with more clips than prompts, the prompts cycle."""
     if not prompts:
         raise CliploomError("no prompts", "pass at least one --prompt TEXT")
-    n = clips or len(prompts)
-    if n < 1:
-        raise CliploomError(f"--clips {n} must be at least 1", "pass --clips 1 or more")
+    n = len(prompts) if clips is None else clips
+    if not 1 <= n <= MAX_CLIPS:
+        raise CliploomError(f"--clips {n} must be between 1 and {MAX_CLIPS}", "pass --clips 1 or more")
     return [ClipSpec(prompts[i % len(prompts)]) for i in range(n)]

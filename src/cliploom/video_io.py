@@ -22,16 +22,36 @@ PNG_PATTERN = "frame_{:05d}.png"
 # -- input -----------------------------------------------------------------------------------------
 
 
+MAX_IMAGE_PIXELS = 64_000_000  # a reference image is cover-cropped to the clip size; 64 MP is plenty
+MAX_IMAGE_BYTES = 256 * 2**20
+
+
 def load_image(path: str | Path, width: int | None = None, height: int | None = None) -> Image.Image:
-    """Open an RGB image; with a size, scale it to cover ``width x height`` and crop the centre."""
-    path = Path(path)
-    if not path.is_file():
-        raise CliploomError(f"reference image {path} does not exist", "pass the path of a PNG or JPEG file")
+    """Open an RGB image; with a size, scale it to cover ``width x height`` and crop the centre.
+    The header's size is checked before any pixel is decoded (no decompression bombs)."""
+    import warnings
+
+    from .inputs import check_regular
+
+    fix = "pass the path of a PNG or JPEG file"
+    path = check_regular(path, "reference image", fix)
+    if path.stat().st_size > MAX_IMAGE_BYTES:
+        raise CliploomError(f"reference image {path} is larger than {MAX_IMAGE_BYTES // 2**20} MB", fix)
     try:
-        with Image.open(path) as im:
-            image = im.convert("RGB")
-    except (UnidentifiedImageError, OSError) as e:
-        raise CliploomError(f"cannot read reference image {path}: {e}", "pass a valid PNG or JPEG file") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size
+                if w * h > MAX_IMAGE_PIXELS or w < 1 or h < 1:
+                    raise CliploomError(f"reference image {path} is {w}x{h}: more than {MAX_IMAGE_PIXELS // 10**6} "
+                                        "megapixels (or empty)", "pass a smaller image")
+                image = im.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise CliploomError(f"reference image {path} claims more than {MAX_IMAGE_PIXELS // 10**6} megapixels "
+                            "(a decompression bomb)", "pass a smaller image") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise CliploomError(f"cannot read reference image {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+                            "pass a valid PNG or JPEG file") from None
     if width is None or height is None:
         return image
     return cover_crop(image, width, height, Image.Resampling.LANCZOS)
@@ -190,27 +210,43 @@ def write_pngs(folder: Path, frames: np.ndarray, first: int = 0) -> None:
 
 
 def check_writable(folder: Path) -> None:
-    if not folder.exists():
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise CliploomError(f"cannot create output folder {folder}: {e.strerror}", "choose a writable --out") from None
-    if not os.access(folder, os.W_OK):
-        raise CliploomError(f"output folder {folder} is not writable", "choose a writable --out")
+    from .inputs import check_writable as check
+
+    check(folder, "choose a writable --out")
+
+
+VIDEO_SUFFIXES = (".mp4",)
+OTHER_VIDEO_SUFFIXES = (".avi", ".gif", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".apng")
 
 
 def check_output(out: str | Path, overwrite: bool = False) -> None:
-    """Fail early (before any model is loaded) on an output that cannot be written."""
-    out = Path(out)
+    """Fail early (before any model is loaded) on an output that cannot be written: a name the OS
+    refuses, a kind we do not write, a place that takes no files, or something in the way."""
+    text = str(out)
+    if not text.strip():
+        raise CliploomError("the output name is empty", "pass --out video.mp4 or --out frames/")
+    out = Path(text)
+    for part in out.parts:
+        if len(part.encode()) > 255:
+            raise CliploomError(f"output name {part[:40]}... is {len(part.encode())} bytes, more than the 255 a file "
+                                "name may have", "choose a shorter --out")
+    suffix = out.suffix.lower()
+    if not text.endswith(("/", os.sep)) and not out.is_dir() and suffix and suffix not in VIDEO_SUFFIXES:
+        kind = "a video format cliploom does not write" if suffix in OTHER_VIDEO_SUFFIXES else "not a video name"
+        raise CliploomError(f"output {out}: {suffix} is {kind}", "use x.mp4 (H.264) or DIR/ (PNG frames)")
     if is_dir_target(out):
         if out.exists() and not out.is_dir():
             raise CliploomError(f"{out} exists and is not a folder", "choose another --out")
         if out.is_dir() and any(out.iterdir()) and not overwrite:
             raise CliploomError(f"output folder {out} is not empty", "choose another --out or pass --overwrite")
-    elif out.exists() and not overwrite:
-        raise CliploomError(f"{out} already exists", "choose another --out or pass --overwrite")
-    parent = out.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise CliploomError(f"cannot write {out}: {parent} is not a writable folder", "choose a writable --out")
+        report = out / "report.json"
+    else:
+        if out.exists() and (out.is_dir() or not out.is_file()):
+            raise CliploomError(f"{out} exists and is not a video file", "choose another --out")
+        if out.exists() and not overwrite:
+            raise CliploomError(f"{out} already exists", "choose another --out or pass --overwrite")
+        report = out.with_suffix(".json")
+        if report.exists() and not report.is_file():
+            raise CliploomError(f"the report {report} would replace a folder", "choose another --out")
+    check_writable(out.parent)
+    del report

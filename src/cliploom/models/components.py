@@ -8,7 +8,6 @@ the pipeline itself: cliploom builds its own ``y`` and runs its own loop.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -53,16 +52,59 @@ class ModelSettings:
     def from_folder(cls, path: Path, model_index: dict, scheduler_config: dict) -> "ModelSettings":
         values: dict = {}
         if model_index.get("boundary_ratio") is not None:
-            values["boundary_ratio"] = float(model_index["boundary_ratio"])
-        values["expand_timesteps"] = bool(model_index.get("expand_timesteps", False))
+            values["boundary_ratio"] = model_index["boundary_ratio"]
+        values["expand_timesteps"] = model_index.get("expand_timesteps", False)
         shift = scheduler_config.get("flow_shift", scheduler_config.get("shift"))
         if shift is not None:
-            values["shift"] = float(shift)
+            values["shift"] = shift
         own = path / SETTINGS_FILE
         if own.is_file():
             known = {f.name for f in fields(cls)}
-            values.update({k: v for k, v in json.loads(own.read_text()).items() if k in known})
-        return cls(**values)
+            values.update({k: v for k, v in read_settings(own).items() if k in known})
+        return cls.checked(values, str(path))
+
+    @classmethod
+    def checked(cls, values: dict, where: str) -> "ModelSettings":
+        """Settings whose every value has its type and a sane range (they become a story's defaults)."""
+        from ..errors import CliploomError
+        from ..story import ClipSpec, Story, check_numbers, typed_value
+
+        kinds = {"family": str, "max_sequence_length": int, "width": int, "height": int, "fps": int, "frames": int,
+                 "steps": int, "guidance": float, "guidance_low": float, "shift": float, "boundary_ratio": float,
+                 "expand_timesteps": bool, "negative_prompt": str, "svi_lora": str}
+        out = {}
+        for key, value in values.items():
+            if key == "timesteps":
+                if value is not None:
+                    if not isinstance(value, list):
+                        raise CliploomError(f"{where}: timesteps must be a list", "write timesteps: [1000, 750, 500, 250]")
+                    value = [typed_value(where, "timesteps", t, float) for t in value]
+            elif value is not None:
+                value = typed_value(where, key, value, kinds[key])
+            out[key] = value
+        settings = cls(**out)
+        if not 1 <= settings.max_sequence_length <= 4096:
+            raise CliploomError(f"{where}: max_sequence_length {settings.max_sequence_length} is out of range",
+                                "use 512 (Wan)")
+        if settings.svi_lora is not None and (Path(settings.svi_lora).is_absolute() or ".." in Path(settings.svi_lora).parts):
+            raise CliploomError(f"{where}: svi_lora {settings.svi_lora!r} must be a file inside the model folder",
+                                "give a file name relative to the folder")
+        probe = Story(clips=[ClipSpec("x")], width=settings.width, height=settings.height, fps=settings.fps,
+                      frames=settings.frames, steps=settings.steps, timesteps=settings.timesteps,
+                      guidance=settings.guidance, guidance_low=settings.guidance_low, shift=settings.shift,
+                      boundary=settings.boundary_ratio, source=Path(where))
+        check_numbers(probe, size_multiple=1, temporal=1)
+        return settings
+
+
+def read_settings(path: Path) -> dict:
+    from ..errors import CliploomError
+    from ..inputs import read_json
+
+    data = read_json(path, "model settings")
+    if not isinstance(data, dict):
+        raise CliploomError(f"model settings {path} is not a JSON object", "see docs/formats.md")
+    return data
 
 
 @dataclass

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import struct
 from dataclasses import dataclass, field
@@ -64,13 +65,14 @@ def sniff(path: Path) -> str:
 
 
 def check_safetensors(path: str | Path, what: str = "weight file") -> Path:
-    """Return ``path`` if it is a readable safetensors file, else raise a one-line error."""
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise CliploomError(f"{what} {path} does not exist", "check the path")
-    if path.is_dir():
-        raise CliploomError(f"{what} {path} is a folder, not a .safetensors file", "pass the file itself")
-    kind = sniff(path)
+    """Return ``path`` if it is a regular file in safetensors format, else raise a one-line error."""
+    from ..inputs import check_regular
+
+    path = check_regular(Path(path).expanduser(), what, "pass a .safetensors file")
+    try:
+        kind = sniff(path)
+    except OSError as e:
+        raise CliploomError(f"cannot read {what} {path}: {e.strerror or e}", "check the file") from None
     if kind == "safetensors":
         return path
     if kind in ("zip", "pickle"):
@@ -99,17 +101,47 @@ class Header:
 
 
 def read_header(path: str | Path, what: str = "weight file") -> Header:
+    """The table of contents, through safetensors' own reader: it checks the header against the
+    file (JSON, dtypes, shapes, offsets, sizes) before anything is trusted."""
+    from safetensors import safe_open
+
     path = check_safetensors(path, what)
     try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            table = json.loads(f.read(n))
-    except (OSError, ValueError, struct.error) as e:
-        raise CliploomError(f"{what} {path} is damaged: {e}", "download or convert it again") from None
-    metadata = table.pop("__metadata__", None) or {}
-    shapes = {k: tuple(v["shape"]) for k, v in table.items()}
-    dtypes = {k: _ST_DTYPES.get(v["dtype"], v["dtype"]) for k, v in table.items()}
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            shapes, dtypes = {}, {}
+            for key in f.keys():
+                part = f.get_slice(key)
+                shapes[key] = tuple(part.get_shape())
+                dtypes[key] = _ST_DTYPES.get(part.get_dtype(), part.get_dtype())
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise CliploomError(f"{what} {path} is damaged: {first}", "download or convert it again") from None
     return Header(path, shapes, dtypes, metadata, path.stat().st_size)
+
+
+def estimate_dit_params(config: dict) -> int:
+    """A lower bound on the parameters of a WanTransformer3DModel ``config`` describes (the
+    attention and feed-forward matrices of its blocks), without building it."""
+    d = int(config.get("num_attention_heads", 0) or 0) * int(config.get("attention_head_dim", 0) or 0)
+    ffn = int(config.get("ffn_dim", 0) or 0)
+    return int(config.get("num_layers", 0) or 0) * (8 * d * d + 2 * d * ffn)
+
+
+def stored_elements(paths) -> int:
+    """Elements stored in safetensors files, from their headers."""
+    total = 0
+    for path in paths:
+        for shape in read_header(path).shapes.values():
+            n = 1
+            for dim in shape:
+                n *= dim
+            total += n
+    return total
+
+
+FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2")
+MAX_BLOCKS = 1000  # a Wan DiT has 30 or 40; names beyond this are not a Wan model's
 
 
 def load_tensors(path: str | Path, what: str = "weight file", keys=None) -> dict[str, torch.Tensor]:
@@ -698,11 +730,14 @@ def _pattern_value(name: str, patterns: dict, default):
     """peft's pattern rule: a key matches a module whose name is the key or ends with ``.key``
     (a leading ``^`` anchors the key at the start)."""
     for pattern, value in (patterns or {}).items():
-        if pattern.startswith("^"):
-            if re.fullmatch(pattern[1:], name):
+        try:
+            if pattern.startswith("^"):
+                if re.fullmatch(pattern[1:], name):
+                    return value
+            elif re.fullmatch(rf"(.*\.)?{re.escape(pattern)}", name) or re.fullmatch(rf"(.*\.)?{pattern}", name):
                 return value
-        elif re.fullmatch(rf"(.*\.)?{re.escape(pattern)}", name) or re.fullmatch(rf"(.*\.)?{pattern}", name):
-            return value
+        except re.error:  # not a regular expression: only the literal reading counts
+            continue
     return default
 
 
@@ -726,6 +761,14 @@ def read_lora(path: str | Path) -> LoraFile:
             f"{path} is not a LoRA (it holds {kind} weights, e.g. {header.keys[0]})",
             "pass a LoRA file to --lora; base checkpoints go to --model",
         )
+    bad = next((k for k in header.keys if header.dtypes[k] not in FLOAT_DTYPES), None)
+    if bad is not None:
+        raise CliploomError(f"LoRA {path}: {bad} is {header.dtypes[bad]}; LoRA weights are floating point",
+                            "the file is not a LoRA, or is damaged")
+    blocks = [int(m.group(1)) for k in header.keys if (m := re.search(r"(?:^|[._])blocks[._](\d+)[._]", k))]
+    if blocks and max(blocks) >= MAX_BLOCKS:
+        raise CliploomError(f"LoRA {path} names block {max(blocks)}; a Wan DiT has at most {MAX_BLOCKS} blocks",
+                            "the file is not a Wan LoRA, or is damaged")
     tensors = load_tensors(path, "LoRA")
     check_finite(tensors, f"LoRA {path}")
     layout = detect_lora_layout(tensors)
@@ -781,6 +824,8 @@ def read_lora(path: str | Path) -> LoraFile:
         entry.keys.append(key)
         t = tensors[key]
         if kind == "alpha":
+            if t.numel() != 1:
+                raise CliploomError(f"LoRA {path}: alpha {key} holds {t.numel()} values, not one", "the file is malformed")
             entry.alpha = float(t.float().reshape(-1)[0])
         elif kind in ("down", "up"):
             if getattr(entry, kind) is not None:
@@ -797,9 +842,15 @@ def read_lora(path: str | Path) -> LoraFile:
     if layout == "diffusers":
         config = _peft_config(path, header.metadata)
         alpha, patterns = config.get("lora_alpha"), config.get("alpha_pattern") or {}
+        if not isinstance(patterns, dict):
+            raise CliploomError(f"LoRA {path}: alpha_pattern in its adapter config is not a mapping", "the file is damaged")
         for name, m in modules.items():
             if m.down is not None and m.alpha is None and alpha is not None:
-                m.alpha = float(_pattern_value(name, patterns, alpha))
+                value = _pattern_value(name, patterns, alpha)
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                    raise CliploomError(f"LoRA {path}: lora_alpha {value!r} in its adapter config is not a finite number",
+                                        "the file is damaged")
+                m.alpha = float(value)
                 m.rslora = bool(config.get("use_rslora", False))
 
     # 4. Every pair whole, alpha only beside a pair.
@@ -810,6 +861,9 @@ def read_lora(path: str | Path) -> LoraFile:
                 f"LoRA {path}: {m.source} has a {have} weight but not its partner", "the file is incomplete"
             )
         if m.down is not None:
+            if min(m.down.shape, default=0) < 1 or min(m.up.shape, default=0) < 1:
+                raise CliploomError(f"LoRA {path}: {m.source} has an empty weight (down {tuple(m.down.shape)}, "
+                                    f"up {tuple(m.up.shape)})", "the file is malformed")
             if m.down.dim() < 2 or m.up.dim() < 2 or m.down.shape[0] != m.up.shape[1]:
                 raise CliploomError(
                     f"LoRA {path}: {m.source} has down {tuple(m.down.shape)} and up {tuple(m.up.shape)}, whose ranks differ",
@@ -878,12 +932,26 @@ class _ConsoleFormatter(logging.Formatter):
         return f"warning: {message}" if record.levelno >= logging.WARNING else message
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record arrives (not the one at set-up)."""
+
+    @property
+    def stream(self):
+        import sys
+
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def console_logging(level: int = logging.INFO) -> None:
     """Show the model loaders' reports (LoRAs applied, keys not applied, fp8 upcasts) on stderr,
     one plain line each; the CLI calls this once."""
     logger = logging.getLogger("cliploom.models")
     if not any(getattr(h, "_cliploom_console", False) for h in logger.handlers):
-        handler = logging.StreamHandler()
+        handler = _StderrHandler()
         handler.setFormatter(_ConsoleFormatter())
         handler._cliploom_console = True
         logger.addHandler(handler)

@@ -18,7 +18,6 @@ See ``docs/formats.md`` for the layouts and examples.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -51,10 +50,13 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 def read_json(path: Path, what: str) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CliploomError(f"cannot read {what} {path}: {e}", "check that the model folder is complete") from None
+    """A JSON object of a model folder (bounded, regular file, UTF-8), or a one-line error."""
+    from ..inputs import read_json as read
+
+    data = read(path, what, "check that the model folder is complete", max_bytes=64 * 2**20)
+    if not isinstance(data, dict):
+        raise CliploomError(f"{what} {path} is not a JSON object", "check that the model folder is complete")
+    return data
 
 
 def _load(loader, folder: Path, name: str, **kwargs):
@@ -131,7 +133,7 @@ def family_settings(family: dict, folder: Path) -> ModelSettings:
     own = folder / SETTINGS_FILE
     if own.is_file():
         values.update({k: v for k, v in read_json(own, "settings").items() if k in _SETTING_KEYS | {"family"}})
-    return ModelSettings(**values)
+    return ModelSettings.checked(values, str(folder))
 
 
 def matching_families(signature: dict) -> list[str]:
@@ -412,10 +414,40 @@ def check_model_folder(path: Path) -> dict:
     cls = str(index.get("_class_name", ""))
     if not cls.startswith("Wan"):
         raise CliploomError(f"{path} holds a {cls or 'unknown'} model, not a Wan model", "pass a Wan I2V model folder")
+    for name, entry in index.items():
+        if name.startswith("_") or name in ("boundary_ratio", "expand_timesteps"):
+            continue
+        if entry is not None and (not isinstance(entry, list) or len(entry) != 2
+                                  or not all(e is None or isinstance(e, str) for e in entry)):
+            raise CliploomError(f"model index {index_path}: {name} must be [library, class], got {str(entry)[:60]}",
+                                "check that the model folder is complete")
     missing = [name for name in REQUIRED if not (path / name).is_dir()]
     if missing:
         raise CliploomError(f"model folder {path} lacks {', '.join(missing)}/", "copy the complete model folder")
     return index
+
+
+def check_transformer_config(folder: Path) -> None:
+    """Before a model is built from ``config.json``: its sizes are numbers in range, and the model
+    they describe is no larger than the weights stored beside it (a config that lies would build
+    a model of any size before the weights are even read)."""
+    config = read_json(folder / "config.json", "transformer config")
+    for key in ("num_layers", "num_attention_heads", "attention_head_dim", "ffn_dim", "in_channels", "out_channels",
+                "text_dim", "freq_dim"):
+        value = config.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 2**20):
+            raise CliploomError(f"transformer config {folder / 'config.json'}: {key} {str(value)[:40]} is not a size",
+                                "check that the model folder is complete")
+    layers = config.get("num_layers") or 0
+    if layers > formats.MAX_BLOCKS:
+        raise CliploomError(f"transformer config {folder / 'config.json'}: num_layers {layers} is more than "
+                            f"{formats.MAX_BLOCKS}", "check that the model folder is complete")
+    described = formats.estimate_dit_params(config)
+    stored = formats.stored_elements(sorted(folder.glob("*.safetensors")))
+    if stored and described > 1.05 * stored:
+        raise CliploomError(
+            f"transformer config {folder / 'config.json'} describes about {described / 1e6:.1f} M parameters but the "
+            f"weights beside it hold {stored / 1e6:.1f} M", "the config does not belong to these weights")
 
 
 def load_model(
@@ -460,15 +492,17 @@ def _load_diffusers(path: Path, device: torch.device, dtype: torch.dtype, place:
         scheduler_config = read_json(path / "scheduler" / "scheduler_config.json", "scheduler config")
     settings = ModelSettings.from_folder(path, index, scheduler_config)
 
+    check_transformer_config(path / "transformer")
     transformer = _load(WanTransformer3DModel, path, "transformer", torch_dtype=dtype)
     transformer_2 = None
-    if index.get("transformer_2", [None])[0] is not None and (path / "transformer_2").is_dir():
+    if (index.get("transformer_2") or [None])[0] is not None and (path / "transformer_2").is_dir():
+        check_transformer_config(path / "transformer_2")
         transformer_2 = _load(WanTransformer3DModel, path, "transformer_2", torch_dtype=dtype)
     vae = _load(AutoencoderKLWan, path, "vae", torch_dtype=torch.float32)
     text_encoder = _load(UMT5EncoderModel, path, "text_encoder", torch_dtype=dtype)
     tokenizer = _load(AutoTokenizer, path, "tokenizer")
     image_encoder = image_processor = None
-    if index.get("image_encoder", [None])[0] is not None and (path / "image_encoder").is_dir():
+    if (index.get("image_encoder") or [None])[0] is not None and (path / "image_encoder").is_dir():
         from transformers import CLIPVisionModel
 
         image_encoder = _load(CLIPVisionModel, path, "image_encoder", torch_dtype=torch.float32)

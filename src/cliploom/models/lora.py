@@ -78,6 +78,17 @@ def _set_adapters(transformer, names: list[str], weights: list[float]) -> None:
     transformer.requires_grad_(False)  # peft marks active adapters trainable; sampling needs no graph
 
 
+def _check_range(path: Path, m, name: str, weight: float, dtype: torch.dtype) -> None:
+    """The update ``weight * scale * B @ A`` must stay finite in the weights' dtype: its largest
+    possible entry is bounded by max|B| * max|A| * rank * |scale * weight| (no product is formed)."""
+    bound = float(m.up.abs().max()) * float(m.down.abs().max()) * m.rank * abs(m.scale * weight)
+    limit = torch.finfo(dtype).max / 2
+    if not bound <= limit:
+        raise CliploomError(
+            f"LoRA {path}: at weight {weight:g} the update of {name} could reach {bound:.3g}, beyond what "
+            f"{str(dtype).replace('torch.', '')} holds ({limit:.3g})", "lower the LoRA weight, or the file is damaged")
+
+
 def _fit_error(path, key: str, shape, target: str, expected) -> CliploomError:
     return CliploomError(
         f"LoRA {path}: {key} has shape {tuple(shape)} but the model's {target} has shape {tuple(expected)}",
@@ -191,6 +202,7 @@ class LoraStack:
                         raise _fit_error(path, down_key, m.down.shape, f"{name}.weight", w.shape)
                     if m.up.shape[0] != w.shape[0] or m.up.shape[2:] != torch.Size([1] * (w.dim() - 2)):
                         raise _fit_error(path, up_key, m.up.shape, f"{name}.weight", w.shape)
+                    _check_range(path, m, name, float(spec.weight), w.dtype)
                     pairs.append(name)
                     touched.add(name)
                 if m.diff is not None:

@@ -68,3 +68,43 @@ def apply_memory_options(model, offload: str | None = None, vae_tiling: bool = F
                 apply_group_offloading(module, onload_device=device, offload_device=cpu, offload_type="leaf_level",
                                        use_stream=stream)
     model._cliploom_offload = offload
+
+
+# -- what a story needs ------------------------------------------------------------------------------
+
+
+def estimate_clip_bytes(model, story) -> int:
+    """A lower bound on the working memory of one clip of a resolved ``story`` on ``model``,
+    besides the weights: the DiT's activations for every token (batch 2 with CFG), the latents,
+    the VAE decode (float output and one causal chunk's full-resolution activations) and the
+    uint8 frames. Constant in the number of clips: clips never accumulate."""
+    F, H, W = story.frames, story.height, story.width
+    T = (F - 1) // model.scale_temporal + 1
+    h, w = H // model.scale_spatial, W // model.scale_spatial
+    batch = 2 if max(story.guidance, story.guidance_low or 1) > 1 else 1
+    cfg = model.transformer.config
+    d = cfg.num_attention_heads * cfg.attention_head_dim
+    ph, pw = model.patch
+    tokens = T * (h // ph) * (w // pw)
+    dit = tokens * batch * (6 * d + cfg.ffn_dim) * 4
+    latents = model.z_dim * T * h * w * 4 * 8
+    base = getattr(model.vae.config, "base_dim", 96)
+    decode = F * H * W * 3 * 4 * 2 + 4 * H * W * base * 4 * 4
+    frames = F * H * W * 3 * 2
+    return int(dit + latents + decode + frames)
+
+
+def check_story_fits(model, story) -> None:
+    """Refuse, before anything is allocated, a story whose clip cannot fit in this machine's memory."""
+    from ..inputs import available_memory, human_bytes
+
+    need = estimate_clip_bytes(model, story)
+    if model.device.type == "cuda":
+        where, have = f"{model.device}", torch.cuda.get_device_properties(model.device).total_memory
+    else:
+        where, have = "host memory", available_memory()
+    if have is not None and need > have:
+        raise CliploomError(
+            f"one {story.frames}-frame clip at {story.width}x{story.height} needs at least {human_bytes(need)} of working "
+            f"memory, more than the {human_bytes(have)} of {where} available",
+            "use fewer frames per clip (and more clips) or a smaller size")

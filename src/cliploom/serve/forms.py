@@ -24,6 +24,7 @@ from ..story import Story, cycle_prompts, story_from_dict
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 SERVER_KEYS = {"reference": "upload the image as input_reference",
+               "fuse_loras": "the server keeps LoRAs switchable between requests",
                "model": "choose the model with the `model` field",
                "offload": "memory options are the server's settings",
                "vae_tiling": "memory options are the server's settings",
@@ -173,10 +174,14 @@ def build_story(fields: dict, settings, *, reference: Path, lora_dir: Path | Non
             probe = story_from_dict({**data, "clips": old + [sources[0]], "reference": str(reference)},
                                     base=reference.parent).resolve(settings)
             count = clips_for_seconds(probe, seconds, extending=bool(old))
+        if count is not None and len(old) + count > limits.max_clips:
+            raise bad(f"{len(old) + count} clips is more than this server's {limits.max_clips}",
+                      "ask for fewer seconds or clips", "seconds" if seconds is not None else "clips")
         new = [c.prompt for c in cycle_prompts(sources, max(1, count or len(sources)))]
     elif count is not None:
         new = _repeat(new, count)
     data["clips"] = old + list(new)
+    data["fuse_loras"] = False  # one engine serves every request's LoRA stack: adapters stay switchable
     _check_limits(data["clips"], limits)
     story = story_from_dict({**data, "reference": str(reference)}, base=reference.parent)
     resolved = story.resolve(settings)

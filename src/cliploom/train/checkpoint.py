@@ -114,11 +114,14 @@ def _save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = 
 
 
 def _load(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+    from ..models.formats import check_finite, load_tensors, read_header
 
     if not path.is_file():
         raise CliploomError(f"checkpoint file {path} is missing", "resume from another checkpoint or start afresh")
-    return load_file(str(path))
+    read_header(path, "checkpoint file")  # pickles and damaged headers are refused here
+    tensors = load_tensors(path, "checkpoint file")
+    check_finite(tensors, f"checkpoint file {path}")
+    return tensors
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -159,10 +162,13 @@ def finish(out_dir: Path, step: int, keep: int) -> Path:
 
 
 def read_state(folder: Path) -> dict:
-    try:
-        return json.loads((folder / "state.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CliploomError(f"cannot read {folder / 'state.json'}: {e}", "resume from another checkpoint") from None
+    from ..inputs import read_json
+
+    state = read_json(folder / "state.json", "checkpoint state", "resume from another checkpoint")
+    if not isinstance(state, dict) or not isinstance(state.get("config"), dict) or not isinstance(state.get("step"), int):
+        raise CliploomError(f"checkpoint state {folder / 'state.json'} lacks its step or config",
+                            "use another checkpoint of the run")
+    return state
 
 
 def read_checkpoint_lora(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:

@@ -34,6 +34,8 @@ def add_command(sub) -> None:
 
 
 def cmd_train(args) -> int:
+    from pathlib import Path
+
     from ..errors import CliploomError
     from .config import load_config
     from .loop import train
@@ -41,6 +43,9 @@ def cmd_train(args) -> int:
     if args.max_steps is not None and args.max_steps < 1:
         raise CliploomError(f"--max-steps {args.max_steps} must be at least 1", "pass --max-steps 1 or more")
     cfg = load_config(args.config, steps=args.steps, out_dir=args.out_dir)
+    from ..inputs import check_writable
+
+    check_writable(Path(cfg.out_dir), "choose a writable out_dir")
     result = train(cfg, resume=args.resume, max_steps=args.max_steps, progress=not args.quiet)
     if not result["main_process"]:
         return 0
@@ -53,13 +58,10 @@ def cmd_train(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from pathlib import Path
-
-    from ..errors import CliploomError
+    from ..inputs import check_output_file
     from .export import export_checkpoint
 
-    if Path(args.out).suffix != ".safetensors":
-        raise CliploomError(f"{args.out} does not end in .safetensors", "name the output x.safetensors")
+    check_output_file(args.out, "LoRA output", (".safetensors",))
     path = export_checkpoint(args.checkpoint, args.out, args.layout, args.dtype)
     print(f"wrote {path} ({args.layout} layout)")
     return 0

@@ -23,10 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..errors import CliploomError
-from ..story import typed_value
+from ..story import MAX_FRAMES, MAX_SIZE, typed_value
 
 # LoRA target names as SVI writes them (original Wan module names) -> diffusers module names.
 WAN_TARGETS = {
@@ -163,6 +161,14 @@ _POSITIVE = (
 )
 
 
+# Upper bounds: far beyond real use, small enough that nothing they allow exhausts a machine.
+_UPPER = {"rank": 4096, "batch_size": 1024, "grad_accum": 100_000, "steps": 10**9, "segments": 1000,
+          "segment_frames": 100_000, "frame_stride": 1000, "train_timesteps": 100_000, "replay_bins": 10_000,
+          "replay_capacity": 1_000_000, "text_cache": 1_000_000, "y_error_frames": 1000, "seed": 2**63 - 1,
+          "threads": 4096, "checkpoint_every": 10**9, "keep_checkpoints": 10_000, "log_every": 10**9,
+          "warmup_steps": 10**9, "replay_warmup_steps": 10**9}
+
+
 def _fail(where: str, problem: str, fix: str):
     raise CliploomError(f"{where}: {problem}", fix)
 
@@ -213,12 +219,16 @@ def validate(cfg: TrainConfig, where: str = "config") -> None:
     for key in _POSITIVE:
         if getattr(cfg, key) < 1:
             _fail(where, f"{key} {getattr(cfg, key)} must be at least 1", f"use e.g. `{key}: 1`")
-    if cfg.frames is not None and (cfg.frames < 5 or (cfg.frames - 1) % 4):
-        _fail(where, f"frames {cfg.frames} is not of the form 4k+1 (at least 5)", "use e.g. 33 or 81")
+    if cfg.frames is not None and (cfg.frames < 5 or (cfg.frames - 1) % 4 or cfg.frames > MAX_FRAMES):
+        _fail(where, f"frames {cfg.frames} is not of the form 4k+1 between 5 and {MAX_FRAMES}", "use e.g. 33 or 81")
     for key in ("width", "height"):
         value = getattr(cfg, key)
-        if value is not None and value < 8:
-            _fail(where, f"{key} {value} is too small", f"use a multiple of 16, e.g. `{key}: 32`")
+        if value is not None and not 8 <= value <= MAX_SIZE:
+            _fail(where, f"{key} {value} must be between 8 and {MAX_SIZE}", f"use a multiple of 16, e.g. `{key}: 32`")
+    for key, high in _UPPER.items():
+        value = getattr(cfg, key)
+        if value is not None and value > high:
+            _fail(where, f"{key} {value} is more than {high}", f"use a smaller {key}")
     if cfg.data == "videos" and not cfg.videos:
         _fail(where, "data: videos needs a folder", "add `videos: path/to/folder` (mp4 files, optional .txt captions)")
     if cfg.alpha <= 0:
@@ -251,17 +261,10 @@ def validate(cfg: TrainConfig, where: str = "config") -> None:
 
 def load_config(path: str | Path, **overrides) -> TrainConfig:
     """Read a YAML training config; ``overrides`` (non-None values) replace its keys."""
+    from ..inputs import load_yaml, read_text
+
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise CliploomError(f"cannot read training config {path}: {e.strerror or e}", "check the path") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark else ""
-        raise CliploomError(f"{path}: malformed YAML{at}", "fix the YAML syntax") from None
+    data = load_yaml(read_text(path, "training config", "pass a YAML training config (see docs/training.md)"), str(path))
     if data is not None and not isinstance(data, dict):
         _fail(str(path), "a training config must be a mapping of settings", "see docs/training.md for an example")
     data = dict(data or {})

@@ -102,9 +102,11 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, layout: str, dtyp
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype not in dtypes:
         raise CliploomError(f"unknown dtype {dtype!r}", f"use one of {', '.join(dtypes)}")
+    from .config import config_from_dict
+
     folder = find_checkpoint(Path(checkpoint))
     state, meta = read_checkpoint_lora(folder)
-    cfg = meta["config"]
+    cfg = config_from_dict(meta["config"], f"{folder / 'state.json'} config").to_dict()
     info = {"step": meta["step"], "model": cfg["model"], "targets": cfg["targets"], "expert": cfg["expert"],
             "error_recycling": cfg["error_recycling"]}
     return export_lora(state, out, layout, rank=cfg["rank"], alpha=cfg["alpha"], dtype=dtypes[dtype], info=info)
