@@ -165,7 +165,7 @@ def test_report_contents(tiny_models, tiny_story, tmp_path):
     t = report["totals"]
     assert t["frames"] == 13 and t["video_seconds"] == pytest.approx(13 / 8)
     assert t["time_to_video"] == pytest.approx(t["seconds"] / t["video_seconds"], rel=1e-3, abs=1e-4)  # both sides rounded
-    assert not list(tmp_path.rglob("*.partial")) and not (tmp_path / "v.run" / "report.json").exists()
+    assert not list(tmp_path.rglob("*.partial")) and not (tmp_path / "v.run" / "progress.json").exists()
 
 
 def test_a_failure_mid_video_leaves_nothing_that_looks_finished(tiny_models, tiny_story, tmp_path, monkeypatch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -280,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         _quiet_libraries()
         from .models.formats import console_logging
 
-        console_logging()  # the loaders' one-line reports (LoRAs applied, keys not applied) on stderr
+        # the loaders' one-line reports (LoRAs applied, keys not applied) on stderr; -q: warnings only
+        console_logging(logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
         return args.func(args) or 0
     except CliploomError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -292,8 +294,8 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: nothing that looks finished was written", file=sys.stderr)
         return EXIT_INTERRUPTED
     except OSError as e:  # the machine said no: disk full, read-only, permissions, a vanished file
-        where = f" {e.filename}" if getattr(e, "filename", None) else ""
-        print(f"error: cannot use{where}: {e.strerror or e}; check free space and permissions", file=sys.stderr)
+        where = f" {e.filename}" if getattr(e, "filename", None) else " the output"
+        print(f"error: cannot write{where}: {e.strerror or e}; check free space and permissions", file=sys.stderr)
         return EXIT_USAGE
     except MemoryError:
         print("error: out of memory; use fewer frames, a smaller size or --offload", file=sys.stderr)

@@ -118,20 +118,26 @@ class Engine:
         report["run"] = str(run.folder)
         report["resumed_at_clip"] = start.index if again else None
         report["clips"] = [_entry_of(saved.entry) for saved in run.saved()]
-        progress_path = run.folder / "report.json"
+        totals = _Totals(resolved.fps, report["clips"])
+        progress_path = run.folder / "progress.json"
         started = time.perf_counter()
         for clip in self.generate(story, progress=progress, overlap_decode=overlap_decode,
                                   on_clip_start=on_clip_start, on_step=on_step, start=start):
             saved = run.save(clip, resolved, _clip_entry(clip))
-            report["clips"].append(_entry_of(saved.entry))
-            report["totals"] = _totals(report["clips"], resolved.fps, time.perf_counter() - started)
-            write_json_atomic(progress_path, report)  # the report so far, inside the run folder
+            entry = _entry_of(saved.entry)
+            report["clips"].append(entry)
+            totals.add(entry)
+            # The run so far, inside the run folder: constant size however long the video gets.
+            write_json_atomic(progress_path, {"output": str(out), "clips_done": len(report["clips"]),
+                                              "last_clip": entry, "totals": totals.value(time.perf_counter() - started)})
             if on_clip is not None:
                 on_clip(clip, saved.entry)
         report["story"]["loras"] = self.loras.summary()  # applied by generate, after the head was written
         n = len(report["clips"])
-        report["clips"][-1]["frames_kept"] += run.saved()[-1].entry["frames_tail"]  # the last clip keeps its tail
-        report["totals"] = _totals(report["clips"], resolved.fps, time.perf_counter() - started)
+        tail = run.saved()[-1].entry["frames_tail"] if n else 0
+        report["clips"][-1]["frames_kept"] += tail  # the last clip keeps its tail
+        totals.frames += tail
+        report["totals"] = totals.value(time.perf_counter() - started)
         report["report_path"] = str(run.assemble(out, n, resolved.fps, report))
         progress_path.unlink(missing_ok=True)
         return report
@@ -191,16 +197,32 @@ def _clip_entry(clip: Clip) -> dict:
     }
 
 
-def _totals(clips: list[dict], fps: int, seconds: float) -> dict:
-    frames = sum(c["frames_kept"] for c in clips)
-    video_seconds = frames / fps
-    return {
-        "clips": len(clips),
-        "frames": frames,
-        "video_seconds": round(video_seconds, 4),
-        "seconds": round(seconds, 4),
-        "seconds_denoise": round(sum(c["seconds_denoise"] for c in clips), 4),
-        "seconds_decode": round(sum(c["seconds_decode"] for c in clips), 4),
-        "time_to_video": round(seconds / video_seconds, 6) if video_seconds else None,
-        "peak_memory_mb": max(c["peak_memory_mb"] for c in clips),
-    }
+class _Totals:
+    """Running totals of a report's clips (constant work per clip, however many clips there are)."""
+
+    def __init__(self, fps: int, clips: list[dict] = ()):
+        self.fps = fps
+        self.clips = self.frames = 0
+        self.denoise = self.decode = self.peak = 0.0
+        for c in clips:
+            self.add(c)
+
+    def add(self, c: dict) -> None:
+        self.clips += 1
+        self.frames += c["frames_kept"]
+        self.denoise += c["seconds_denoise"]
+        self.decode += c["seconds_decode"]
+        self.peak = max(self.peak, c["peak_memory_mb"])
+
+    def value(self, seconds: float) -> dict:
+        video_seconds = self.frames / self.fps
+        return {
+            "clips": self.clips,
+            "frames": self.frames,
+            "video_seconds": round(video_seconds, 4),
+            "seconds": round(seconds, 4),
+            "seconds_denoise": round(self.denoise, 4),
+            "seconds_decode": round(self.decode, 4),
+            "time_to_video": round(seconds / video_seconds, 6) if video_seconds else None,
+            "peak_memory_mb": self.peak,
+        }

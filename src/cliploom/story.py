@@ -411,8 +411,8 @@ def make_story(**values) -> Story:
         n, pad = PIXEL_PRESETS[story.mode]
         story.motion_frames = n if story.motion_frames is None else story.motion_frames
         story.ref_pad = pad if story.ref_pad is None else story.ref_pad
-        if story.ref_pad < -1:
-            _fail(where, f"ref_pad {story.ref_pad} is invalid", "use -1 (repeat reference), 0 (zeros) or k > 0")
+    if story.ref_pad is not None and story.ref_pad < -1:
+        _fail(where, f"ref_pad {story.ref_pad} is invalid", "use -1 (repeat reference), 0 (zeros) or k > 0")
     if story.offload is not None and story.offload not in OFFLOAD:
         _fail(where, f"unknown offload {story.offload!r}", f"use one of {', '.join(OFFLOAD)}")
     names = {spec.name for spec in story.loras}

@@ -214,12 +214,12 @@ def describe_file(path: str | Path) -> dict:
 
 
 def describe_dir(path: str | Path) -> dict:
-    from .loading import find_original_files, matching_families
+    from .loading import check_diffusers_folder, find_original_files, matching_families, read_json
 
     path = Path(path).expanduser()
     out: dict = {"path": str(path), "kind": "folder"}
-    if (path / "model_index.json").is_file():
-        index = json.loads((path / "model_index.json").read_text())
+    if (path / "model_index.json").exists():
+        index, _ = check_diffusers_folder(path)  # what would stop it loading, named now
         out["kind"] = "diffusers"
         out["class"] = index.get("_class_name")
         experts = [n for n in ("transformer", "transformer_2") if (index.get(n) or [None])[0]]
@@ -228,7 +228,7 @@ def describe_dir(path: str | Path) -> dict:
         for name in experts:
             cfg_path = path / name / "config.json"
             if cfg_path.is_file():
-                sig = formats.config_signature(json.loads(cfg_path.read_text()))
+                sig = formats.config_signature(read_json(cfg_path, "transformer config"))
                 fits = [f for f in matching_families(sig) if len(experts) == _families()[f]["experts"]]
                 families = fits if families is None else [f for f in families if f in fits]
         out["families"] = families or []
@@ -243,6 +243,9 @@ def describe_dir(path: str | Path) -> dict:
             d = {"path": str(f), "kind": "error", "error": str(e)}
         files.append({**d, "name": str(f.relative_to(path))})
     pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".pth", ".pt", ".ckpt", ".bin", ".pkl"))
+    if not files and not pickles:
+        raise CliploomError(f"{path} holds no model files (no model_index.json, no .safetensors)",
+                            "pass a model folder or a .safetensors file")
     out["files"] = files
     out["pickles"] = pickles
     dit_paths = [Path(f["path"]) for f in files if f["kind"] == "dit"]

@@ -59,7 +59,13 @@ def read_json(path: Path, what: str) -> dict:
     return data
 
 
+WEIGHTED = ("transformer", "transformer_2", "vae", "text_encoder", "image_encoder")
+
+
 def _load(loader, folder: Path, name: str, **kwargs):
+    if "torch_dtype" in kwargs:  # a model with weights: safetensors only, never a pickled .bin
+        check_weights(folder / name)
+        kwargs["use_safetensors"] = True
     try:
         return loader.from_pretrained(folder / name, local_files_only=True, **kwargs)
     except Exception as e:  # noqa: BLE001 - any loader failure becomes one clear line
@@ -68,6 +74,19 @@ def _load(loader, folder: Path, name: str, **kwargs):
             f"cannot load {name}/ of model {folder}: {first}",
             "check that the folder is a complete diffusers-layout Wan model",
         ) from None
+
+
+def check_weights(folder: Path) -> list[Path]:
+    """A component folder's safetensors weights, each with a header safetensors accepts."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(p.name for p in folder.glob("*") if p.suffix in PICKLE_SUFFIXES)
+        why = f" (only {', '.join(pickles)}: PyTorch pickles, which cliploom never loads)" if pickles else ""
+        raise CliploomError(f"{folder} holds no .safetensors weights{why}", formats.CONVERT_HINT if pickles else
+                            "copy the complete model folder")
+    for f in files:
+        formats.read_header(f, "weight file")
+    return files
 
 
 def clip_image_processor():
@@ -427,6 +446,30 @@ def check_model_folder(path: Path) -> dict:
     return index
 
 
+def check_diffusers_folder(path: Path) -> tuple[dict, ModelSettings]:
+    """Everything about a diffusers folder that can be checked without loading a weight: the
+    index, every component's config and weight headers, and the settings (``cliploom inspect``)."""
+    index = check_model_folder(path)
+    scheduler_config = {}
+    if (path / "scheduler" / "scheduler_config.json").is_file():
+        scheduler_config = read_json(path / "scheduler" / "scheduler_config.json", "scheduler config")
+    settings = ModelSettings.from_folder(path, index, scheduler_config)
+    for name in WEIGHTED:
+        if (index.get(name) or [None])[0] is None or not (path / name).is_dir():
+            continue
+        config = read_json(path / name / "config.json", f"{name} config")
+        if name == "vae":
+            for key in ("z_dim", "base_dim", "num_res_blocks"):
+                value = config.get(key)
+                if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 4096):
+                    raise CliploomError(f"vae config {path / 'vae' / 'config.json'}: {key} {str(value)[:40]} is not a size",
+                                        "check that the model folder is complete")
+        if name.startswith("transformer"):
+            check_transformer_config(path / name)
+        check_weights(path / name)
+    return index, settings
+
+
 def check_transformer_config(folder: Path) -> None:
     """Before a model is built from ``config.json``: its sizes are numbers in range, and the model
     they describe is no larger than the weights stored beside it (a config that lies would build
@@ -486,17 +529,10 @@ def _load_diffusers(path: Path, device: torch.device, dtype: torch.dtype, place:
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import AutoTokenizer, UMT5EncoderModel
 
-    index = check_model_folder(path)
-    scheduler_config = {}
-    if (path / "scheduler" / "scheduler_config.json").is_file():
-        scheduler_config = read_json(path / "scheduler" / "scheduler_config.json", "scheduler config")
-    settings = ModelSettings.from_folder(path, index, scheduler_config)
-
-    check_transformer_config(path / "transformer")
+    index, settings = check_diffusers_folder(path)
     transformer = _load(WanTransformer3DModel, path, "transformer", torch_dtype=dtype)
     transformer_2 = None
     if (index.get("transformer_2") or [None])[0] is not None and (path / "transformer_2").is_dir():
-        check_transformer_config(path / "transformer_2")
         transformer_2 = _load(WanTransformer3DModel, path, "transformer_2", torch_dtype=dtype)
     vae = _load(AutoencoderKLWan, path, "vae", torch_dtype=torch.float32)
     text_encoder = _load(UMT5EncoderModel, path, "text_encoder", torch_dtype=dtype)

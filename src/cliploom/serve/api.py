@@ -338,7 +338,7 @@ def _routes(state: ServerState) -> APIRouter:
         if job.status == "completed" and _is_shapesworld(state, job):
             _evaluate(folder)
         for key, name in (("report", "video.json"), ("evaluation", "video.eval.json")):
-            path = folder / name if (folder / name).is_file() else folder / "video.run" / "report.json"
+            path = folder / name if (folder / name).is_file() else folder / "video.run" / "progress.json"
             if key == "evaluation" and not (folder / name).is_file():
                 continue
             try:
