@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.cliploom-installed
 
-.PHONY: setup browser test test-portability demo bench bench-serve bench-quality screenshots clean
+.PHONY: setup browser test test-portability demo bench bench-serve bench-hostile bench-quality screenshots clean
 
 setup: $(STAMP)
 
@@ -44,6 +44,11 @@ demo: setup
 
 bench: setup
 	$(BIN)/python benchmarks/bench_engine.py
+
+# Hostile input: every command fed malformed files, numbers, sizes, outputs and Ctrl-C, each as
+# a real process; the table goes to docs/reliability.md (about 15 minutes on 2 cores).
+bench-hostile: setup
+	$(BIN)/python benchmarks/hostile.py
 
 # The page's screenshots in docs/img (the browser test, writing where the docs look).
 screenshots: setup browser
