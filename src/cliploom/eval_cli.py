@@ -1,13 +1,18 @@
-"""``cliploom eval``: score a generated ShapesWorld video against its prompts.
+"""``cliploom eval``: score a generated video clip by clip.
 
     cliploom eval out/demo.mp4                         # clips from out/demo.json (the report)
     cliploom eval video.mp4 --story story.yaml         # clips from the story file
     cliploom eval video.mp4 --report run.json --out eval/ --json
+    cliploom eval any.mp4 --clip-frames 76             # any video: generic drift metrics
+
+Two kinds of metrics (``--metrics``, default ``auto``): ``shapesworld`` scores a ShapesWorld video
+against what its prompts say (docs/shapesworld.md); ``generic`` measures drift from the pixels
+alone, for any video (colour and brightness drift, seam flicker, frozen clips, similarity vs
+frame gap; ``cliploom.drift``). ``auto`` picks ShapesWorld when every clip prompt is one.
 
 Writes ``<video>.eval.json``, ``<video>.eval_metrics.png`` (metrics vs clip index) and
 ``<video>.eval_contact.png`` (first / middle / last frame of every clip), prints one line per
 clip and a verdict. Exit status: 0 every clip passes, 1 some clip fails, 2 bad input.
-The metrics and thresholds are explained in docs/shapesworld.md.
 """
 
 from __future__ import annotations
@@ -23,15 +28,20 @@ EXIT_PASS, EXIT_FAIL = 0, 1
 def add_command(sub) -> None:
     p = sub.add_parser(
         "eval",
-        help="score a ShapesWorld video: colour/background drift, subject, motion, sharpness, boundary jumps",
-        description="Score a generated ShapesWorld video clip by clip against its prompts. Clip prompts and "
-        "boundaries come from the report beside the video (x.json for x.mp4), from --report, or from --story. "
-        "Exit status: 0 pass, 1 fail, 2 bad input. See docs/shapesworld.md.",
+        help="score a video clip by clip: drift, seams, frozen motion (ShapesWorld: against its prompts)",
+        description="Score a video clip by clip. Clip boundaries (and prompts) come from the report beside the "
+        "video (x.json for x.mp4), from --report, from --story, or from --clip-frames. ShapesWorld videos are "
+        "scored against their prompts (docs/shapesworld.md); any other video gets generic drift metrics. "
+        "Exit status: 0 pass, 1 fail, 2 bad input.",
     )
     p.add_argument("video", help="the video: x.mp4, or a folder of frame_*.png")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--story", help="story YAML the video was generated from (instead of the report)")
     src.add_argument("--report", help="the engine's JSON report (default: the one beside the video)")
+    src.add_argument("--clip-frames", type=int, metavar="N", help="no report: the video is clips of N frames")
+    p.add_argument("--metrics", choices=("auto", "shapesworld", "generic"), default="auto",
+                   help="shapesworld: against the prompts; generic: any video (default: shapesworld when the "
+                   "prompts are ShapesWorld prompts)")
     p.add_argument("--out", "-o", help="folder for the JSON, plot and contact sheet (default: the video's folder)")
     p.add_argument("--json", action="store_true", help="print the full result as JSON instead of the summary")
     p.set_defaults(func=cmd_eval)
@@ -45,28 +55,44 @@ def cmd_eval(args) -> int:
         raise CliploomError(f"video {video} not found", "pass the MP4 (or PNG folder) that `cliploom generate` wrote")
     frames = _read(video)
     prompts, lengths, source = _clips(args, video, len(frames))
-    _check_prompts(prompts, source)
     if sum(lengths) != len(frames):
         raise CliploomError(
             f"{source} describes {sum(lengths)} frames in {len(lengths)} clips but {video} has {len(frames)}",
             "pass the report written together with this video, or regenerate it",
         )
-    try:
-        result = ev.evaluate_video(frames, prompts=prompts, clip_lengths=lengths)
-    except ValueError as e:  # e.g. no subject in the first frame: nothing to measure against
-        raise _error(e, "check that the video was generated from these ShapesWorld prompts") from None
+    metrics = args.metrics
+    if metrics == "auto":
+        metrics = "shapesworld" if prompts and _shapesworld_prompts(prompts) else "generic"
+    if metrics == "shapesworld":
+        if not prompts:
+            raise CliploomError("ShapesWorld metrics need the clip prompts", "pass --report or --story, or --metrics generic")
+        _check_prompts(prompts, source)
+        try:
+            result = ev.evaluate_video(frames, prompts=prompts, clip_lengths=lengths)
+        except ValueError as e:  # e.g. no subject in the first frame: nothing to measure against
+            raise _error(e, "check that the video was generated from these ShapesWorld prompts") from None
+        result["metrics"] = "shapesworld"
+    else:
+        from .drift import drift_metrics
+
+        result = drift_metrics(frames, lengths, prompts)
     result.update(video=str(video), clip_source=str(source))
     out = Path(args.out).expanduser() if args.out else (video if video.is_dir() else video.parent)
     from .inputs import check_writable
 
     check_writable(out, "choose a writable --out folder")
-    result["outputs"] = ev.write_outputs(frames, result, out, "eval" if video.is_dir() else f"{video.stem}.eval")
+    stem = "eval" if video.is_dir() else f"{video.stem}.eval"
+    if metrics == "shapesworld":
+        result["outputs"] = ev.write_outputs(frames, result, out, stem)
+    else:
+        result["outputs"] = _write_generic(frames, result, out, stem)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
+        generic = result["metrics"] == "generic"
         for clip in result["clips"]:
-            print(clip_line(clip))
-        print(verdict_line(result))
+            print(generic_line(clip) if generic else clip_line(clip))
+        print(generic_verdict(result) if generic else verdict_line(result))
         print("wrote " + ", ".join(result["outputs"].values()))
     return EXIT_PASS if result["passed"] else EXIT_FAIL
 
@@ -98,6 +124,44 @@ def verdict_line(result: dict) -> str:
     if not counts:
         return head
     return head + " (clips failing each check: " + ", ".join(f"{k} {n}" for k, n in counts.most_common()) + ")"
+
+
+def _shapesworld_prompts(prompts: list[str]) -> bool:
+    from .shapesworld.vocab import parse_prompt
+
+    try:
+        for p in prompts:
+            parse_prompt(p)
+    except ValueError:
+        return False
+    return True
+
+
+def _write_generic(frames, result: dict, out: Path, stem: str) -> dict:
+    from .drift import describe_clip, plot_drift
+    from .evaluate import contact_sheet
+
+    outputs = {"json": str(out / f"{stem}.json"), "plot": str(out / f"{stem}_metrics.png"),
+               "contact_sheet": str(out / f"{stem}_contact.png")}
+    plot_drift(result, outputs["plot"])
+    contact_sheet(frames, result, outputs["contact_sheet"], describe=describe_clip)
+    (out / f"{stem}.json").write_text(json.dumps({**result, "outputs": outputs}, indent=2) + "\n")
+    return outputs
+
+
+def generic_line(c: dict) -> str:
+    seam = "" if c["seam_jump"] is None else f"  seam {c['seam_jump']:4.1f}"
+    verdict = "ok  " if c["passed"] else "FLAG"
+    flags = "" if c["passed"] else "  (" + ", ".join(c["flags"]) + ")"
+    return (f"clip {c['index']:2d} {verdict}  dE {c['color_delta_e_vs_first']:5.1f}  dL {c['brightness_change']:+5.1f}  "
+            f"motion {c['motion_energy']:5.2f}{seam}{flags}")
+
+
+def generic_verdict(result: dict) -> str:
+    se = result["start_end"]
+    head = "PASS" if result["passed"] else "FAIL"
+    return (f"{head}: {result['clips_passed']}/{result['num_clips']} clips unflagged; start vs end (first/last "
+            f"{se['frames']} frames): colour dE {se['color_delta_e']:.1f}, brightness dL {se['brightness_change']:+.1f}")
 
 
 def _read(video: Path):
@@ -133,6 +197,13 @@ def _clips(args, video: Path, num_frames: int) -> tuple[list[str], list[int], Pa
     """(prompts, frames per clip, where they came from): the story, the given report or the one beside the video."""
     from .evaluate import clips_from_report, clips_from_story, find_report
 
+    if getattr(args, "clip_frames", None) is not None:
+        n = args.clip_frames
+        if not 1 <= n <= num_frames:
+            raise CliploomError(f"--clip-frames {n} must be between 1 and the video's {num_frames} frames",
+                                "pass the frames each clip put in the video, e.g. 76 for 81-frame clips with K = 1")
+        lengths = [n] * (num_frames // n) + ([num_frames % n] if num_frames % n else [])
+        return None, lengths, Path(f"--clip-frames {n}")
     if args.story:
         from .story import load_story
 
@@ -150,7 +221,7 @@ def _clips(args, video: Path, num_frames: int) -> tuple[list[str], list[int], Pa
             beside = video / "report.json" if video.is_dir() else video.with_suffix(".json")
             raise CliploomError(
                 f"no report beside {video} (looked for {beside})",
-                "pass --report REPORT.json or --story STORY.yaml",
+                "pass --report REPORT.json, --story STORY.yaml or --clip-frames N",
             )
     from .inputs import read_json
 

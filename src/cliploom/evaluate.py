@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .drift import seam_jumps
 from .shapesworld import world as _world
 from .shapesworld.color import delta_e2000, srgb_to_lab
 from .shapesworld.vocab import (
@@ -431,6 +432,7 @@ def evaluate_video(
     sharp = sharp / max(float(np.median(sharp[: min(SHARPNESS_REFERENCE_FRAMES, clip_lengths[0])])), 1e-9)
     noise = np.array([m.noise for m in measures]) - anchor.noise
     diffs = np.array([_mean_abs_diff(frames[k], frames[k + 1]) for k in range(len(frames) - 1)])
+    jumps = seam_jumps(diffs, clip_lengths, JUMP_WINDOW, JUMP_FLOOR)
 
     starts = np.concatenate([[0], np.cumsum(clip_lengths)[:-1]]).astype(int)
     clips = []
@@ -453,12 +455,7 @@ def evaluate_video(
         noise_increase = float(np.median(noise[a:b]))
         track = np.where(present[:, None], cents[a:b], np.nan)
         motion = _motion_check(spec, track, scale)
-        jump = None
-        if i > 0:
-            before = diffs[max(starts[i - 1], a - 1 - JUMP_WINDOW) : a - 1]
-            after = diffs[a : min(b - 1, a + JUMP_WINDOW)]
-            ref = max([float(np.median(w)) for w in (before, after) if w.size] + [JUMP_FLOOR])
-            jump = float(diffs[a - 1] / ref)
+        jump = jumps[i]
         checks = {
             "color": None if color is None else color <= SUBJECT_DELTA_E_MAX,
             "background": background <= BACKGROUND_DELTA_E_MAX,
@@ -574,31 +571,40 @@ def plot_metrics(result: dict, path: str | Path) -> Path:
     return path
 
 
-def contact_sheet(frames: np.ndarray, result: dict, path: str | Path, cell: int = 96) -> Path:
-    """First, middle and last frame of every clip, one row per clip, labelled PASS/FAIL."""
+def _describe(c: dict) -> tuple[str, list[str], list[str]]:
+    """Contact-sheet text of a ShapesWorld clip: (second line, verdict, numbers)."""
+    verdict = "PASS" if c["passed"] else "FAIL: " + ", ".join(c["failed"] or ["area"])
+    numbers = [f"dE {c['color_delta_e']:.1f}" if c["color_delta_e"] is not None else "dE -",
+               f"bg {c['background_delta_e']:.1f}"]
+    if c["boundary_jump"] is not None:
+        numbers.append(f"jump {c['boundary_jump']:.1f}")
+    return c["motion"], [verdict], numbers
+
+
+def contact_sheet(frames: np.ndarray, result: dict, path: str | Path, cell: int = 96, describe=_describe) -> Path:
+    """First, middle and last frame of every clip, one row per clip, labelled with its verdict
+    (``describe(clip) -> (second line, verdict lines, numbers)``; ShapesWorld's by default)."""
     from PIL import Image, ImageDraw
 
     clips = result["clips"]
     label_w, pad = 190, 4
-    sheet = Image.new("RGB", (label_w + 3 * (cell + pad), len(clips) * (cell + pad) + pad), (255, 255, 255))
+    h, w = frames.shape[1:3]
+    cw = max(1, round(cell * w / h)) if h else cell
+    sheet = Image.new("RGB", (label_w + 3 * (cw + pad), len(clips) * (cell + pad) + pad), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
     for r, c in enumerate(clips):
         a, b = c["start"], c["stop"]
         y0 = pad + r * (cell + pad)
         for j, k in enumerate((a, (a + b - 1) // 2, b - 1)):
-            img = Image.fromarray(frames[k]).resize((cell, cell), Image.NEAREST)
-            sheet.paste(img, (label_w + j * (cell + pad), y0))
-        verdict = "PASS" if c["passed"] else "FAIL: " + ", ".join(c["failed"] or ["area"])
+            img = Image.fromarray(frames[k]).resize((cw, cell), Image.NEAREST)
+            sheet.paste(img, (label_w + j * (cw + pad), y0))
+        second, verdict, numbers = describe(c)
         color = (0, 120, 0) if c["passed"] else (200, 0, 0)
         draw.text((4, y0 + 2), f"clip {c['index']}  frames {a}-{b - 1}", fill=(0, 0, 0))
-        draw.text((4, y0 + 16), c["motion"], fill=(0, 0, 0))
-        lines = textwrap.wrap(verdict, 30, break_on_hyphens=False)
+        draw.text((4, y0 + 16), second, fill=(0, 0, 0))
+        lines = [t for v in verdict for t in textwrap.wrap(v, 30, break_on_hyphens=False)]
         for j, text in enumerate(lines[:2]):
             draw.text((4, y0 + 30 + 14 * j), text, fill=color)
-        numbers = [f"dE {c['color_delta_e']:.1f}" if c["color_delta_e"] is not None else "dE -",
-                   f"bg {c['background_delta_e']:.1f}"]
-        if c["boundary_jump"] is not None:
-            numbers.append(f"jump {c['boundary_jump']:.1f}")
         draw.text((4, y0 + 30 + 14 * min(2, len(lines))), "  ".join(numbers), fill=(60, 60, 60))
     path = Path(path)
     sheet.save(path)

@@ -175,11 +175,14 @@ def weave(
 
 
 def _experts(model: Components, story: Story) -> list[Expert]:
-    """High-noise expert first; Wan 2.2 A14B hands over to ``transformer_2`` below the boundary."""
-    if model.transformer_2 is None or story.boundary is None:
+    """High-noise expert first; Wan 2.2 A14B hands over to ``transformer_2`` below the boundary.
+    A one-transformer model with a ``boundary`` uses ``guidance_low`` below it (guidance in an
+    interval: the high-noise steps decide motion and layout, the low-noise ones colour and detail)."""
+    if story.boundary is None or (model.transformer_2 is None and story.guidance_low == story.guidance):
         return [Expert(model.transformer, story.guidance)]
     boundary = story.boundary * 1000
-    return [Expert(model.transformer, story.guidance, boundary), Expert(model.transformer_2, story.guidance_low)]
+    low = model.transformer_2 if model.transformer_2 is not None else model.transformer
+    return [Expert(model.transformer, story.guidance, boundary), Expert(low, story.guidance_low)]
 
 
 @dataclass
