@@ -190,3 +190,77 @@ def test_a_failure_mid_video_leaves_nothing_that_looks_finished(tiny_models, tin
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.run", "v.run"]
     assert not [p for p in tmp_path.rglob("*") if p.suffix in (".mp4", ".png") and "clips" not in p.parts]
     assert sorted(p.name for p in (tmp_path / "v.run" / "clips").glob("*.json")) == ["000000.json"]
+
+
+def test_guidance_in_an_interval_on_a_one_transformer_model(tiny_models, tiny_story):
+    """boundary + guidance_low on a model without a second expert: CFG (batch 2) only above it."""
+    model = tiny_models("wan21")
+    seen = []
+    hook = model.transformer.register_forward_pre_hook(
+        lambda m, a, kw: seen.append((float(kw["timestep"][0]), kw["hidden_states"].shape[0])), with_kwargs=True)
+    try:
+        frames_of(model, tiny_story(1, steps=6, guidance=3.0, guidance_low=1.0, boundary=0.5))
+    finally:
+        hook.remove()
+    assert {b for t, b in seen if t >= 500} == {2} and {b for t, b in seen if t < 500} == {1}
+
+
+def test_color_match_moves_each_clip_to_the_anchor_statistics():
+    from cliploom.colour import colour_stats, match_colour
+
+    rng = np.random.default_rng(0)
+    frames = torch.from_numpy(rng.integers(0, 200, (4, 8, 8, 3), dtype=np.uint8))
+    target = (torch.tensor([120.0, 60.0, 30.0], dtype=torch.float64), torch.tensor([20.0, 10.0, 5.0], dtype=torch.float64))
+    mean, std = colour_stats(match_colour(frames, target))
+    torch.testing.assert_close(mean, target[0], atol=0.6, rtol=0)  # uint8 rounding
+    torch.testing.assert_close(std, target[1], atol=0.6, rtol=0)
+    assert torch.equal(match_colour(frames, target, strength=0.0), frames)
+    flat = torch.full((2, 4, 4, 3), 100, dtype=torch.uint8)
+    assert int(match_colour(flat, target)[..., 0].float().mean()) == 120  # a flat channel is shifted, not stretched
+
+
+def test_color_match_in_the_loop(tiny_models, tiny_story, reference_png):
+    from cliploom.colour import colour_stats
+    from cliploom.video_io import load_image
+
+    model = tiny_models("wan22")
+    anchor_mean, _ = colour_stats(torch.from_numpy(np.array(load_image(reference_png, 32, 32))))
+    plain = frames_of(model, tiny_story(2, color_match="none"))
+    matched = frames_of(model, tiny_story(2, color_match="anchor"))
+    for a, b in zip(plain, matched):
+        torch.testing.assert_close(b.latents, a.latents)  # only the frames change
+        off = lambda clip: float((colour_stats(clip.frames)[0] - anchor_mean).abs().max())  # noqa: E731
+        assert off(b) < off(a)
+    # clip 0 keeps all its frames: its mean moves to the anchor's, up to what clipping at 0 / 255 costs
+    assert off(matched[0]) < 0.5 * off(plain[0]) and off(plain[0]) > 5.0  # the random model's cast was real
+
+
+def test_seam_blend_fades_each_clips_last_frames_into_the_next_clips_recreation(tiny_models, tiny_story):
+    model = tiny_models("wan22")
+    story = tiny_story(3, frames=13, motion_latents=1)
+    plain = frames_of(model, story, overlap_decode=False)
+    for overlap in (False, True):
+        blended = frames_of(model, tiny_story(3, frames=13, motion_latents=1, seam_blend=2), overlap_decode=overlap)
+        assert [len(c.frames) for c in blended] == [len(c.frames) for c in plain]
+        for i, (p, b) in enumerate(zip(plain, blended)):
+            if i == len(plain) - 1:
+                assert torch.equal(b.frames, p.frames)  # the last clip has nothing to fade into
+                continue
+            assert torch.equal(b.frames[:-2], p.frames[:-2])
+            following = model.decode_latents(plain[i + 1].latents)[5 - 2:5].float()  # frames 3, 4 re-create the tail
+            w = torch.tensor([1 / 3, 2 / 3]).view(-1, 1, 1, 1)
+            want = ((1 - w) * p.frames[-2:].float() + w * following).round().to(torch.uint8)
+            assert (b.frames[-2:].int() - want.int()).abs().max() <= 1  # decoded again: equal to rounding
+
+
+def test_stories_known_to_drift_are_warned_about(tiny_models, tiny_story):
+    from cliploom.engine import drift_warnings
+    from cliploom.story import ClipSpec
+
+    model = tiny_models("wan21")
+    story = tiny_story(2, frames=9)
+    story.clips = [ClipSpec("a", seed=3), ClipSpec("b", seed=3)]
+    warnings = drift_warnings(story.resolve(model.settings), model.settings)
+    assert any("every clip has seed 3" in w for w in warnings)
+    assert any("clips of 9 frames, but this model was trained on 17-frame clips" in w for w in warnings)
+    assert drift_warnings(tiny_story(2, frames=17).resolve(model.settings), model.settings) == []

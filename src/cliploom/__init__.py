@@ -5,8 +5,13 @@ starts) does not wait for torch and diffusers to load.
 """
 
 import importlib
+import logging
 
 __version__ = "0.1.0"
+
+# A library's reports (LoRAs applied, drift warnings) reach the host's logging, not stderr by
+# default; the CLI shows them (models.formats.console_logging).
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 _PUBLIC = {
     "Engine": ".engine",

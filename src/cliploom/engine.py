@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import logging
 import platform
 import time
 from collections.abc import Callable, Iterator
@@ -26,6 +27,22 @@ from .models.memory import apply_memory_options, check_story_fits
 from .story import LoraSpec, Story
 from .runs import Run, run_folder_for
 from .video_io import check_output, is_dir_target, write_json_atomic
+
+
+log = logging.getLogger(__name__)
+
+
+def drift_warnings(story: Story, settings) -> list[str]:
+    """Settings that users and the SVI authors report to make long videos drift."""
+    out = []
+    seeds = [c.seed for c in story.clips]
+    if len(seeds) > 1 and seeds[0] is not None and len(set(seeds)) == 1:
+        out.append(f"every clip has seed {seeds[0]}: the same noise each clip makes long videos drift and repeat; "
+                   "leave clip seeds out (each clip then draws its own from the story seed)")
+    if story.frames != settings.frames:
+        out.append(f"clips of {story.frames} frames, but this model was trained on {settings.frames}-frame clips: "
+                   "other lengths drift in colour and motion (SVI recommends the trained length)")
+    return out
 
 
 class Engine:
@@ -64,9 +81,12 @@ class Engine:
         """Yield the story's clips in order, each as soon as it is decoded (from ``start.index``
         on when ``start`` is given: see :class:`cliploom.loom.Start`)."""
         m = self.model
-        check_story_fits(m, story.resolve(m.settings, m.size_multiple, m.scale_temporal))  # before anything is applied
+        resolved = story.resolve(m.settings, m.size_multiple, m.scale_temporal)
+        check_story_fits(m, resolved)  # before anything is applied
         self.loras.apply(self.default_loras(story) + list(story.loras), fuse=story.fuse_loras)
         apply_memory_options(self.model, story.offload, story.vae_tiling)  # after the LoRAs: hooks wrap final weights
+        for warning in drift_warnings(resolved, m.settings):  # once the story is known to run
+            log.warning("%s", warning)
         per_clip = any(clip.lora_weights for clip in story.clips)
 
         def clip_start(i: int) -> None:

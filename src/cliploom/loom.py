@@ -11,10 +11,12 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from . import conditioning as C
+from .colour import colour_stats, match_colour
 from .errors import CliploomError
 from .models.components import Components, frames_to_tensor
 from .models.memory import check_story_fits
@@ -98,12 +100,15 @@ def weave(
     sigmas = schedule(story.steps, story.shift, story.timesteps)
     experts = _experts(model, story)
 
-    decoder = _Decoder(model, overlap_decode if overlap_decode is not None else model.device.type == "cuda")
+    decoder = _Decoder(model, overlap_decode if overlap_decode is not None else model.device.type == "cuda",
+                       story.color_match, colour_stats(torch.from_numpy(np.array(image))))
     clip_bar = tqdm(total=len(prompts), initial=start.index, desc="clips", unit="clip", disable=not progress)
     memory = start.memory  # motion memory: the previous clip's last K latents, or its last N frames
     if memory is not None:
         memory = memory.to(model.device)
-    pending: Future | None = None
+    blend = story.seam_blend if story.latent_motion else 0
+    hold = int(decoder.overlapped) + int(blend > 0)  # clips that wait in the queue before they are handed over
+    queue: list[Future] = []
     try:
         for i in range(start.index, len(prompts)):
             prompt = prompts[i]
@@ -156,22 +161,34 @@ def weave(
                 decoded.clip.tail = decoded.frames_all[-story.motion_frames :]
                 memory = decoded.clip.memory = frames_to_tensor(decoded.clip.tail).to(model.device)
 
-            # 8. Hand over finished clips in order: the previous one once its decode beside this
-            #    clip's denoising is done, or this one at once when decoding is not overlapped.
-            if pending is not None:
-                yield pending.result().clip
+            # 8. Hand over finished clips in order. A clip waits for its decode (done beside the next
+            #    clip's denoising when overlapped) and, with seam blending, for the next clip's
+            #    frames: its last frames fade into the next clip's re-creation of them.
+            queue.append(job)
+            for clip in _hand_over(queue, hold, blend, 1 + 4 * story.motion_latents):
+                yield clip
                 clip_bar.update()
-            pending = job
-            if not decoder.overlapped:
-                yield pending.result().clip
-                clip_bar.update()
-                pending = None
-        if pending is not None:
-            yield pending.result().clip
+        for clip in _hand_over(queue, 0, blend, 1 + 4 * story.motion_latents):
+            yield clip
             clip_bar.update()
     finally:
         clip_bar.close()
         decoder.close()
+
+
+def _hand_over(queue: list[Future], hold: int, blend: int, skip: int) -> Iterator[Clip]:
+    """Yield the queue's clips while more than ``hold`` wait; with ``blend`` frames of seam
+    blending, a clip's last frames first fade into the next clip's frames of the same instants
+    (frames ``skip - blend .. skip - 1`` of the next clip re-create its last ``blend`` frames)."""
+    while len(queue) > hold:
+        head = queue.pop(0).result()
+        if blend and queue:
+            following = queue[0].result().frames_all[skip - blend : skip].float()
+            frames = head.clip.frames
+            w = (torch.arange(1, blend + 1, dtype=torch.float32) / (blend + 1)).view(-1, 1, 1, 1)
+            tail = (1 - w) * frames[-blend:].float() + w * following
+            head.clip.frames = torch.cat([frames[:-blend], tail.round().clamp(0, 255).to(torch.uint8)])
+        yield head.clip
 
 
 def _experts(model: Components, story: Story) -> list[Expert]:
@@ -194,8 +211,10 @@ class _Decoded:
 class _Decoder:
     """Decodes clips, on a worker thread (and CUDA stream) when overlapping is on."""
 
-    def __init__(self, model: Components, overlap: bool):
+    def __init__(self, model: Components, overlap: bool, color_match: str | None = None, anchor_stats=None):
         self.model = model
+        self.color_match = color_match if color_match not in (None, "none") else None
+        self.target = anchor_stats  # colour statistics the next clip is matched to
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="cliploom-decode") if overlap else None
         self.overlapped = overlap
         self.stream = torch.cuda.Stream() if overlap and model.device.type == "cuda" else None
@@ -220,6 +239,10 @@ class _Decoder:
                 frames = self.model.decode_latents(latents)
         else:
             frames = self.model.decode_latents(latents)
+        if self.color_match is not None:  # clips are decoded in order, so "previous" is the clip before
+            frames = match_colour(frames, self.target)
+            if self.color_match == "previous":
+                self.target = colour_stats(frames[-max(1, len(frames) // 4):])
         index, prompt, seed, seconds_denoise = info
         clip = Clip(
             index=index,

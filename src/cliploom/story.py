@@ -93,6 +93,8 @@ class Story:
     vae_tiling: bool = False
     release_text_encoder: bool = False  # free the text encoder once the prompts are encoded
     svi_lora: bool = True  # apply the model's own SVI LoRA (cliploom.json `svi_lora`) when it has one
+    color_match: str | None = None  # none | anchor | previous: each clip's colour statistics (cliploom.colour)
+    seam_blend: int | None = None  # pro mode: a clip's last N frames fade into the next clip's re-creation of them
     source: Path | None = None  # the YAML file, for messages
 
     # -- derived ---------------------------------------------------------------------------------
@@ -130,15 +132,19 @@ class Story:
     def resolve(self, settings, size_multiple: int = 16, temporal: int = 4) -> "Story":
         """Fill unset fields from the model's settings and check what needs the model to check."""
         s = dataclasses.replace(self)
-        for name in ("width", "height", "fps", "frames", "shift", "guidance", "negative_prompt"):
+        for name in ("width", "height", "fps", "frames", "shift", "guidance", "negative_prompt", "color_match",
+                     "seam_blend"):
             if getattr(s, name) is None:
                 setattr(s, name, getattr(settings, name))
+        if self.seam_blend is None and not s.latent_motion:
+            s.seam_blend = 0  # the model's default is for pro mode; pixel modes have nothing to blend
         if s.steps is None and s.timesteps is None:
             s.steps, s.timesteps = settings.steps, settings.timesteps
         if s.guidance_low is None:
             s.guidance_low = settings.guidance_low if settings.guidance_low is not None else s.guidance
         if s.boundary is None:
-            s.boundary = settings.boundary_ratio
+            s.boundary = settings.boundary_ratio if settings.boundary_ratio is not None else getattr(
+                settings, "guidance_boundary", None)
         check_numbers(s, size_multiple, temporal)
         return s
 
@@ -179,6 +185,10 @@ def check_numbers(s: Story, size_multiple: int = 16, temporal: int = 4) -> None:
             )
         if not s.latent_motion and not 1 <= s.motion_frames <= s.frames - 1:
             _fail(where, f"motion_frames {s.motion_frames} does not fit {s.frames}-frame clips", f"use 1..{s.frames - 1}")
+        top = 4 * s.motion_latents if s.latent_motion else 0
+        if s.seam_blend is not None and not 0 <= s.seam_blend <= top:
+            _fail(where, f"seam_blend {s.seam_blend} does not fit {s.mode} mode (0..{top}: pro mode re-creates the "
+                  f"previous clip's last 4K frames, pixel modes none)", f"use 0..{top}")
         if not s.latent_motion and s.ref_pad is not None and s.ref_pad > s.frames:
             _fail(where, f"ref_pad {s.ref_pad} is more than the clip's {s.frames} frames", "use -1, 0 or 1..frames")
     for name in ("width", "height"):
@@ -243,6 +253,8 @@ _SCALARS: dict[str, type] = {
     "release_text_encoder": bool,
     "fuse_loras": bool,
     "svi_lora": bool,
+    "color_match": str,
+    "seam_blend": int,
 }
 OFFLOAD = ("none", "model", "group", "sequential")
 
@@ -413,6 +425,8 @@ def make_story(**values) -> Story:
         story.ref_pad = pad if story.ref_pad is None else story.ref_pad
     if story.ref_pad is not None and story.ref_pad < -1:
         _fail(where, f"ref_pad {story.ref_pad} is invalid", "use -1 (repeat reference), 0 (zeros) or k > 0")
+    if story.color_match is not None and story.color_match not in ("none", "anchor", "previous"):
+        _fail(where, f"unknown color_match {story.color_match!r}", "use none, anchor or previous")
     if story.offload is not None and story.offload not in OFFLOAD:
         _fail(where, f"unknown offload {story.offload!r}", f"use one of {', '.join(OFFLOAD)}")
     names = {spec.name for spec in story.loras}

@@ -47,6 +47,9 @@ class ModelSettings:
     expand_timesteps: bool = False  # TI2V: known frames as clean leading latents, no y channels
     negative_prompt: str = WAN_NEGATIVE_PROMPT
     svi_lora: str | None = None  # a LoRA file in the model folder applied by default (the built-in model's)
+    color_match: str = "none"  # the default of stories' color_match (cliploom.colour)
+    guidance_boundary: float | None = None  # one-transformer models: guidance above it, guidance_low below
+    seam_blend: int = 0  # the default of stories' seam_blend (pro mode)
 
     @classmethod
     def from_folder(cls, path: Path, model_index: dict, scheduler_config: dict) -> "ModelSettings":
@@ -71,7 +74,8 @@ class ModelSettings:
 
         kinds = {"family": str, "max_sequence_length": int, "width": int, "height": int, "fps": int, "frames": int,
                  "steps": int, "guidance": float, "guidance_low": float, "shift": float, "boundary_ratio": float,
-                 "expand_timesteps": bool, "negative_prompt": str, "svi_lora": str}
+                 "expand_timesteps": bool, "negative_prompt": str, "svi_lora": str, "color_match": str, "seam_blend": int,
+                 "guidance_boundary": float}
         out = {}
         for key, value in values.items():
             if key == "timesteps":
@@ -92,7 +96,7 @@ class ModelSettings:
         probe = Story(clips=[ClipSpec("x")], width=settings.width, height=settings.height, fps=settings.fps,
                       frames=settings.frames, steps=settings.steps, timesteps=settings.timesteps,
                       guidance=settings.guidance, guidance_low=settings.guidance_low, shift=settings.shift,
-                      boundary=settings.boundary_ratio, source=Path(where))
+                      boundary=settings.boundary_ratio or settings.guidance_boundary, source=Path(where))
         check_numbers(probe, size_multiple=1, temporal=1)
         return settings
 

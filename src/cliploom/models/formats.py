@@ -949,7 +949,7 @@ class _StderrHandler(logging.StreamHandler):
 def console_logging(level: int = logging.INFO) -> None:
     """Show the model loaders' reports (LoRAs applied, keys not applied, fp8 upcasts) on stderr,
     one plain line each; the CLI calls this once."""
-    logger = logging.getLogger("cliploom.models")
+    logger = logging.getLogger("cliploom")
     if not any(getattr(h, "_cliploom_console", False) for h in logger.handlers):
         handler = _StderrHandler()
         handler.setFormatter(_ConsoleFormatter())

@@ -160,6 +160,7 @@ class Worker(threading.Thread):
         resume = (run.folder / "run.json").exists()
         per_clip = job.steps_per_clip
         last = {"beat": 0.0, "event": 0.0}
+        progress = {"clips": job.clips_done, "steps": job.steps_done}  # clips checkpointed, steps denoised
 
         def stop(clip: int, step: int | None) -> None:
             self.cancelled_at = {"job": job.id, "clip": clip, "step": step, "at": time.time()}
@@ -169,9 +170,10 @@ class Worker(threading.Thread):
             now = time.monotonic()
             if self._cancel == job.id:
                 stop(i, k)
+            progress["steps"] = max(progress["steps"], i * per_clip + k)
             if now - last["beat"] >= BEAT_SECONDS or k == steps:
                 last["beat"] = now
-                if not self.store.step(job.id, i, i * per_clip + k):
+                if not self.store.step(job.id, progress["clips"], progress["steps"]):
                     stop(i, k)
             if now - last["event"] >= STEP_EVENT_SECONDS or k == steps:
                 last["event"] = now
@@ -180,8 +182,9 @@ class Worker(threading.Thread):
 
         def on_clip(clip, entry: dict) -> None:
             save_previews(folder, clip.index, clip.frames.numpy())
-            done = clip.index + 1
-            if not self.store.step(job.id, done, done * per_clip):
+            progress["clips"] = clip.index + 1  # clips are handed over in order, once checkpointed
+            progress["steps"] = max(progress["steps"], progress["clips"] * per_clip)
+            if not self.store.step(job.id, progress["clips"], progress["steps"]):
                 stop(clip.index, None)
             self.store.event(job.id, "clip_done", {"clip": clip.index, "frames": entry["frames_body"],
                                                    "url": f"/v1/videos/{job.id}/clips/{clip.index}"})
