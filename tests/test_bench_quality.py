@@ -273,3 +273,12 @@ def test_sample_seed_draws_other_noise_over_the_same_dev_set(tiny_dirs, tmp_path
     assert out[1]["settings"]["sample_seed"] == 1 and out[0]["dev_set"] == out[1]["dev_set"]
     bg = [[c["background_delta_e"] for c in out[s]["runs"]["chain"]["stories"][0]["clips"]] for s in (0, 1)]
     assert bg[0] != bg[1]
+
+
+def test_quality_sweep_runs_one_line_per_setting(capsys):
+    import quality_sweep
+
+    r = quality_sweep.main(['{"mode": "chain", "svi_lora": false, "steps": 2}', "--stories", "1"])
+    out = capsys.readouterr().out
+    assert "% of clips pass" in out and 0.0 <= r["aggregate"]["clip_pass_rate"] <= 1.0
+    assert r["aggregate"]["stories"] == 1

@@ -1,0 +1,76 @@
+"""One quick run of the dev set (`bench_quality`'s 14 stories x 20 clips) with story overrides: how
+the inference options of docs/benchmarks.md were compared, one line per run.
+
+    python benchmarks/quality_sweep.py '{"color_match": "none", "seam_blend": 0, "guidance": 1}'
+    python benchmarks/quality_sweep.py '{"svi_lora": false}' --lora src/cliploom/shapesworld/model/svi_lora.safetensors:0.75
+    python benchmarks/quality_sweep.py '{"mode": "chain", "svi_lora": false}' --sample-seed 1
+
+Keys are story keys (docs/story.md) plus ``svi_lora`` and ``mode``; the rest come from the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_quality as bq  # noqa: E402
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("overrides", nargs="?", default="{}", help="story keys as JSON")
+    ap.add_argument("--lora", help="one more LoRA, FILE[:WEIGHT]")
+    ap.add_argument("--stories", type=int, default=14)
+    ap.add_argument("--sample-seed", type=int, default=0)
+    ap.add_argument("--model", default="builtin")
+    args = ap.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("CLIPLOOM_THREADS", "2")))
+    from cliploom.cli import _quiet_libraries
+    from cliploom.engine import Engine
+    from cliploom.story import ClipSpec, LoraSpec, make_story
+
+    _quiet_libraries()
+    over = json.loads(args.overrides)
+    engine = Engine.load(args.model)
+    settings = engine.model.settings
+    devs = bq.dev_set(args.stories, 20, over.get("frames", settings.frames))
+    loras = []
+    if args.lora:
+        path, _, weight = args.lora.partition(":")
+        loras = [LoraSpec(Path(path), float(weight or 1.0))]
+    stories, started = [], time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        for d in devs:
+            ref = Path(tmp) / f"ref_{d.index:02d}.png"
+            d.reference(settings.width).save(ref)
+            story = make_story(clips=[ClipSpec(p) for p in d.prompts], reference=ref, seed=d.seed + 1000 * args.sample_seed,
+                               loras=loras, fuse_loras=False, **over)
+            clips = list(engine.generate(story, progress=False))
+            frames = np.concatenate([c.frames.numpy() for c in clips])
+            scored = bq.score(frames, [c.prompt for c in clips], [int(c.frames.shape[0]) for c in clips])
+            scored.pop("result")
+            stories.append({"story": d.index, **scored})
+    agg = bq.aggregate(stories, 20)
+    fails = collections.Counter(f for s in stories for c in s["clips"] for f in c["failed"])
+    first = sum(1 for s in stories if s["clips"][0]["passed"])
+    line = (f"{args.overrides} {args.lora or ''}: {agg['clip_pass_rate'] * 100:.1f} % of clips pass, "
+            f"{agg['stories_clean']}/{agg['stories']} stories clean, first clip {first}/{len(stories)}, "
+            f"failures {dict(fails)}, colour ΔE clip 20 {agg['last_clip']['color_delta_e']:.2f}, "
+            f"jump clip 20 {agg['last_clip']['boundary_jump']:.2f} ({time.perf_counter() - started:.0f} s)")
+    print(line, flush=True)
+    return {"aggregate": agg, "failures": dict(fails), "first_clip_pass": first}
+
+
+if __name__ == "__main__":
+    main()
