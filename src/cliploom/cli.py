@@ -78,6 +78,12 @@ def _add_generate(sub) -> None:
     p.add_argument("--release-text-encoder", action="store_const", const=True,
                    help="free the text encoder once the prompts are encoded")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--weights", choices=("bf16", "fp16", "fp32", "fp8"),
+                   help="how the transformer weights are stored (fp8: half of bf16's memory, computed in bf16)")
+    p.add_argument("--attention", help="attention backend: auto (default), sdpa, flash, flash3, sage, xformers, flex, ...")
+    p.add_argument("--compile", action="store_const", const=True, help="torch.compile the repeated transformer blocks")
+    p.add_argument("--fp8-matmul", action="store_const", const=True,
+                   help="fp8 matmuls through torchao (CUDA GPUs with fp8 tensor cores)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output (and start its run afresh)")
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",
@@ -113,6 +119,10 @@ def _story_from_args(args):
         "offload": args.offload,
         "vae_tiling": args.vae_tiling,
         "release_text_encoder": args.release_text_encoder,
+        "weights": args.weights,
+        "attention": args.attention,
+        "compile": args.compile,
+        "fp8_matmul": args.fp8_matmul,
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if args.story:
@@ -149,7 +159,7 @@ def cmd_generate(args) -> int:
     load_image(story.reference)  # fail on bad input before loading the model
     again = args.resume or args.from_clip is not None
     check_output(out, args.overwrite or again)
-    engine = Engine.load(story.model, device=args.device, family=args.family, offload=story.offload)
+    engine = Engine.load(story.model, device=args.device, family=args.family, offload=story.offload, weights=story.weights)
     try:
         report = engine.render(story, out, progress=not args.quiet, overwrite=args.overwrite, resume=args.resume,
                                from_clip=args.from_clip)

@@ -30,6 +30,21 @@ from .video_io import check_output, is_dir_target, write_json_atomic
 
 
 log = logging.getLogger(__name__)
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def apply_speed_options(model, story: Story) -> None:
+    """The story's attention backend, compilation and fp8 matmuls (models.acceleration)."""
+    from .models import acceleration as acc
+
+    name = acc.resolve_attention(story.attention, model.device)
+    if getattr(model, "_cliploom_attention", "sdpa") != name:
+        acc.set_attention(model, name)
+    model._cliploom_attention = name
+    if story.fp8_matmul:
+        acc.quantize_fp8_matmul(model)
+    if story.compile:
+        acc.compile_blocks(model)
 
 
 def drift_warnings(story: Story, settings) -> list[str]:
@@ -61,12 +76,13 @@ class Engine:
         dtype: torch.dtype | None = None,
         family: str | None = None,
         offload: str | None = None,
+        weights: str | None = None,
     ) -> "Engine":
         """Load a model folder (or, with ``family``, original-format files) once for many stories.
 
         With ``offload`` (the stories' offload mode) the weights stay in host memory until offloading
         starts, so a model larger than the GPU loads."""
-        return cls(load_model(model, device=device, dtype=dtype, family=family, offload=offload))
+        return cls(load_model(model, device=device, dtype=dtype, family=family, offload=offload, weights=weights))
 
     def generate(
         self,
@@ -83,8 +99,10 @@ class Engine:
         m = self.model
         resolved = story.resolve(m.settings, m.size_multiple, m.scale_temporal)
         check_story_fits(m, resolved)  # before anything is applied
-        self.loras.apply(self.default_loras(story) + list(story.loras), fuse=story.fuse_loras)
+        fp8 = getattr(m.transformer, "_cliploom_weights", None) == "fp8"  # adapters beside fp8 layers, never fused
+        self.loras.apply(self.default_loras(story) + list(story.loras), fuse=story.fuse_loras and not fp8)
         apply_memory_options(self.model, story.offload, story.vae_tiling)  # after the LoRAs: hooks wrap final weights
+        apply_speed_options(m, story)
         for warning in drift_warnings(resolved, m.settings):  # once the story is known to run
             log.warning("%s", warning)
         per_clip = any(clip.lora_weights for clip in story.clips)
@@ -153,6 +171,8 @@ class Engine:
             if on_clip is not None:
                 on_clip(clip, saved.entry)
         report["story"]["loras"] = self.loras.summary()  # applied by generate, after the head was written
+        report["attention"] = getattr(self.model, "_cliploom_attention", "sdpa")
+        report["compiled"] = bool(getattr(self.model, "_cliploom_compiled", False))
         n = len(report["clips"])
         tail = run.saved()[-1].entry["frames_tail"] if n else 0
         report["clips"][-1]["frames_kept"] += tail  # the last clip keeps its tail
@@ -173,6 +193,7 @@ class Engine:
             "family": m.settings.family,
             "device": str(m.device),
             "dtype": str(m.dtype).replace("torch.", ""),
+            "weights": getattr(m, "_cliploom_weights", None) or DTYPE_NAMES.get(m.dtype, str(m.dtype)),
             "host": platform.node(),
             "story": {
                 "source": str(s.source) if s.source else None,
@@ -213,6 +234,7 @@ def _clip_entry(clip: Clip) -> dict:
         "keep": list(clip.keep),
         "seconds_denoise": round(clip.seconds_denoise, 4),
         "seconds_decode": round(clip.seconds_decode, 4),
+        "seconds_compile": round(clip.seconds_compile, 4),
         "peak_memory_mb": round(clip.peak_memory_mb, 1),
     }
 
@@ -223,7 +245,7 @@ class _Totals:
     def __init__(self, fps: int, clips: list[dict] = ()):
         self.fps = fps
         self.clips = self.frames = 0
-        self.denoise = self.decode = self.peak = 0.0
+        self.denoise = self.decode = self.peak = self.compile = 0.0
         for c in clips:
             self.add(c)
 
@@ -232,6 +254,7 @@ class _Totals:
         self.frames += c["frames_kept"]
         self.denoise += c["seconds_denoise"]
         self.decode += c["seconds_decode"]
+        self.compile += c.get("seconds_compile", 0.0)
         self.peak = max(self.peak, c["peak_memory_mb"])
 
     def value(self, seconds: float) -> dict:
@@ -243,6 +266,7 @@ class _Totals:
             "seconds": round(seconds, 4),
             "seconds_denoise": round(self.denoise, 4),
             "seconds_decode": round(self.decode, 4),
+            "seconds_compile": round(self.compile, 4),
             "time_to_video": round(seconds / video_seconds, 6) if video_seconds else None,
             "peak_memory_mb": self.peak,
         }

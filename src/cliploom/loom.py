@@ -43,6 +43,7 @@ class Clip:
     # unless this is the story's last clip, because the next clip regenerates them).
     memory: torch.Tensor | None = None
     tail: torch.Tensor | None = None  # pixel modes: uint8 [N, H, W, 3], the frames ``memory`` holds
+    seconds_compile: float = 0.0  # compiled engines: the compilation this clip's start paid for (not in seconds_denoise)
 
 
 @dataclass
@@ -136,6 +137,10 @@ def weave(
                 (1, model.z_dim, T, h, w), generator=torch.Generator("cpu").manual_seed(seed)
             ).to(model.device)
             denoise = make_denoiser(experts, cond, text[prompt], negative)
+            seconds_compile = 0.0
+            if getattr(model, "_cliploom_compiled", False) and i == start.index:
+                seconds_compile = _compile_now(denoise, noise, sigmas)  # once, and not counted as the clip's time
+                started += seconds_compile
             steps = len(sigmas) - 1
             with tqdm(total=steps, desc=f"clip {i + 1}", leave=False, disable=not progress) as bar:
                 def step_done(k: int, i: int = i) -> None:
@@ -154,9 +159,9 @@ def weave(
             keep = story.frames_kept(i)
             if story.latent_motion:
                 memory = latents[:, :, -story.motion_latents :]
-                job = decoder.submit(latents, keep, (i, prompt, seed, seconds_denoise), memory)
+                job = decoder.submit(latents, keep, (i, prompt, seed, seconds_denoise, seconds_compile), memory)
             else:
-                job = decoder.submit(latents, keep, (i, prompt, seed, seconds_denoise), None)
+                job = decoder.submit(latents, keep, (i, prompt, seed, seconds_denoise, seconds_compile), None)
                 decoded = job.result()
                 decoded.clip.tail = decoded.frames_all[-story.motion_frames :]
                 memory = decoded.clip.memory = frames_to_tensor(decoded.clip.tail).to(model.device)
@@ -174,6 +179,17 @@ def weave(
     finally:
         clip_bar.close()
         decoder.close()
+
+
+def _compile_now(denoise, noise: torch.Tensor, sigmas: torch.Tensor) -> float:
+    """Run the compiled transformer once at the schedule's highest and lowest noise levels (every
+    expert and guidance batch size the story uses) so that compilation happens here, timed apart;
+    the clips' shapes never change, so nothing recompiles later."""
+    started = time.perf_counter()
+    with torch.no_grad():
+        for sigma in sorted({float(sigmas[0]), float(sigmas[-2])}):
+            denoise(noise, sigma)
+    return time.perf_counter() - started
 
 
 def _hand_over(queue: list[Future], hold: int, blend: int, skip: int) -> Iterator[Clip]:
@@ -243,7 +259,7 @@ class _Decoder:
             frames = match_colour(frames, self.target)
             if self.color_match == "previous":
                 self.target = colour_stats(frames[-max(1, len(frames) // 4):])
-        index, prompt, seed, seconds_denoise = info
+        index, prompt, seed, seconds_denoise, seconds_compile = info
         clip = Clip(
             index=index,
             prompt=prompt,
@@ -255,6 +271,7 @@ class _Decoder:
             seconds_decode=time.perf_counter() - started,
             peak_memory_mb=_peak_memory_mb(self.model.device),
             memory=memory,
+            seconds_compile=seconds_compile,
         )
         return _Decoded(clip, frames)
 

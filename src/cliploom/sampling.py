@@ -87,7 +87,7 @@ def make_denoiser(
         t = sigma * NUM_TRAIN_TIMESTEPS
         expert = pick_expert(experts, t)
         model = expert.model
-        dtype = next(model.parameters()).dtype
+        dtype = getattr(model, "_cliploom_compute_dtype", None) or next(model.parameters()).dtype
         use_cfg = expert.guidance != 1.0 and negative_text is not None
         c = guided_cond if use_cfg else cond
         x_in = torch.cat([x, x]) if use_cfg else x

@@ -95,6 +95,10 @@ class Story:
     svi_lora: bool = True  # apply the model's own SVI LoRA (cliploom.json `svi_lora`) when it has one
     color_match: str | None = None  # none | anchor | previous: each clip's colour statistics (cliploom.colour)
     seam_blend: int | None = None  # pro mode: a clip's last N frames fade into the next clip's re-creation of them
+    attention: str = "auto"  # attention backend (models.acceleration): auto, sdpa, flash, flash3, sage, ...
+    compile: bool = False  # torch.compile the transformer blocks (regional; once per engine)
+    fp8_matmul: bool = False  # torchao fp8 matmuls (CUDA sm 8.9+)
+    weights: str | None = None  # how the transformer weights are stored: bf16 | fp16 | fp32 | fp8 (set at load)
     source: Path | None = None  # the YAML file, for messages
 
     # -- derived ---------------------------------------------------------------------------------
@@ -255,8 +259,14 @@ _SCALARS: dict[str, type] = {
     "svi_lora": bool,
     "color_match": str,
     "seam_blend": int,
+    "attention": str,
+    "compile": bool,
+    "fp8_matmul": bool,
+    "weights": str,
 }
 OFFLOAD = ("none", "model", "group", "sequential")
+WEIGHTS = ("bf16", "fp16", "fp32", "fp8")
+ATTENTION_NAMES = ("sdpa", "flash", "flash3", "sage", "xformers", "flex", "cudnn", "efficient", "math")  # models.acceleration
 
 
 INT_LIMIT = 2**63 - 1
@@ -425,6 +435,10 @@ def make_story(**values) -> Story:
         story.ref_pad = pad if story.ref_pad is None else story.ref_pad
     if story.ref_pad is not None and story.ref_pad < -1:
         _fail(where, f"ref_pad {story.ref_pad} is invalid", "use -1 (repeat reference), 0 (zeros) or k > 0")
+    if story.attention != "auto" and story.attention not in ATTENTION_NAMES:
+        _fail(where, f"unknown attention backend {story.attention!r}", f"use auto or one of {', '.join(ATTENTION_NAMES)}")
+    if story.weights is not None and story.weights not in WEIGHTS:
+        _fail(where, f"unknown weights {story.weights!r}", f"use one of {', '.join(WEIGHTS)}")
     if story.color_match is not None and story.color_match not in ("none", "anchor", "previous"):
         _fail(where, f"unknown color_match {story.color_match!r}", "use none, anchor or previous")
     if story.offload is not None and story.offload not in OFFLOAD:

@@ -81,7 +81,8 @@ def check_safetensors(path: str | Path, what: str = "weight file") -> Path:
             CONVERT_HINT,
         )
     if kind == "gguf":
-        raise CliploomError(f"{what} {path} is a GGUF file, which cliploom cannot read", "use a .safetensors file")
+        raise CliploomError(f"{what} {path} is a GGUF file: cliploom reads GGUF only as a DiT",
+                            "pass it (or its folder) as --model with --family; other parts need .safetensors")
     raise CliploomError(f"{what} {path} is not a safetensors file", "pass a .safetensors file")
 
 
@@ -460,11 +461,10 @@ def dequantize(
     return out
 
 
-def stream_dit(path: str | Path, layout: str, dtype: torch.dtype, keep_fp32=None, device="cpu"):
-    """Yield ``(diffusers name, tensor)`` for every weight of one DiT file, one tensor at a time:
-    renamed, dequantised to ``dtype`` (float32 where ``keep_fp32(name)``), moved to ``device`` and
-    checked for NaN/Inf there. Host memory holds one tensor, not the file.
-    Keys outside the DiT prefix of a ComfyUI file (bundled VAE or encoders, markers) are skipped."""
+def stream_dit_raw(path: str | Path, layout: str):
+    """Yield ``(diffusers name, tensor as stored, its ComfyUI scale or None, key in the file)`` for every weight of
+    one DiT file, one tensor at a time. Keys outside the DiT prefix of a ComfyUI file (a bundled VAE
+    or encoders, markers) are skipped."""
     from safetensors import safe_open
 
     header = read_header(path, "DiT checkpoint")
@@ -487,12 +487,19 @@ def stream_dit(path: str | Path, layout: str, dtype: torch.dtype, keep_fp32=None
         raise CliploomError(f"cannot read {where}: {str(e).splitlines()[0]}", "download or convert it again") from None
     with handle as f:
         for k in weights:
-            name = names[bare[k]]
-            scale = f.get_tensor(scale_of[k]) if k in scale_of else None
-            target = torch.float32 if keep_fp32 and keep_fp32(name) else dtype
-            t = dequantize_one(k, f.get_tensor(k), scale, target, where).to(device)
-            check_finite({k: t}, where)
-            yield name, t
+            yield names[bare[k]], f.get_tensor(k), f.get_tensor(scale_of[k]) if k in scale_of else None, k
+
+
+def stream_dit(path: str | Path, layout: str, dtype: torch.dtype, keep_fp32=None, device="cpu"):
+    """Yield ``(diffusers name, tensor)`` for every weight of one DiT file, one tensor at a time:
+    renamed, dequantised to ``dtype`` (float32 where ``keep_fp32(name)``), moved to ``device`` and
+    checked for NaN/Inf there. Host memory holds one tensor, not the file."""
+    where = f"DiT checkpoint {path}"
+    for name, raw, scale, key in stream_dit_raw(path, layout):
+        target = torch.float32 if keep_fp32 and keep_fp32(name) else dtype
+        t = dequantize_one(key, raw, scale, target, where).to(device)
+        check_finite({key: t}, where)
+        yield name, t
 
 
 def strip_prefix(tensors: dict, prefixes=_DIT_PREFIXES) -> dict:

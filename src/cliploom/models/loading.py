@@ -18,6 +18,7 @@ See ``docs/formats.md`` for the layouts and examples.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -236,8 +237,11 @@ def find_original_files(model: Path, family: dict) -> OriginalFiles:
         raise CliploomError(f"{where} does not exist", "pass the folder (or DiT file) of an original-format model")
     top = _classified(sorted(folder.glob("*.safetensors")))
 
-    # The DiT, one list of shards per expert.
-    if model.is_file():
+    # The DiT, one list of shards per expert (GGUF: one file per expert).
+    ggufs = _gguf_dits(model, folder, family, where, any(kind["kind"] == "dit" for _, _, kind in top))
+    if ggufs is not None:
+        experts = [[f] for f in ggufs]
+    elif model.is_file():
         (f, header, kind), = _classified([model])
         if kind["kind"] != "dit":
             raise CliploomError(f"{model} is not a Wan DiT checkpoint (it holds {kind['kind']} weights)",
@@ -272,6 +276,9 @@ def find_original_files(model: Path, family: dict) -> OriginalFiles:
         raise CliploomError(f"{where} has no Wan DiT safetensors (it has {_describe(folder)})", _pickle_hint(folder, "DiT"))
     dit_layouts = []
     for files in experts:
+        if files[0].suffix == ".gguf":
+            dit_layouts.append("gguf")
+            continue
         keys = [k for f in files for k in formats.read_header(f).keys]
         layout = formats.detect_dit_layout(keys)
         if layout is None:
@@ -324,6 +331,63 @@ def find_original_files(model: Path, family: dict) -> OriginalFiles:
                          image_encoder, image_processor)
 
 
+def _gguf_dits(model: Path, folder: Path, family: dict, where: str, safetensors_dit: bool) -> list[Path] | None:
+    """The GGUF DiT file(s) of an original-format model (city96 / QuantStack quantisations), one
+    per expert; None when the DiT is not GGUF."""
+    from ..inputs import check_regular
+
+    if model.is_file():
+        if model.suffix != ".gguf":
+            return None
+        if family["experts"] == 2:
+            raise CliploomError(f"family {family['name']} has two experts; {model} is one file",
+                                "pass the folder that holds both GGUF files (*high_noise* and *low_noise*)")
+        return [check_regular(model, "GGUF DiT", "pass a .gguf file")]
+    files = sorted(folder.glob("*.gguf"))
+    subdirs = [folder / "high_noise_model", folder / "low_noise_model"]
+    if family["experts"] == 2 and all(d.is_dir() for d in subdirs):
+        files = [f for d in subdirs for f in sorted(d.glob("*.gguf"))]
+    if not files or safetensors_dit:
+        return None
+    if family["experts"] == 1:
+        if len(files) > 1:
+            raise CliploomError(f"{where} holds several GGUF DiTs: {', '.join(f.name for f in files)}", "keep one")
+        return files
+    by = {formats.expert_from_name(f) or ("high" if "high_noise_model" in f.parts else "low" if "low_noise_model" in f.parts else None): f
+          for f in files}
+    if set(by) != {"high", "low"}:
+        raise CliploomError(f"{where}: cannot tell the high- and low-noise GGUF experts apart ({', '.join(f.name for f in files)})",
+                            "name them *high_noise* / *low_noise*, or use high_noise_model/ and low_noise_model/")
+    return [by["high"], by["low"]]
+
+
+def load_gguf_transformer(path: Path, config: dict, dtype: torch.dtype, where: str):
+    """A GGUF DiT through diffusers' own GGUF support: weights stay quantised (Q8_0, Q5_K, Q4_K ...)
+    and each layer dequantises for its matmul in ``dtype``."""
+    import tempfile
+
+    from diffusers import GGUFQuantizationConfig, WanTransformer3DModel
+
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise CliploomError("GGUF models need the gguf package", "pip install gguf") from None
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = {k: v for k, v in config.items() if not k.startswith("_")}
+        (Path(tmp) / "config.json").write_text(json.dumps({**cfg, "_class_name": "WanTransformer3DModel"}))
+        try:
+            model = WanTransformer3DModel.from_single_file(
+                str(path), config=tmp, quantization_config=GGUFQuantizationConfig(compute_dtype=dtype),
+                torch_dtype=dtype, local_files_only=True)
+        except Exception as e:  # noqa: BLE001 - a broken or foreign file becomes one line
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise CliploomError(f"{where}: cannot load GGUF DiT {path.name}: {first}",
+                                "check that it is a Wan DiT quantisation of this family") from None
+    model._cliploom_weights = "gguf"
+    model._cliploom_compute_dtype = dtype
+    return model.eval().requires_grad_(False)
+
+
 def _empty_model(cls, config: dict):
     from accelerate import init_empty_weights
 
@@ -337,6 +401,12 @@ def _empty_model(cls, config: dict):
 
 def _fill(model, state: dict[str, torch.Tensor], where: str, family: dict, hint_signature: bool) -> None:
     """Put ``state`` into an empty ``model``: every weight present, no extra, every shape right."""
+    _fill_check(model, state, where, family, hint_signature)
+    model.load_state_dict(state, strict=True, assign=True)
+
+
+def _fill_check(model, state: dict[str, torch.Tensor], where: str, family: dict, hint_signature: bool = True) -> None:
+    """Every weight of ``model`` in ``state``, none extra, every shape right (a one-line error otherwise)."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     if hint_signature:
@@ -365,7 +435,6 @@ def _fill(model, state: dict[str, torch.Tensor], where: str, family: dict, hint_
                 f"{where}: {k} has shape {shape} but family {family['name']} expects {expected[k]}",
                 "the file is of another model size: `cliploom inspect` it",
             )
-    model.load_state_dict(state, strict=True, assign=True)
 
 
 def load_original_transformer(files: list[Path], layout: str, family: dict, dtype: torch.dtype, where: str,
@@ -500,6 +569,7 @@ def load_model(
     dtype: torch.dtype | None = None,
     family: str | os.PathLike | None = None,
     offload: str | None = None,
+    weights: str | None = None,
 ) -> Components:
     """Load a Wan image-to-video model (Wan 2.1 I2V, Wan 2.2 A14B, Wan 2.2 TI2V).
 
@@ -509,6 +579,8 @@ def load_model(
     transformer(s) take ``dtype`` (bfloat16 on CUDA, float32 on CPU by default); the VAE stays in
     float32. With ``offload`` (model, group, sequential) the weights stay in host memory until the
     memory options put their hooks in place, so a model larger than the GPU can load.
+    ``weights`` (bf16, fp16, fp32, fp8) sets how the transformer weights are stored; fp8 keeps
+    them in float8 with a per-tensor scale and computes in ``dtype`` (models.precision).
     """
     from .builtin import resolve_model_path
 
@@ -517,23 +589,37 @@ def load_model(
                             "pass --model PATH, or drop --family for the built-in model")
     path = resolve_model_path(path)
     device = torch.device(device) if device is not None else default_device()
-    dtype = dtype or default_dtype(device)
+    storage = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if weights is not None and weights not in (*storage, "fp8"):
+        raise CliploomError(f"unknown weights {weights!r}", "use bf16, fp16, fp32 or fp8")
+    dtype = dtype or storage.get(weights) or default_dtype(device)
     place = offload in (None, "none")
+    fp8 = weights == "fp8"
     with quiet_hf():  # the libraries' loading bars and notes are not for our users
         if family is not None:
-            return _load_original(path, load_family(family), device, dtype, place)
-        return _load_diffusers(path, device, dtype, place)
+            return _load_original(path, load_family(family), device, dtype, place, fp8)
+        return _load_diffusers(path, device, dtype, place, fp8)
 
 
-def _load_diffusers(path: Path, device: torch.device, dtype: torch.dtype, place: bool) -> Components:
+def _load_diffusers(path: Path, device: torch.device, dtype: torch.dtype, place: bool, fp8: bool = False) -> Components:
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import AutoTokenizer, UMT5EncoderModel
 
     index, settings = check_diffusers_folder(path)
-    transformer = _load(WanTransformer3DModel, path, "transformer", torch_dtype=dtype)
+
+    def dit(name: str):
+        if not fp8:
+            return _load(WanTransformer3DModel, path, name, torch_dtype=dtype)
+        from .precision import load_fp8_transformer
+
+        config = read_json(path / name / "config.json", f"{name} config")
+        return load_fp8_transformer(check_weights(path / name), "diffusers", config, dtype, f"{path}/{name}",
+                                    device if place else "cpu")
+
+    transformer = dit("transformer")
     transformer_2 = None
     if (index.get("transformer_2") or [None])[0] is not None and (path / "transformer_2").is_dir():
-        transformer_2 = _load(WanTransformer3DModel, path, "transformer_2", torch_dtype=dtype)
+        transformer_2 = dit("transformer_2")
     vae = _load(AutoencoderKLWan, path, "vae", torch_dtype=torch.float32)
     text_encoder = _load(UMT5EncoderModel, path, "text_encoder", torch_dtype=dtype)
     tokenizer = _load(AutoTokenizer, path, "tokenizer")
@@ -551,7 +637,8 @@ def _load_diffusers(path: Path, device: torch.device, dtype: torch.dtype, place:
     return model
 
 
-def _load_original(model: Path, family: dict, device: torch.device, dtype: torch.dtype, place: bool) -> Components:
+def _load_original(model: Path, family: dict, device: torch.device, dtype: torch.dtype, place: bool,
+                   fp8: bool = False) -> Components:
     from transformers import AutoTokenizer, UMT5EncoderModel
 
     if (model / "model_index.json").is_file():
@@ -562,7 +649,18 @@ def _load_original(model: Path, family: dict, device: torch.device, dtype: torch
     experts = []
     for i, (shards, layout) in enumerate(zip(files.experts, files.dit_layouts)):
         what = f"model {model}" + ("" if len(files.experts) == 1 else f" ({('high', 'low')[i]}-noise expert)")
-        experts.append(load_original_transformer(shards, layout, family, dtype, what, device if place else "cpu"))
+        if layout == "gguf":
+            if fp8:
+                raise CliploomError(f"{what}: a GGUF DiT is already quantised", "drop --weights fp8")
+            experts.append(load_gguf_transformer(shards[0], family["transformer"], dtype, what))
+        elif fp8:
+            from .precision import load_fp8_transformer
+
+            experts.append(load_fp8_transformer(
+                shards, layout, family["transformer"], dtype, what, device if place else "cpu",
+                check=lambda m, state, what=what: _fill_check(m, state, what, family)))
+        else:
+            experts.append(load_original_transformer(shards, layout, family, dtype, what, device if place else "cpu"))
     vae = load_original_vae(files.vae, files.vae_layout, family, f"model {model}")
     text_encoder = _load(UMT5EncoderModel, folder, files.text_encoder.name, torch_dtype=dtype)
     tokenizer = _load(AutoTokenizer, files.tokenizer.parent, files.tokenizer.name)

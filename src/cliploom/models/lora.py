@@ -228,6 +228,13 @@ class LoraStack:
                     transformer.load_lora_adapter(lora.peft_state_dict(set(pairs)), adapter_name=applied.adapter,
                                                   prefix=None)
                 transformer.requires_grad_(False)
+                compute = getattr(transformer, "_cliploom_compute_dtype", None)
+                if compute is not None:  # fp8 storage: peft made the adapter in the base layer's fp8
+                    for module in transformer.modules():
+                        for part in ("lora_A", "lora_B"):
+                            layer = getattr(module, part, None)
+                            if isinstance(layer, torch.nn.ModuleDict) and applied.adapter in layer:
+                                layer[applied.adapter].to(compute)
                 applied.pairs[attr] = self._count_adapters(transformer, applied.adapter)
             applied.modules[attr] = len(touched)
         applied.n_deltas = len(applied.deltas)

@@ -65,11 +65,11 @@ def tiny_text_encoder(vocab_size: int, d_model: int = 32, seed: int = 0):
     return UMT5EncoderModel(config)
 
 
-def tiny_transformer(in_channels: int, out_channels: int, text_dim: int, image_dim: int | None, seed: int):
+def tiny_transformer(in_channels: int, out_channels: int, text_dim: int, image_dim: int | None, seed: int,
+                     heads: int = 2, head_dim: int = 12, ffn_dim: int = 48):
     from diffusers import WanTransformer3DModel
 
     torch.manual_seed(seed)
-    heads, head_dim = 2, 12
     return WanTransformer3DModel(
         patch_size=(1, 2, 2),
         num_attention_heads=heads,
@@ -78,7 +78,7 @@ def tiny_transformer(in_channels: int, out_channels: int, text_dim: int, image_d
         out_channels=out_channels,
         text_dim=text_dim,
         freq_dim=32,
-        ffn_dim=48,
+        ffn_dim=ffn_dim,
         num_layers=2,
         cross_attn_norm=True,
         qk_norm="rms_norm_across_heads",
