@@ -141,3 +141,40 @@ def test_attention_backend_names_and_compile(tiny_dirs, tiny_story, capsys):
     assert first.seconds_compile > 0 and second.seconds_compile == 0  # compiled once, before clip 0's steps
     again = list(engine.generate(story, progress=False))
     assert again[0].seconds_compile > 0  # a new story warms up again (nothing recompiles: same shapes)
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_fp8_nan_scan_by_bits_agrees_with_the_float_values(dtype):
+    """The loaders scan fp8 weights for NaN/Inf by their bytes (no float copy of a 14B model):
+    every one of the 256 byte values is judged as its float value is."""
+    from cliploom.models.formats import _nonfinite
+
+    for b in range(256):
+        one = torch.tensor([b], dtype=torch.uint8).view(dtype)
+        assert _nonfinite(one) == int(not torch.isfinite(one.float()).all()), (dtype, b)
+    every = torch.arange(256, dtype=torch.uint8).view(dtype).repeat(3)
+    assert _nonfinite(every) == 3 * int((~torch.isfinite(torch.arange(256, dtype=torch.uint8).view(dtype).float())).sum())
+
+
+def test_cli_names_the_storage_and_refuses_bad_speed_options_in_one_line(capsys, tiny_dirs, reference_png, tmp_path):
+    from test_cli import run
+
+    base = ["generate", "--image", reference_png, "--prompt", "a", "--frames", "9", "--steps", "1",
+            "--model", tiny_dirs["wan21"], "--quiet"]
+    out = tmp_path / "v.mp4"
+    rc, _, _ = run(capsys, *base, "--weights", "fp8", "--attention", "sdpa", "--out", out)
+    assert rc == 0
+    import json
+
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["weights"] == "fp8" and report["attention"] == "sdpa"
+    for flags, message in ((["--attention", "flash"], "attention backend 'flash' is not installed"),
+                           (["--attention", "nope"], "unknown attention backend 'nope'"),
+                           (["--fp8-matmul"], "fp8 matmuls need a CUDA GPU"),
+                           (["--fp8-matmul", "--weights", "fp8"], "fp8_matmul quantises bf16 weights itself")):
+        rc, _, err = run(capsys, *base, *flags, "--out", tmp_path / "x.mp4")
+        lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
+        assert rc == 2 and len(lines) == 1 and message in lines[0], (flags, err)
+        if "attention" in flags[0]:
+            assert "sdpa" in lines[0]  # the installed ones are listed
+        assert not (tmp_path / "x.mp4").exists()

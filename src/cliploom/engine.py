@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .errors import CliploomError
 from .loom import Clip, Start, weave
 from .models.components import Components
 from .models.loading import load_model
@@ -100,7 +101,15 @@ class Engine:
         resolved = story.resolve(m.settings, m.size_multiple, m.scale_temporal)
         check_story_fits(m, resolved)  # before anything is applied
         fp8 = getattr(m.transformer, "_cliploom_weights", None) == "fp8"  # adapters beside fp8 layers, never fused
-        self.loras.apply(self.default_loras(story) + list(story.loras), fuse=story.fuse_loras and not fp8)
+        loras = self.default_loras(story) + list(story.loras)
+        if story.fp8_matmul:  # torchao quantises the high-precision weights, LoRAs fused in first
+            if fp8 or getattr(m.transformer, "_cliploom_weights", None) == "gguf":
+                raise CliploomError("fp8_matmul quantises bf16 weights itself; this engine stores them as "
+                                    f"{m.transformer._cliploom_weights}", "load with weights: bf16 for fp8_matmul")
+            if loras and not story.fuse_loras:
+                raise CliploomError("fp8_matmul needs the LoRAs fused into the weights it quantises",
+                                    "drop fuse_loras: false (--no-fuse), or fp8_matmul")
+        self.loras.apply(loras, fuse=story.fuse_loras and not fp8)
         apply_memory_options(self.model, story.offload, story.vae_tiling)  # after the LoRAs: hooks wrap final weights
         apply_speed_options(m, story)
         for warning in drift_warnings(resolved, m.settings):  # once the story is known to run
@@ -193,7 +202,7 @@ class Engine:
             "family": m.settings.family,
             "device": str(m.device),
             "dtype": str(m.dtype).replace("torch.", ""),
-            "weights": getattr(m, "_cliploom_weights", None) or DTYPE_NAMES.get(m.dtype, str(m.dtype)),
+            "weights": getattr(m.transformer, "_cliploom_weights", None) or DTYPE_NAMES.get(m.dtype, str(m.dtype)),
             "host": platform.node(),
             "story": {
                 "source": str(s.source) if s.source else None,

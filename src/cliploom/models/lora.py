@@ -121,6 +121,9 @@ class LoraStack:
                 f"this engine's weights already have LoRAs fused into them ({names})",
                 "load a new Engine for another LoRA stack, or use fuse_loras: false (--no-fuse) to switch stacks",
             )
+        if getattr(self.model, "_cliploom_fp8_matmul", False):
+            raise CliploomError("this engine's weights are quantised for fp8 matmuls, with the LoRAs it had then",
+                                "load a new Engine for another LoRA stack")
         offload = getattr(self.model, "_cliploom_offload", None)
         if offload not in (None, "none"):
             raise CliploomError(

@@ -108,3 +108,26 @@ def check_story_fits(model, story) -> None:
             f"one {story.frames}-frame clip at {story.width}x{story.height} needs at least {human_bytes(need)} of working "
             f"memory, more than the {human_bytes(have)} of {where} available",
             "use fewer frames per clip (and more clips) or a smaller size")
+
+
+def trim_host_heap() -> None:
+    """Give the C heap's free pages back to the system (glibc ``malloc_trim``; elsewhere nothing).
+
+    Streaming a checkpoint frees thousands of large temporaries of varying sizes; glibc keeps
+    such freed blocks in its heap, which on a 14B load grew the process by 1-10 GB of anonymous
+    memory at random (measured: benchmarks/bench_fullsize.py). The loaders call this as they go."""
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.malloc_trim  # noqa: B018 - glibc only
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None

@@ -7,7 +7,8 @@ Loading streams the checkpoint one tensor at a time into an empty model and quan
 so host memory holds the fp8 weights plus one tensor, never a full-precision copy: a 14B model
 takes ~14 GB instead of ~28 GB (bf16) or ~56 GB (float32). fp8 files keep their own bytes (and
 their per-tensor ``scale_weight``). Norms, embeddings, modulation tables and the input / output
-projections stay in the compute dtype, as diffusers' layerwise casting leaves them.
+projections stay in the compute dtype, as diffusers' layerwise casting leaves them, unless the
+file already stores them in fp8.
 
 LoRAs on an fp8 engine stay unfused (peft adapters in the compute dtype beside the fp8 layer):
 fusing would need a full-precision copy of every adapted layer.
@@ -22,6 +23,7 @@ import torch
 
 from ..errors import CliploomError
 from . import formats
+from .memory import trim_host_heap
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
@@ -61,7 +63,8 @@ def _hook_class():
         def pre_forward(self, module, *args, **kwargs):
             q = module.weight.data
             module._cliploom_fp8 = q
-            module.weight.data = q.to(self.compute_dtype) * module._cliploom_fp8_scale.to(q.device, self.compute_dtype)
+            w = q.to(self.compute_dtype)  # one buffer the size of the layer, scaled in place
+            module.weight.data = w.mul_(module._cliploom_fp8_scale.to(q.device, self.compute_dtype))
             return args, kwargs
 
         def post_forward(self, module, output):
@@ -96,13 +99,22 @@ def load_fp8_transformer(files: list[Path], layout: str, config: dict, compute_d
 
     model = _empty_model(WanTransformer3DModel, config)
     linears = quantizable(model)
+    every_linear = {name for name, m in model.named_modules()  # (diffusers casts the timestep to time_embedder's dtype)
+                    if isinstance(m, torch.nn.Linear) and not name.startswith("condition_embedder.time_embedder")}
     keep = set(model._keep_in_fp32_modules or []) if compute_dtype in (torch.float16, torch.bfloat16) else set()
     state: dict[str, torch.Tensor] = {}
     scales: dict[str, torch.Tensor] = {}
+    since_trim = 0
     for f in files:
         for name, raw, scale, key in formats.stream_dit_raw(f, layout):
+            since_trim += raw.numel() * raw.element_size()
+            if since_trim > 256 << 20:  # the scratch of the checks and casts goes back as we go
+                trim_host_heap()
+                since_trim = 0
             module = name.rsplit(".", 1)[0]
-            if name.endswith(".weight") and module in linears:
+            # fp8 bytes stay fp8 even in the layers kept in high precision otherwise (upcasting them
+            # would cost memory and restore no precision)
+            if name.endswith(".weight") and (module in linears or (raw.dtype in formats.FP8_DTYPES and module in every_linear)):
                 formats.check_finite({key: raw}, where)
                 q, s = to_fp8(raw, scale)
                 state[name], scales[module] = q.to(device), s
@@ -115,6 +127,7 @@ def load_fp8_transformer(files: list[Path], layout: str, config: dict, compute_d
         check(model, state)
     model.load_state_dict(state, strict=True, assign=True)
     enable_fp8(model, scales, compute_dtype)
+    trim_host_heap()
     return model.eval().requires_grad_(False)
 
 
