@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.cliploom-installed
 
-.PHONY: setup browser test test-portability demo bench bench-serve bench-hostile bench-quality screenshots clean
+.PHONY: setup browser test test-portability demo bench bench-serve bench-hostile bench-quality bench-fullsize bench-fullsize-gpu screenshots clean
 
 setup: $(STAMP)
 
@@ -55,6 +55,15 @@ screenshots: setup browser
 	CLIPLOOM_SCREENSHOTS=docs/img $(BIN)/python -m pytest -q tests/test_serve_page.py
 
 # cliploom serve under load: burst vs --max-queue, status latency, first clip, cancel, whole job.
+# Full-size Wan checkpoints (random weights, real shapes) written as fp8 files to a temp dir (~45 GB
+# of disk while it runs), loaded through the CLI with --weights fp8: peak memory and load time.
+bench-fullsize: setup
+	$(BIN)/python benchmarks/bench_fullsize.py --cpu-smoke
+
+# On a GPU machine (pip install -e .[gpu] for torchao): seconds per 81-frame 480p clip per option set.
+bench-fullsize-gpu: setup
+	$(BIN)/python benchmarks/bench_fullsize.py --gpu
+
 bench-serve: setup
 	$(BIN)/python benchmarks/bench_serve.py
 

@@ -57,7 +57,8 @@ def test_gpu_mode_runs_its_option_sets_on_the_cpu(tmp_path):
     assert B.main(["--gpu", "--tiny", "--device", "cpu", "--sets", "bf16,fp8 storage,no decode overlap",
                    "--tmp", str(tmp_path), "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [r["set"] for r in rows] == ["bf16", "fp8 storage", "no decode overlap"]
+    assert [r["set"] for r in rows] == ["bf16", "no decode overlap", "fp8 storage"]
+    assert rows[0]["seconds_load"] and rows[1]["seconds_load"] is None and rows[2]["seconds_load"]  # engine reused, then reloaded
     for r in rows:
         assert r["seconds_per_clip"] > 0 and r["dit_flop_per_clip"] > 0 and r["mfu"] is None  # no peak known for a CPU
 

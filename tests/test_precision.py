@@ -178,3 +178,26 @@ def test_cli_names_the_storage_and_refuses_bad_speed_options_in_one_line(capsys,
         if "attention" in flags[0]:
             assert "sdpa" in lines[0]  # the installed ones are listed
         assert not (tmp_path / "x.mp4").exists()
+
+
+def test_fp8_storage_takes_per_row_scales_and_refuses_block_scales(tiny_dirs, tmp_path):
+    """Per-row ``scale_weight`` (shape [out, 1]) computes weight = q * scale row by row, the same
+    weights the upcasting loader makes; a block-wise scale is a one-line error naming the key."""
+    from safetensors.torch import load_file, save_file
+
+    folder = RL.write_original(tiny_dirs["wan21"], tmp_path / "m", layout="comfy", fp8="scaled")
+    path = folder / "wan_dit.safetensors"
+    state = load_file(str(path))
+    key = "model.diffusion_model.blocks.0.self_attn.q."
+    rows = state[key + "weight"].shape[0]
+    per_row = torch.linspace(0.5, 1.5, rows).reshape(rows, 1) * state[key + "scale_weight"]
+    save_file({**state, key + "scale_weight": per_row}, str(path))
+    family = RL.family_path(folder)
+    fp8 = load_model(folder, device="cpu", family=family, weights="fp8")
+    upcast = load_model(folder, device="cpu", family=family)
+    layer = fp8.transformer.blocks[0].attn1.to_q
+    x = torch.randn(3, layer.in_features)
+    torch.testing.assert_close(layer(x), upcast.transformer.blocks[0].attn1.to_q(x), rtol=1e-5, atol=1e-6)
+    save_file({**state, key + "scale_weight": torch.ones(rows // 2, 2)}, str(path))
+    with pytest.raises(CliploomError, match=r"blocks\.0\.self_attn\.q\.weight uses a block-wise quantisation scale"):
+        load_model(folder, device="cpu", family=family, weights="fp8")

@@ -36,12 +36,20 @@ def quantizable(model) -> set[str]:
             if isinstance(m, torch.nn.Linear) and not SKIP.search(name)}
 
 
-def to_fp8(t: torch.Tensor, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def to_fp8(t: torch.Tensor, scale: torch.Tensor | None = None, what: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
     """``(q, scale)`` with ``q * scale`` ~ the weight: an fp8 tensor keeps its bytes (and its file's
     scale, else 1); any other is scaled so its largest value maps to e4m3's largest, 448."""
     if t.dtype in formats.FP8_DTYPES:
         q = t if t.dtype == FP8 else t.float().to(FP8)
-        return q, (scale.float().reshape(()) if scale is not None else torch.tensor(1.0))
+        if scale is None:
+            return q, torch.tensor(1.0)
+        s = scale.float()
+        if s.numel() == 1:
+            return q, s.reshape(())
+        if s.shape in ((t.shape[0], 1), (t.shape[0],)):  # per-row scales (some ComfyUI files)
+            return q, s.reshape(t.shape[0], *([1] * (t.dim() - 1)))
+        raise CliploomError(f"{what} uses a block-wise quantisation scale {tuple(s.shape)} (weight {tuple(t.shape)})",
+                            "use an fp8 file with per-tensor or per-row scales, or a bf16/fp16 file")
     x = t.float()
     amax = float(x.abs().max()) if x.numel() else 0.0
     s = amax / FP8_MAX if amax > 0 else 1.0
@@ -83,7 +91,7 @@ def enable_fp8(model, scales: dict[str, torch.Tensor], compute_dtype: torch.dtyp
     modules = dict(model.named_modules())
     for name, scale in scales.items():
         module = modules[name]
-        module.register_buffer("_cliploom_fp8_scale", scale.reshape(()).float(), persistent=False)
+        module.register_buffer("_cliploom_fp8_scale", scale.float(), persistent=False)  # scalar or [out, 1]
         HookRegistry.check_if_exists_or_initialize(module).register_hook(hook_class(compute_dtype), "cliploom_fp8")
     model._cliploom_compute_dtype = compute_dtype
     model._cliploom_weights = "fp8"
@@ -116,7 +124,7 @@ def load_fp8_transformer(files: list[Path], layout: str, config: dict, compute_d
             # would cost memory and restore no precision)
             if name.endswith(".weight") and (module in linears or (raw.dtype in formats.FP8_DTYPES and module in every_linear)):
                 formats.check_finite({key: raw}, where)
-                q, s = to_fp8(raw, scale)
+                q, s = to_fp8(raw, scale, f"{where}: {key}")
                 state[name], scales[module] = q.to(device), s
             else:
                 target = torch.float32 if keep & set(name.split(".")) else compute_dtype
