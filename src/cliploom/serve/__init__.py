@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import ipaddress
 import os
+import threading
 from pathlib import Path
 
 from ..errors import CliploomError
@@ -59,9 +60,11 @@ def parse_models(items: list[str]) -> dict[str, str]:
 
 def build_server(data_dir: Path, models: dict[str, str], *, lora_dir: str | None = None, token: str | None = None,
                  max_queue: int = 32, max_clips: int = 500, device: str | None = None, workers: int = 1,
-                 start_workers: bool = True):
+                 start_workers: bool = True, ray: dict | None = None):
     """The app with its store, loaded models and running worker(s): what ``cliploom serve`` runs,
-    and what tests run in a thread."""
+    and what tests run in a thread. With ``ray`` (``{"address", "replicas", "cpus_per_replica",
+    "gpus_per_replica"}``) the models load in Ray replicas instead (serve.replicas), and
+    ``state.replicas`` is the loop that hands them jobs (run it, or start it in a thread)."""
     from ..engine import Engine
     from .api import ModelEntry, ServerState, create_app
     from .forms import Limits
@@ -73,18 +76,34 @@ def build_server(data_dir: Path, models: dict[str, str], *, lora_dir: str | None
     lora = Path(lora_dir).expanduser().resolve() if lora_dir else None
     if lora is not None and not lora.is_dir():
         raise CliploomError(f"--lora-dir {lora} is not a folder", "pass a folder of .safetensors LoRAs")
-    entries = {}
-    for name, path in models.items():
-        entries[name] = ModelEntry(name, Engine.load(path, device=device))
     store = JobStore(data_dir / "jobs.db")
     store.requeue_stale(0)  # we hold the lock: every in_progress job's worker is gone
+    replicas = None
+    if ray is not None:
+        from .replicas import RayReplicas
+
+        replicas = RayReplicas(store, data_dir, dict(models), device=device, **ray)
+        try:
+            settings = replicas.wait_ready()
+        except BaseException:
+            replicas.shutdown()
+            lock.close()
+            raise
+        entries = {name: ModelEntry(name, None, settings[name]) for name in models}
+    else:
+        entries = {name: ModelEntry(name, Engine.load(path, device=device)) for name, path in models.items()}
     state = ServerState(store=store, data_dir=data_dir, models=entries, lora_dir=lora, token=token,
                         limits=Limits(max_queue=max_queue, max_clips=max_clips))
-    engines = {name: e.engine for name, e in entries.items()}
-    state.workers = [Worker(store, engines, state.jobs_dir, name=f"worker-{i}") for i in range(workers)]
-    if start_workers:
-        for w in state.workers:
-            w.start()
+    if replicas is not None:
+        state.workers, state.replicas = replicas.handles, replicas
+        if start_workers:
+            threading.Thread(target=replicas.run, name="ray-replicas", daemon=True).start()
+    else:
+        engines = {name: e.engine for name, e in entries.items()}
+        state.workers = [Worker(store, engines, state.jobs_dir, name=f"worker-{i}") for i in range(workers)]
+        if start_workers:
+            for w in state.workers:
+                w.start()
     app = create_app(state)
     app.lock = lock  # held as long as the app lives
     return app, state
@@ -105,6 +124,12 @@ def add_command(sub) -> None:
     p.add_argument("--max-queue", type=int, default=32, help="queued videos before 429")
     p.add_argument("--max-clips", type=int, default=500, help="clips per video")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="generate in Ray replicas: a local Ray, or the cluster at ADDRESS (auto, ray://host:10001); "
+                   "see docs/scale.md")
+    p.add_argument("--replicas", type=int, default=1, help="with --ray: generation replicas (one per GPU)")
+    p.add_argument("--cpus-per-replica", type=float, help="with --ray: CPUs per replica (CPU-only clusters; default 1)")
+    p.add_argument("--gpus-per-replica", type=float, help="with --ray: GPUs per replica (default 1 when the cluster has GPUs)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -123,9 +148,15 @@ def cmd_serve(args) -> int:
         import torch
 
         torch.set_num_threads(int(threads))
+    ray = None
+    if args.ray is not None:
+        ray = {"address": args.ray, "replicas": args.replicas, "cpus_per_replica": args.cpus_per_replica,
+               "gpus_per_replica": args.gpus_per_replica}
+    elif args.replicas != 1 or args.cpus_per_replica or args.gpus_per_replica:
+        raise CliploomError("--replicas, --cpus-per-replica and --gpus-per-replica need --ray", "add --ray")
     app, state = build_server(Path(args.data_dir), parse_models(args.model), lora_dir=args.lora_dir, token=args.token,
                               max_queue=args.max_queue, max_clips=args.max_clips, device=args.device,
-                              start_workers=False)
+                              start_workers=False, ray=ray)
     # HTTP in a thread, generation in the main thread: torch's CPU thread pool keeps its threads
     # spinning between ops only for the thread that created it, and a job run from another thread
     # took 1.7x as long on the built-in model (docs/serve.md).
@@ -144,7 +175,7 @@ def cmd_serve(args) -> int:
         raise KeyboardInterrupt()
 
     signal.signal(signal.SIGTERM, stop)
-    worker = state.workers[0]
+    worker = state.replicas or state.workers[0]
     try:
         worker.run()  # until interrupted; a job cut short stays in_progress and resumes at the next start
     except KeyboardInterrupt:

@@ -58,11 +58,12 @@ class TooLarge(Exception):
 @dataclass
 class ModelEntry:
     name: str
-    engine: object  # cliploom.Engine
+    engine: object  # cliploom.Engine; None when the model lives in Ray replicas
+    known_settings: object = None  # the replicas' ModelSettings then
 
     @property
     def settings(self):
-        return self.engine.model.settings
+        return self.engine.model.settings if self.engine is not None else self.known_settings
 
 
 @dataclass
@@ -75,6 +76,7 @@ class ServerState:
     limits: forms.Limits = field(default_factory=forms.Limits)
     workers: list = field(default_factory=list)
     bell: object = None
+    replicas: object = None  # serve.replicas.RayReplicas with --ray
 
     @property
     def jobs_dir(self) -> Path:
@@ -183,7 +185,9 @@ def create_app(state: ServerState) -> FastAPI:
     def healthz():
         return {"status": "ok", "queued": state.store.queued_count(),
                 "workers": [{"name": w.name, "alive": w.is_alive() or w.current is not None, "job": w.current,
-                             "last_cancel": w.cancelled_at} for w in state.workers]}
+                             "last_cancel": w.cancelled_at,
+                             **({"state": w.state, "error": w.error, "pid": w.pid, "node": w.node, "restarts": w.restarts}
+                                if state.replicas is not None else {})} for w in state.workers]}
 
     @app.get("/", include_in_schema=False)
     def index():

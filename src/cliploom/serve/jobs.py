@@ -244,6 +244,22 @@ class JobStore:
                 self._event(db, row["id"], "requeued", {})
         return [r["id"] for r in rows]
 
+    def requeue(self, job_id: str) -> str | None:
+        """A running job whose worker died goes back to the queue, keeping its place by creation
+        order; one whose delete was pending is deleted instead. Returns what became of it
+        (``queued``, ``deleted``, or None when it was not running)."""
+        with self._tx() as db:
+            row = db.execute("SELECT status, cancel FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None or row["status"] != "in_progress":
+                return None
+            if row["cancel"]:
+                db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+                db.execute("DELETE FROM events WHERE job_id = ?", (job_id,))
+                return "deleted"
+            db.execute("UPDATE jobs SET status = 'queued', worker = NULL WHERE id = ?", (job_id,))
+            self._event(db, job_id, "requeued", {})
+            return "queued"
+
     # -- deleting -----------------------------------------------------------------------------
     def request_delete(self, job_id: str) -> str | None:
         """Delete a job that is not running (returns its former status), or mark a running one
