@@ -90,6 +90,8 @@ def _add_generate(sub) -> None:
                        help="continue an interrupted run after its last finished clip (checkpoints in OUT.run/)")
     again.add_argument("--from-clip", type=int, metavar="N",
                        help="keep clips 0..N-1 of a finished run byte for byte, generate clip N on from the story")
+    p.add_argument("--parallel", metavar="SPEC",
+                   help="under torchrun: ulysses=N (sequence parallel) or cfg=2 (docs/scale.md)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_generate)
 
@@ -159,7 +161,22 @@ def cmd_generate(args) -> int:
     load_image(story.reference)  # fail on bad input before loading the model
     again = args.resume or args.from_clip is not None
     check_output(out, args.overwrite or again)
-    engine = Engine.load(story.model, device=args.device, family=args.family, offload=story.offload, weights=story.weights)
+    device, split = args.device, None
+    if args.parallel:
+        from . import parallel
+
+        split = parallel.parse(args.parallel)
+        if again:
+            raise CliploomError("--resume and --from-clip do not run under --parallel yet", "resume in one process")
+        device = str(parallel.init(split))
+    engine = Engine.load(story.model, device=device, family=args.family, offload=story.offload, weights=story.weights)
+    if split is not None:
+        parallel.enable(engine.model, split)
+        if parallel.rank() != 0:  # every rank runs the loop on the same inputs; rank 0 writes and speaks
+            logging.getLogger("cliploom").setLevel(logging.ERROR)
+            for _ in engine.generate(story, progress=False):
+                pass
+            return 0
     try:
         report = engine.render(story, out, progress=not args.quiet, overwrite=args.overwrite, resume=args.resume,
                                from_clip=args.from_clip)

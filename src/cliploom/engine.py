@@ -100,6 +100,10 @@ class Engine:
         m = self.model
         resolved = story.resolve(m.settings, m.size_multiple, m.scale_temporal)
         check_story_fits(m, resolved)  # before anything is applied
+        if getattr(m, "_cliploom_parallel", None) is not None:
+            from .parallel import check_tokens
+
+            check_tokens(m, resolved)
         fp8 = getattr(m.transformer, "_cliploom_weights", None) == "fp8"  # adapters beside fp8 layers, never fused
         loras = self.default_loras(story) + list(story.loras)
         if story.fp8_matmul:  # torchao quantises the high-precision weights, LoRAs fused in first

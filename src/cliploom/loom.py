@@ -136,7 +136,7 @@ def weave(
             noise = torch.randn(
                 (1, model.z_dim, T, h, w), generator=torch.Generator("cpu").manual_seed(seed)
             ).to(model.device)
-            denoise = make_denoiser(experts, cond, text[prompt], negative)
+            denoise = make_denoiser(experts, cond, text[prompt], negative, cfg_split=getattr(model, "_cliploom_cfg_split", None))
             seconds_compile = 0.0
             if getattr(model, "_cliploom_compiled", False) and i == start.index:
                 seconds_compile = _compile_now(denoise, noise, sigmas)  # once, and not counted as the clip's time

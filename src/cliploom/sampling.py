@@ -75,24 +75,19 @@ def make_denoiser(
     text: torch.Tensor,
     negative_text: torch.Tensor | None,
     attention_kwargs: dict | None = None,
+    cfg_split=None,
 ) -> Callable[[torch.Tensor, float], torch.Tensor]:
     """``v = denoiser(x, sigma)`` for one clip.
 
     With guidance > 1 the conditional and unconditional passes go through the model as one
-    batch of two; with guidance = 1 there is a single forward per step.
+    batch of two; with guidance = 1 there is a single forward per step. With ``cfg_split``
+    (cliploom.parallel, two ranks) each rank runs one of the two passes and gathers the other.
     """
     guided_cond = cond.repeat(2)
 
-    def denoise(x: torch.Tensor, sigma: float) -> torch.Tensor:
-        t = sigma * NUM_TRAIN_TIMESTEPS
-        expert = pick_expert(experts, t)
-        model = expert.model
+    def forward(model, c: ClipCondition, x_in: torch.Tensor, hidden: torch.Tensor, t: float) -> torch.Tensor:
         dtype = getattr(model, "_cliploom_compute_dtype", None) or next(model.parameters()).dtype
-        use_cfg = expert.guidance != 1.0 and negative_text is not None
-        c = guided_cond if use_cfg else cond
-        x_in = torch.cat([x, x]) if use_cfg else x
-        hidden = torch.cat([text, negative_text]) if use_cfg else text
-        out = model(
+        return model(
             hidden_states=c.model_input(x_in).to(dtype),
             timestep=c.timestep(t, x_in),
             encoder_hidden_states=hidden.to(dtype),
@@ -100,10 +95,18 @@ def make_denoiser(
             attention_kwargs=attention_kwargs,
             return_dict=False,
         )[0].float()
-        if use_cfg:
-            v_cond, v_uncond = out.chunk(2)
-            return guide(v_cond, v_uncond, expert.guidance)
-        return out
+
+    def denoise(x: torch.Tensor, sigma: float) -> torch.Tensor:
+        t = sigma * NUM_TRAIN_TIMESTEPS
+        expert = pick_expert(experts, t)
+        use_cfg = expert.guidance != 1.0 and negative_text is not None
+        if not use_cfg:
+            return forward(expert.model, cond, x, text, t)
+        if cfg_split is not None:
+            v_cond, v_uncond = cfg_split.gather(forward(expert.model, cond, x, (text, negative_text)[cfg_split.rank], t))
+        else:
+            v_cond, v_uncond = forward(expert.model, guided_cond, torch.cat([x, x]), torch.cat([text, negative_text]), t).chunk(2)
+        return guide(v_cond, v_uncond, expert.guidance)
 
     return denoise
 
