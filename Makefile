@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.cliploom-installed
 
-.PHONY: setup browser test test-portability demo bench bench-serve bench-hostile bench-quality bench-fullsize bench-fullsize-gpu screenshots clean
+.PHONY: setup browser test test-portability demo bench bench-serve bench-hostile bench-quality bench-fullsize bench-fullsize-gpu bench-scale screenshots clean
 
 setup: $(STAMP)
 
@@ -63,6 +63,10 @@ bench-fullsize: setup
 # On a GPU machine (pip install -e .[gpu] for torchao): seconds per 81-frame 480p clip per option set.
 bench-fullsize-gpu: setup
 	$(BIN)/python benchmarks/bench_fullsize.py --gpu
+
+# Ray replicas (1 vs 2, 8 jobs) and --parallel ulysses=2 vs one process, on this machine's CPUs.
+bench-scale: setup
+	$(BIN)/python benchmarks/bench_scale.py
 
 bench-serve: setup
 	$(BIN)/python benchmarks/bench_serve.py

@@ -238,7 +238,7 @@ class RayReplicas:
         flying = {h.ref: h for h in self.handles if h.ref is not None}
         if not flying:
             return False
-        done, _ = ray.wait(list(flying), num_returns=len(flying), timeout=timeout)
+        done, _ = ray.wait(list(flying), num_returns=1, timeout=timeout)  # back as soon as one finishes
         for ref in done:
             self._settle(flying[ref], ref)
         return True
