@@ -90,6 +90,8 @@ def _add_generate(sub) -> None:
                        help="continue an interrupted run after its last finished clip (checkpoints in OUT.run/)")
     again.add_argument("--from-clip", type=int, metavar="N",
                        help="keep clips 0..N-1 of a finished run byte for byte, generate clip N on from the story")
+    p.add_argument("--end-frame", action="append", default=[], metavar="CLIP:IMAGE",
+                   help="clip CLIP (numbered from 0, as in the report) ends on IMAGE (repeatable)")
     p.add_argument("--parallel", metavar="SPEC",
                    help="under torchrun: ulysses=N (sequence parallel) or cfg=2 (docs/scale.md)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
@@ -139,14 +141,34 @@ def _story_from_args(args):
         if args.mode is not None and args.mode != story.mode:  # the new mode's preset applies
             values["motion_frames"], values["ref_pad"] = args.motion_frames, args.ref_pad
         values["loras"] = story.loras + args.lora
+        values["clips"] = _with_end_frames(story.clips, args.end_frame)
         return make_story(**values)
     if not args.image:
         raise CliploomError("no story file and no --image", "pass STORY.yaml, or --image IMG --prompt TEXT")
-    clips = cycle_prompts(args.prompt, args.clips)
-    story = story_from_dict({"clips": [c.prompt for c in clips], **overrides}, base=Path.cwd())
+    clips = _with_end_frames(cycle_prompts(args.prompt, args.clips), args.end_frame)
+    story = make_story(clips=clips, **overrides)
     story.reference = Path(args.image).expanduser()
     story.loras = args.lora
     return story
+
+
+def _with_end_frames(clips, specs: list[str]):
+    """``--end-frame CLIP:IMAGE`` on top of the story's clips (CLIP numbered from 0)."""
+    import dataclasses
+
+    from .story import Keyframe
+
+    clips = list(clips)
+    for spec in specs:
+        index, sep, image = spec.partition(":")
+        if not sep or not index.strip().isdigit() or not image:
+            raise CliploomError(f"--end-frame {spec!r} is not CLIP:IMAGE", "write e.g. --end-frame 2:end.png (clips from 0)")
+        i = int(index)
+        if i >= len(clips):
+            raise CliploomError(f"--end-frame {spec!r}: the story has clips 0..{len(clips) - 1}", "number clips from 0")
+        keys = [k for k in clips[i].keyframes if k.frame != -1] + [Keyframe(-1, Path(image).expanduser())]
+        clips[i] = dataclasses.replace(clips[i], keyframes=tuple(keys))
+    return clips
 
 
 def cmd_generate(args) -> int:
@@ -159,6 +181,9 @@ def cmd_generate(args) -> int:
 
     out = args.out or f"out/{story.source.stem if story.source else 'cliploom'}.mp4"
     load_image(story.reference)  # fail on bad input before loading the model
+    for i, clip in enumerate(story.clips):
+        for k in clip.keyframes:
+            load_image(k.image, what=f"clip {i} keyframe image")
     again = args.resume or args.from_clip is not None
     check_output(out, args.overwrite or again)
     device, split = args.device, None

@@ -21,6 +21,12 @@ Motion modes (``../shared/reference/svi.md`` section 1):
   marks only pixel frame 0 (the anchor).
 * **pixel** (SVI 1.0 / 2.0): ``y = VAE(previous clip's last N frames + padding)``; the mask marks
   only pixel frame 0. The padding is chosen by ``ref_pad``.
+
+Keyframes (end-frame control, Wan FLF2V's way): a known image at pixel frame ``n`` of a clip. In
+latent mode its single-frame latent goes into ``y`` at latent frame ``(n - 1) // 4 + 1`` and the
+mask marks pixel frame ``n`` (``y = [anchor, motion..., zeros..., end]`` for an end frame); pixel
+modes write the image into the conditioning video at frame ``n`` (and mark it); TI2V writes the
+latent as a clean latent frame. Without keyframes every function gives exactly what it gave before.
 """
 
 from __future__ import annotations
@@ -37,6 +43,11 @@ def latent_frame_count(num_frames: int, temporal: int = TEMPORAL) -> int:
     return (num_frames - 1) // temporal + 1
 
 
+def keyframe_latent_index(pixel_frame: int, temporal: int = TEMPORAL) -> int:
+    """The latent frame holding pixel frame ``pixel_frame`` (0 -> 0; 1..4 -> 1; 5..8 -> 2 ...)."""
+    return 0 if pixel_frame == 0 else (pixel_frame - 1) // temporal + 1
+
+
 def pixel_frame_mask(
     num_frames: int,
     height: int,
@@ -47,36 +58,48 @@ def pixel_frame_mask(
     batch: int = 1,
     device=None,
     dtype=torch.float32,
+    also_known: tuple[int, ...] = (),
 ) -> torch.Tensor:
-    """Wan's 4-channel mask, ``[B, 4, T, h, w]``, marking the first ``known_pixel_frames`` as known.
+    """Wan's 4-channel mask, ``[B, 4, T, h, w]``, marking the first ``known_pixel_frames`` (and the
+    pixel frames ``also_known``: keyframes) as known.
 
     Wan repeats pixel frame 0 ``temporal`` times so that every latent frame has ``temporal``
     mask entries, then folds those entries into the channel axis.
     """
     mask = torch.zeros(batch, 1, num_frames, height, width, device=device, dtype=dtype)
     mask[:, :, :known_pixel_frames] = 1
+    for n in also_known:
+        mask[:, :, n] = 1
     first = mask[:, :, :1].repeat_interleave(temporal, dim=2)
     mask = torch.cat([first, mask[:, :, 1:]], dim=2)  # [B, 1, temporal * T, h, w]
     num_latent = mask.shape[2] // temporal
     return mask.view(batch, num_latent, temporal, height, width).transpose(1, 2)
 
 
-def latent_motion_y(anchor: torch.Tensor, motion: torch.Tensor | None, num_latent_frames: int) -> torch.Tensor:
+def latent_motion_y(anchor: torch.Tensor, motion: torch.Tensor | None, num_latent_frames: int,
+                    keyframes: tuple = ()) -> torch.Tensor:
     """SVI 2.0 Pro ``y``: ``[anchor, motion..., zeros...]``, ``[B, C, T, h, w]``.
 
     ``anchor`` is one latent frame ``[B, C, 1, h, w]`` (the reference image, encoded once);
     ``motion`` is the previous clip's last ``K`` denoised latents ``[B, C, K, h, w]`` or ``None``
-    for the first clip. Padding is zero in normalised latent space.
+    for the first clip. Padding is zero in normalised latent space. ``keyframes``: ``(pixel frame,
+    single-frame latent [B, C, 1, h, w])`` pairs written at their latent frames (after the motion).
     """
     known = anchor if motion is None else torch.cat([anchor, motion.to(anchor)], dim=2)
     if known.shape[2] > num_latent_frames:
         raise ValueError(f"{known.shape[2]} known latent frames do not fit a clip of {num_latent_frames}")
     pad = known.new_zeros(*known.shape[:2], num_latent_frames - known.shape[2], *known.shape[3:])
-    return torch.cat([known, pad], dim=2)
+    y = torch.cat([known, pad], dim=2)
+    for n, latent in keyframes:
+        index = keyframe_latent_index(n)
+        if not known.shape[2] <= index < num_latent_frames:
+            raise ValueError(f"keyframe at pixel frame {n} (latent {index}) is outside the clip or in its motion prefix")
+        y[:, :, index] = latent.to(y)[:, :, 0]
+    return y
 
 
 def pixel_motion_video(
-    reference: torch.Tensor, motion_frames: torch.Tensor | None, num_frames: int, ref_pad: int
+    reference: torch.Tensor, motion_frames: torch.Tensor | None, num_frames: int, ref_pad: int, keyframes: tuple = ()
 ) -> torch.Tensor:
     """SVI 1.0 / 2.0 conditioning video, ``[B, 3, F, H, W]`` in ``[-1, 1]``.
 
@@ -97,7 +120,12 @@ def pixel_motion_video(
     n_ref = remaining if ref_pad < 0 else min(ref_pad, remaining)
     parts = [head, reference.expand(-1, -1, n_ref, -1, -1)]
     parts.append(reference.new_zeros(*reference.shape[:2], remaining - n_ref, *reference.shape[3:]))
-    return torch.cat(parts, dim=2)
+    video = torch.cat(parts, dim=2)
+    for n, image in keyframes:  # (pixel frame, [B, 3, H, W] in [-1, 1]): the keyframe replaces the padding there
+        if not head.shape[2] <= n < num_frames:
+            raise ValueError(f"keyframe at pixel frame {n} is outside the clip or in its motion prefix")
+        video[:, :, n] = image.to(video)
+    return video
 
 
 def pixel_known_latent_frames(motion_frames: int, temporal: int = TEMPORAL) -> int:
@@ -153,22 +181,32 @@ class ClipCondition:
 
 
 def i2v_condition(
-    y: torch.Tensor, num_frames: int, known_pixel_frames: int = 1, image_embeds: torch.Tensor | None = None
+    y: torch.Tensor, num_frames: int, known_pixel_frames: int = 1, image_embeds: torch.Tensor | None = None,
+    also_known: tuple[int, ...] = (),
 ) -> ClipCondition:
-    """Condition for a model with ``y`` channels: the mask marks the first pixel frame(s)."""
+    """Condition for a model with ``y`` channels: the mask marks the first pixel frame(s) and the
+    keyframes' pixel frames ``also_known``."""
     batch, _, _, h, w = y.shape
-    mask = pixel_frame_mask(num_frames, h, w, known_pixel_frames, batch=batch, device=y.device, dtype=y.dtype)
+    mask = pixel_frame_mask(num_frames, h, w, known_pixel_frames, batch=batch, device=y.device, dtype=y.dtype,
+                            also_known=also_known)
     if mask.shape[2] != y.shape[2]:
         raise ValueError(f"y has {y.shape[2]} latent frames but {num_frames} pixel frames need {mask.shape[2]}")
     return ClipCondition(y=torch.cat([mask, y], dim=1), image_embeds=image_embeds)
 
 
 def clean_frames_condition(
-    latents: torch.Tensor, known_latent_frames: int, patch: tuple[int, int] = (2, 2)
+    latents: torch.Tensor, known_latent_frames: int, patch: tuple[int, int] = (2, 2), keyframes: tuple = ()
 ) -> ClipCondition:
-    """Condition for a TI2V model: the first ``known_latent_frames`` of ``latents`` are clean."""
+    """Condition for a TI2V model: the first ``known_latent_frames`` of ``latents`` are clean, and
+    so is each keyframe's latent frame (``(pixel frame, single-frame latent)`` pairs)."""
     known = torch.zeros(1, 1, *latents.shape[2:], device=latents.device, dtype=latents.dtype)
     known[:, :, :known_latent_frames] = 1
+    if keyframes:
+        latents = latents.clone()
+        for n, latent in keyframes:
+            index = keyframe_latent_index(n)
+            latents[:, :, index] = latent.to(latents)[:, :, 0]
+            known[:, :, index] = 1
     return ClipCondition(clean=latents, known=known, patch=patch)
 
 
@@ -181,17 +219,20 @@ def latent_condition(
     num_latent_frames: int,
     expand_timesteps: bool = False,
     patch: tuple[int, int] = (2, 2),
+    keyframes: tuple = (),
 ) -> ClipCondition:
     """Latent motion (SVI 2.0 Pro): the anchor plus the previous clip's last K latents.
 
     ``y``-channel models get them in ``y`` with only the anchor's pixel frame marked known; TI2V
-    models get them as clean leading frames (anchor and motion latents all known).
+    models get them as clean leading frames (anchor and motion latents all known). ``keyframes``
+    (``(pixel frame, single-frame latent)``) are written at their latent frames and marked known.
     """
-    known = latent_motion_y(anchor, motion, num_latent_frames)
     if expand_timesteps:
-        return clean_frames_condition(known, 1 + (0 if motion is None else motion.shape[2]), patch)
+        known = latent_motion_y(anchor, motion, num_latent_frames)
+        return clean_frames_condition(known, 1 + (0 if motion is None else motion.shape[2]), patch, keyframes)
+    known = latent_motion_y(anchor, motion, num_latent_frames, keyframes)
     num_frames = (num_latent_frames - 1) * TEMPORAL + 1
-    return i2v_condition(known, num_frames)
+    return i2v_condition(known, num_frames, also_known=tuple(n for n, _ in keyframes))
 
 
 def pixel_condition(
@@ -200,12 +241,15 @@ def pixel_condition(
     motion_frames: int = 1,
     expand_timesteps: bool = False,
     patch: tuple[int, int] = (2, 2),
+    keyframes: tuple = (),
 ) -> ClipCondition:
     """Pixel motion (SVI 1.0 / 2.0): the VAE-encoded conditioning video of :func:`pixel_motion_video`.
 
-    ``y``-channel models get it as ``y`` with pixel frame 0 marked known; TI2V models get the
-    latent frames wholly covered by the ``motion_frames`` leading pixel frames as clean frames.
+    ``y``-channel models get it as ``y`` with pixel frame 0 marked known (and the keyframes' pixel
+    frames, whose images the video holds); TI2V models get the latent frames wholly covered by the
+    ``motion_frames`` leading pixel frames as clean frames, and the keyframes' single-frame latents
+    (``keyframes``: ``(pixel frame, latent)``) as clean frames too.
     """
     if expand_timesteps:
-        return clean_frames_condition(video_latents, pixel_known_latent_frames(motion_frames), patch)
-    return i2v_condition(video_latents, num_frames)
+        return clean_frames_condition(video_latents, pixel_known_latent_frames(motion_frames), patch, keyframes)
+    return i2v_condition(video_latents, num_frames, also_known=tuple(n for n, _ in keyframes))

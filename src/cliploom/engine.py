@@ -100,6 +100,10 @@ class Engine:
         m = self.model
         resolved = story.resolve(m.settings, m.size_multiple, m.scale_temporal)
         check_story_fits(m, resolved)  # before anything is applied
+        if any(c.keyframes for c in resolved.clips):
+            from .story import check_keyframe_images
+
+            check_keyframe_images(resolved)
         if getattr(m, "_cliploom_parallel", None) is not None:
             from .parallel import check_tokens
 

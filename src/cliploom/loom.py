@@ -104,6 +104,7 @@ def weave(
     decoder = _Decoder(model, overlap_decode if overlap_decode is not None else model.device.type == "cuda",
                        story.color_match, colour_stats(torch.from_numpy(np.array(image))))
     clip_bar = tqdm(total=len(prompts), initial=start.index, desc="clips", unit="clip", disable=not progress)
+    keyframes = _Keyframes(model, story)
     memory = start.memory  # motion memory: the previous clip's last K latents, or its last N frames
     if memory is not None:
         memory = memory.to(model.device)
@@ -118,16 +119,19 @@ def weave(
             if on_clip_start is not None:
                 on_clip_start(i)
 
-            # 5. Condition the clip on the anchor and the motion memory.
+            # 5. Condition the clip on the anchor, the motion memory and its keyframes (if any).
+            keys = keyframes.of(i)
             if story.latent_motion:
-                cond = C.latent_condition(anchor, memory, T, model.settings.expand_timesteps, model.patch)
+                cond = C.latent_condition(anchor, memory, T, model.settings.expand_timesteps, model.patch,
+                                          keyframes=tuple((n, latent) for n, _, latent in keys))
                 cond.image_embeds = anchor_features
             else:
-                video = C.pixel_motion_video(reference, memory, F, story.ref_pad)
+                video = C.pixel_motion_video(reference, memory, F, story.ref_pad,
+                                             keyframes=tuple((n, pixels) for n, pixels, _ in keys))
                 first = image if memory is None else _to_pil(memory[0, :, 0])
                 cond = C.pixel_condition(
                     model.encode_video(video), F, story.motion_frames if memory is not None else 1,
-                    model.settings.expand_timesteps, model.patch,
+                    model.settings.expand_timesteps, model.patch, keyframes=tuple((n, latent) for n, _, latent in keys),
                 )
                 cond.image_embeds = model.encode_image_features(first)
 
@@ -278,6 +282,27 @@ class _Decoder:
     def close(self) -> None:
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _Keyframes:
+    """Each clip's keyframes as ``(pixel frame, pixels [1, 3, H, W], single-frame latent)``; every
+    image is read, cover-cropped to the story's size and encoded once."""
+
+    def __init__(self, model, story):
+        self.model, self.story, self.cache = model, story, {}
+
+    def of(self, i: int) -> list:
+        from .story import keyframe_pixel
+
+        out = []
+        for k in self.story.clips[i].keyframes:
+            if k.image not in self.cache:
+                image = load_image(k.image, self.story.width, self.story.height, what=f"clip {i} keyframe image")
+                pixels = frames_to_tensor([image]).to(self.model.device)
+                self.cache[k.image] = (pixels[:, :, 0], self.model.encode_video(pixels))
+            pixels, latent = self.cache[k.image]
+            out.append((keyframe_pixel(self.story, k), pixels, latent))
+        return out
 
 
 def _to_pil(frame: torch.Tensor):

@@ -61,6 +61,15 @@ class ClipSpec:
     prompt: str
     seed: int | None = None  # explicit seed; otherwise derived from the story seed and index
     lora_weights: dict[str, float] | None = None  # per-clip LoRA weights by name (unfused stacks)
+    keyframes: tuple["Keyframe", ...] = ()  # images the clip must pass through (end_frame: the last frame)
+
+
+@dataclass(frozen=True)
+class Keyframe:
+    """An image the clip shows at pixel frame ``frame`` of its generated frames (-1: the last)."""
+
+    frame: int
+    image: Path
 
 
 @dataclass
@@ -153,6 +162,59 @@ class Story:
         return s
 
 
+def keyframe_pixel(story: "Story", k: Keyframe) -> int:
+    """A keyframe's pixel frame in its clip (``-1``, the end frame: the clip's last)."""
+    return story.frames - 1 if k.frame == -1 else k.frame
+
+
+def check_keyframe_images(s: "Story") -> None:
+    """Every keyframe image readable and of the video's shape (a resolved story; before anything
+    runs): an image of another aspect ratio would be cropped, moving what it shows."""
+    from PIL import Image
+
+    from .video_io import load_image
+
+    for i, clip in enumerate(s.clips):
+        for k in clip.keyframes:
+            what = f"clip {i} keyframe image"
+            with Image.open(k.image) if Path(k.image).is_file() else _nullimage() as im:
+                if im is None:
+                    load_image(k.image, what=what)  # the one-line error for a missing file
+                w, h = im.size
+            if abs(w / h - s.width / s.height) > 0.02 * s.width / s.height:
+                _fail(str(s.source or "story"), f"{what} {k.image} is {w}x{h}, not the shape of the {s.width}x{s.height} "
+                      "video: cropping it would move what it shows", f"crop or pad it to {s.width}:{s.height}")
+            if w < s.width // 2 or h < s.height // 2:
+                _fail(str(s.source or "story"), f"{what} {k.image} is {w}x{h}, less than half the video's {s.width}x"
+                      f"{s.height}: positions in it are too coarse to aim at", f"use an image of {s.width}x{s.height}")
+
+
+class _nullimage:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _check_keyframe(s: "Story", where: str, i: int, k: Keyframe, temporal: int = 4) -> None:
+    n = keyframe_pixel(s, k)
+    name = f"clip {i} keyframe at frame {k.frame}" if k.frame != -1 else f"clip {i} end_frame"
+    if not 1 <= n <= s.frames - 1:
+        _fail(where, f"{name} is outside the clip's frames 1..{s.frames - 1} (frame 0 is the clip's start)",
+              f"use a frame in 1..{s.frames - 1}, or end_frame for the last")
+    if s.latent_motion:
+        if n % temporal:
+            _fail(where, f"{name}: pixel frame {n} is inside a latent frame (pro mode keys whole latent frames)",
+                  f"use a multiple of {temporal} (frame {temporal * max(1, round(n / temporal))}), or end_frame")
+        if i > 0 and (n - 1) // temporal + 1 <= s.motion_latents:
+            _fail(where, f"{name} falls in the motion prefix (the first {temporal * s.motion_latents} frames after the "
+                  "start re-create the previous clip)", f"use a frame after {temporal * s.motion_latents}")
+    elif i > 0 and n < s.motion_frames:
+        _fail(where, f"{name} falls in the motion prefix (the first {s.motion_frames} frames come from the previous "
+              "clip)", f"use a frame from {s.motion_frames} on")
+
+
 def _fail(where: str, problem: str, fix: str):
     raise CliploomError(f"{where}: {problem}", fix)
 
@@ -193,6 +255,9 @@ def check_numbers(s: Story, size_multiple: int = 16, temporal: int = 4) -> None:
         if s.seam_blend is not None and not 0 <= s.seam_blend <= top:
             _fail(where, f"seam_blend {s.seam_blend} does not fit {s.mode} mode (0..{top}: pro mode re-creates the "
                   f"previous clip's last 4K frames, pixel modes none)", f"use 0..{top}")
+        for i, clip in enumerate(s.clips):
+            for k in clip.keyframes:
+                _check_keyframe(s, where, i, k)
         if not s.latent_motion and s.ref_pad is not None and s.ref_pad > s.frames:
             _fail(where, f"ref_pad {s.ref_pad} is more than the clip's {s.frames} frames", "use -1, 0 or 1..frames")
     for name in ("width", "height"):
@@ -312,14 +377,16 @@ def _parse_clips(where: str, raw: Any) -> list[ClipSpec]:
     clips: list[ClipSpec] = []
     for i, item in enumerate(raw):
         if isinstance(item, ClipSpec):
-            item = {"prompt": item.prompt, "seed": item.seed, "loras": item.lora_weights}
+            item = {"prompt": item.prompt, "seed": item.seed, "loras": item.lora_weights,
+                    "keyframes": [{"frame": k.frame, "image": k.image} for k in item.keyframes]}
         if isinstance(item, str):
             item = {"prompt": item}
         if not isinstance(item, dict):
             _fail(where, f"clip {i + 1} must be a prompt or a mapping, got {item!r}", "write `- prompt: ...`")
-        unknown = set(item) - {"prompt", "repeat", "seed", "loras"}
+        unknown = set(item) - {"prompt", "repeat", "seed", "loras", "end_frame", "keyframes"}
         if unknown:
-            _fail(where, f"clip {i + 1} has unknown keys {sorted(unknown)}", "use prompt, repeat, seed, loras")
+            _fail(where, f"clip {i + 1} has unknown keys {sorted(unknown)}",
+                  "use prompt, repeat, seed, loras, end_frame, keyframes")
         prompt = item.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
             _fail(where, f"clip {i + 1} has no prompt", "give every clip a non-empty `prompt:`")
@@ -338,8 +405,33 @@ def _parse_clips(where: str, raw: Any) -> list[ClipSpec]:
             if not isinstance(weights, dict):
                 _fail(where, f"clip {i + 1} loras must map LoRA names to weights", "write `loras: {svi: 1.0}`")
             weights = {str(k): typed_value(where, f"clip {i + 1} lora {k}", v, float) for k, v in weights.items()}
-        clips.extend(ClipSpec(prompt.strip(), seed, weights) for _ in range(repeat))
+        keys = _parse_keyframes(where, i, item)
+        clips.extend(ClipSpec(prompt.strip(), seed, weights, keys) for _ in range(repeat))
     return clips
+
+
+def _parse_keyframes(where: str, i: int, item: dict) -> tuple[Keyframe, ...]:
+    """``end_frame: img.png`` and ``keyframes: [{frame: N, image: img.png}]`` of clip ``i``."""
+    keys = []
+    if item.get("end_frame") is not None:
+        keys.append({"frame": -1, "image": item["end_frame"]})
+    raw = item.get("keyframes") or []
+    if not isinstance(raw, (list, tuple)):
+        _fail(where, f"clip {i + 1} keyframes must be a list", "write `keyframes: [{frame: 40, image: mid.png}]`")
+    for k in raw:
+        if not isinstance(k, dict) or set(k) != {"frame", "image"}:
+            _fail(where, f"clip {i + 1} keyframe {k!r} must have frame and image", "write `{frame: 40, image: mid.png}`")
+        keys.append(k)
+    out = []
+    for k in keys:
+        frame = typed_value(where, f"clip {i + 1} keyframe frame", k["frame"], int)
+        if not isinstance(k["image"], (str, os.PathLike)):
+            _fail(where, f"clip {i + 1} keyframe image must be a path, got {k['image']!r}", "write image: end.png")
+        out.append(Keyframe(frame, Path(k["image"]).expanduser()))
+    frames = [k.frame for k in out]
+    if len(set(frames)) != len(frames):
+        _fail(where, f"clip {i + 1} has two keyframes at one frame", "give each keyframe its own frame")
+    return tuple(out)
 
 
 def _parse_loras(where: str, raw: Any, base: Path) -> list[LoraSpec]:
@@ -386,6 +478,15 @@ def story_from_dict(data: Any, base: Path = Path("."), source: Path | None = Non
         _fail(where, "a story must be a mapping of settings", "see docs/story.md for an example")
     values = {key: value for key, value in data.items() if value is not None}
     values["loras"] = _parse_loras(where, data.get("loras"), base)
+    if isinstance(values.get("clips"), list):  # keyframe images are relative to the story file, as the reference
+        def rebase(p):
+            return p if not isinstance(p, (str, os.PathLike)) or Path(p).expanduser().is_absolute() else base / p
+
+        values["clips"] = [
+            {**c, **({"end_frame": rebase(c["end_frame"])} if c.get("end_frame") is not None else {}),
+             **({"keyframes": [{**k, "image": rebase(k.get("image"))} if isinstance(k, dict) else k for k in c["keyframes"]]}
+                if isinstance(c.get("keyframes"), list) else {})} if isinstance(c, dict) else c
+            for c in values["clips"]]
     if "reference" in values:
         ref = Path(typed_value(where, "reference", values["reference"], str)).expanduser()
         values["reference"] = ref if ref.is_absolute() else base / ref

@@ -26,7 +26,8 @@ MAX_IMAGE_PIXELS = 64_000_000  # a reference image is cover-cropped to the clip 
 MAX_IMAGE_BYTES = 256 * 2**20
 
 
-def load_image(path: str | Path, width: int | None = None, height: int | None = None) -> Image.Image:
+def load_image(path: str | Path, width: int | None = None, height: int | None = None,
+               what: str = "reference image") -> Image.Image:
     """Open an RGB image; with a size, scale it to cover ``width x height`` and crop the centre.
     The header's size is checked before any pixel is decoded (no decompression bombs)."""
     import warnings
@@ -34,23 +35,23 @@ def load_image(path: str | Path, width: int | None = None, height: int | None = 
     from .inputs import check_regular
 
     fix = "pass the path of a PNG or JPEG file"
-    path = check_regular(path, "reference image", fix)
+    path = check_regular(path, what, fix)
     if path.stat().st_size > MAX_IMAGE_BYTES:
-        raise CliploomError(f"reference image {path} is larger than {MAX_IMAGE_BYTES // 2**20} MB", fix)
+        raise CliploomError(f"{what} {path} is larger than {MAX_IMAGE_BYTES // 2**20} MB", fix)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 w, h = im.size
                 if w * h > MAX_IMAGE_PIXELS or w < 1 or h < 1:
-                    raise CliploomError(f"reference image {path} is {w}x{h}: more than {MAX_IMAGE_PIXELS // 10**6} "
+                    raise CliploomError(f"{what} {path} is {w}x{h}: more than {MAX_IMAGE_PIXELS // 10**6} "
                                         "megapixels (or empty)", "pass a smaller image")
                 image = im.convert("RGB")
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise CliploomError(f"reference image {path} claims more than {MAX_IMAGE_PIXELS // 10**6} megapixels "
+        raise CliploomError(f"{what} {path} claims more than {MAX_IMAGE_PIXELS // 10**6} megapixels "
                             "(a decompression bomb)", "pass a smaller image") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise CliploomError(f"cannot read reference image {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+        raise CliploomError(f"cannot read {what} {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
                             "pass a valid PNG or JPEG file") from None
     if width is None or height is None:
         return image

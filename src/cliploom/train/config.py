@@ -69,6 +69,9 @@ class TrainConfig:
     # the clip's source (the whole ShapesWorld sequence or video file) instead of from the clip:
     # at inference the anchor is the story's first frame, however far the subject has moved since.
     anchor_far_prob: float = 0.0
+    # Chance that a sample carries its clip's true last frame as a keyframe (end-frame control, as
+    # `end_frame:` in a story): a LoRA trained with it learns to end clips where users say.
+    end_frame_prob: float = 0.0
     # Latent mode: where the motion latents come from. "previous_clip": the last K latents of the
     # F-frame clip that ends where the motion ends, encoded as a whole (what inference hands on:
     # the previous clip's last latents, deep in a causal VAE's context); "clip": the clip's own
@@ -152,7 +155,7 @@ _CHOICES = {
     "replay_dtype": ("bfloat16", "float16", "float32"),
 }
 _PROBABILITIES = (
-    "boundary_prob", "latent_mode_prob", "no_motion_prob", "anchor_far_prob", "p_latent_error", "p_y_error", "p_noise_error",
+    "boundary_prob", "latent_mode_prob", "no_motion_prob", "anchor_far_prob", "end_frame_prob", "p_latent_error", "p_y_error", "p_noise_error",
     "p_clean", "clean_update_prob",
 )
 _POSITIVE = (

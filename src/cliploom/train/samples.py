@@ -48,6 +48,7 @@ class Choice:
     ref_pad: int = -1
     ref_index: int = 0  # the clip frame used as anchor / reference
     far_anchor: bool = False  # take the anchor / reference from the clip's source instead (DataClip.anchor)
+    end_frame: bool = False  # the clip's true last frame is given as a keyframe (end-frame control)
 
     @property
     def motion_pixels(self) -> int:
@@ -57,11 +58,12 @@ class Choice:
         return 1 + C.TEMPORAL * self.motion if self.mode == "latent" else self.motion
 
     def describe(self) -> str:
+        end = " + end frame" if self.end_frame else ""
         if self.motion == 0:
-            return f"{self.mode} first-clip"
+            return f"{self.mode} first-clip{end}"
         if self.mode == "latent":
-            return f"latent K={self.motion}"
-        return f"pixel N={self.motion} pad={self.ref_pad}"
+            return f"latent K={self.motion}{end}"
+        return f"pixel N={self.motion} pad={self.ref_pad}{end}"
 
 
 def draw_choice(cfg: TrainConfig, frames: int, generator: torch.Generator) -> Choice:
@@ -84,7 +86,10 @@ def draw_choice(cfg: TrainConfig, frames: int, generator: torch.Generator) -> Ch
     far = False
     if cfg.anchor_far_prob > 0:  # drawn only when asked for, so other configs keep their random streams
         far = bool(torch.rand((), generator=generator) < cfg.anchor_far_prob) and motion > 0
-    return Choice(mode, max(motion, 0), ref_pad, ref_index, far)
+    end = False
+    if cfg.end_frame_prob > 0:  # drawn only when asked for, as above
+        end = bool(torch.rand((), generator=generator) < cfg.end_frame_prob)
+    return Choice(mode, max(motion, 0), ref_pad, ref_index, far, end)
 
 
 @dataclass
@@ -112,6 +117,8 @@ def build_sample(model: Components, clip: DataClip, choice: Choice) -> TrainSamp
     latents = model.encode_video(video)
     expand, patch = model.settings.expand_timesteps, model.patch
     error_start = None
+    end_pixels = video[:, :, F - 1]
+    keyframes = ((F - 1, end_pixels, model.encode_video(end_pixels[:, :, None])),) if choice.end_frame else ()
     if choice.mode == "latent":
         if choice.motion == 0:
             motion = None
@@ -124,7 +131,7 @@ def build_sample(model: Components, clip: DataClip, choice: Choice) -> TrainSamp
             anchor_image = _anchor_image(video, clip, choice)
             anchor = model.encode_video(anchor_image[:, :, None])
             error_start = 1
-        cond = C.latent_condition(anchor, motion, T, expand, patch)
+        cond = C.latent_condition(anchor, motion, T, expand, patch, keyframes=tuple((n, lat) for n, _, lat in keyframes))
         cond.image_embeds = _image_features(model, video[0, :, 0] if choice.motion == 0 else anchor_image[0])
     else:
         if choice.motion == 0:
@@ -134,9 +141,11 @@ def build_sample(model: Components, clip: DataClip, choice: Choice) -> TrainSamp
             motion_frames = video[:, :, : choice.motion]
             first = video[0, :, 0]
             error_start = 0
-        cond_video = C.pixel_motion_video(reference, motion_frames, F, choice.ref_pad)
+        cond_video = C.pixel_motion_video(reference, motion_frames, F, choice.ref_pad,
+                                          keyframes=tuple((n, px) for n, px, _ in keyframes))
         cond = C.pixel_condition(
-            model.encode_video(cond_video), F, choice.motion if motion_frames is not None else 1, expand, patch
+            model.encode_video(cond_video), F, choice.motion if motion_frames is not None else 1, expand, patch,
+            keyframes=tuple((n, lat) for n, _, lat in keyframes),
         )
         cond.image_embeds = _image_features(model, first)
     loss_mask = None

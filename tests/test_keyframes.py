@@ -1,0 +1,139 @@
+"""Keyframes (issue 15): end-frame control through ``y`` and the mask (Wan FLF2V's layout), in
+every motion mode and model family; validation in one line; stories without keyframes unchanged."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cliploom import conditioning as C
+from cliploom.engine import Engine
+from cliploom.story import ClipSpec, Keyframe
+
+
+def test_mask_with_an_end_frame_matches_diffusers_first_last_frame_pipeline(tiny_models):
+    """diffusers' WanImageToVideoPipeline with ``last_image`` (FLF2V) marks pixel frames 0 and F-1."""
+    model = tiny_models("wan22")
+    image = torch.zeros(1, 3, 32, 32)
+    _, cond = model.pipe.prepare_latents(image, 1, 16, 32, 32, 17, torch.float32, torch.device("cpu"),
+                                         last_image=torch.zeros(1, 3, 32, 32))
+    assert torch.equal(cond[:, :4], C.pixel_frame_mask(17, 4, 4, also_known=(16,)))
+
+
+def test_latent_mode_y_holds_anchor_motion_zeros_end():
+    anchor, motion, end = torch.full((1, 2, 1, 2, 2), 1.0), torch.full((1, 2, 1, 2, 2), 2.0), torch.full((1, 2, 1, 2, 2), 9.0)
+    cond = C.latent_condition(anchor, motion, 5, keyframes=((16, end),))
+    mask, y = cond.y[:, :4], cond.y[:, 4:]
+    assert y[0, 0, :, 0, 0].tolist() == [1.0, 2.0, 0.0, 0.0, 9.0]
+    assert mask[0, :, :, 0, 0].T.tolist() == [[1] * 4, [0] * 4, [0] * 4, [0] * 4, [0, 0, 0, 1]]
+    plain = C.latent_condition(anchor, motion, 5)  # no keyframes: exactly the condition of before
+    assert torch.equal(plain.y[:, 4:, :4], cond.y[:, 4:, :4])
+    assert not plain.y[:, :, 4].any() and cond.y[:, :, 4].any()
+    assert torch.equal(plain.y[:, 4:], C.latent_motion_y(anchor, motion, 5))
+    with pytest.raises(ValueError, match="motion prefix"):
+        C.latent_condition(anchor, motion, 5, keyframes=((4, end),))  # latent 1 holds the motion
+
+
+def test_ti2v_writes_the_end_latent_as_a_clean_frame():
+    anchor, end = torch.full((1, 2, 1, 2, 2), 1.0), torch.full((1, 2, 1, 2, 2), 9.0)
+    cond = C.latent_condition(anchor, None, 3, expand_timesteps=True, patch=(1, 1), keyframes=((8, end),))
+    assert cond.known[0, 0, :, 0, 0].tolist() == [1, 0, 1]
+    x = torch.zeros(1, 2, 3, 2, 2)
+    assert cond.finish(x)[0, 0, :, 0, 0].tolist() == [1.0, 0.0, 9.0]
+    assert cond.timestep(500.0, x)[0].view(3, 4)[:, 0].tolist() == [0.0, 500.0, 0.0]
+
+
+def test_pixel_modes_put_the_image_in_the_conditioning_video_and_mark_it():
+    reference, motion = torch.zeros(1, 3, 4, 4), torch.full((1, 3, 2, 4, 4), 0.5)
+    end = torch.full((1, 3, 4, 4), -0.75)
+    video = C.pixel_motion_video(reference, motion, 9, 0, keyframes=((8, end),))
+    assert torch.equal(video[:, :, 8], end) and torch.equal(video[:, :, :2], motion) and not video[:, :, 2:8].any()
+    latents = torch.zeros(1, 2, 3, 1, 1)
+    cond = C.pixel_condition(latents, 9, 2, keyframes=((8, torch.zeros(1, 2, 1, 1, 1)),))
+    assert cond.y[0, :4, :, 0, 0].T.tolist() == [[1] * 4, [0] * 4, [0, 0, 0, 1]]
+    with pytest.raises(ValueError, match="motion prefix"):
+        C.pixel_motion_video(reference, motion, 9, 0, keyframes=((1, end),))
+
+
+def _image(path, colour):
+    Image.fromarray(np.full((64, 64, 3), colour, np.uint8)).save(path)
+    return path
+
+
+@pytest.mark.parametrize("variant,mode", [("wan21", "pro"), ("wan22", "pro"), ("ti2v", "pro"), ("wan21", "film"),
+                                          ("wan22", "chain")])
+def test_an_end_frame_changes_only_its_clip_and_pulls_it_to_the_image(tiny_models, tiny_story, tmp_path, variant, mode):
+    model = tiny_models(variant)
+    end = _image(tmp_path / "end.png", (250, 250, 20))
+    plain = tiny_story(2, mode=mode, guidance=1.0)
+    keyed = tiny_story(2, mode=mode, guidance=1.0,
+                       clips=[ClipSpec("prompt 0"), ClipSpec("prompt 1", keyframes=(Keyframe(-1, end),))])
+    a = list(Engine(model).generate(plain, progress=False))
+    b = list(Engine(model).generate(keyed, progress=False))
+    assert torch.equal(a[0].frames, b[0].frames)  # clip 0 has no keyframe: the same path, the same frames
+    assert not torch.equal(a[1].latents, b[1].latents)  # clip 1 is conditioned on it
+
+
+def test_keyframe_validation_is_one_line_exit_2(capsys, tiny_dirs, reference_png, tmp_path):
+    from test_cli import run
+
+    end = _image(tmp_path / "end.png", (200, 200, 200))
+    Image.fromarray(np.zeros((32, 96, 3), np.uint8)).save(tmp_path / "wide.png")
+    base = ["generate", "--image", reference_png, "--prompt", "a", "--prompt", "b", "--frames", "9", "--steps", "1",
+            "--model", tiny_dirs["wan21"], "--quiet", "--out", tmp_path / "x.mp4"]
+    story = tmp_path / "s.yaml"
+    cases = [
+        ({"frame": 20, "image": str(end)}, None, "outside the clip's frames 1..8"),
+        ({"frame": 4, "image": str(end)}, None, "falls in the motion prefix"),
+        ({"frame": 6, "image": str(end)}, None, "is inside a latent frame"),
+        ({"frame": 8, "image": str(tmp_path / "wide.png")}, None, "not the shape of the 32x32 video"),
+        ({"frame": 8, "image": str(tmp_path / "missing.png")}, None, "clip 1 keyframe image"),
+    ]
+    for key, _, message in cases:
+        story.write_text(json.dumps({"reference": str(reference_png), "model": str(tiny_dirs["wan21"]), "frames": 9,
+                                     "steps": 1, "clips": ["a", {"prompt": "b", "keyframes": [key]}]}))
+        rc, _, err = run(capsys, "generate", story, "--out", tmp_path / "x.mp4", "-q")
+        lines = [line for line in err.splitlines() if line.startswith("error:")]
+        assert rc == 2 and len(lines) == 1 and message in lines[0], (key, err)
+    rc, _, err = run(capsys, *base, "--end-frame", "5:" + str(end))
+    assert rc == 2 and "the story has clips 0..1" in err
+    rc, _, err = run(capsys, *base, "--end-frame", "one:" + str(end))
+    assert rc == 2 and "is not CLIP:IMAGE" in err
+    assert not (tmp_path / "x.mp4").exists()
+    rc, out, _ = run(capsys, *base, "--end-frame", "1:" + str(end))
+    assert rc == 0 and (tmp_path / "x.mp4").exists()
+
+
+def test_story_file_end_frame_is_relative_to_the_story(tmp_path):
+    from cliploom.story import load_story
+
+    (tmp_path / "keys").mkdir()
+    _image(tmp_path / "keys" / "end.png", (1, 2, 3))
+    story = tmp_path / "s.yaml"
+    story.write_text("reference: ref.png\nclips:\n  - a\n  - {prompt: b, end_frame: keys/end.png}\n")
+    s = load_story(story)
+    assert s.clips[0].keyframes == () and s.clips[1].keyframes == (Keyframe(-1, tmp_path / "keys" / "end.png"),)
+
+
+def test_trainer_end_frame_samples_carry_the_true_last_frame(tiny_models):
+    from cliploom.train.config import TrainConfig
+    from cliploom.train.data import DataClip
+    from cliploom.train.samples import Choice, build_sample
+
+    model = tiny_models("wan21")
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 255, (9, 32, 32, 3), dtype=np.uint8)
+    clip = DataClip(frames=frames, prompt="p", source="test")
+    with_end = build_sample(model, clip, Choice("latent", 1, end_frame=True))
+    without = build_sample(model, clip, Choice("latent", 1))
+    from cliploom.models.components import frames_to_tensor
+
+    end_latent = model.encode_video(frames_to_tensor(frames[-1:]))
+    assert torch.allclose(with_end.cond.y[:, 4:, -1], end_latent[:, :, 0], atol=1e-5)
+    assert not without.cond.y[:, 4:, -1].any() and with_end.cond.y[0, 3, -1].all()  # mask: the last pixel frame
+    assert torch.equal(with_end.cond.y[:, :, :-1], without.cond.y[:, :, :-1])
+    assert TrainConfig(end_frame_prob=0.5).end_frame_prob == 0.5
