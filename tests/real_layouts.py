@@ -32,6 +32,7 @@ _TOP = {
     "condition_embedder.image_embedder.ff.net.2": "img_emb.proj.3",
     "condition_embedder.image_embedder.norm2": "img_emb.proj.4",
     "proj_out": "head.head",
+    "condition_embedder.image_embedder.pos_embed": "img_emb.emb_pos",  # FLF2V
 }
 
 

@@ -218,12 +218,12 @@ def test_inspect_lora_names_the_families_its_shapes_fit(tmp_path, capsys):
         t[f"blocks.{i}.ffn.0.lora_B.default.weight"] = torch.zeros(13824, 1, dtype=torch.float16)
     save_file(t, str(tmp_path / "svi.safetensors"))
     info = json.loads(run_inspect(capsys, tmp_path / "svi.safetensors", "--json")[1])
-    assert info["families"] == ["wan21-i2v-14b-480p", "wan21-i2v-14b-720p", "wan22-i2v-a14b"]
+    assert info["families"] == ["wan21-flf2v-14b-720p", "wan21-i2v-14b-480p", "wan21-i2v-14b-720p", "wan22-i2v-a14b"]
     t["blocks.0.cross_attn.k_img.lora_A.default.weight"] = torch.zeros(1, 5120, dtype=torch.float16)
     t["blocks.0.cross_attn.k_img.lora_B.default.weight"] = torch.zeros(5120, 1, dtype=torch.float16)
     save_file(t, str(tmp_path / "svi21.safetensors"))
     info = json.loads(run_inspect(capsys, tmp_path / "svi21.safetensors", "--json")[1])
-    assert info["families"] == ["wan21-i2v-14b-480p", "wan21-i2v-14b-720p"]
+    assert info["families"] == ["wan21-flf2v-14b-720p", "wan21-i2v-14b-480p", "wan21-i2v-14b-720p"]
 
 
 def test_inspect_base_files_and_folders(tiny_dirs, tmp_path, capsys):

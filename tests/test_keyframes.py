@@ -137,3 +137,30 @@ def test_trainer_end_frame_samples_carry_the_true_last_frame(tiny_models):
     assert not without.cond.y[:, 4:, -1].any() and with_end.cond.y[0, 3, -1].all()  # mask: the last pixel frame
     assert torch.equal(with_end.cond.y[:, :, :-1], without.cond.y[:, :, :-1])
     assert TrainConfig(end_frame_prob=0.5).end_frame_prob == 0.5
+
+
+def test_the_api_refuses_keyframes_that_name_server_files():
+    from cliploom.serve.forms import Limits, _check_limits
+
+    with pytest.raises(Exception, match="not accepted over the API"):
+        _check_limits(["a", {"prompt": "b", "end_frame": "/etc/passwd"}], Limits())
+    with pytest.raises(Exception, match="not accepted over the API"):
+        _check_limits([{"prompt": "b", "keyframes": [{"frame": 8, "image": "/etc/hosts"}]}], Limits())
+    _check_limits(["a", {"prompt": "b", "repeat": 2}], Limits())
+
+
+def test_first_last_frame_models_get_both_images_features_natively(tmp_path, tiny_story):
+    """A tiny Wan2.1-FLF2V-style model (its image embedder takes two images' CLIP tokens with a
+    position embedding): an end frame reaches it as diffusers' pipeline gives ``last_image``."""
+    from cliploom.models import load_model
+    from cliploom.models.tiny import make_tiny
+
+    model = load_model(make_tiny(tmp_path / "flf2v", "flf2v"), device="cpu")
+    assert model.first_last_frame and model.transformer.config.pos_embed_seq_len == 10
+    end = _image(tmp_path / "end.png", (250, 250, 20))
+    first = Image.open(end).convert("RGB").resize((32, 32))
+    both = model.encode_image_features(first, first)
+    assert both.shape[0] == 2 and torch.equal(both, model.pipe.encode_image([first, first], model.device))
+    keyed = tiny_story(2, guidance=1.0, clips=[ClipSpec("a", keyframes=(Keyframe(-1, end),)), ClipSpec("b")])
+    clips = list(Engine(model).generate(keyed, progress=False))
+    assert len(clips) == 2 and all(torch.isfinite(c.latents).all() for c in clips)

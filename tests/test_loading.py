@@ -105,7 +105,8 @@ def test_shipped_family_configs_build_the_real_architectures():
     from cliploom.models import formats
     from cliploom.models.loading import _empty_model, matching_families
 
-    assert family_names() == ["wan21-i2v-14b-480p", "wan21-i2v-14b-720p", "wan22-i2v-a14b", "wan22-ti2v-5b"]
+    assert family_names() == ["wan21-flf2v-14b-720p", "wan21-i2v-14b-480p", "wan21-i2v-14b-720p", "wan22-i2v-a14b",
+                              "wan22-ti2v-5b"]
     sizes = {}
     for name in family_names():
         family = load_family(name)
@@ -121,7 +122,9 @@ def test_shipped_family_configs_build_the_real_architectures():
         assert sorted(renamed.values()) == sorted(keys)
         sig = formats.config_signature(family["transformer"])
         fits = matching_families(sig)
-        assert name in fits and (len(fits) == 2) == name.startswith("wan21")  # 480P and 720P share weights
+        assert name in fits and (len(fits) == 2) == name.startswith("wan21-i2v")  # 480P and 720P share weights
+        if name.startswith("wan21-flf2v"):
+            assert fits == [name]  # the position embedding of its two images tells it from I2V
     assert 16.0 < sizes["wan21-i2v-14b-480p"] < 16.8  # 14B plus the CLIP image cross-attention
     assert 14.0 < sizes["wan22-i2v-a14b"] < 14.6  # per expert
     assert 4.8 < sizes["wan22-ti2v-5b"] < 5.2

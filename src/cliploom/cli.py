@@ -67,7 +67,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--lora", action="append", type=_lora_arg, default=[], metavar="FILE[:WEIGHT[:EXPERT]]",
                    help="add a LoRA (repeatable); EXPERT is both, high or low")
     p.add_argument("--family", help="family of the original-format files in --model: wan21-i2v-14b-480p, "
-                   "wan21-i2v-14b-720p, wan22-i2v-a14b, wan22-ti2v-5b or a family JSON (`cliploom inspect DIR` names it)")
+                   "wan21-i2v-14b-720p, wan21-flf2v-14b-720p, wan22-i2v-a14b, wan22-ti2v-5b or a family JSON (`cliploom inspect DIR` names it)")
     p.add_argument("--no-fuse", dest="fuse_loras", action="store_const", const=False,
                    help="keep LoRAs as switchable adapters (allows per-clip weights; slower)")
     p.add_argument("--no-svi-lora", dest="svi_lora", action="store_const", const=False,
@@ -225,11 +225,11 @@ def cmd_generate(args) -> int:
 
 
 def _add_make_tiny(sub) -> None:
-    from .models.tiny import VARIANTS
+    from .models.tiny import EXTRA_VARIANTS, VARIANTS
 
     p = sub.add_parser("make-tiny", help="write a random-weight tiny Wan model (diffusers layout)")
     p.add_argument("dir", help="output folder")
-    p.add_argument("--variant", default="wan21", choices=VARIANTS, help="model family to imitate")
+    p.add_argument("--variant", default="wan21", choices=VARIANTS + EXTRA_VARIANTS, help="model family to imitate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_make_tiny)

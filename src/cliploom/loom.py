@@ -124,7 +124,8 @@ def weave(
             if story.latent_motion:
                 cond = C.latent_condition(anchor, memory, T, model.settings.expand_timesteps, model.patch,
                                           keyframes=tuple((n, latent) for n, _, latent in keys))
-                cond.image_embeds = anchor_features
+                cond.image_embeds = anchor_features if not (model.first_last_frame and keys) else \
+                    model.encode_image_features(image, keyframes.end_image(i))
             else:
                 video = C.pixel_motion_video(reference, memory, F, story.ref_pad,
                                              keyframes=tuple((n, pixels) for n, pixels, _ in keys))
@@ -133,7 +134,7 @@ def weave(
                     model.encode_video(video), F, story.motion_frames if memory is not None else 1,
                     model.settings.expand_timesteps, model.patch, keyframes=tuple((n, latent) for n, _, latent in keys),
                 )
-                cond.image_embeds = model.encode_image_features(first)
+                cond.image_embeds = model.encode_image_features(first, keyframes.end_image(i) if keys else None)
 
             # 6. Denoise from this clip's own seeded noise.
             seed = story.clip_seed(i)
@@ -303,6 +304,13 @@ class _Keyframes:
             pixels, latent = self.cache[k.image]
             out.append((keyframe_pixel(self.story, k), pixels, latent))
         return out
+
+    def end_image(self, i: int):
+        """Clip ``i``'s end frame (PIL, at the story's size) for first-last-frame models' image features."""
+        for k in self.story.clips[i].keyframes:
+            if k.frame == -1 or k.frame == self.story.frames - 1:
+                return load_image(k.image, self.story.width, self.story.height, what=f"clip {i} keyframe image")
+        return None
 
 
 def _to_pil(frame: torch.Tensor):

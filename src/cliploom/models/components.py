@@ -192,11 +192,21 @@ class Components:
         )
         return embeds
 
+    @property
+    def first_last_frame(self) -> bool:
+        """A Wan2.1-FLF2V-style model: its image embedder takes the CLIP features of two images (the
+        first and the last frame) with a learnt position embedding."""
+        return getattr(self.transformer.config, "pos_embed_seq_len", None) is not None and self.has_image_encoder
+
     @torch.no_grad()
-    def encode_image_features(self, image: Image.Image) -> torch.Tensor | None:
-        """CLIP image features for Wan 2.1 I2V, or ``None`` when the model has no image encoder."""
+    def encode_image_features(self, image: Image.Image, last: Image.Image | None = None) -> torch.Tensor | None:
+        """CLIP image features for Wan 2.1 I2V, or ``None`` when the model has no image encoder.
+        First-last-frame models get the features of ``image`` and ``last`` (``image`` again when the
+        clip has no end frame), as diffusers' pipeline gives them with ``last_image``."""
         if not self.has_image_encoder:
             return None
+        if self.first_last_frame:
+            return self.pipe.encode_image([image, last if last is not None else image], self.device)
         return self.pipe.encode_image(image, self.device)
 
     def _latent_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

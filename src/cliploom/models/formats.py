@@ -211,7 +211,10 @@ _TOP_PARAMS = [
     "time_projection.1.weight", "time_projection.1.bias",
     "head.head.weight", "head.head.bias", "head.modulation",
     *(f"img_emb.proj.{i}.{p}" for i in (0, 1, 3, 4) for p in ("weight", "bias")),
+    "img_emb.emb_pos",  # FLF2V: position embedding of the two images' CLIP tokens
 ]
+# Original names diffusers' single-file converter leaves as they are (FLF2V's is not in it).
+_EXTRA_RENAMES = {"img_emb.emb_pos": "condition_embedder.image_embedder.pos_embed"}
 
 
 def _module_of(param: str) -> str:
@@ -233,7 +236,7 @@ def rename_original(keys) -> dict[str, str]:
 
     keys = list(keys)
     renamed = convert_wan_transformer_to_diffusers({k: i for i, k in enumerate(keys)})
-    out = {keys[i]: new for new, i in renamed.items()}
+    out = {keys[i]: _EXTRA_RENAMES.get(keys[i], new) for new, i in renamed.items()}
     if len(out) != len(keys):  # two originals onto one name would silently lose weights
         raise CliploomError("original Wan keys collide after renaming", "report this file to the cliploom developers")
     return out
@@ -402,6 +405,7 @@ def dit_signature(shapes: dict[str, tuple[int, ...]]) -> dict:
         "image_dim": dim("condition_embedder.image_embedder.norm1.weight", 0),
         "has_image": any(k.startswith("condition_embedder.image_embedder.") for k in shapes)
         or any(".attn2.add_k_proj." in k for k in shapes),
+        "first_last_frame": "condition_embedder.image_embedder.pos_embed" in shapes,
     }
 
 
@@ -416,6 +420,7 @@ def config_signature(config: dict) -> dict:
         "freq_dim": config["freq_dim"],
         "image_dim": config.get("image_dim"),
         "has_image": config.get("image_dim") is not None,
+        "first_last_frame": config.get("pos_embed_seq_len") is not None,
     }
 
 
@@ -427,6 +432,10 @@ def signature_mismatches(found: dict, expected: dict) -> list[str]:
         if key == "has_image":
             if found.get("num_layers") is not None and have != want:
                 out.append("image cross-attention " + ("present" if have else "absent")
+                           + f" (expected {'present' if want else 'absent'})")
+        elif key == "first_last_frame":  # judged where the image embedder is (its shard)
+            if found.get("image_dim") is not None and have != want:
+                out.append("first-last-frame image position embedding " + ("present" if have else "absent")
                            + f" (expected {'present' if want else 'absent'})")
         elif have is not None and want is not None and have != want:
             out.append(f"{key} {have} (expected {want})")

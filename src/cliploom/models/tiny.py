@@ -23,6 +23,7 @@ from .components import SETTINGS_FILE
 from .quiet import quiet_hf
 
 VARIANTS = ("wan21", "wan22", "ti2v")
+EXTRA_VARIANTS = ("flf2v",)  # Wan2.1-FLF2V-style: first and last frame, CLIP features of both
 
 
 def build_byte_tokenizer(max_length: int = 512):
@@ -66,7 +67,7 @@ def tiny_text_encoder(vocab_size: int, d_model: int = 32, seed: int = 0):
 
 
 def tiny_transformer(in_channels: int, out_channels: int, text_dim: int, image_dim: int | None, seed: int,
-                     heads: int = 2, head_dim: int = 12, ffn_dim: int = 48):
+                     heads: int = 2, head_dim: int = 12, ffn_dim: int = 48, pos_embed_seq_len: int | None = None):
     from diffusers import WanTransformer3DModel
 
     torch.manual_seed(seed)
@@ -85,6 +86,7 @@ def tiny_transformer(in_channels: int, out_channels: int, text_dim: int, image_d
         image_dim=image_dim,
         added_kv_proj_dim=heads * head_dim if image_dim else None,
         rope_max_seq_len=64,
+        pos_embed_seq_len=pos_embed_seq_len,
     )
 
 
@@ -165,8 +167,8 @@ def make_tiny(out: str | Path, variant: str = "wan21", seed: int = 0, overwrite:
     """Write a random-weight tiny model of ``variant`` to ``out`` (atomically) and return its path."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    if variant not in VARIANTS:
-        raise CliploomError(f"unknown tiny variant {variant!r}", f"choose one of {', '.join(VARIANTS)}")
+    if variant not in VARIANTS + EXTRA_VARIANTS:
+        raise CliploomError(f"unknown tiny variant {variant!r}", f"choose one of {', '.join(VARIANTS + EXTRA_VARIANTS)}")
     out = Path(out)
     occupied = out.is_file() or (out.is_dir() and any(out.iterdir()))
     if occupied and not overwrite:
@@ -175,7 +177,7 @@ def make_tiny(out: str | Path, variant: str = "wan21", seed: int = 0, overwrite:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
         two_experts = variant == "wan22"
-        has_image = variant == "wan21"
+        has_image = variant in ("wan21", "flf2v")
         max_len = 512 if has_image else 64
         with quiet_hf():  # no loading bars or notes from the libraries
             tokenizer = build_byte_tokenizer(max_len)
@@ -186,7 +188,9 @@ def make_tiny(out: str | Path, variant: str = "wan21", seed: int = 0, overwrite:
             image_encoder = processor = None
             if has_image:
                 image_encoder, processor = tiny_image_encoder(seed)
-            transformer = tiny_transformer(cin, z, text_encoder.config.d_model, 8 if has_image else None, seed + 1)
+            # FLF2V: the CLIP features of the first and last frames, 5 tokens each (32 px, patch 16, + CLS)
+            transformer = tiny_transformer(cin, z, text_encoder.config.d_model, 8 if has_image else None, seed + 1,
+                                           pos_embed_seq_len=10 if variant == "flf2v" else None)
             transformer_2 = tiny_transformer(cin, z, text_encoder.config.d_model, None, seed + 2) if two_experts else None
 
             kwargs = dict(safe_serialization=True)

@@ -202,6 +202,10 @@ def _check_limits(clips: list, limits: Limits) -> None:
         if isinstance(prompt, str) and len(prompt) > limits.max_prompt_chars:
             raise bad(f"a prompt of {len(prompt)} characters is longer than {limits.max_prompt_chars}",
                       "shorten it", "prompt")
+        if isinstance(clip, dict) and ("end_frame" in clip or "keyframes" in clip):
+            # keyframes name image files; a client must never make the server read its own files
+            raise bad("clips with end_frame or keyframes are not accepted over the API yet (they name files)",
+                      "generate keyframed stories with the cliploom CLI", "story")
         repeat = clip.get("repeat", 1) if isinstance(clip, dict) else 1
         total += repeat if isinstance(repeat, int) and repeat > 0 else 1
     if total > limits.max_clips:
