@@ -63,7 +63,7 @@ def test_pixel_mode_conditions_on_the_previous_clips_last_frames(tiny_models, ti
     videos, features = [], []
     original_video, original_features = conditioning.pixel_motion_video, model.encode_image_features
     monkeypatch.setattr(conditioning, "pixel_motion_video", lambda *a, **k: videos.append(a[1]) or original_video(*a, **k))
-    monkeypatch.setattr(model, "encode_image_features", lambda im: features.append(np.asarray(im)) or original_features(im))
+    monkeypatch.setattr(model, "encode_image_features", lambda im, last=None: features.append(np.asarray(im)) or original_features(im, last))
     story = tiny_story(2, mode="svi2", motion_frames=3)
     clips = frames_of(model, story)
     assert videos[0] is None and videos[1].shape[2] == 3
