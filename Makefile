@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.cliploom-installed
 
-.PHONY: setup browser test test-portability demo bench bench-serve bench-hostile bench-quality bench-fullsize bench-fullsize-gpu bench-scale screenshots clean
+.PHONY: setup browser test test-portability demo bench bench-serve bench-hostile bench-quality bench-fullsize bench-fullsize-gpu bench-scale bench-keyframes screenshots clean
 
 setup: $(STAMP)
 
@@ -67,6 +67,12 @@ bench-fullsize-gpu: setup
 # Ray replicas (1 vs 2, 8 jobs) and --parallel ulysses=2 vs one process, on this machine's CPUs.
 bench-scale: setup
 	$(BIN)/python benchmarks/bench_scale.py
+
+# End-frame control on ShapesWorld: the shipped LoRA, the paste hack, the keyframe-trained LoRA.
+bench-keyframes: setup
+	$(BIN)/python benchmarks/bench_keyframes.py
+	$(BIN)/python benchmarks/bench_keyframes.py --variants none,keyframes --lora benchmarks/loras/svi_keyframes.safetensors \
+	  --out benchmarks/results/keyframes_lora.json
 
 bench-serve: setup
 	$(BIN)/python benchmarks/bench_serve.py

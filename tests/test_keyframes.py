@@ -142,11 +142,48 @@ def test_trainer_end_frame_samples_carry_the_true_last_frame(tiny_models):
 def test_the_api_refuses_keyframes_that_name_server_files():
     from cliploom.serve.forms import Limits, _check_limits
 
-    with pytest.raises(Exception, match="not accepted over the API"):
+    with pytest.raises(Exception, match="cannot name end_frame or keyframes files"):
         _check_limits(["a", {"prompt": "b", "end_frame": "/etc/passwd"}], Limits())
-    with pytest.raises(Exception, match="not accepted over the API"):
+    with pytest.raises(Exception, match="cannot name end_frame or keyframes files"):
         _check_limits([{"prompt": "b", "keyframes": [{"frame": 8, "image": "/etc/hosts"}]}], Limits())
     _check_limits(["a", {"prompt": "b", "repeat": 2}], Limits())
+    _check_limits([{"prompt": "b", "end_frame": "end_000000.png"}, "c"], Limits(), trusted=1)  # the server's own
+
+
+def test_the_api_takes_uploaded_end_frames(tmp_path):
+    import io
+
+    from test_serve import PROMPT, ThreadServer, http, wait
+
+    srv = ThreadServer(tmp_path / "data")
+    try:
+        png = io.BytesIO()
+        Image.fromarray(np.full((32, 32, 3), (240, 200, 30), np.uint8)).save(png, format="PNG")
+        with http(srv, token=None) as h:
+            r = h.post("/v1/videos", data={"prompt": PROMPT, "clips": "2"},
+                       files={"end_frame[1]": ("end.png", png.getvalue(), "image/png")})
+            assert r.status_code == 200, r.text
+            done = wait(h, r.json()["id"], timeout=300)
+            assert done["status"] == "completed"
+            story = json.loads((srv.state.jobs_dir / done["id"] / "story.json").read_text())
+            assert story["clips"][1]["end_frame"] == "end_000001.png" and "end_frame" not in story["clips"][0]
+            bad = h.post("/v1/videos", data={"prompt": PROMPT, "clips": "2"},
+                         files={"end_frame[5]": ("end.png", png.getvalue(), "image/png")})
+            assert bad.status_code == 400 and "clips 0..1" in bad.json()["error"]["message"]
+            wide = io.BytesIO()
+            Image.fromarray(np.zeros((32, 96, 3), np.uint8)).save(wide, format="PNG")
+            bad = h.post("/v1/videos", data={"prompt": PROMPT, "clips": "2"},
+                         files={"end_frame[1]": ("w.png", wide.getvalue(), "image/png")})
+            assert bad.status_code == 400 and "not the shape" in bad.json()["error"]["message"]
+            # extending a video made with end frames keeps them (the kept clips are not regenerated)
+            ext = h.post("/v1/videos/extensions", data={"video[id]": done["id"], "prompt": PROMPT, "clips": "1"})
+            assert ext.status_code == 200, ext.text
+            extended = wait(h, ext.json()["id"], timeout=300)
+            assert extended["status"] == "completed", extended.get("error")
+            report = h.get(f"/v1/videos/{extended['id']}/report").json()["report"]
+            assert report["resumed_at_clip"] == 2  # clips 0 and 1 kept from the parent, end frame and all
+    finally:
+        srv.close()
 
 
 def test_first_last_frame_models_get_both_images_features_natively(tmp_path, tiny_story):

@@ -84,7 +84,7 @@ def clip_key(story: Story, i: int) -> dict:
     """What clip ``i`` depends on of its own."""
     key = {"prompt": story.prompt(i), "seed": story.clip_seed(i), "loras": story.clips[i].lora_weights}
     if story.clips[i].keyframes:  # a clip with keyframes depends on them (and their images' bytes)
-        key["keyframes"] = [{"frame": k.frame, "image": str(k.image),
+        key["keyframes"] = [{"frame": k.frame, "image": Path(k.image).name,
                              "bytes": Path(k.image).stat().st_size if Path(k.image).is_file() else None}
                             for k in story.clips[i].keyframes]
     return key

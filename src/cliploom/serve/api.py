@@ -411,7 +411,7 @@ async def _fields(request: Request, state: ServerState) -> tuple[dict, dict]:
                 fields[key] = value
         return fields, files
     if kind.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
-        form = await request.form(max_files=4, max_fields=64, max_part_size=2**20)
+        form = await request.form(max_files=16, max_fields=64, max_part_size=2**20)
         for key, value in form.multi_items():
             if hasattr(value, "read"):
                 files[key] = await value.read()
@@ -488,12 +488,43 @@ def _create(state: ServerState, fields: dict, files: dict) -> dict:
             forms.shapesworld_reference(story.clips[0].prompt, reference, story.width)
         else:
             raise forms.bad("input_reference is required for this model", "upload the anchor image", "input_reference")
+        if any(key.startswith("end_frame[") for key in files):
+            data, story = _end_frames(state, entry, folder, data, files)
         (folder / "story.json").write_text(json.dumps(data, indent=2))
         job = _job(job_id, entry.name, fields.get("prompt") or story.clips[0].prompt, story)
         return _queue(state, folder, job)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
+
+
+def _end_frames(state: ServerState, entry, folder: Path, data: dict, files: dict):
+    """Uploaded end frames, ``end_frame[N]`` (N: a clip, from 0): saved in the job folder as the
+    clips' ``end_frame`` (the server names the files; a request never names a path)."""
+    import re
+
+    from ..story import check_keyframe_images, story_from_dict
+
+    clips = []
+    for clip in data["clips"]:  # one entry per clip, so N means what the report will call clip N
+        item = {"prompt": clip} if isinstance(clip, str) else dict(clip)
+        clips.extend({k: v for k, v in item.items() if k != "repeat"} for _ in range(int(item.get("repeat", 1))))
+    for key, upload in files.items():
+        m = re.fullmatch(r"end_frame\[(\d+)\]", key)
+        if key == "input_reference":
+            continue
+        if m is None or int(m.group(1)) >= len(clips):
+            raise forms.bad(f"{key}: the video has clips 0..{len(clips) - 1}", "send end_frame[N] with N a clip number", key)
+        n = int(m.group(1))
+        forms.save_reference(upload, folder / f"end_{n:06d}.png", state.limits)
+        clips[n]["end_frame"] = f"end_{n:06d}.png"
+    data = {**data, "clips": clips}
+    try:
+        story = story_from_dict({**data, "reference": str(folder / "reference.png")}, base=folder).resolve(entry.settings)
+        check_keyframe_images(story)
+    except CliploomError as e:
+        raise forms.bad(e.problem.split(": ", 1)[-1], e.fix or "", "end_frame") from None
+    return data, story
 
 
 def _job(job_id: str, model: str, prompt: str, story, parent: str | None = None, keep: int = 0) -> Job:
@@ -535,8 +566,11 @@ def _kept_clips(base: dict, keep: int, source: Path) -> list[dict]:
     from ..story import story_from_dict
 
     story = story_from_dict({**base, "reference": str(source / "reference.png")}, base=source)
+    def keys(c):  # uploaded end frames, by the names the server gave them (linked into the new job's folder)
+        return {"keyframes": [{"frame": k.frame, "image": Path(k.image).name} for k in c.keyframes]} if c.keyframes else {}
+
     return [{"prompt": c.prompt, **({"seed": c.seed} if c.seed is not None else {}),
-             **({"loras": c.lora_weights} if c.lora_weights else {})} for c in story.clips[:keep]]
+             **({"loras": c.lora_weights} if c.lora_weights else {}), **keys(c)} for c in story.clips[:keep]]
 
 
 def _extend(state: ServerState, fields: dict, files: dict) -> dict:

@@ -182,7 +182,7 @@ def build_story(fields: dict, settings, *, reference: Path, lora_dir: Path | Non
         new = _repeat(new, count)
     data["clips"] = old + list(new)
     data["fuse_loras"] = False  # one engine serves every request's LoRA stack: adapters stay switchable
-    _check_limits(data["clips"], limits)
+    _check_limits(data["clips"], limits, trusted=len(old))
     story = story_from_dict({**data, "reference": str(reference)}, base=reference.parent)
     resolved = story.resolve(settings)
     if len(resolved.clips) > limits.max_clips:
@@ -195,17 +195,19 @@ def _repeat(items: list, count: int) -> list:
     return [items[i % len(items)] for i in range(count)]
 
 
-def _check_limits(clips: list, limits: Limits) -> None:
+def _check_limits(clips: list, limits: Limits, trusted: int = 0) -> None:
+    """Prompt lengths and clip counts; and no request-made keyframe paths (the first ``trusted``
+    clips come from the server's own story of the video being extended)."""
     total = 0
-    for clip in clips:
+    for i, clip in enumerate(clips):
         prompt = clip if isinstance(clip, str) else clip.get("prompt", "") if isinstance(clip, dict) else ""
         if isinstance(prompt, str) and len(prompt) > limits.max_prompt_chars:
             raise bad(f"a prompt of {len(prompt)} characters is longer than {limits.max_prompt_chars}",
                       "shorten it", "prompt")
-        if isinstance(clip, dict) and ("end_frame" in clip or "keyframes" in clip):
+        if i >= trusted and isinstance(clip, dict) and ("end_frame" in clip or "keyframes" in clip):
             # keyframes name image files; a client must never make the server read its own files
-            raise bad("clips with end_frame or keyframes are not accepted over the API yet (they name files)",
-                      "generate keyframed stories with the cliploom CLI", "story")
+            raise bad("clips in a story cannot name end_frame or keyframes files",
+                      "upload end frames as end_frame[N] files (N: the clip, from 0)", "story")
         repeat = clip.get("repeat", 1) if isinstance(clip, dict) else 1
         total += repeat if isinstance(repeat, int) and repeat > 0 else 1
     if total > limits.max_clips:

@@ -68,6 +68,8 @@ def seed_from_parent(folder: Path, parent: Path, keep: int) -> None:
     for i in range(keep):
         if (parent / "sprites" / f"{i:06d}.png").is_file():
             _link(parent / "sprites" / f"{i:06d}.png", folder / "sprites" / f"{i:06d}.png")
+    for end in parent.glob("end_*.png"):  # uploaded end frames the kept clips were made with
+        _link(end, folder / end.name)
     if keep and (parent / "thumbnail.png").is_file():
         _link(parent / "thumbnail.png", folder / "thumbnail.png")
 
