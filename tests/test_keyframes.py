@@ -21,7 +21,7 @@ def test_mask_with_an_end_frame_matches_diffusers_first_last_frame_pipeline(tiny
     image = torch.zeros(1, 3, 32, 32)
     _, cond = model.pipe.prepare_latents(image, 1, 16, 32, 32, 17, torch.float32, torch.device("cpu"),
                                          last_image=torch.zeros(1, 3, 32, 32))
-    assert torch.equal(cond[:, :4], C.pixel_frame_mask(17, 4, 4, also_known=(16,)))
+    assert torch.equal(cond[:, :4], C.pixel_frame_mask(17, 4, 4, also_known=(16,)))  # 0/1 masks: exact anywhere
 
 
 def test_latent_mode_y_holds_anchor_motion_zeros_end():
@@ -31,9 +31,9 @@ def test_latent_mode_y_holds_anchor_motion_zeros_end():
     assert y[0, 0, :, 0, 0].tolist() == [1.0, 2.0, 0.0, 0.0, 9.0]
     assert mask[0, :, :, 0, 0].T.tolist() == [[1] * 4, [0] * 4, [0] * 4, [0] * 4, [0, 0, 0, 1]]
     plain = C.latent_condition(anchor, motion, 5)  # no keyframes: exactly the condition of before
-    assert torch.equal(plain.y[:, 4:, :4], cond.y[:, 4:, :4])
+    assert torch.equal(plain.y[:, 4:, :4], cond.y[:, 4:, :4])  # copies of the inputs: exact
     assert not plain.y[:, :, 4].any() and cond.y[:, :, 4].any()
-    assert torch.equal(plain.y[:, 4:], C.latent_motion_y(anchor, motion, 5))
+    assert torch.equal(plain.y[:, 4:], C.latent_motion_y(anchor, motion, 5))  # y is copied tensors: exact
     with pytest.raises(ValueError, match="motion prefix"):
         C.latent_condition(anchor, motion, 5, keyframes=((4, end),))  # latent 1 holds the motion
 
@@ -51,7 +51,7 @@ def test_pixel_modes_put_the_image_in_the_conditioning_video_and_mark_it():
     reference, motion = torch.zeros(1, 3, 4, 4), torch.full((1, 3, 2, 4, 4), 0.5)
     end = torch.full((1, 3, 4, 4), -0.75)
     video = C.pixel_motion_video(reference, motion, 9, 0, keyframes=((8, end),))
-    assert torch.equal(video[:, :, 8], end) and torch.equal(video[:, :, :2], motion) and not video[:, :, 2:8].any()
+    assert torch.equal(video[:, :, 8], end) and torch.equal(video[:, :, :2], motion) and not video[:, :, 2:8].any()  # copies
     latents = torch.zeros(1, 2, 3, 1, 1)
     cond = C.pixel_condition(latents, 9, 2, keyframes=((8, torch.zeros(1, 2, 1, 1, 1)),))
     assert cond.y[0, :4, :, 0, 0].T.tolist() == [[1] * 4, [0] * 4, [0, 0, 0, 1]]
@@ -135,7 +135,7 @@ def test_trainer_end_frame_samples_carry_the_true_last_frame(tiny_models):
     end_latent = model.encode_video(frames_to_tensor(frames[-1:]))
     assert torch.allclose(with_end.cond.y[:, 4:, -1], end_latent[:, :, 0], atol=1e-5)
     assert not without.cond.y[:, 4:, -1].any() and with_end.cond.y[0, 3, -1].all()  # mask: the last pixel frame
-    assert torch.equal(with_end.cond.y[:, :, :-1], without.cond.y[:, :, :-1])
+    assert torch.equal(with_end.cond.y[:, :, :-1], without.cond.y[:, :, :-1])  # same encodes, same process: same path
     assert TrainConfig(end_frame_prob=0.5).end_frame_prob == 0.5
 
 
@@ -197,6 +197,7 @@ def test_first_last_frame_models_get_both_images_features_natively(tmp_path, tin
     end = _image(tmp_path / "end.png", (250, 250, 20))
     first = Image.open(end).convert("RGB").resize((32, 32))
     both = model.encode_image_features(first, first)
+    # our method is that very call (same path, same process): exact
     assert both.shape[0] == 2 and torch.equal(both, model.pipe.encode_image([first, first], model.device))
     keyed = tiny_story(2, guidance=1.0, clips=[ClipSpec("a", keyframes=(Keyframe(-1, end),)), ClipSpec("b")])
     clips = list(Engine(model).generate(keyed, progress=False))

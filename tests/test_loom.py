@@ -244,9 +244,10 @@ def test_seam_blend_fades_each_clips_last_frames_into_the_next_clips_recreation(
         assert [len(c.frames) for c in blended] == [len(c.frames) for c in plain]
         for i, (p, b) in enumerate(zip(plain, blended)):
             if i == len(plain) - 1:
-                assert torch.equal(b.frames, p.frames)  # the last clip has nothing to fade into
+                # the last clip has nothing to fade into; decoded on another thread with overlap: tolerance
+                assert_frames_close(b.frames, p.frames)
                 continue
-            assert torch.equal(b.frames[:-2], p.frames[:-2])
+            assert_frames_close(b.frames[:-2], p.frames[:-2])
             following = model.decode_latents(plain[i + 1].latents)[5 - 2:5].float()  # frames 3, 4 re-create the tail
             w = torch.tensor([1 / 3, 2 / 3]).view(-1, 1, 1, 1)
             want = ((1 - w) * p.frames[-2:].float() + w * following).round().to(torch.uint8)

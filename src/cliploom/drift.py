@@ -165,6 +165,8 @@ def plot_drift(result: dict, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .evaluate import plot_panel
+
     clips = result["clips"]
     x = [c["index"] for c in clips]
     panels = [
@@ -176,14 +178,7 @@ def plot_drift(result: dict, path) -> None:
     ]
     fig, axes = plt.subplots(1, 5, figsize=(17, 3.4), constrained_layout=True)
     for ax, (title, ys, lines, flag) in zip(axes, panels):
-        ax.plot(x, ys, "o-")
-        bad = [(c["index"], y) for c, y in zip(clips, ys) if flag in c["flags"]]
-        if bad:
-            ax.plot(*zip(*bad), "rx", ms=10, mew=2)
-        for t in lines:
-            ax.axhline(t, color="gray", ls="--", lw=1)
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("clip")
+        plot_panel(ax, x, ys, [(c["index"], y) for c, y in zip(clips, ys) if flag in c["flags"]], lines, title)
         ax.grid(alpha=0.3)
     sim = result["similarity"]
     axes[4].semilogx(sim["gaps"], sim["histogram"], "o-", label="colour histogram")

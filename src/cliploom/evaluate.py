@@ -526,6 +526,17 @@ def _list(a: np.ndarray) -> list:
 
 
 # ----- outputs ------------------------------------------------------------------------------
+def plot_panel(ax, x, ys, bad: list, lines, title: str) -> None:
+    """One metric vs clip: the series, failed clips as red crosses, thresholds as dashed lines."""
+    ax.plot(x, ys, "o-")
+    if bad:
+        ax.plot(*zip(*bad), "rx", ms=10, mew=2)
+    for t in lines:
+        ax.axhline(t, color="gray", ls="--", lw=1)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("clip")
+
+
 def plot_metrics(result: dict, path: str | Path) -> Path:
     """Metrics vs clip index, with pass thresholds, as a PNG."""
     import matplotlib
@@ -550,14 +561,8 @@ def plot_metrics(result: dict, path: str | Path) -> Path:
     ]
     fig, axes = plt.subplots(2, 3, figsize=(12, 6), constrained_layout=True, sharex=True)
     for ax, (title, ys, lines, check) in zip(axes.ravel(), panels):
-        ax.plot(x, ys, "o-")
         bad = [(c["index"], y) for c, y in zip(clips, ys) if c["checks"][check] is False and not np.isnan(y)]
-        if bad:
-            ax.plot(*zip(*bad), "rx", ms=10, mew=2)
-        for t in lines:
-            ax.axhline(t, color="gray", ls="--", lw=1)
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("clip")
+        plot_panel(ax, x, ys, bad, lines, title)
         ax.set_xlim(-0.5, len(clips) - 0.5)
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)

@@ -170,31 +170,18 @@ def keyframe_pixel(story: "Story", k: Keyframe) -> int:
 def check_keyframe_images(s: "Story") -> None:
     """Every keyframe image readable and of the video's shape (a resolved story; before anything
     runs): an image of another aspect ratio would be cropped, moving what it shows."""
-    from PIL import Image
-
     from .video_io import load_image
 
     for i, clip in enumerate(s.clips):
         for k in clip.keyframes:
             what = f"clip {i} keyframe image"
-            with Image.open(k.image) if Path(k.image).is_file() else _nullimage() as im:
-                if im is None:
-                    load_image(k.image, what=what)  # the one-line error for a missing file
-                w, h = im.size
+            w, h = load_image(k.image, what=what).size  # its one-line errors for a missing or broken file
             if abs(w / h - s.width / s.height) > 0.02 * s.width / s.height:
                 _fail(str(s.source or "story"), f"{what} {k.image} is {w}x{h}, not the shape of the {s.width}x{s.height} "
                       "video: cropping it would move what it shows", f"crop or pad it to {s.width}:{s.height}")
             if w < s.width // 2 or h < s.height // 2:
                 _fail(str(s.source or "story"), f"{what} {k.image} is {w}x{h}, less than half the video's {s.width}x"
                       f"{s.height}: positions in it are too coarse to aim at", f"use an image of {s.width}x{s.height}")
-
-
-class _nullimage:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _check_keyframe(s: "Story", where: str, i: int, k: Keyframe, temporal: int = 4) -> None:
