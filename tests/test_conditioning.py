@@ -94,3 +94,25 @@ def test_repeat_for_guidance_keeps_condition():
     cond.image_embeds = torch.ones(1, 5, 8)
     r = cond.repeat(2)
     assert r.y.shape[0] == 2 and r.image_embeds.shape[0] == 2 and torch.equal(r.y[1], cond.y[0])
+
+
+def test_amplify_motion_scales_free_frames_around_the_last_known_one_and_keeps_their_means():
+    g = torch.Generator().manual_seed(0)
+    anchor, motion = torch.randn(1, 2, 1, 3, 3, generator=g), torch.randn(1, 2, 1, 3, 3, generator=g)
+    end = torch.randn(1, 2, 1, 3, 3, generator=g)
+    cond = C.latent_condition(anchor, motion, 5, keyframes=((16, end),))  # y = [anchor, motion, 0, 0, end]
+    cond.y[:, 4:, 2] = torch.randn(1, 2, 3, 3, generator=g)  # a free frame with content of its own
+    before = cond.y.clone()
+    assert C.amplify_motion(cond, 1.0, 2) is cond and torch.equal(cond.y, before)  # 1 = off
+    C.amplify_motion(cond, 1.5, 2)
+    y0, y1 = before[:, 4:], cond.y[:, 4:]
+    assert torch.equal(cond.y[:, :4], before[:, :4])  # the mask is untouched
+    assert torch.equal(y1[:, :, :2], y0[:, :, :2]) and torch.equal(y1[:, :, 4], y0[:, :, 4])  # known: anchor, motion, end
+    base = y0[:, :, 1:2]
+    for t in (2, 3):
+        d0, d1 = y0[:, :, t] - base[:, :, 0], y1[:, :, t] - base[:, :, 0]
+        assert torch.allclose(d1.mean(), d0.mean(), atol=1e-6)  # each frame's mean difference is kept
+        assert torch.allclose(d1 - d1.mean(), 1.5 * (d0 - d0.mean()), atol=1e-6)  # the rest scaled
+    ti2v = C.latent_condition(anchor, motion, 5, expand_timesteps=True)
+    clean = ti2v.clean.clone()
+    assert torch.equal(C.amplify_motion(ti2v, 1.5, 2).clean, clean)  # no y: nothing to amplify

@@ -265,3 +265,72 @@ def test_stories_known_to_drift_are_warned_about(tiny_models, tiny_story):
     assert any("every clip has seed 3" in w for w in warnings)
     assert any("clips of 9 frames, but this model was trained on 17-frame clips" in w for w in warnings)
     assert drift_warnings(tiny_story(2, frames=17).resolve(model.settings), model.settings) == []
+
+
+def test_motion_amplitude_reaches_y_around_the_frame_each_clip_continues_from(tiny_models, tiny_story, monkeypatch):
+    model = tiny_models("wan21")
+    plain = frames_of(model, tiny_story(2, frames=13, motion_latents=1))
+    assert_same_clips(frames_of(model, tiny_story(2, frames=13, motion_latents=1, motion_amplitude=1.0)), plain)
+    calls = []
+    real = conditioning.amplify_motion
+    monkeypatch.setattr(conditioning, "amplify_motion", lambda cond, a, known: calls.append((a, known)) or real(cond, a, known))
+    for mode, kw, known in (("pro", dict(motion_latents=1), [1, 2]), ("pro", dict(motion_latents=2), [1, 3]),
+                            ("svi2", dict(motion_frames=5), [1, 2])):
+        calls.clear()
+        amplified = frames_of(model, tiny_story(2, frames=13, mode=mode, motion_amplitude=1.3, **kw))
+        assert calls == [(1.3, k) for k in known]
+        if mode == "pro" and kw["motion_latents"] == 1:
+            assert (amplified[0].frames.int() - plain[0].frames.int()).abs().max() > 0  # it does change the clip
+
+
+def test_motion_amplitude_is_refused_where_it_cannot_act(tiny_models, tiny_story):
+    from cliploom.errors import CliploomError
+
+    with pytest.raises(CliploomError, match="motion_amplitude 3.0 is outside 0.5..2.0"):
+        frames_of(tiny_models("wan21"), tiny_story(1, motion_amplitude=3.0))
+    with pytest.raises(CliploomError, match="needs a model with y channels"):
+        frames_of(tiny_models("ti2v"), tiny_story(1, motion_amplitude=1.2))
+
+
+def test_replace_frames_writes_the_known_latent_noised_to_sigma():
+    from cliploom.sampling import replace_frames
+
+    g = torch.Generator().manual_seed(1)
+    x, noise, known = (torch.randn(1, 2, 4, 3, 3, generator=g) for _ in range(3))
+    out = replace_frames(x, known[:, :, :1], [3], noise, 0.25)
+    assert torch.equal(out[:, :, :3], x[:, :, :3])  # other frames untouched, x itself too
+    assert torch.allclose(out[:, :, 3], 0.75 * known[:, :, 0] + 0.25 * noise[:, :, 3])
+    assert torch.allclose(replace_frames(x, known[:, :, :1], [3], noise, 0.0)[:, :, 3], known[:, :, 0])
+
+
+def test_keyframe_replacement_runs_for_its_share_of_steps_and_pulls_the_end_towards_the_keyframe(
+        tiny_models, tiny_story, tmp_path, monkeypatch):
+    from PIL import Image
+
+    from cliploom import sampling
+    from cliploom.story import ClipSpec, Keyframe
+
+    model = tiny_models("wan21")
+    end = tmp_path / "end.png"
+    Image.fromarray(np.full((32, 32, 3), (250, 20, 20), np.uint8)).save(end)
+    clips = [ClipSpec("a", keyframes=(Keyframe(-1, end),))]
+    seen = []
+    real = sampling.replace_frames
+    monkeypatch.setattr(sampling, "replace_frames", lambda x, k, f, n, s: seen.append((tuple(f), s)) or real(x, k, f, n, s))
+    base = frames_of(model, tiny_story(1, clips=clips, frames=13, steps=4))
+    assert seen == []  # off by default
+    for share, calls in ((0.5, 2), (1.0, 4)):
+        seen.clear()
+        replaced = frames_of(model, tiny_story(1, clips=clips, frames=13, steps=4, keyframe_replace=share))
+        assert [f for f, _ in seen] == [(3,)] * calls  # the end frame's latent frame, the first `share` of steps
+        assert [s for _, s in seen] == sorted((s for _, s in seen), reverse=True)
+    # with every step replaced, the end latent lands near the keyframe's held latent, which without it is
+    # as far as any latent
+    from cliploom.models.components import frames_to_tensor
+    from cliploom.video_io import load_image
+
+    held = model.encode_video(frames_to_tensor([load_image(end, 32, 32)] * 5))[:, :, 1]
+    dist = lambda c: float((c[0].latents[:, :, 3] - held).norm() / held.norm())  # noqa: E731
+    assert dist(replaced) < 0.5 * dist(base), (dist(replaced), dist(base))
+    with pytest.raises(Exception, match="keyframe_replace 1.5 is not a share"):
+        frames_of(model, tiny_story(1, clips=clips, keyframe_replace=1.5))

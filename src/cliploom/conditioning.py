@@ -210,6 +210,29 @@ def clean_frames_condition(
     return ClipCondition(clean=latents, known=known, patch=patch)
 
 
+def amplify_motion(cond: ClipCondition, amplitude: float, known_latent_frames: int) -> ClipCondition:
+    """Motion amplitude (the remedy ComfyUI users apply to the slow motion of 4-step distill LoRAs,
+    e.g. PainterI2V's ``motion_amplitude``): push ``y``'s frames that are to be generated further
+    from the frame the clip continues from, keeping each frame's mean.
+
+    ``base`` is ``y``'s latent frame ``known_latent_frames - 1`` (the anchor of a first clip, the
+    last motion latent of a continuation); every later frame not marked known (keyframes are)
+    becomes ``base + (d - mean(d)) * amplitude + mean(d)`` with ``d = frame - base`` and the mean
+    over channels and space. ``amplitude = 1`` returns ``cond`` unchanged; TI2V conditions (no
+    ``y``) are returned unchanged. Changes ``cond.y`` in place and returns ``cond``.
+    """
+    if amplitude == 1 or cond.y is None:
+        return cond
+    mask, y = cond.y[:, :4], cond.y[:, 4:]
+    base = y[:, :, known_latent_frames - 1 : known_latent_frames]
+    free = mask[:, :, known_latent_frames:].amax(dim=(1, 3, 4), keepdim=True) == 0  # [B, 1, T', 1, 1]
+    d = y[:, :, known_latent_frames:] - base
+    mean = d.mean(dim=(1, 3, 4), keepdim=True)
+    scaled = base + (d - mean) * amplitude + mean
+    y[:, :, known_latent_frames:] = torch.where(free, scaled, y[:, :, known_latent_frames:])
+    return cond
+
+
 # -- one clip's condition, per motion mode ------------------------------------------------------
 
 

@@ -6,6 +6,7 @@ sampling in ``sampling``, the model in ``models``; this file only puts them in o
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -78,6 +79,10 @@ def weave(
     # 1. Settle every number: the story's own, else the model's defaults.
     story = story.resolve(model.settings, model.size_multiple, model.scale_temporal)
     check_story_fits(model, story)  # refuse what cannot fit before anything is allocated
+    if story.motion_amplitude != 1 and model.settings.expand_timesteps:
+        raise CliploomError(f"motion_amplitude {story.motion_amplitude} needs a model with y channels; "
+                            "a TI2V model takes its known frames as clean latents and has no padding to amplify",
+                            "leave motion_amplitude at 1 with this model")
     F, T = story.frames, C.latent_frame_count(story.frames, model.scale_temporal)
     h, w = story.height // model.scale_spatial, story.width // model.scale_spatial
     cfg = max(story.guidance, story.guidance_low) > 1
@@ -135,6 +140,7 @@ def weave(
                     model.settings.expand_timesteps, model.patch, keyframes=tuple((n, latent) for n, _, latent in keys),
                 )
                 cond.image_embeds = model.encode_image_features(first, keyframes.end_image(i) if keys else None)
+            C.amplify_motion(cond, story.motion_amplitude, _known_latent_frames(story, memory))
 
             # 6. Denoise from this clip's own seeded noise.
             seed = story.clip_seed(i)
@@ -153,7 +159,8 @@ def weave(
                     if on_step is not None:
                         on_step(i, k + 1, steps)
 
-                latents = sample_euler(denoise, noise, sigmas, cond.finish, step_done)
+                latents = sample_euler(denoise, noise, sigmas, cond.finish, step_done,
+                                       keyframes.replacement(i, noise, sigmas, story.keyframe_replace))
             seconds_denoise = time.perf_counter() - started
             if not bool(torch.isfinite(latents).all()):  # never decode garbage into a video
                 raise CliploomError(
@@ -184,6 +191,14 @@ def weave(
     finally:
         clip_bar.close()
         decoder.close()
+
+
+def _known_latent_frames(story: Story, memory: torch.Tensor | None) -> int:
+    """Leading latent frames of ``y`` the clip continues from (anchor and motion latents, or the
+    latent frames the motion frames cover)."""
+    if memory is None:
+        return 1
+    return 1 + memory.shape[2] if story.latent_motion else C.pixel_known_latent_frames(memory.shape[2])
 
 
 def _compile_now(denoise, noise: torch.Tensor, sigmas: torch.Tensor) -> float:
@@ -304,6 +319,33 @@ class _Keyframes:
             pixels, latent = self.cache[k.image]
             out.append((keyframe_pixel(self.story, k), pixels, latent))
         return out
+
+    def replacement(self, i: int, noise: torch.Tensor, sigmas: torch.Tensor, share: float):
+        """Keyframe replacement for clip ``i`` (``keyframe_replace``): for the first ``share`` of
+        the steps, the keyframes' latent frames of ``x`` are set to the keyframe noised to the
+        step's sigma. The latent written is the image held still over a latent frame's 4 pixel
+        frames, encoded as a clip (closer to what a clip ending on it holds than the image's
+        single-frame latent). ``None`` when there is nothing to replace."""
+        from .sampling import replace_frames
+
+        keys = self.story.clips[i].keyframes
+        steps = len(sigmas) - 1
+        last = math.ceil(share * steps - 1e-9)
+        if not keys or last == 0:
+            return None
+        frames, held = [], []
+        for k, (n, pixels, _) in zip(keys, self.of(i)):
+            if ("held", k.image) not in self.cache:
+                video = pixels[:, :, None].expand(-1, -1, 1 + self.model.scale_temporal, -1, -1)
+                self.cache[("held", k.image)] = self.model.encode_video(video)[:, :, 1:2]
+            frames.append(C.keyframe_latent_index(n, self.model.scale_temporal))
+            held.append(self.cache[("held", k.image)])
+        known, until = torch.cat(held, dim=2), float(sigmas[last - 1])
+
+        def replace(x: torch.Tensor, sigma: float) -> torch.Tensor:
+            return replace_frames(x, known, frames, noise, sigma) if sigma >= until else x
+
+        return replace
 
     def end_image(self, i: int):
         """Clip ``i``'s end frame (PIL, at the story's size) for first-last-frame models' image features."""

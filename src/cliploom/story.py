@@ -104,6 +104,8 @@ class Story:
     svi_lora: bool = True  # apply the model's own SVI LoRA (cliploom.json `svi_lora`) when it has one
     color_match: str | None = None  # none | anchor | previous: each clip's colour statistics (cliploom.colour)
     seam_blend: int | None = None  # pro mode: a clip's last N frames fade into the next clip's re-creation of them
+    keyframe_replace: float | None = None  # share of the steps whose keyframe latents are written into x (sampling.replace_frames)
+    motion_amplitude: float | None = None  # > 1: y's frames to generate pushed from the last known one (conditioning.amplify_motion)
     attention: str = "auto"  # attention backend (models.acceleration): auto, sdpa, flash, flash3, sage, ...
     compile: bool = False  # torch.compile the transformer blocks (regional; once per engine)
     fp8_matmul: bool = False  # torchao fp8 matmuls (CUDA sm 8.9+)
@@ -146,7 +148,7 @@ class Story:
         """Fill unset fields from the model's settings and check what needs the model to check."""
         s = dataclasses.replace(self)
         for name in ("width", "height", "fps", "frames", "shift", "guidance", "negative_prompt", "color_match",
-                     "seam_blend"):
+                     "seam_blend", "motion_amplitude", "keyframe_replace"):
             if getattr(s, name) is None:
                 setattr(s, name, getattr(settings, name))
         if self.seam_blend is None and not s.latent_motion:
@@ -253,6 +255,11 @@ def check_numbers(s: Story, size_multiple: int = 16, temporal: int = 4) -> None:
             if v > MAX_SIZE:
                 _fail(where, f"{name} {v} is more than {MAX_SIZE}", "use e.g. 832 x 480")
             _fail(where, f"{name} {v} is not a positive multiple of {size_multiple}", f"use e.g. {max(1, round(v / size_multiple)) * size_multiple}")
+    if s.motion_amplitude is not None and not MOTION_AMPLITUDE[0] <= s.motion_amplitude <= MOTION_AMPLITUDE[1]:
+        _fail(where, f"motion_amplitude {s.motion_amplitude} is outside {MOTION_AMPLITUDE[0]}..{MOTION_AMPLITUDE[1]}",
+              "use 1 (off) or e.g. 1.15 against slow motion")
+    if s.keyframe_replace is not None and not 0 <= s.keyframe_replace <= 1:
+        _fail(where, f"keyframe_replace {s.keyframe_replace} is not a share of the steps", "use 0 (off) .. 1 (every step)")
     if s.fps is not None and not 0 < s.fps <= MAX_FPS:
         _fail(where, f"fps {s.fps} must be between 1 and {MAX_FPS}", "use e.g. 16")
     if s.steps is not None and not 1 <= s.steps <= MAX_STEPS:
@@ -311,12 +318,15 @@ _SCALARS: dict[str, type] = {
     "svi_lora": bool,
     "color_match": str,
     "seam_blend": int,
+    "motion_amplitude": float,
+    "keyframe_replace": float,
     "attention": str,
     "compile": bool,
     "fp8_matmul": bool,
     "weights": str,
 }
 OFFLOAD = ("none", "model", "group", "sequential")
+MOTION_AMPLITUDE = (0.5, 2.0)  # story motion_amplitude: beyond these the padding is no longer an image the model reads
 WEIGHTS = ("bf16", "fp16", "fp32", "fp8")
 ATTENTION_NAMES = ("sdpa", "flash", "flash3", "sage", "xformers", "flex", "cudnn", "efficient", "math")  # models.acceleration
 
