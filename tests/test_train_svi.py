@@ -426,6 +426,12 @@ def test_three_step_run_saves_resumes_and_exports_loras_that_load(tmp_path, tiny
     with safe_open(str(tmp_path / "again.safetensors"), "pt") as f, safe_open(str(svi), "pt") as g:
         assert all(torch.equal(f.get_tensor(k), g.get_tensor(k)) for k in keys)
 
+    # A later stage from the command line: another seed, continuing the exported LoRA.
+    assert main(["train-svi", str(straight), "--seed", "7", "--init-lora", str(svi), "--out-dir",
+                 str(tmp_path / "c"), "--max-steps", "1", "-q"]) == 0
+    state = json.loads((tmp_path / "c" / "checkpoints" / "step-0000001" / "state.json").read_text())
+    assert state["config"]["seed"] == 7 and state["config"]["init_lora"] == str(svi)
+
     frames = {name: _render(model_dir, reference_png, lora) for name, lora in
               [("base", None), ("svi", svi), ("diffusers", dif)]}
     frames["memory"] = _render_with_checkpoint(model_dir, reference_png, run_a / "checkpoints" / "step-0000003")

@@ -6,7 +6,6 @@ sampling in ``sampling``, the model in ``models``; this file only puts them in o
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -159,8 +158,7 @@ def weave(
                     if on_step is not None:
                         on_step(i, k + 1, steps)
 
-                latents = sample_euler(denoise, noise, sigmas, cond.finish, step_done,
-                                       keyframes.replacement(i, noise, sigmas, story.keyframe_replace))
+                latents = sample_euler(denoise, noise, sigmas, cond.finish, step_done)
             seconds_denoise = time.perf_counter() - started
             if not bool(torch.isfinite(latents).all()):  # never decode garbage into a video
                 raise CliploomError(
@@ -319,33 +317,6 @@ class _Keyframes:
             pixels, latent = self.cache[k.image]
             out.append((keyframe_pixel(self.story, k), pixels, latent))
         return out
-
-    def replacement(self, i: int, noise: torch.Tensor, sigmas: torch.Tensor, share: float):
-        """Keyframe replacement for clip ``i`` (``keyframe_replace``): for the first ``share`` of
-        the steps, the keyframes' latent frames of ``x`` are set to the keyframe noised to the
-        step's sigma. The latent written is the image held still over a latent frame's 4 pixel
-        frames, encoded as a clip (closer to what a clip ending on it holds than the image's
-        single-frame latent). ``None`` when there is nothing to replace."""
-        from .sampling import replace_frames
-
-        keys = self.story.clips[i].keyframes
-        steps = len(sigmas) - 1
-        last = math.ceil(share * steps - 1e-9)
-        if not keys or last == 0:
-            return None
-        frames, held = [], []
-        for k, (n, pixels, _) in zip(keys, self.of(i)):
-            if ("held", k.image) not in self.cache:
-                video = pixels[:, :, None].expand(-1, -1, 1 + self.model.scale_temporal, -1, -1)
-                self.cache[("held", k.image)] = self.model.encode_video(video)[:, :, 1:2]
-            frames.append(C.keyframe_latent_index(n, self.model.scale_temporal))
-            held.append(self.cache[("held", k.image)])
-        known, until = torch.cat(held, dim=2), float(sigmas[last - 1])
-
-        def replace(x: torch.Tensor, sigma: float) -> torch.Tensor:
-            return replace_frames(x, known, frames, noise, sigma) if sigma >= until else x
-
-        return replace
 
     def end_image(self, i: int):
         """Clip ``i``'s end frame (PIL, at the story's size) for first-last-frame models' image features."""

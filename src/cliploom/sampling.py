@@ -111,35 +111,19 @@ def make_denoiser(
     return denoise
 
 
-def replace_frames(
-    x: torch.Tensor, known: torch.Tensor, frames: Sequence[int], noise: torch.Tensor, sigma: float
-) -> torch.Tensor:
-    """Replacement sampling (temporal inpainting): latent frames ``frames`` of ``x`` set to the
-    known clean latents ``known`` (``[B, C, len(frames), h, w]``) noised to ``sigma`` with the
-    clip's own ``noise`` -- where the flow would be at ``sigma`` had it been heading for them."""
-    x = x.clone()
-    for j, t in enumerate(frames):
-        x[:, :, t] = (1 - sigma) * known[:, :, j].to(x) + sigma * noise[:, :, t].to(x)
-    return x
-
-
 def sample_euler(
     denoise: Callable[[torch.Tensor, float], torch.Tensor],
     x: torch.Tensor,
     sigmas: torch.Tensor,
     finish: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
     callback: Callable[[int], None] | None = None,
-    replace: Callable[[torch.Tensor, float], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Integrate the flow from ``sigmas[0]`` to ``sigmas[-1]`` with Euler steps.
 
-    ``finish`` re-imposes what is known after each step (TI2V's clean leading frames);
-    ``replace(x, sigma)`` (keyframe replacement, :func:`replace_frames`) runs before each step.
+    ``finish`` re-imposes what is known after each step (TI2V's clean leading frames).
     """
     s = sigmas.tolist()
     for i in range(len(s) - 1):
-        if replace is not None:
-            x = replace(x, s[i])
         v = denoise(x, s[i])
         x = finish(euler_step(x, v, s[i], s[i + 1]))
         if callback is not None:

@@ -104,7 +104,6 @@ class Story:
     svi_lora: bool = True  # apply the model's own SVI LoRA (cliploom.json `svi_lora`) when it has one
     color_match: str | None = None  # none | anchor | previous: each clip's colour statistics (cliploom.colour)
     seam_blend: int | None = None  # pro mode: a clip's last N frames fade into the next clip's re-creation of them
-    keyframe_replace: float | None = None  # share of the steps whose keyframe latents are written into x (sampling.replace_frames)
     motion_amplitude: float | None = None  # > 1: y's frames to generate pushed from the last known one (conditioning.amplify_motion)
     attention: str = "auto"  # attention backend (models.acceleration): auto, sdpa, flash, flash3, sage, ...
     compile: bool = False  # torch.compile the transformer blocks (regional; once per engine)
@@ -148,7 +147,7 @@ class Story:
         """Fill unset fields from the model's settings and check what needs the model to check."""
         s = dataclasses.replace(self)
         for name in ("width", "height", "fps", "frames", "shift", "guidance", "negative_prompt", "color_match",
-                     "seam_blend", "motion_amplitude", "keyframe_replace"):
+                     "seam_blend", "motion_amplitude"):
             if getattr(s, name) is None:
                 setattr(s, name, getattr(settings, name))
         if self.seam_blend is None and not s.latent_motion:
@@ -258,8 +257,6 @@ def check_numbers(s: Story, size_multiple: int = 16, temporal: int = 4) -> None:
     if s.motion_amplitude is not None and not MOTION_AMPLITUDE[0] <= s.motion_amplitude <= MOTION_AMPLITUDE[1]:
         _fail(where, f"motion_amplitude {s.motion_amplitude} is outside {MOTION_AMPLITUDE[0]}..{MOTION_AMPLITUDE[1]}",
               "use 1 (off) or e.g. 1.15 against slow motion")
-    if s.keyframe_replace is not None and not 0 <= s.keyframe_replace <= 1:
-        _fail(where, f"keyframe_replace {s.keyframe_replace} is not a share of the steps", "use 0 (off) .. 1 (every step)")
     if s.fps is not None and not 0 < s.fps <= MAX_FPS:
         _fail(where, f"fps {s.fps} must be between 1 and {MAX_FPS}", "use e.g. 16")
     if s.steps is not None and not 1 <= s.steps <= MAX_STEPS:
@@ -319,7 +316,6 @@ _SCALARS: dict[str, type] = {
     "color_match": str,
     "seam_blend": int,
     "motion_amplitude": float,
-    "keyframe_replace": float,
     "attention": str,
     "compile": bool,
     "fp8_matmul": bool,

@@ -51,7 +51,6 @@ class ModelSettings:
     guidance_boundary: float | None = None  # one-transformer models: guidance above it, guidance_low below
     seam_blend: int = 0  # the default of stories' seam_blend (pro mode)
     motion_amplitude: float = 1.0  # the default of stories' motion_amplitude (1: off)
-    keyframe_replace: float = 0.0  # the default of stories' keyframe_replace (0: off)
 
     @classmethod
     def from_folder(cls, path: Path, model_index: dict, scheduler_config: dict) -> "ModelSettings":
@@ -77,8 +76,7 @@ class ModelSettings:
         kinds = {"family": str, "max_sequence_length": int, "width": int, "height": int, "fps": int, "frames": int,
                  "steps": int, "guidance": float, "guidance_low": float, "shift": float, "boundary_ratio": float,
                  "expand_timesteps": bool, "negative_prompt": str, "svi_lora": str, "color_match": str, "seam_blend": int,
-                 "guidance_boundary": float, "motion_amplitude": float,
-                 "keyframe_replace": float}
+                 "guidance_boundary": float, "motion_amplitude": float}
         out = {}
         for key, value in values.items():
             if key == "timesteps":
@@ -100,8 +98,7 @@ class ModelSettings:
                       frames=settings.frames, steps=settings.steps, timesteps=settings.timesteps,
                       guidance=settings.guidance, guidance_low=settings.guidance_low, shift=settings.shift,
                       boundary=settings.boundary_ratio or settings.guidance_boundary,
-                      motion_amplitude=settings.motion_amplitude, keyframe_replace=settings.keyframe_replace,
-                      source=Path(where))
+                      motion_amplitude=settings.motion_amplitude, source=Path(where))
         check_numbers(probe, size_multiple=1, temporal=1)
         return settings
 

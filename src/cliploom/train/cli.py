@@ -16,6 +16,8 @@ def add_command(sub) -> None:
     p.add_argument("--max-steps", type=int, help="stop after this many more steps (checkpointed; resume later)")
     p.add_argument("--steps", type=int, help="override the config's total `steps`")
     p.add_argument("--out-dir", help="override the config's `out_dir`")
+    p.add_argument("--seed", type=int, help="override the config's `seed` (another training draw of the same recipe)")
+    p.add_argument("--init-lora", help="override the config's `init_lora` (the LoRA a later stage continues)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
@@ -42,7 +44,7 @@ def cmd_train(args) -> int:
 
     if args.max_steps is not None and args.max_steps < 1:
         raise CliploomError(f"--max-steps {args.max_steps} must be at least 1", "pass --max-steps 1 or more")
-    cfg = load_config(args.config, steps=args.steps, out_dir=args.out_dir)
+    cfg = load_config(args.config, steps=args.steps, out_dir=args.out_dir, seed=args.seed, init_lora=args.init_lora)
     from ..inputs import check_writable
 
     check_writable(Path(cfg.out_dir), "choose a writable out_dir")
