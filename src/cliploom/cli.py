@@ -92,6 +92,9 @@ def _add_generate(sub) -> None:
                        help="keep clips 0..N-1 of a finished run byte for byte, generate clip N on from the story")
     p.add_argument("--end-frame", action="append", default=[], metavar="CLIP:IMAGE",
                    help="clip CLIP (numbered from 0, as in the report) ends on IMAGE (repeatable)")
+    p.add_argument("--route", help="how the past enters a clip: svi (default) or df (diffusion forcing; docs/routes.md)")
+    p.add_argument("--route-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="a route option, e.g. addnoise=20 (repeatable; on top of the story's route_options)")
     p.add_argument("--parallel", metavar="SPEC",
                    help="under torchrun: ulysses=N (sequence parallel) or cfg=2 (docs/scale.md)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
@@ -127,8 +130,10 @@ def _story_from_args(args):
         "attention": args.attention,
         "compile": args.compile,
         "fp8_matmul": args.fp8_matmul,
+        "route": args.route,
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}
+    route_options = _route_options(args.route_opt)
     if args.story:
         if args.prompt or args.image or args.clips:
             raise CliploomError("give either a story file or --image/--prompt/--clips, not both", "drop one of them")
@@ -142,14 +147,28 @@ def _story_from_args(args):
             values["motion_frames"], values["ref_pad"] = args.motion_frames, args.ref_pad
         values["loras"] = story.loras + args.lora
         values["clips"] = _with_end_frames(story.clips, args.end_frame)
+        values["route_options"] = {**story.route_options, **route_options}
         return make_story(**values)
     if not args.image:
         raise CliploomError("no story file and no --image", "pass STORY.yaml, or --image IMG --prompt TEXT")
     clips = _with_end_frames(cycle_prompts(args.prompt, args.clips), args.end_frame)
-    story = make_story(clips=clips, **overrides)
+    story = make_story(clips=clips, route_options=route_options, **overrides)
     story.reference = Path(args.image).expanduser()
     story.loras = args.lora
     return story
+
+
+def _route_options(specs: list[str]) -> dict:
+    from .routes import parse_option
+
+    out = {}
+    for spec in specs:
+        try:
+            key, value = parse_option(spec)
+        except Exception as e:  # a malformed pair, or a value YAML cannot read
+            raise CliploomError(f"--route-opt {spec!r} is not KEY=VALUE", "write e.g. --route-opt addnoise=20") from e
+        out[key] = value
+    return out
 
 
 def _with_end_frames(clips, specs: list[str]):

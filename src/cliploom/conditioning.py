@@ -143,25 +143,30 @@ class ClipCondition:
     """
 
     y: torch.Tensor | None = None  # [B, 4 + C, T, h, w]: mask and y, channel-concatenated (I2V)
-    clean: torch.Tensor | None = None  # [B, C, T, h, w]: latents whose leading frames are known (TI2V)
-    known: torch.Tensor | None = None  # [1, 1, T, h, w]: 1 on the known latent frames (TI2V)
+    clean: torch.Tensor | None = None  # [B, C, T, h, w]: latents whose leading frames are known (TI2V, context)
+    known: torch.Tensor | None = None  # [1, 1, T, h, w]: 1 on the known latent frames (TI2V, context)
     image_embeds: torch.Tensor | None = None  # CLIP features (Wan 2.1), [B, tokens, dim]
     patch: tuple[int, int] = (2, 2)  # the transformer's spatial patch, to lay timesteps on tokens
+    known_timesteps: torch.Tensor | None = None  # [1, 1, T, 1, 1]: the known frames' timesteps (default 0)
 
     def model_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.known is not None:
+            x = self.finish(x)
         if self.y is not None:
             return torch.cat([x, self.y.to(x)], dim=1)
-        if self.known is not None:
-            return self.finish(x)
         return x
 
     def timestep(self, t: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
-        """``[B]`` timesteps, or ``[B, tokens]`` with 0 on known frames' tokens (TI2V)."""
+        """``[B]`` timesteps, or ``[B, tokens]`` with the known frames' own timesteps (0, or a context
+        noise level) on their tokens (TI2V, diffusion-forcing context)."""
         t = torch.as_tensor(t, dtype=torch.float32, device=x.device)
         if self.known is None:
             return t.expand(x.shape[0])
         ph, pw = self.patch
-        per_token = (1 - self.known[0, 0, :, ::ph, ::pw].to(x.device)) * t
+        known = self.known[0, 0, :, ::ph, ::pw].to(x.device)
+        per_token = (1 - known) * t
+        if self.known_timesteps is not None:
+            per_token = per_token + known * self.known_timesteps[0, 0].to(x.device)
         return per_token.flatten().unsqueeze(0).expand(x.shape[0], -1)
 
     def finish(self, x: torch.Tensor) -> torch.Tensor:
@@ -177,7 +182,8 @@ class ClipCondition:
         def rep(t):
             return None if t is None else t.repeat(n, *([1] * (t.ndim - 1)))
 
-        return ClipCondition(rep(self.y), rep(self.clean), self.known, rep(self.image_embeds), self.patch)
+        return ClipCondition(rep(self.y), rep(self.clean), self.known, rep(self.image_embeds), self.patch,
+                             self.known_timesteps)
 
 
 def i2v_condition(
@@ -256,6 +262,47 @@ def latent_condition(
     known = latent_motion_y(anchor, motion, num_latent_frames, keyframes)
     num_frames = (num_latent_frames - 1) * TEMPORAL + 1
     return i2v_condition(known, num_frames, also_known=tuple(n for n, _ in keyframes))
+
+
+def context_condition(
+    anchor: torch.Tensor,
+    motion: torch.Tensor | None,
+    num_latent_frames: int,
+    expand_timesteps: bool = False,
+    patch: tuple[int, int] = (2, 2),
+    keyframes: tuple = (),
+    context_noise: float = 0.0,
+    noise: torch.Tensor | None = None,
+) -> ClipCondition:
+    """Diffusion forcing (SkyReels-V2 DF's way, on the ``pro`` timeline): the anchor and the
+    previous clip's last K latents are given as *context frames* of the noisy latents -- clean
+    tokens with their own timestep -- instead of in ``y``.
+
+    Latent frames ``0..K`` of ``x`` hold ``[anchor, motion...]``; the motion frames are noised to
+    ``context_noise`` (a timestep, SkyReels' ``addnoise_condition``: ``(1 - s) m + s noise`` with
+    ``s = context_noise / 1000`` and ``noise`` the clip's own noise at those frames) and their
+    tokens get that timestep; the anchor's get 0. A ``y``-channel model also gets ``y = [anchor,
+    zeros..., keyframes]`` with the anchor's pixel frame marked, as for a first clip, so that the
+    route runs on an I2V checkpoint; keyframes are context frames too. The first clip (no motion)
+    is exactly :func:`latent_condition`'s.
+    """
+    if motion is None:
+        return latent_condition(anchor, None, num_latent_frames, expand_timesteps, patch, keyframes)
+    K = motion.shape[2]
+    if context_noise:
+        if noise is None:
+            raise ValueError("context noise needs the clip's noise")
+        s = float(context_noise) / 1000
+        motion = (1 - s) * motion + s * noise[:, :, 1 : 1 + K].to(motion)
+    cond = clean_frames_condition(latent_motion_y(anchor, motion, num_latent_frames), 1 + K, patch, keyframes)
+    timesteps = torch.zeros(1, 1, num_latent_frames, 1, 1, device=anchor.device)
+    timesteps[:, :, 1 : 1 + K] = float(context_noise)
+    cond.known_timesteps = timesteps
+    if not expand_timesteps:
+        y = latent_motion_y(anchor, None, num_latent_frames, keyframes)
+        num_frames = (num_latent_frames - 1) * TEMPORAL + 1
+        cond.y = i2v_condition(y, num_frames, also_known=tuple(n for n, _ in keyframes)).y
+    return cond
 
 
 def pixel_condition(

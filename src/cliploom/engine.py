@@ -134,8 +134,22 @@ class Engine:
                          on_step=on_step, start=start)
 
     def default_loras(self, story: Story) -> list[LoraSpec]:
-        """The model's own SVI LoRA (``svi_lora`` in its cliploom.json), unless the story turns it off."""
-        name = self.model.settings.svi_lora
+        """The model's own weights for the story's route: its SVI LoRA (``svi_lora`` in its
+        cliploom.json) unless the story turns it off, or the route's LoRA (``route_loras``). A route
+        other than ``svi`` on a model without its weights, and no LoRA in the story, is refused."""
+        settings = self.model.settings
+        if story.route != "svi":
+            name = (settings.route_loras or {}).get(story.route)
+            if name:
+                return [LoraSpec(self.model.path / name, 1.0, "both", story.route)]
+            if not story.loras:
+                raise CliploomError(
+                    f"route {story.route}: the model at {self.model.path} has no {story.route} weights "
+                    "(route_loras in its cliploom.json) and the story gives no LoRA",
+                    f"train them (cliploom train-svi with route: {story.route}) and pass the LoRA in `loras:`, "
+                    "or use route: svi")
+            return []
+        name = settings.svi_lora
         if not name or not story.svi_lora:
             return []
         return [LoraSpec(self.model.path / name, 1.0, "both", "svi")]

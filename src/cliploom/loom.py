@@ -123,9 +123,21 @@ def weave(
             if on_clip_start is not None:
                 on_clip_start(i)
 
-            # 5. Condition the clip on the anchor, the motion memory and its keyframes (if any).
+            # 5. This clip's own seeded noise.
+            seed = story.clip_seed(i)
+            noise = torch.randn(
+                (1, model.z_dim, T, h, w), generator=torch.Generator("cpu").manual_seed(seed)
+            ).to(model.device)
+
+            # 6. Condition the clip on the anchor, the motion memory and its keyframes (if any): SVI
+            #    puts the motion latents in y; diffusion forcing gives them as context frames of x.
             keys = keyframes.of(i)
-            if story.latent_motion:
+            if story.route == "df":
+                cond = C.context_condition(anchor, memory, T, model.settings.expand_timesteps, model.patch,
+                                           keyframes=tuple((n, latent) for n, _, latent in keys),
+                                           context_noise=story.route_option("addnoise"), noise=noise)
+                cond.image_embeds = anchor_features
+            elif story.latent_motion:
                 cond = C.latent_condition(anchor, memory, T, model.settings.expand_timesteps, model.patch,
                                           keyframes=tuple((n, latent) for n, _, latent in keys))
                 cond.image_embeds = anchor_features if not (model.first_last_frame and keys) else \
@@ -141,11 +153,7 @@ def weave(
                 cond.image_embeds = model.encode_image_features(first, keyframes.end_image(i) if keys else None)
             C.amplify_motion(cond, story.motion_amplitude, _known_latent_frames(story, memory))
 
-            # 6. Denoise from this clip's own seeded noise.
-            seed = story.clip_seed(i)
-            noise = torch.randn(
-                (1, model.z_dim, T, h, w), generator=torch.Generator("cpu").manual_seed(seed)
-            ).to(model.device)
+            # 7. Denoise.
             denoise = make_denoiser(experts, cond, text[prompt], negative, cfg_split=getattr(model, "_cliploom_cfg_split", None))
             seconds_compile = 0.0
             if getattr(model, "_cliploom_compiled", False) and i == start.index:
@@ -165,7 +173,10 @@ def weave(
                     f"clip {i}: the latents hold NaN or Inf after denoising",
                     "lower the LoRA weights or the guidance, or run in float32/bfloat16; a damaged checkpoint does this too")
 
-            # 7. Keep the motion memory; decode beside the loop (latent mode) or now (pixel mode).
+            if cond.known_timesteps is not None and memory is not None:  # the context as it was, not noised
+                latents[:, :, 1 : 1 + memory.shape[2]] = memory
+
+            # 8. Keep the motion memory; decode beside the loop (latent mode) or now (pixel mode).
             keep = story.frames_kept(i)
             if story.latent_motion:
                 memory = latents[:, :, -story.motion_latents :]
@@ -176,7 +187,7 @@ def weave(
                 decoded.clip.tail = decoded.frames_all[-story.motion_frames :]
                 memory = decoded.clip.memory = frames_to_tensor(decoded.clip.tail).to(model.device)
 
-            # 8. Hand over finished clips in order. A clip waits for its decode (done beside the next
+            # 9. Hand over finished clips in order. A clip waits for its decode (done beside the next
             #    clip's denoising when overlapped) and, with seam blending, for the next clip's
             #    frames: its last frames fade into the next clip's re-creation of them.
             queue.append(job)

@@ -77,6 +77,10 @@ def settings_key(story: Story, model) -> dict:
                    "bytes": Path(lo.path).stat().st_size if Path(lo.path).is_file() else None} for lo in story.loras],
         "svi_lora": story.svi_lora and bool(model.settings.svi_lora),
         "fuse_loras": story.fuse_loras,
+        # later options, keyed only when set so that run folders from before them still resume
+        **({"route": story.route, "route_options": dict(sorted(story.route_options.items()))}
+           if story.route != "svi" else {}),
+        **({"motion_amplitude": story.motion_amplitude} if story.motion_amplitude not in (None, 1) else {}),
     }
 
 

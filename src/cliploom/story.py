@@ -104,6 +104,8 @@ class Story:
     svi_lora: bool = True  # apply the model's own SVI LoRA (cliploom.json `svi_lora`) when it has one
     color_match: str | None = None  # none | anchor | previous: each clip's colour statistics (cliploom.colour)
     seam_blend: int | None = None  # pro mode: a clip's last N frames fade into the next clip's re-creation of them
+    route: str = "svi"  # how the past enters a clip: svi | df (cliploom.routes)
+    route_options: dict = field(default_factory=dict)  # the route's knobs (cliploom.routes.ROUTES)
     motion_amplitude: float | None = None  # > 1: y's frames to generate pushed from the last known one (conditioning.amplify_motion)
     attention: str = "auto"  # attention backend (models.acceleration): auto, sdpa, flash, flash3, sage, ...
     compile: bool = False  # torch.compile the transformer blocks (regional; once per engine)
@@ -115,6 +117,12 @@ class Story:
     @property
     def latent_motion(self) -> bool:
         return self.mode == "pro"
+
+    def route_option(self, key: str):
+        """A route option's value: the story's, else the route's default."""
+        from .routes import ROUTES
+
+        return self.route_options.get(key, ROUTES[self.route][key].default)
 
     def prompt(self, i: int) -> str:
         p = self.clips[i].prompt
@@ -316,6 +324,7 @@ _SCALARS: dict[str, type] = {
     "color_match": str,
     "seam_blend": int,
     "motion_amplitude": float,
+    "route": str,
     "attention": str,
     "compile": bool,
     "fp8_matmul": bool,
@@ -535,6 +544,7 @@ def make_story(**values) -> Story:
         _fail(where, f"unknown weights {story.weights!r}", f"use one of {', '.join(WEIGHTS)}")
     if story.color_match is not None and story.color_match not in ("none", "anchor", "previous"):
         _fail(where, f"unknown color_match {story.color_match!r}", "use none, anchor or previous")
+    _check_route(where, story)
     if story.offload is not None and story.offload not in OFFLOAD:
         _fail(where, f"unknown offload {story.offload!r}", f"use one of {', '.join(OFFLOAD)}")
     names = {spec.name for spec in story.loras}
@@ -547,6 +557,21 @@ def make_story(**values) -> Story:
                 _fail(where, f"clip {i + 1} changes LoRA weights but LoRAs are fused", "set fuse_loras: false")
     check_numbers(story)
     return story
+
+
+def _check_route(where: str, story: Story) -> None:
+    from .routes import option_error, route_error
+
+    if (bad := route_error(story.route)) is not None:
+        _fail(where, *bad)
+    if not isinstance(story.route_options, dict):
+        _fail(where, f"route_options must map option names to values, got {_short(story.route_options)}",
+              "write route_options: {addnoise: 20}")
+    for key, value in story.route_options.items():
+        if (bad := option_error(story.route, str(key), value)) is not None:
+            _fail(where, *bad)
+    if story.route == "df" and story.mode != "pro":
+        _fail(where, f"route df runs on the pro timeline (latent context), not in {story.mode} mode", "use mode: pro")
 
 
 def load_story(path: str | Path) -> Story:

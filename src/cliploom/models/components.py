@@ -51,6 +51,7 @@ class ModelSettings:
     guidance_boundary: float | None = None  # one-transformer models: guidance above it, guidance_low below
     seam_blend: int = 0  # the default of stories' seam_blend (pro mode)
     motion_amplitude: float = 1.0  # the default of stories' motion_amplitude (1: off)
+    route_loras: dict | None = None  # route -> LoRA file in the model folder with that route's weights (cliploom.routes)
 
     @classmethod
     def from_folder(cls, path: Path, model_index: dict, scheduler_config: dict) -> "ModelSettings":
@@ -79,7 +80,12 @@ class ModelSettings:
                  "guidance_boundary": float, "motion_amplitude": float}
         out = {}
         for key, value in values.items():
-            if key == "timesteps":
+            if key == "route_loras":
+                if value is not None and (not isinstance(value, dict) or not all(
+                        isinstance(k, str) and isinstance(v, str) for k, v in value.items())):
+                    raise CliploomError(f"{where}: route_loras must map route names to LoRA files",
+                                        'write "route_loras": {"df": "df_lora.safetensors"}')
+            elif key == "timesteps":
                 if value is not None:
                     if not isinstance(value, list):
                         raise CliploomError(f"{where}: timesteps must be a list", "write timesteps: [1000, 750, 500, 250]")
@@ -91,9 +97,10 @@ class ModelSettings:
         if not 1 <= settings.max_sequence_length <= 4096:
             raise CliploomError(f"{where}: max_sequence_length {settings.max_sequence_length} is out of range",
                                 "use 512 (Wan)")
-        if settings.svi_lora is not None and (Path(settings.svi_lora).is_absolute() or ".." in Path(settings.svi_lora).parts):
-            raise CliploomError(f"{where}: svi_lora {settings.svi_lora!r} must be a file inside the model folder",
-                                "give a file name relative to the folder")
+        for name in [settings.svi_lora, *(settings.route_loras or {}).values()]:
+            if name is not None and (Path(name).is_absolute() or ".." in Path(name).parts):
+                raise CliploomError(f"{where}: LoRA {name!r} must be a file inside the model folder",
+                                    "give a file name relative to the folder")
         probe = Story(clips=[ClipSpec("x")], width=settings.width, height=settings.height, fps=settings.fps,
                       frames=settings.frames, steps=settings.steps, timesteps=settings.timesteps,
                       guidance=settings.guidance, guidance_low=settings.guidance_low, shift=settings.shift,

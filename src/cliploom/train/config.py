@@ -77,6 +77,12 @@ class TrainConfig:
     # the previous clip's last latents, deep in a causal VAE's context); "clip": the clip's own
     # latents 1..K (encoded right after its first frame; a causal VAE makes them differ).
     motion_source: str = "clip"
+    # The route the LoRA is for (cliploom.routes): "svi" (motion latents in y) or "df" (diffusion
+    # forcing: the anchor and motion latents as context frames of x with their own timesteps).
+    route: str = "svi"
+    # df: the context latents are noised to a timestep drawn uniformly from 0..context_noise_max
+    # (SkyReels' addnoise_condition; 0: always clean).
+    context_noise_max: int = 0
 
     # -- LoRA ------------------------------------------------------------------------------------------
     rank: int = 128
@@ -151,6 +157,7 @@ _CHOICES = {
     "velocity_target": ("clean", "injected"),
     "lr_schedule": ("constant", "cosine"),
     "motion_source": ("clip", "previous_clip"),
+    "route": ("svi", "df"),
     "replay_replace": ("nearest", "random"),
     "replay_dtype": ("bfloat16", "float16", "float32"),
 }
@@ -257,6 +264,12 @@ def validate(cfg: TrainConfig, where: str = "config") -> None:
             _fail(where, f"{key} {values} must list whole numbers >= {low}", f"use e.g. `{key}: [1]`")
     if not cfg.ref_pad or any(v < -1 for v in cfg.ref_pad):
         _fail(where, f"ref_pad {cfg.ref_pad} must list values >= -1", "use -1 (reference), 0 (zeros) or k > 0")
+    if not 0 <= cfg.context_noise_max <= 999:
+        _fail(where, f"context_noise_max {cfg.context_noise_max} is not a timestep", "use 0..999, e.g. 50")
+    if cfg.route == "df" and cfg.latent_mode_prob < 1:
+        _fail(where, "route df trains the pro timeline (latent context) only", "set latent_mode_prob: 1")
+    if cfg.route != "df" and cfg.context_noise_max:
+        _fail(where, "context_noise_max is a diffusion-forcing setting", "set route: df, or drop context_noise_max")
     bad = [x for x in cfg.export if x not in LAYOUTS]
     if bad:
         _fail(where, f"export lists unknown layouts {bad}", f"use some of {', '.join(LAYOUTS)}")

@@ -218,7 +218,7 @@ class SVITrainer:
             if self.cfg.motion_source == "previous_clip" and choice.mode == "latent" and choice.motion > 0:
                 history = self.cfg.frames - choice.motion_pixels  # the previous clip = history + the motion frames
             clip = self.data.clip(generator, choice.motion_pixels, choice.far_anchor, history)
-            out.append(build_sample(self.model, clip, choice))
+            out.append(build_sample(self.model, clip, choice, self.cfg.route))
         return out
 
     def micro_step(self, samples: list[TrainSample], generator: torch.Generator) -> dict:

@@ -99,7 +99,8 @@ class ErrorRecycler:
     ) -> tuple[int, int]:
         """Add ``y_error_frames`` latent frames of ``error`` (``[C, T, h, w]``, taken from a random
         start) to the conditioning latents from frame ``start`` on. Returns ``(src, dst)`` starts."""
-        target = cond.y[:, 4:] if cond.y is not None else cond.clean  # y-channel model / TI2V clean frames
+        # the motion latents: in y (SVI on a y-channel model), or clean frames of x (TI2V, diffusion forcing)
+        target = cond.clean if cond.known is not None else cond.y[:, 4:]
         T = target.shape[2]
         n = min(self.cfg.y_error_frames, T - start, error.shape[1])
         if n <= 0:

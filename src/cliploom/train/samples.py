@@ -49,6 +49,8 @@ class Choice:
     ref_index: int = 0  # the clip frame used as anchor / reference
     far_anchor: bool = False  # take the anchor / reference from the clip's source instead (DataClip.anchor)
     end_frame: bool = False  # the clip's true last frame is given as a keyframe (end-frame control)
+    context_noise: int = 0  # route df: the timestep the context latents are noised to
+    noise_seed: int = 0  # route df: seeds that noise
 
     @property
     def motion_pixels(self) -> int:
@@ -89,7 +91,11 @@ def draw_choice(cfg: TrainConfig, frames: int, generator: torch.Generator) -> Ch
     end = False
     if cfg.end_frame_prob > 0:  # drawn only when asked for, as above
         end = bool(torch.rand((), generator=generator) < cfg.end_frame_prob)
-    return Choice(mode, max(motion, 0), ref_pad, ref_index, far, end)
+    context_noise, noise_seed = 0, 0
+    if cfg.route == "df" and cfg.context_noise_max > 0:  # drawn only when asked for, as above
+        context_noise = int(torch.randint(cfg.context_noise_max + 1, (1,), generator=generator))
+        noise_seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
+    return Choice(mode, max(motion, 0), ref_pad, ref_index, far, end, context_noise, noise_seed)
 
 
 @dataclass
@@ -109,7 +115,7 @@ def _pil(frame: torch.Tensor) -> Image.Image:
 
 
 @torch.no_grad()
-def build_sample(model: Components, clip: DataClip, choice: Choice) -> TrainSample:
+def build_sample(model: Components, clip: DataClip, choice: Choice, route: str = "svi") -> TrainSample:
     """Encode ``clip`` and condition it per ``choice`` with the engine's conditioning functions."""
     video = frames_to_tensor(clip.frames).to(model.device)  # [1, 3, F, H, W]
     F = video.shape[2]
@@ -131,7 +137,14 @@ def build_sample(model: Components, clip: DataClip, choice: Choice) -> TrainSamp
             anchor_image = _anchor_image(video, clip, choice)
             anchor = model.encode_video(anchor_image[:, :, None])
             error_start = 1
-        cond = C.latent_condition(anchor, motion, T, expand, patch, keyframes=tuple((n, lat) for n, _, lat in keyframes))
+        keys = tuple((n, lat) for n, _, lat in keyframes)
+        if route == "df":  # the anchor and motion as context frames of x (conditioning.context_condition)
+            noise = None
+            if choice.context_noise:
+                noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(choice.noise_seed)).to(latents)
+            cond = C.context_condition(anchor, motion, T, expand, patch, keys, choice.context_noise, noise)
+        else:
+            cond = C.latent_condition(anchor, motion, T, expand, patch, keyframes=keys)
         cond.image_embeds = _image_features(model, video[0, :, 0] if choice.motion == 0 else anchor_image[0])
     else:
         if choice.motion == 0:
@@ -149,7 +162,7 @@ def build_sample(model: Components, clip: DataClip, choice: Choice) -> TrainSamp
         )
         cond.image_embeds = _image_features(model, first)
     loss_mask = None
-    if cond.known is not None:  # TI2V: known frames are given, not predicted
+    if cond.known is not None:  # TI2V, diffusion-forcing context: known frames are given, not predicted
         loss_mask = (1 - cond.known[:, :, :, :1, :1]).to(latents)
     return TrainSample(latents, cond, clip.prompt, choice, error_start, loss_mask)
 

@@ -1,0 +1,71 @@
+"""Long-video routes: how the memory of the past enters a clip (``route:`` in a story).
+
+* ``svi`` (default): the anchor and the previous clip's last K latents in ``y`` (SVI 2.0 Pro; the
+  clip loop of :mod:`cliploom.loom` with any motion mode).
+* ``df``: diffusion forcing (SkyReels-V2 DF): the same latents given as context frames of the noisy
+  latents, clean or lightly noised (``addnoise``, a timestep), with their own per-token timesteps
+  (:func:`cliploom.conditioning.context_condition`); the ``pro`` timeline, so every route is scored
+  on the same frames.
+
+A route's options live in ``route_options:`` (CLI ``--route-opt KEY=VALUE``), each with a type, a
+range and a default, checked before anything loads. Routes named by the long-video literature that
+this version does not run yet (``causal``, ``self-forcing``, ``helios``) are refused in one line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Option:
+    kind: type
+    low: float
+    high: float
+    default: object
+    help: str
+
+
+ROUTES: dict[str, dict[str, Option]] = {
+    "svi": {},
+    "df": {
+        "addnoise": Option(int, 0, 999, 0, "timestep the context latents are noised to (SkyReels' addnoise_condition)"),
+    },
+}
+PLANNED = ("causal", "self-forcing", "helios")
+
+
+def route_error(route: str) -> tuple[str, str] | None:
+    """``(problem, fix)`` for a route this version cannot run, else ``None``."""
+    if route in ROUTES:
+        return None
+    if route in PLANNED:
+        return (f"route {route!r} is not available in this version of cliploom",
+                f"use one of {', '.join(ROUTES)}")
+    return f"unknown route {route!r}", f"use one of {', '.join(ROUTES)}"
+
+
+def option_error(route: str, key: str, value) -> tuple[str, str] | None:
+    """``(problem, fix)`` for an option ``route`` does not take or a value out of its range."""
+    options = ROUTES[route]
+    if key not in options:
+        takes = ", ".join(options) if options else "no options"
+        return f"route {route} has no option {key!r}", f"it takes {takes}"
+    opt = options[key]
+    if opt.kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        return f"route option {key} must be a whole number, got {value!r}", f"use {opt.low}..{opt.high}"
+    if opt.kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        return f"route option {key} must be a number, got {value!r}", f"use {opt.low}..{opt.high}"
+    if not opt.low <= value <= opt.high:
+        return f"route option {key} {value} is out of range", f"use {opt.low}..{opt.high} ({opt.help})"
+    return None
+
+
+def parse_option(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` from the command line; the value as YAML reads it (``20`` is a number)."""
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"--route-opt {text!r} is not KEY=VALUE")
+    return key.strip(), yaml.safe_load(value)

@@ -1,0 +1,130 @@
+"""Routes (cliploom.routes): diffusion forcing's conditioning, loop and trainer; route validation."""
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from compare import assert_same_clips
+
+from cliploom import conditioning as C
+from cliploom.cli import main
+from cliploom.errors import CliploomError
+from cliploom.loom import weave
+from cliploom.story import make_story
+
+
+def frames_of(model, story, **kw):
+    return list(weave(model, story, progress=False, **kw))
+
+
+def test_context_condition_gives_anchor_and_motion_as_context_frames_with_their_timesteps():
+    g = torch.Generator().manual_seed(0)
+    anchor, motion = torch.randn(1, 2, 1, 4, 4, generator=g), torch.randn(1, 2, 1, 4, 4, generator=g)
+    noise = torch.randn(1, 2, 5, 4, 4, generator=g)
+    cond = C.context_condition(anchor, motion, 5, patch=(2, 2), context_noise=20, noise=noise)
+    # x's frames 0..K are the anchor and the motion noised to t = 20 with the clip's own noise there
+    x = torch.full((1, 2, 5, 4, 4), 7.0)
+    inp = cond.model_input(x)
+    assert torch.equal(inp[:, :2, 0], anchor[:, :, 0])
+    assert torch.allclose(inp[:, :2, 1], 0.98 * motion[:, :, 0] + 0.02 * noise[:, :, 1])
+    assert inp[:, :2, 2:].eq(7).all()
+    # y holds only the anchor (a first clip's y) and the mask marks only its pixel frame
+    assert torch.equal(inp[:, 6:, 0], anchor[:, :, 0]) and inp[:, 6:, 1:].eq(0).all()
+    assert inp[:, 2:6, 0].eq(1).all() and inp[:, 2:6, 1:].eq(0).all()
+    # per-token timesteps: 0 on the anchor, the context noise on the motion, t elsewhere (2x2 tokens a frame)
+    assert cond.timestep(500.0, x)[0].view(5, 4)[:, 0].tolist() == [0.0, 20.0, 500.0, 500.0, 500.0]
+    assert cond.repeat(2).timestep(500.0, torch.cat([x, x])).shape == (2, 20)
+    # clean context: the motion as it is, timestep 0; no motion: exactly latent mode's first clip
+    clean = C.context_condition(anchor, motion, 5, patch=(2, 2))
+    assert torch.equal(clean.model_input(x)[:, :2, 1], motion[:, :, 0])
+    assert clean.timestep(500.0, x)[0].view(5, 4)[:, 0].tolist() == [0.0, 0.0, 500.0, 500.0, 500.0]
+    first, svi = C.context_condition(anchor, None, 5), C.latent_condition(anchor, None, 5)
+    assert torch.equal(first.y, svi.y) and first.known is None
+    with pytest.raises(ValueError, match="needs the clip's noise"):
+        C.context_condition(anchor, motion, 5, context_noise=20)
+
+
+def test_df_route_runs_the_pro_timeline_with_the_context_kept_in_each_clip(tiny_models, tiny_story):
+    model = tiny_models("wan21")
+    story = tiny_story(3, frames=13, route="df")
+    clips = frames_of(model, story)
+    pro = frames_of(model, tiny_story(3, frames=13))
+    assert [len(c.frames) for c in clips] == [len(c.frames) for c in pro] == [13, 8, 8]
+    assert_same_clips(clips[:1], pro[:1])  # clip 0 has no past: the same as pro's
+    for prev, clip in zip(clips, clips[1:]):
+        # the context is the previous clip's last latent as generated, kept as it is (same tensor copied)
+        assert torch.equal(clip.latents[:, :, 1], prev.latents[:, :, -1])
+    assert (clips[1].frames.int() - pro[1].frames.int()).abs().max() > 0  # and it is another route
+    again = frames_of(model, tiny_story(3, frames=13, route="df"))
+    assert all(torch.equal(a.frames, b.frames) for a, b in zip(again, clips))  # same path, same seed: same frames
+    noised = frames_of(model, tiny_story(3, frames=13, route="df", route_options={"addnoise": 300}))
+    assert torch.equal(noised[0].frames, clips[0].frames)
+    assert (noised[1].frames.int() - clips[1].frames.int()).abs().max() > 0
+    assert torch.equal(noised[1].latents[:, :, 1], noised[0].latents[:, :, -1])  # decoded from the clean context
+
+
+def test_df_route_needs_weights_for_it(tiny_dirs, tiny_story):
+    from cliploom.engine import Engine
+
+    engine = Engine.load(tiny_dirs["wan21"], device="cpu")
+    with pytest.raises(CliploomError, match="has no df weights"):
+        list(engine.generate(tiny_story(1, route="df"), progress=False))
+
+
+@pytest.mark.parametrize("keys, message", [
+    ({"route": "causal"}, "route 'causal' is not available in this version"),
+    ({"route": "sideways"}, "unknown route 'sideways'"),
+    ({"route": "df", "route_options": {"ar_step": 1}}, "route df has no option 'ar_step'"),
+    ({"route": "df", "route_options": {"addnoise": 1000}}, "route option addnoise 1000 is out of range"),
+    ({"route": "df", "route_options": {"addnoise": "lots"}}, "must be a whole number"),
+    ({"route": "df", "mode": "film"}, "route df runs on the pro timeline"),
+    ({"route_options": {"addnoise": 20}}, "route svi has no option 'addnoise'"),
+])
+def test_bad_routes_and_options_are_one_line_errors_exit_2(tmp_path, reference_png, capsys, keys, message):
+    story = tmp_path / "s.yaml"
+    story.write_text(yaml.safe_dump({"reference": str(reference_png), "clips": ["a"], **keys}))
+    assert main(["generate", str(story), "-o", str(tmp_path / "v.mp4"), "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    with pytest.raises(CliploomError, match=message.replace("(", r"\(").replace("'", ".")):
+        make_story(clips=["a"], **keys)
+
+
+def test_route_options_from_the_command_line(tmp_path, reference_png, capsys):
+    from cliploom.cli import _story_from_args, build_parser
+
+    story = tmp_path / "s.yaml"
+    story.write_text(yaml.safe_dump({"reference": str(reference_png), "clips": ["a"], "route": "df",
+                                     "route_options": {"addnoise": 10}}))
+    args = build_parser().parse_args(["generate", str(story), "--route-opt", "addnoise=20"])
+    assert _story_from_args(args).route_option("addnoise") == 20
+    args = build_parser().parse_args(["generate", "--image", str(reference_png), "--prompt", "a", "--route", "df"])
+    assert _story_from_args(args).route_option("addnoise") == 0  # the default
+    assert main(["generate", str(story), "--route-opt", "addnoise", "-o", str(tmp_path / "v.mp4")]) == 2
+    assert "is not KEY=VALUE" in capsys.readouterr().err
+
+
+def test_df_trainer_gives_the_context_as_clean_frames_left_out_of_the_loss(tmp_path, tiny_dirs):
+    from cliploom.models import load_model
+    from cliploom.train.config import config_from_dict
+    from cliploom.train.loop import SVITrainer
+
+    cfg = config_from_dict(dict(model=str(tiny_dirs["wan21"]), out_dir=str(tmp_path / "run"), rank=4, alpha=8, frames=9,
+                                steps=3, replay_capacity=4, replay_dtype="float32", checkpoint_every=10, lr=0.02,
+                                route="df", context_noise_max=50, no_motion_prob=0.0, motion_source="previous_clip",
+                                p_y_error=1.0, p_clean=0.0))
+    trainer = SVITrainer(cfg, model=load_model(tiny_dirs["wan21"], device="cpu"), progress=False)
+    for _ in range(2):
+        info = trainer.train_step()
+        assert np.isfinite(info.loss)
+    for s in info.samples:
+        assert s.cond.known is not None and s.cond.y is not None
+        assert s.loss_mask[0, 0, :, 0, 0].tolist() == [0.0, 0.0, 1.0]  # anchor and context: given, not predicted
+        assert 0 <= s.choice.context_noise <= 50
+        assert s.cond.known_timesteps[0, 0, :, 0, 0].tolist() == [0.0, float(s.choice.context_noise), 0.0]
+    for bad, message in (({"route": "df", "latent_mode_prob": 0.5}, "pro timeline"),
+                         ({"context_noise_max": 20}, "diffusion-forcing setting"),
+                         ({"route": "df", "context_noise_max": 1000}, "not a timestep")):
+        with pytest.raises(CliploomError, match=message):
+            config_from_dict(dict(model="builtin", **bad))
