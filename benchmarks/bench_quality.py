@@ -28,7 +28,7 @@ import platform
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -159,6 +159,8 @@ class Run:
     lora: Path | None = None
     kind: str = "mode"  # "mode" or "variant"
     svi_lora: bool = True
+    route: str = "svi"  # cliploom.routes
+    route_options: dict = field(default_factory=dict)
 
 
 def mode_run(mode: str) -> Run:
@@ -168,7 +170,21 @@ def mode_run(mode: str) -> Run:
 
 def parse_variant(text: str) -> Run:
     """``NAME=LORA.safetensors`` (that LoRA alone), ``NAME=none`` (no LoRA: the base model) or
-    ``NAME=default`` (the model's own SVI LoRA); all in latent mode."""
+    ``NAME=default`` (the model's own SVI LoRA); all in latent mode. ``@ROUTE[:KEY=VALUE...]`` after
+    the LoRA runs it on another route (docs/routes.md): ``df=runs/df/lora_svi.safetensors@df:addnoise=20``."""
+    route, options = "svi", {}
+    if "@" in text:
+        from cliploom.routes import parse_option
+
+        text, spec = text.rsplit("@", 1)
+        route, *pairs = spec.split(":")
+        options = dict(parse_option(p) for p in pairs)
+    run = _parse_lora_variant(text)
+    run.route, run.route_options = route, options
+    return run
+
+
+def _parse_lora_variant(text: str) -> Run:
     if "=" not in text:
         raise SystemExit(f"error: --variant {text!r} must be NAME=LORA.safetensors (or NAME=none, NAME=default); "
                          "e.g. --variant ER=out/svi_er.safetensors")
@@ -198,6 +214,7 @@ def generate_story(engine, dev: DevStory, run: Run, reference: Path, overrides: 
         seed=dev.seed + 1000 * sample_seed,
         loras=[LoraSpec(run.lora)] if run.lora else [],
         svi_lora=run.svi_lora,
+        **({"route": run.route, "route_options": run.route_options} if run.route != "svi" else {}),
         **overrides,
     )
     clips = list(engine.generate(story, progress=False))
@@ -523,7 +540,7 @@ def main(argv=None) -> dict:
         done: dict = {}  # (mode, LoRAs) -> the run that generated it
         for run in runs:
             # A run identical to an earlier one (same mode, same LoRAs, same stories and seeds) is reused.
-            key = (run.mode, loras_of(run))
+            key = (run.mode, loras_of(run), run.route, tuple(sorted(run.route_options.items())))
             if key in done:
                 same = done[key]
                 results["runs"][run.name] = {**results["runs"][same], "kind": run.kind,
@@ -549,6 +566,7 @@ def main(argv=None) -> dict:
             label = run.name if run.kind == "variant" else f"`{run.name}`"
             results["runs"][run.name] = {"kind": run.kind, "label": label, "mode": run.mode,
                                          "svi_lora": loras_of(run)[0], "lora": loras_of(run)[1],
+                                         "route": run.route, "route_options": run.route_options,
                                          "seconds_per_clip": round(seconds / (len(devs) * args.clips), 4),
                                          "aggregate": agg, "stories": stories}
             print(f"{run.name}: {_pct(agg['clip_pass_rate'])} of clips pass, {agg['stories_clean']}/{agg['stories']} "

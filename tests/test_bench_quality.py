@@ -181,6 +181,11 @@ def test_bad_variant_is_one_clear_line(tmp_path):
     with pytest.raises(SystemExit, match="is not a .safetensors file"):
         bq.parse_variant(f"ER={tmp_path / 'missing.safetensors'}")
     assert bq.parse_variant("base=none").lora is None
+    lora = tmp_path / "df.safetensors"
+    lora.write_bytes(b"")
+    run = bq.parse_variant(f"df={lora}@df:addnoise=20")
+    assert (run.lora, run.route, run.route_options) == (lora, "df", {"addnoise": 20})
+    assert bq.parse_variant("base=none").route == "svi"
 
 
 def test_single_clip_prompts_cover_every_motion():
