@@ -20,12 +20,13 @@ import torch
 
 from . import __version__
 from .errors import CliploomError
-from .loom import Clip, Start, weave
+from .loom import Clip, Start
 from .models.components import Components
 from .models.loading import load_model
 from .models.lora import LoraStack
 from .models.memory import apply_memory_options, check_story_fits
 from .story import LoraSpec, Story
+from .routes import weave_for
 from .runs import Run, run_folder_for
 from .video_io import check_output, is_dir_target, write_json_atomic
 
@@ -130,8 +131,8 @@ class Engine:
             if on_clip_start is not None:
                 on_clip_start(i)
 
-        yield from weave(self.model, story, progress=progress, overlap_decode=overlap_decode, on_clip_start=clip_start,
-                         on_step=on_step, start=start)
+        yield from weave_for(story.route)(self.model, story, progress=progress, overlap_decode=overlap_decode,
+                                          on_clip_start=clip_start, on_step=on_step, start=start)
 
     def default_loras(self, story: Story) -> list[LoraSpec]:
         """The model's own weights for the story's route: its SVI LoRA (``svi_lora`` in its

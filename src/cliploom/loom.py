@@ -86,14 +86,8 @@ def weave(
     h, w = story.height // model.scale_spatial, story.width // model.scale_spatial
     cfg = max(story.guidance, story.guidance_low) > 1
 
-    # 2. Encode each distinct prompt once (and the negative prompt when guidance is on). All of
-    #    the story's, even when starting later: the same batch gives the same embeddings.
-    prompts = [story.prompt(i) for i in range(len(story.clips))]
-    distinct = list(dict.fromkeys(prompts))
-    text = {p: e[None] for p, e in zip(distinct, model.encode_text(distinct))}
-    negative = model.encode_text([story.negative_prompt])[0:1] if cfg else None
-    if story.release_text_encoder:
-        model.release_text_encoder()
+    # 2. Encode each distinct prompt once (and the negative prompt when guidance is on).
+    prompts, text, negative = encode_prompts(model, story, cfg)
 
     # 3. The reference image: pixels for pixel modes, the anchor latent (encoded once).
     image = load_image(story.reference, story.width, story.height)
@@ -105,7 +99,7 @@ def weave(
     sigmas = schedule(story.steps, story.shift, story.timesteps)
     experts = _experts(model, story)
 
-    decoder = _Decoder(model, overlap_decode if overlap_decode is not None else model.device.type == "cuda",
+    decoder = ClipDecoder(model, overlap_decode if overlap_decode is not None else model.device.type == "cuda",
                        story.color_match, colour_stats(torch.from_numpy(np.array(image))))
     clip_bar = tqdm(total=len(prompts), initial=start.index, desc="clips", unit="clip", disable=not progress)
     keyframes = _Keyframes(model, story)
@@ -191,10 +185,10 @@ def weave(
             #    clip's denoising when overlapped) and, with seam blending, for the next clip's
             #    frames: its last frames fade into the next clip's re-creation of them.
             queue.append(job)
-            for clip in _hand_over(queue, hold, blend, 1 + 4 * story.motion_latents):
+            for clip in hand_over(queue, hold, blend, 1 + 4 * story.motion_latents):
                 yield clip
                 clip_bar.update()
-        for clip in _hand_over(queue, 0, blend, 1 + 4 * story.motion_latents):
+        for clip in hand_over(queue, 0, blend, 1 + 4 * story.motion_latents):
             yield clip
             clip_bar.update()
     finally:
@@ -210,6 +204,18 @@ def _known_latent_frames(story: Story, memory: torch.Tensor | None) -> int:
     return 1 + memory.shape[2] if story.latent_motion else C.pixel_known_latent_frames(memory.shape[2])
 
 
+def encode_prompts(model: Components, story: Story, cfg: bool):
+    """Every clip's prompt, each distinct prompt's embedding (all of the story's, even when starting
+    later: the same batch gives the same embeddings) and the negative prompt's when guidance is on."""
+    prompts = [story.prompt(i) for i in range(len(story.clips))]
+    distinct = list(dict.fromkeys(prompts))
+    text = {p: e[None] for p, e in zip(distinct, model.encode_text(distinct))}
+    negative = model.encode_text([story.negative_prompt])[0:1] if cfg else None
+    if story.release_text_encoder:
+        model.release_text_encoder()
+    return prompts, text, negative
+
+
 def _compile_now(denoise, noise: torch.Tensor, sigmas: torch.Tensor) -> float:
     """Run the compiled transformer once at the schedule's highest and lowest noise levels (every
     expert and guidance batch size the story uses) so that compilation happens here, timed apart;
@@ -221,7 +227,7 @@ def _compile_now(denoise, noise: torch.Tensor, sigmas: torch.Tensor) -> float:
     return time.perf_counter() - started
 
 
-def _hand_over(queue: list[Future], hold: int, blend: int, skip: int) -> Iterator[Clip]:
+def hand_over(queue: list[Future], hold: int, blend: int, skip: int) -> Iterator[Clip]:
     """Yield the queue's clips while more than ``hold`` wait; with ``blend`` frames of seam
     blending, a clip's last frames first fade into the next clip's frames of the same instants
     (frames ``skip - blend .. skip - 1`` of the next clip re-create its last ``blend`` frames)."""
@@ -248,12 +254,12 @@ def _experts(model: Components, story: Story) -> list[Expert]:
 
 
 @dataclass
-class _Decoded:
+class DecodedClip:
     clip: Clip
     frames_all: torch.Tensor
 
 
-class _Decoder:
+class ClipDecoder:
     """Decodes clips, on a worker thread (and CUDA stream) when overlapping is on."""
 
     def __init__(self, model: Components, overlap: bool, color_match: str | None = None, anchor_stats=None):
@@ -275,7 +281,7 @@ class _Decoder:
             ready.record()
         return self.pool.submit(self._decode, latents, keep, info, memory, ready)
 
-    def _decode(self, latents, keep, info, memory, ready) -> _Decoded:
+    def _decode(self, latents, keep, info, memory, ready) -> DecodedClip:
         started = time.perf_counter()
         if self.stream is not None:
             with torch.cuda.stream(self.stream):
@@ -302,7 +308,7 @@ class _Decoder:
             memory=memory,
             seconds_compile=seconds_compile,
         )
-        return _Decoded(clip, frames)
+        return DecodedClip(clip, frames)
 
     def close(self) -> None:
         if self.pool is not None:

@@ -104,7 +104,7 @@ class Story:
     svi_lora: bool = True  # apply the model's own SVI LoRA (cliploom.json `svi_lora`) when it has one
     color_match: str | None = None  # none | anchor | previous: each clip's colour statistics (cliploom.colour)
     seam_blend: int | None = None  # pro mode: a clip's last N frames fade into the next clip's re-creation of them
-    route: str = "svi"  # how the past enters a clip: svi | df (cliploom.routes)
+    route: str = "svi"  # how the past enters a clip: svi | df | causal (cliploom.routes)
     route_options: dict = field(default_factory=dict)  # the route's knobs (cliploom.routes.ROUTES)
     motion_amplitude: float | None = None  # > 1: y's frames to generate pushed from the last known one (conditioning.amplify_motion)
     attention: str = "auto"  # attention backend (models.acceleration): auto, sdpa, flash, flash3, sage, ...
@@ -570,8 +570,9 @@ def _check_route(where: str, story: Story) -> None:
     for key, value in story.route_options.items():
         if (bad := option_error(story.route, str(key), value)) is not None:
             _fail(where, *bad)
-    if story.route == "df" and story.mode != "pro":
-        _fail(where, f"route df runs on the pro timeline (latent context), not in {story.mode} mode", "use mode: pro")
+    if story.route != "svi" and story.mode != "pro":
+        _fail(where, f"route {story.route} runs on the pro timeline (latent context), not in {story.mode} mode",
+              "use mode: pro")
 
 
 def load_story(path: str | Path) -> Story:

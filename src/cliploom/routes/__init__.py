@@ -6,6 +6,9 @@
   latents, clean or lightly noised (``addnoise``, a timestep), with their own per-token timesteps
   (:func:`cliploom.conditioning.context_condition`); the ``pro`` timeline, so every route is scored
   on the same frames.
+* ``causal``: a causal model with a rolling KV cache (CausVid, Self-Forcing, LongLive): latent
+  frames made block by block, each attending to the cached keys and values of a sink (the first
+  clips) and a window (the last clips) (:mod:`cliploom.routes.causal`, :mod:`cliploom.models.causal`).
 
 A route's options live in ``route_options:`` (CLI ``--route-opt KEY=VALUE``), each with a type, a
 range and a default, checked before anything loads. Routes named by the long-video literature that
@@ -31,8 +34,14 @@ ROUTES: dict[str, dict[str, Option]] = {
     "df": {
         "addnoise": Option(int, 0, 999, 0, "timestep the context latents are noised to (SkyReels' addnoise_condition)"),
     },
+    "causal": {
+        "block": Option(int, 1, 4, 1, "latent frames denoised together (4 video frames each)"),
+        "sink": Option(int, 0, 8, 1, "clips at the start of the video kept in the KV cache"),
+        "window": Option(int, 1, 16, 2, "most recent clips kept in the KV cache"),
+        "recache": Option(bool, 0, 1, False, "at a prompt switch, recompute the cache under the new prompt (LongLive)"),
+    },
 }
-PLANNED = ("causal", "self-forcing", "helios")
+PLANNED = ("self-forcing", "helios")
 
 
 def route_error(route: str) -> tuple[str, str] | None:
@@ -52,6 +61,9 @@ def option_error(route: str, key: str, value) -> tuple[str, str] | None:
         takes = ", ".join(options) if options else "no options"
         return f"route {route} has no option {key!r}", f"it takes {takes}"
     opt = options[key]
+    if opt.kind is bool:
+        return None if isinstance(value, bool) else (f"route option {key} must be true or false, got {value!r}",
+                                                      f"write {key}: true")
     if opt.kind is int and (isinstance(value, bool) or not isinstance(value, int)):
         return f"route option {key} must be a whole number, got {value!r}", f"use {opt.low}..{opt.high}"
     if opt.kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
@@ -69,3 +81,12 @@ def parse_option(text: str) -> tuple[str, object]:
     if not sep or not key.strip():
         raise ValueError(f"--route-opt {text!r} is not KEY=VALUE")
     return key.strip(), yaml.safe_load(value)
+
+
+def weave_for(route: str):
+    """The clip loop of ``route``: ``weave(model, story, **options) -> Iterator[Clip]``."""
+    if route == "causal":
+        from .causal import weave
+    else:  # svi and df share the clip loop; they differ in how a clip is conditioned
+        from ..loom import weave
+    return weave

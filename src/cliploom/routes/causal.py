@@ -1,0 +1,174 @@
+"""The causal route: latent frames made block by block under a rolling KV cache.
+
+Read :func:`weave` top-down. The stream is the ``pro`` timeline's latents, made in order: the
+anchor (latent frame 0, given), then each clip's new latent frames (clip 0: ``T - 1``, later clips:
+``T - 1 - K``) in blocks of ``block`` frames. A block is denoised attending to the cached keys and
+values of the sink (the first ``sink`` clips) and the window (the last ``window`` clips), then run
+once more clean (timestep 0) to write its own keys and values to the cache -- Self-Forcing's
+rollout. Each clip is decoded as ``pro`` decodes it (``[anchor, previous clip's last K latents,
+new]``, the first ``1 + 4K`` frames dropped), so every route yields the same ``Clip`` stream over
+the same frames. With ``recache``, a prompt switch recomputes the cached keys and values under the
+new prompt before the clip's first block (LongLive).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .. import conditioning as C
+from ..colour import colour_stats
+from ..errors import CliploomError
+from ..loom import Clip, ClipDecoder, Start, encode_prompts, hand_over
+from ..models.causal import causal_attention, set_offset
+from ..models.components import Components, frames_to_tensor
+from ..models.memory import check_story_fits
+from ..sampling import Expert, make_denoiser, sample_euler, schedule
+from ..story import Story
+from ..video_io import load_image
+
+
+def weave(
+    model: Components,
+    story: Story,
+    *,
+    progress: bool = True,
+    overlap_decode: bool | None = None,
+    on_clip_start: Callable[[int], None] | None = None,
+    on_step: Callable[[int, int, int], None] | None = None,
+    start: Start | None = None,
+) -> Iterator[Clip]:
+    """Generate ``story`` on the causal route, yielding each clip as soon as it is decoded."""
+    # 1. Settle every number; refuse what this route cannot do.
+    story = story.resolve(model.settings, model.size_multiple, model.scale_temporal)
+    check_story_fits(model, story)
+    _check(model, story, start)
+    F, T, K = story.frames, C.latent_frame_count(story.frames, model.scale_temporal), story.motion_latents
+    h, w = story.height // model.scale_spatial, story.width // model.scale_spatial
+    block, recache = story.route_option("block"), story.route_option("recache")
+    sink = 0 if story.route_option("sink") == 0 else T + (story.route_option("sink") - 1) * (T - 1 - K)
+    window = story.route_option("window") * (T - 1 - K)
+    cfg = story.guidance > 1
+
+    # 2. Prompts, the anchor latent and its image features (as the SVI loop).
+    prompts, text, negative = encode_prompts(model, story, cfg)
+    image = load_image(story.reference, story.width, story.height)
+    anchor = model.encode_video(frames_to_tensor([image]).to(model.device))  # [1, C, 1, h, w]
+    features = model.encode_image_features(image)
+    sigmas = schedule(story.steps, story.shift, story.timesteps)
+    tr = model.transformer
+    experts = [Expert(tr, story.guidance)]
+
+    decoder = ClipDecoder(model, False, story.color_match, colour_stats(torch.from_numpy(np.array(image))))
+    blend = story.seam_blend
+    queue: list[Future] = []
+    clip_bar = tqdm(total=len(prompts), desc="clips", unit="clip", disable=not progress)
+    memory = None
+    with causal_attention(tr, sink=sink, window=window) as session:
+        session.reset()
+        # 3. The anchor is latent frame 0 of the stream, given clean (y and mask mark it, as I2V's
+        #    first frame), and the first block of the cache.
+        _write(model, session, anchor, _y(model, anchor, known=True), text[prompts[0]], features, 0)
+        position = 1
+        try:
+            for i, prompt in enumerate(prompts):
+                started = time.perf_counter()
+                if on_clip_start is not None:
+                    on_clip_start(i)
+                # 4. A prompt switch with recache: the cached frames' keys and values under the new prompt.
+                if recache and i > 0 and prompt != prompts[i - 1]:
+                    _recache(model, session, text[prompt], features)
+                # 5. This clip's new latent frames, block by block, from its own seeded noise.
+                new = T - 1 if i == 0 else T - 1 - K
+                seed = story.clip_seed(i)
+                noise = torch.randn((1, model.z_dim, new, h, w), generator=torch.Generator("cpu").manual_seed(seed))
+                made, steps = [], len(sigmas) - 1
+                total = steps * -(-new // block)  # steps over the clip's blocks, for on_step
+                for b0 in range(0, new, block):
+                    n = min(block, new - b0)
+                    cond = C.ClipCondition(y=_y(model, noise[:, :, :n].to(model.device), known=False),
+                                           image_embeds=features, patch=model.patch)
+                    denoise = make_denoiser(experts, cond, text[prompt], negative)
+                    set_offset(tr, position)
+                    done = steps * (b0 // block)
+                    x = sample_euler(denoise, noise[:, :, b0:b0 + n].to(model.device), sigmas, cond.finish,
+                                     (lambda k, i=i, d=done: on_step(i, d + k + 1, total)) if on_step else None)
+                    # 6. The block, clean, becomes cache (and its frames part of the clip).
+                    _write(model, session, x, cond.y, text[prompt], features, position)
+                    made.append(x)
+                    position += n
+                latents = torch.cat(made, dim=2)
+                if not bool(torch.isfinite(latents).all()):
+                    raise CliploomError(f"clip {i}: the latents hold NaN or Inf after denoising",
+                                        "lower the LoRA weights or the guidance; a damaged checkpoint does this too")
+                # 7. Decode as pro does: [anchor, previous clip's last K latents, new].
+                chunk = torch.cat([anchor, latents] if memory is None else [anchor, memory, latents], dim=2)
+                memory = chunk[:, :, -K:]
+                info = (i, prompt, seed, time.perf_counter() - started, 0.0)
+                queue.append(decoder.submit(chunk, story.frames_kept(i), info, memory))
+                for clip in hand_over(queue, int(blend > 0), blend, 1 + 4 * K):
+                    yield clip
+                    clip_bar.update()
+            for clip in hand_over(queue, 0, blend, 1 + 4 * K):
+                yield clip
+                clip_bar.update()
+        finally:
+            set_offset(tr, 0)
+            clip_bar.close()
+            decoder.close()
+
+
+def _check(model: Components, story: Story, start: Start | None) -> None:
+    if start is not None and start.index > 0:
+        raise CliploomError("route causal cannot resume or extend a run: its KV cache is not saved with the clips",
+                            "generate the story from clip 0 (or use route: svi)")
+    if model.transformer_2 is not None:
+        raise CliploomError("route causal runs on one transformer; this model has two experts",
+                            "use a single-transformer model (Wan 2.1, TI2V 5B, the built-in model)")
+    if model.settings.expand_timesteps:
+        raise CliploomError("route causal needs a model with y channels; TI2V models are not supported yet",
+                            "use a Wan 2.1 / built-in model, or route: svi")
+    if story.guidance_low != story.guidance:
+        raise CliploomError("route causal takes one guidance scale for every step",
+                            "set guidance_low equal to guidance (or leave both to the model's default)")
+    rows = model.transformer.rope.freqs_cos.shape[0]
+    T = C.latent_frame_count(story.frames, model.scale_temporal)
+    total = T + (len(story.clips) - 1) * (T - 1 - story.motion_latents)
+    if total > rows:
+        raise CliploomError(f"route causal: {len(story.clips)} clips are {total} latent frames, more positions than "
+                            f"the model's RoPE table holds ({rows})", "use fewer clips")
+
+
+def _y(model: Components, latents: torch.Tensor, known: bool) -> torch.Tensor:
+    """Mask and ``y`` for latent frames of the stream: the anchor's (mask 1, ``y`` = the anchor) or
+    a generated block's (both zero)."""
+    b, _, n, h, w = latents.shape
+    if known:
+        return torch.cat([torch.ones(b, 4, n, h, w, device=latents.device, dtype=latents.dtype), latents], dim=1)
+    return torch.zeros(b, 4 + latents.shape[1], n, h, w, device=latents.device, dtype=latents.dtype)
+
+
+@torch.no_grad()
+def _write(model: Components, session, x: torch.Tensor, y: torch.Tensor, text, features, position: int) -> None:
+    """Run the clean block once at timestep 0, keeping its keys and values as the next cache block."""
+    tr = model.transformer
+    dtype = getattr(tr, "_cliploom_compute_dtype", None) or next(tr.parameters()).dtype
+    set_offset(tr, position)
+    with session.writing(x.shape[2], start=position, inputs=(x, y)):
+        tr(hidden_states=torch.cat([x, y.to(x)], dim=1).to(dtype), timestep=torch.zeros(1, device=x.device),
+           encoder_hidden_states=text.to(dtype),
+           encoder_hidden_states_image=None if features is None else features.to(dtype), return_dict=False)
+
+
+def _recache(model: Components, session, text, features) -> None:
+    """Rebuild the cache from the cached blocks' own inputs, in order, under ``text``."""
+    old = list(session.blocks)
+    session.blocks = []
+    for b in old:
+        x, y = b.inputs
+        _write(model, session, x, y, text, features, b.start)

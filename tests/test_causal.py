@@ -1,0 +1,154 @@
+"""Block-causal attention with a KV cache (cliploom.models.causal) against dense masked attention."""
+
+import pytest
+import torch
+
+from cliploom.models.causal import causal_attention, set_offset
+
+
+def _inputs(model, frames, seed=0):
+    tr = model.transformer
+    g = torch.Generator().manual_seed(seed)
+    h = w = 4
+    x = torch.randn(1, tr.config.in_channels, frames, h, w, generator=g)
+    text = model.encode_text(["a red circle moves right"])[0:1]
+    return tr, x, text
+
+
+def _run(tr, x, t, text):
+    with torch.no_grad():
+        return tr(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+
+
+@pytest.mark.parametrize("sizes", [[1, 1, 1, 1], [1, 2, 1], [2, 2]])
+def test_cached_blocks_equal_dense_block_causal_attention(tiny_models, sizes):
+    model = tiny_models("wan22")
+    tr, x, text = _inputs(model, sum(sizes))
+    hw = (x.shape[3] // 2) * (x.shape[4] // 2)
+    # per-token timesteps: earlier blocks clean (t = 0), the last block noisy
+    per_frame = torch.cat([torch.zeros(sum(sizes[:-1])), torch.full((sizes[-1],), 700.0)])
+    with causal_attention(tr) as session:
+        session.set_blocks(sizes, hw)
+        dense = _run(tr, x, per_frame.repeat_interleave(hw)[None], text)
+        session.reset()
+        outs, start = [], 0
+        for i, n in enumerate(sizes):
+            set_offset(tr, start)
+            t = torch.tensor([700.0 if i == len(sizes) - 1 else 0.0])
+            if i < len(sizes) - 1:
+                with session.writing(n):
+                    outs.append(_run(tr, x[:, :, start:start + n], t, text))
+            else:
+                outs.append(_run(tr, x[:, :, start:start + n], t, text))
+            start += n
+        set_offset(tr, 0)
+    cached = torch.cat(outs, dim=2)
+    # float32 sums in another order (a different batch of keys per call): within 1e-5 of the output's scale
+    scale = dense.abs().max()
+    assert (cached - dense).abs().max() <= 1e-5 * scale
+    # and causality is real: the dense output of the first block does not change with later frames
+    with causal_attention(tr) as session:
+        session.set_blocks(sizes, hw)
+        y = x.clone()
+        y[:, :, sizes[0]:] += 1.0
+        changed = _run(tr, y, per_frame.repeat_interleave(hw)[None], text)
+    assert (changed[:, :, :sizes[0]] - dense[:, :, :sizes[0]]).abs().max() <= 1e-5 * scale
+    assert (changed[:, :, sizes[0]:] - dense[:, :, sizes[0]:]).abs().max() > 1e-3 * scale
+    # the model's own processors and RoPE are back
+    assert type(tr.rope).__name__ == "WanRotaryPosEmbed"
+    assert all(type(b.attn1.processor).__name__ != "BlockCausalProcessor" for b in tr.blocks)
+
+
+def test_cache_keeps_the_sink_and_the_window_only(tiny_models):
+    model = tiny_models("wan22")
+    tr, x, text = _inputs(model, 1)
+    hw = 4
+    with causal_attention(tr, sink=2, window=3) as session:
+        session.reset()
+        sizes = []
+        for i in range(9):
+            set_offset(tr, i)
+            with session.writing(1):
+                _run(tr, x, torch.tensor([0.0]), text)
+            sizes.append(session.cached_frames())
+            assert session.cached_tokens() == session.cached_frames() * hw
+        assert [b.start for b in session.blocks] == [0, 1, 6, 7, 8]  # frames 0-1 (sink) and the last 3
+    assert sizes == [1, 2, 3, 4, 5, 5, 5, 5, 5]
+
+
+def _frames_of(model, story, **kw):
+    from cliploom.routes.causal import weave
+
+    return list(weave(model, story, progress=False, **kw))
+
+
+def test_causal_route_streams_the_pro_timeline_with_a_bounded_cache(tiny_models, tiny_story, monkeypatch):
+    from cliploom.routes import causal as route
+
+    model = tiny_models("wan21")
+    sessions, cached, texts = [], [], []
+    real_attention, real_denoiser = route.causal_attention, route.make_denoiser
+
+    def attention(*a, **k):
+        cm = real_attention(*a, **k)
+        session = cm.__enter__()
+        sessions.append(session)
+
+        class Wrapped:
+            def __enter__(self):
+                return session
+
+            def __exit__(self, *exc):
+                return cm.__exit__(*exc)
+
+        return Wrapped()
+
+    monkeypatch.setattr(route, "causal_attention", attention)
+    monkeypatch.setattr(route, "make_denoiser", lambda e, c, t, n: texts.append(t) or real_denoiser(e, c, t, n))
+    story = tiny_story(6, frames=13, route="causal", route_options={"sink": 1, "window": 1})
+    clips = _frames_of(model, story, on_clip_start=lambda i: cached.append(sessions[-1].cached_frames()))
+    assert [len(c.frames) for c in clips] == [13, 8, 8, 8, 8, 8]  # pro's geometry: 4 latents, then 2 new a clip
+    # sink: clip 0's 4 latents; window: one clip's 2 new latents -> never more than 6 frames cached
+    assert cached == [1, 4, 6, 6, 6, 6] and sessions[-1].cached_frames() == 6
+    assert sessions[-1].cached_tokens() == 6 * 4
+    # every clip's blocks were denoised with that clip's own prompt (tiny_story alternates two)
+    prompts = [story.prompt(i) for i in range(6)]
+    emb = {p: model.encode_text([p])[0:1] for p in set(prompts)}
+    per_clip = [texts[0:3], *[texts[3 + 2 * k: 5 + 2 * k] for k in range(5)]]  # 3 blocks in clip 0, 2 after
+    for p, used in zip(prompts, per_clip):
+        assert all(torch.equal(t, emb[p]) for t in used)
+    # decoded as pro decodes: [anchor, previous clip's last latent, new]
+    for prev, clip in zip(clips, clips[1:]):
+        assert torch.equal(clip.latents[:, :, 1], prev.latents[:, :, -1])
+    again = _frames_of(model, story)
+    assert all(torch.equal(a.frames, b.frames) for a, b in zip(again, clips))  # same path, same seed: same frames
+
+
+def test_causal_options_change_what_they_should(tiny_models, tiny_story):
+    model = tiny_models("wan21")
+    base = _frames_of(model, tiny_story(3, frames=13, route="causal"))
+    blocks = _frames_of(model, tiny_story(3, frames=13, route="causal", route_options={"block": 2}))
+    assert [len(c.frames) for c in blocks] == [len(c.frames) for c in base]
+    assert (blocks[0].frames.int() - base[0].frames.int()).abs().max() > 0  # two frames denoised together
+    recached = _frames_of(model, tiny_story(3, frames=13, route="causal", route_options={"recache": True}))
+    assert torch.equal(recached[0].frames, base[0].frames)  # nothing to re-cache before the first switch
+    # the prompts alternate: clip 1 attends to keys and values recomputed under its prompt (on a random
+    # model the text barely moves them; any change is the re-cache, the path being otherwise the same)
+    assert not torch.equal(recached[1].latents, base[1].latents)
+
+
+def test_causal_route_refusals(tiny_models, tiny_dirs, tiny_story):
+    from cliploom.engine import Engine
+    from cliploom.errors import CliploomError
+    from cliploom.loom import Start
+
+    with pytest.raises(CliploomError, match="has no causal weights"):
+        list(Engine.load(tiny_dirs["wan21"], device="cpu").generate(tiny_story(1, route="causal"), progress=False))
+    with pytest.raises(CliploomError, match="cannot resume"):
+        _frames_of(tiny_models("wan21"), tiny_story(2, route="causal"), start=Start(1, torch.zeros(1, 16, 1, 4, 4)))
+    with pytest.raises(CliploomError, match="two experts"):
+        _frames_of(tiny_models("wan22"), tiny_story(2, route="causal"))
+    with pytest.raises(CliploomError, match="route option window 0 is out of range"):
+        tiny_story(2, route="causal", route_options={"window": 0})
+    with pytest.raises(CliploomError, match="recache must be true or false"):
+        tiny_story(2, route="causal", route_options={"recache": 1})
