@@ -152,3 +152,18 @@ def test_causal_route_refusals(tiny_models, tiny_dirs, tiny_story):
         tiny_story(2, route="causal", route_options={"window": 0})
     with pytest.raises(CliploomError, match="recache must be true or false"):
         tiny_story(2, route="causal", route_options={"recache": 1})
+
+
+def test_shifted_rope_gives_stream_positions_and_grows_past_the_models_table():
+    from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
+
+    from cliploom.models.causal import ShiftedRope
+
+    big = WanRotaryPosEmbed(64, (1, 2, 2), 64)
+    x = torch.zeros(1, 4, 14, 4, 4)
+    full_cos, full_sin = big(x)  # positions 0..13
+    short = ShiftedRope(WanRotaryPosEmbed(64, (1, 2, 2), 8))  # a table of 8 positions
+    short.offset = 10
+    cos, sin = short(torch.zeros(1, 4, 4, 4, 4))  # positions 10..13, beyond the table: it grows
+    assert short.inner.max_seq_len >= 14
+    assert torch.allclose(cos, full_cos[:, 10 * 4:]) and torch.allclose(sin, full_sin[:, 10 * 4:])

@@ -97,7 +97,7 @@ def weave(
 
     # 4. The noise schedule and the expert(s) that denoise it.
     sigmas = schedule(story.steps, story.shift, story.timesteps)
-    experts = _experts(model, story)
+    experts = experts_for(model, story)
 
     decoder = ClipDecoder(model, overlap_decode if overlap_decode is not None else model.device.type == "cuda",
                        story.color_match, colour_stats(torch.from_numpy(np.array(image))))
@@ -242,7 +242,7 @@ def hand_over(queue: list[Future], hold: int, blend: int, skip: int) -> Iterator
         yield head.clip
 
 
-def _experts(model: Components, story: Story) -> list[Expert]:
+def experts_for(model: Components, story: Story) -> list[Expert]:
     """High-noise expert first; Wan 2.2 A14B hands over to ``transformer_2`` below the boundary.
     A one-transformer model with a ``boundary`` uses ``guidance_low`` below it (guidance in an
     interval: the high-noise steps decide motion and layout, the low-noise ones colour and detail)."""

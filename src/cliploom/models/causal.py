@@ -151,7 +151,9 @@ class BlockCausalProcessor:
 
 class ShiftedRope(torch.nn.Module):
     """Wan's RoPE with the temporal positions of a block that starts ``offset`` latent frames into
-    the stream (the frequency tables are the model's own; only the rows differ)."""
+    the stream. The frequency tables are the model's own; a stream longer than the table (the
+    built-in model's holds 64 positions) gets a longer table of the same frequencies (RoPE has no
+    weights: its first rows equal the model's)."""
 
     def __init__(self, rope: torch.nn.Module):
         super().__init__()
@@ -162,6 +164,12 @@ class ShiftedRope(torch.nn.Module):
         b, c, f, h, w = hidden_states.shape
         if self.offset == 0:
             return self.inner(hidden_states)
+        if self.offset + f > self.inner.max_seq_len:
+            from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
+
+            longer_rope = WanRotaryPosEmbed(self.inner.attention_head_dim, self.inner.patch_size,
+                                            2 * (self.offset + f))
+            self.inner = longer_rope.to(self.inner.freqs_cos.device)
         _, ph, pw = self.inner.patch_size
         longer = torch.empty((b, c, f + self.offset, h, w), device="meta")  # only its shape is read
         cos, sin = self.inner(longer)

@@ -24,11 +24,11 @@ from tqdm.auto import tqdm
 from .. import conditioning as C
 from ..colour import colour_stats
 from ..errors import CliploomError
-from ..loom import Clip, ClipDecoder, Start, encode_prompts, hand_over
+from ..loom import Clip, ClipDecoder, Start, encode_prompts, experts_for, hand_over
 from ..models.causal import causal_attention, set_offset
 from ..models.components import Components, frames_to_tensor
 from ..models.memory import check_story_fits
-from ..sampling import Expert, make_denoiser, sample_euler, schedule
+from ..sampling import make_denoiser, sample_euler, schedule
 from ..story import Story
 from ..video_io import load_image
 
@@ -53,7 +53,7 @@ def weave(
     block, recache = story.route_option("block"), story.route_option("recache")
     sink = 0 if story.route_option("sink") == 0 else T + (story.route_option("sink") - 1) * (T - 1 - K)
     window = story.route_option("window") * (T - 1 - K)
-    cfg = story.guidance > 1
+    cfg = max(story.guidance, story.guidance_low) > 1
 
     # 2. Prompts, the anchor latent and its image features (as the SVI loop).
     prompts, text, negative = encode_prompts(model, story, cfg)
@@ -62,7 +62,7 @@ def weave(
     features = model.encode_image_features(image)
     sigmas = schedule(story.steps, story.shift, story.timesteps)
     tr = model.transformer
-    experts = [Expert(tr, story.guidance)]
+    experts = experts_for(model, story)  # guidance in an interval, as the SVI loop
 
     decoder = ClipDecoder(model, False, story.color_match, colour_stats(torch.from_numpy(np.array(image))))
     blend = story.seam_blend
@@ -133,15 +133,6 @@ def _check(model: Components, story: Story, start: Start | None) -> None:
     if model.settings.expand_timesteps:
         raise CliploomError("route causal needs a model with y channels; TI2V models are not supported yet",
                             "use a Wan 2.1 / built-in model, or route: svi")
-    if story.guidance_low != story.guidance:
-        raise CliploomError("route causal takes one guidance scale for every step",
-                            "set guidance_low equal to guidance (or leave both to the model's default)")
-    rows = model.transformer.rope.freqs_cos.shape[0]
-    T = C.latent_frame_count(story.frames, model.scale_temporal)
-    total = T + (len(story.clips) - 1) * (T - 1 - story.motion_latents)
-    if total > rows:
-        raise CliploomError(f"route causal: {len(story.clips)} clips are {total} latent frames, more positions than "
-                            f"the model's RoPE table holds ({rows})", "use fewer clips")
 
 
 def _y(model: Components, latents: torch.Tensor, known: bool) -> torch.Tensor:
