@@ -167,3 +167,53 @@ def test_shifted_rope_gives_stream_positions_and_grows_past_the_models_table():
     cos, sin = short(torch.zeros(1, 4, 4, 4, 4))  # positions 10..13, beyond the table: it grows
     assert short.inner.max_seq_len >= 14
     assert torch.allclose(cos, full_cos[:, 10 * 4:]) and torch.allclose(sin, full_sin[:, 10 * 4:])
+
+
+def test_dense_pass_with_per_clip_prompts_equals_streaming_each_clip_with_its_own(tiny_models):
+    model = tiny_models("wan22")
+    tr, x, _ = _inputs(model, 3)
+    texts = model.encode_text(["a red circle moves right", "a blue square moves up"])
+    hw = 4
+    t = torch.zeros(3 * hw)[None]
+    with causal_attention(tr, clip_texts=True) as session:
+        session.set_blocks([1, 1, 1], hw)
+        session.set_clip_texts([0, 0, 1], hw, texts.shape[1])
+        dense = _run(tr, x, t, torch.cat([texts[0:1], texts[1:2]], dim=1))
+    with causal_attention(tr) as session:
+        session.reset()
+        outs = []
+        for f, clip in enumerate([0, 0, 1]):
+            set_offset(tr, f)
+            with session.writing(1):
+                outs.append(_run(tr, x[:, :, f:f + 1], torch.zeros(1), texts[clip:clip + 1]))
+        set_offset(tr, 0)
+    cached = torch.cat(outs, dim=2)
+    assert (cached - dense).abs().max() <= 1e-5 * dense.abs().max()
+
+
+def test_causal_stage_one_trains_on_streams(tmp_path, tiny_dirs):
+    import numpy as np
+
+    from cliploom.errors import CliploomError
+    from cliploom.models import load_model
+    from cliploom.train.causal import CausalTrainer
+    from cliploom.train.config import config_from_dict
+
+    cfg = config_from_dict(dict(model=str(tiny_dirs["wan21"]), out_dir=str(tmp_path / "run"), rank=4, alpha=8,
+                                frames=9, steps=2, batch_size=2, route="causal", clips_per_sample=3,
+                                error_recycling=False, checkpoint_every=10, lr=0.02))
+    trainer = CausalTrainer(cfg, model=load_model(tiny_dirs["wan21"], device="cpu"), progress=False)
+    before = {n: p.detach().clone() for n, p in trainer.transformer.named_parameters() if p.requires_grad}
+    for _ in range(2):
+        info = trainer.train_step()
+        assert np.isfinite(info.loss)
+    s = info.samples[0]
+    assert s.latents.shape[2] == 3 + 1 + 1 and s.clip_of_frame == [0, 0, 0, 1, 2]  # 9 frames: 3 latents, then 1 a clip
+    assert len(s.prompts) == 3 and info.sigmas[:, 0].eq(0).all() and info.sigmas[:, 1:].gt(0).all()
+    after = dict(trainer.transformer.named_parameters())
+    assert any(not torch.equal(after[n], before[n]) for n in before)  # the LoRA learnt something
+    assert all(type(b.attn2.processor).__name__ != "ClipTextProcessor" for b in trainer.transformer.blocks)
+    for bad, message in (({"error_recycling": True}, "no error recycling"), ({"data": "videos", "videos": "x"},
+                                                                               "ShapesWorld streams only")):
+        with pytest.raises(CliploomError, match=message):
+            config_from_dict(dict(model="builtin", route="causal", **{"error_recycling": False, **bad}))

@@ -47,6 +47,7 @@ class CausalSession:
         self.mode = "dense"
         self.write = False
         self.mask: torch.Tensor | None = None  # dense: [tokens, tokens] bool, True = attend
+        self.text_mask: torch.Tensor | None = None  # dense, several clips' prompts: [tokens, text tokens]
         self.blocks: list[_Block] = []
         self.written = 0  # latent frames written to the cache so far (the next block's start)
         self._pending: _Block | None = None
@@ -58,6 +59,13 @@ class CausalSession:
                                         torch.tensor(frames_per_block) * tokens_per_frame)
         self.mask = (owner[None, :] <= owner[:, None]).to(device)
         self.mode = "dense"
+
+    def set_clip_texts(self, clip_of_frame: list[int], tokens_per_frame: int, text_tokens: int, device=None) -> None:
+        """Dense mode over several clips, each with its own prompt: the text is the clips' prompts
+        concatenated (``text_tokens`` each) and a frame's tokens read only their clip's."""
+        owner = torch.repeat_interleave(torch.tensor(clip_of_frame), tokens_per_frame)
+        clips = torch.arange(max(clip_of_frame) + 1).repeat_interleave(text_tokens)
+        self.text_mask = (owner[:, None] == clips[None, :]).to(device)
 
     # -- cached -----------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -149,6 +157,36 @@ class BlockCausalProcessor:
         return attn.to_out[1](attn.to_out[0](out))
 
 
+class ClipTextProcessor:
+    """Cross-attention in which a clip's tokens read only their clip's prompt (the session's
+    ``text_mask``), for a dense pass over several clips. Image context (Wan 2.1's CLIP tokens, in
+    front of the text) is read by every token, as Wan's own processor does."""
+
+    def __init__(self, session: CausalSession):
+        self.session = session
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        mask = self.session.text_mask
+        image = None
+        if attn.add_k_proj is not None:
+            n_image = encoder_hidden_states.shape[1] - mask.shape[1]
+            image, encoder_hidden_states = encoder_hidden_states[:, :n_image], encoder_hidden_states[:, n_image:]
+        if attn.fused_projections:
+            q = attn.to_q(hidden_states)
+            k, v = attn.to_kv(encoder_hidden_states).chunk(2, dim=-1)
+        else:
+            q, k, v = attn.to_q(hidden_states), attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
+        q, k = attn.norm_q(q), attn.norm_k(k)
+        q, k, v = (t.unflatten(2, (attn.heads, -1)).transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if image is not None:
+            ki, vi = attn.norm_added_k(attn.add_k_proj(image)), attn.add_v_proj(image)
+            ki, vi = (t.unflatten(2, (attn.heads, -1)).transpose(1, 2) for t in (ki, vi))
+            out = out + F.scaled_dot_product_attention(q, ki, vi)
+        out = out.transpose(1, 2).flatten(2, 3).type_as(q)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
 class ShiftedRope(torch.nn.Module):
     """Wan's RoPE with the temporal positions of a block that starts ``offset`` latent frames into
     the stream. The frequency tables are the model's own; a stream longer than the table (the
@@ -178,21 +216,26 @@ class ShiftedRope(torch.nn.Module):
 
 
 @contextmanager
-def causal_attention(transformer, sink: int = 0, window: int | None = None):
+def causal_attention(transformer, sink: int = 0, window: int | None = None, clip_texts: bool = False):
     """Install block-causal processors (and the shifted RoPE) on ``transformer`` for the duration;
-    yields the :class:`CausalSession`. The model's own processors and RoPE come back afterwards."""
+    yields the :class:`CausalSession`. With ``clip_texts`` the cross-attention reads per-clip
+    prompts (:class:`ClipTextProcessor`; training over several clips). The model's own processors
+    and RoPE come back afterwards."""
     blocks = transformer.blocks
     session = CausalSession(len(blocks), sink, window)
-    saved = [b.attn1.processor for b in blocks]
+    saved = [(b.attn1.processor, b.attn2.processor) for b in blocks]
     rope = transformer.rope
     transformer.rope = ShiftedRope(rope)
     try:
         for i, b in enumerate(blocks):
             b.attn1.set_processor(BlockCausalProcessor(session, i))
+            if clip_texts:
+                b.attn2.set_processor(ClipTextProcessor(session))
         yield session
     finally:
-        for b, p in zip(blocks, saved):
-            b.attn1.set_processor(p)
+        for b, (p1, p2) in zip(blocks, saved):
+            b.attn1.set_processor(p1)
+            b.attn2.set_processor(p2)
         transformer.rope = rope
 
 

@@ -80,6 +80,9 @@ class TrainConfig:
     # The route the LoRA is for (cliploom.routes): "svi" (motion latents in y) or "df" (diffusion
     # forcing: the anchor and motion latents as context frames of x with their own timesteps).
     route: str = "svi"
+    # causal (stage 1): ShapesWorld streams of this many clips per sample, trained under a
+    # block-causal mask with a noise level per latent frame (cliploom.train.causal)
+    clips_per_sample: int = 3
     # df: the context latents are noised to a timestep drawn uniformly from 0..context_noise_max
     # (SkyReels' addnoise_condition; 0: always clean).
     context_noise_max: int = 0
@@ -157,7 +160,7 @@ _CHOICES = {
     "velocity_target": ("clean", "injected"),
     "lr_schedule": ("constant", "cosine"),
     "motion_source": ("clip", "previous_clip"),
-    "route": ("svi", "df"),
+    "route": ("svi", "df", "causal"),
     "replay_replace": ("nearest", "random"),
     "replay_dtype": ("bfloat16", "float16", "float32"),
 }
@@ -166,7 +169,7 @@ _PROBABILITIES = (
     "p_clean", "clean_update_prob",
 )
 _POSITIVE = (
-    "frame_stride", "segments", "rank", "steps", "batch_size", "grad_accum", "train_timesteps", "replay_bins",
+    "frame_stride", "segments", "clips_per_sample", "rank", "steps", "batch_size", "grad_accum", "train_timesteps", "replay_bins",
     "replay_capacity", "checkpoint_every", "keep_checkpoints", "log_every", "text_cache",
 )
 
@@ -268,6 +271,16 @@ def validate(cfg: TrainConfig, where: str = "config") -> None:
         _fail(where, f"context_noise_max {cfg.context_noise_max} is not a timestep", "use 0..999, e.g. 50")
     if cfg.route == "df" and cfg.latent_mode_prob < 1:
         _fail(where, "route df trains the pro timeline (latent context) only", "set latent_mode_prob: 1")
+    if cfg.route == "causal":
+        if cfg.data != "shapesworld":
+            _fail(where, "route causal trains on ShapesWorld streams only in this version", "set data: shapesworld")
+        if cfg.error_recycling:
+            _fail(where, "route causal's stage 1 has no error recycling (its own rollouts are the next stage)",
+                  "set error_recycling: false")
+        if cfg.end_frame_prob or cfg.anchor_far_prob:
+            _fail(where, "route causal trains without keyframes or far anchors", "drop end_frame_prob and anchor_far_prob")
+    if cfg.clips_per_sample > 16:
+        _fail(where, f"clips_per_sample {cfg.clips_per_sample} is more than 16", "use 2..4")
     if cfg.route != "df" and cfg.context_noise_max:
         _fail(where, "context_noise_max is a diffusion-forcing setting", "set route: df, or drop context_noise_max")
     bad = [x for x in cfg.export if x not in LAYOUTS]

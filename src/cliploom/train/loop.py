@@ -472,7 +472,12 @@ class _CsvLog:
 
 def train(cfg: TrainConfig, *, resume: bool = False, max_steps: int | None = None, progress: bool = True) -> dict:
     """``cliploom train-svi``: train (or continue) the SVI LoRA described by ``cfg``."""
-    trainer = SVITrainer(cfg, resume=resume, progress=progress)
+    if cfg.route == "causal":
+        from .causal import CausalTrainer
+
+        trainer = CausalTrainer(cfg, resume=resume, progress=progress)
+    else:
+        trainer = SVITrainer(cfg, resume=resume, progress=progress)
     return trainer.run(max_steps)
 
 
