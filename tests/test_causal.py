@@ -217,3 +217,63 @@ def test_causal_stage_one_trains_on_streams(tmp_path, tiny_dirs):
                                                                                "ShapesWorld streams only")):
         with pytest.raises(CliploomError, match=message):
             config_from_dict(dict(model="builtin", route="causal", **{"error_recycling": False, **bad}))
+
+
+def test_convert_takes_a_causal_checkpoints_ema_generator_to_safetensors(tmp_path, tiny_dirs, capsys):
+    from safetensors.torch import load_file
+
+    from cliploom.cli import main
+    from real_layouts import diffusers_state, to_original_dit
+
+    original = to_original_dit(diffusers_state(tiny_dirs["wan21"], "transformer"))
+    ema = {k: v + 1 for k, v in original.items()}
+    ckpt = tmp_path / "self_forcing_dmd.pt"
+    torch.save({"generator": {f"model.{k}": v for k, v in original.items()},
+                "generator_ema": {f"model.{k}": v for k, v in ema.items()}, "step": 600}, ckpt)
+    out = tmp_path / "causal.safetensors"
+    assert main(["convert", str(ckpt), "-o", str(out)]) == 0
+    assert "from generator_ema" in capsys.readouterr().out
+    got = load_file(str(out))
+    assert got.keys() == ema.keys() and all(torch.equal(got[k], ema[k]) for k in ema)  # a copy, bit for bit
+    assert main(["inspect", str(out)]) == 0
+    assert "route: causal" in capsys.readouterr().out
+    assert main(["convert", str(ckpt), "-o", str(tmp_path / "g.safetensors"), "--key", "generator"]) == 0
+    assert torch.equal(load_file(str(tmp_path / "g.safetensors"))["head.head.weight"], original["head.head.weight"])
+
+
+class _Payload:  # an object a weights-only load must refuse to build
+    def __reduce__(self):
+        return (print, ("code ran",))
+
+
+@pytest.mark.parametrize("content, message", [
+    ("code", "cannot be read as a weights-only PyTorch checkpoint"),
+    ("nan", "holds NaN or Inf"),
+    ("other", "is not a Wan DiT"),
+    ("nothing", "no state dict found"),
+])
+def test_convert_refuses_in_one_line(tmp_path, capsys, content, message):
+    from cliploom.cli import main
+
+    ckpt = tmp_path / "x.pt"
+    if content == "code":
+        torch.save({"generator": {"blocks.0.self_attn.q.weight": torch.ones(2, 2)}, "x": _Payload()}, ckpt)
+    elif content == "nan":
+        torch.save({"blocks.0.self_attn.q.weight": torch.full((2, 2), float("nan"))}, ckpt)
+    elif content == "other":
+        torch.save({"encoder.conv.weight": torch.ones(2)}, ckpt)
+    else:
+        torch.save({"step": 3, "lr": 0.1}, ckpt)
+    out = tmp_path / "out.safetensors"
+    assert main(["convert", str(ckpt), "-o", str(out)]) == 2
+    err = capsys.readouterr()
+    assert message in err.err and len(err.err.strip().splitlines()) == 1 and "code ran" not in err.out
+    assert not out.exists() and not list(tmp_path.glob("*.partial"))
+
+
+def test_inspect_names_the_route_of_a_diffusers_transformer_class():
+    from cliploom.models.inspect import route_of_class
+
+    assert [route_of_class(c) for c in ("WanTransformer3DModel", "SkyReelsV2Transformer3DModel",
+                                        "HeliosTransformer3DModel", "CausalWanTransformer3DModel")] == \
+        ["svi", "df", "helios", "causal"]

@@ -318,6 +318,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "cliploom.eval_cli",
     "cliploom.train.cli",
     "cliploom.models.inspect",
+    "cliploom.models.convert",
     "cliploom.serve",
 )
 

@@ -152,6 +152,7 @@ def describe_dit(header: formats.Header, layout: str, path: Path) -> dict:
         "families": families,
         "expert": formats.expert_from_name(path),
         "fp8_scaled": any(k.endswith(formats._SCALE_SUFFIXES) for k in keys),
+        "route": header.metadata.get("cliploom_route") or "svi",  # `cliploom convert` tags causal checkpoints
     }
 
 
@@ -222,6 +223,7 @@ def describe_dir(path: str | Path) -> dict:
         index, _ = check_diffusers_folder(path)  # what would stop it loading, named now
         out["kind"] = "diffusers"
         out["class"] = index.get("_class_name")
+        out["route"] = route_of_class((index.get("transformer") or [None, ""])[1] or "")
         experts = [n for n in ("transformer", "transformer_2") if (index.get(n) or [None])[0]]
         out["experts"] = len(experts)
         families = None
@@ -271,6 +273,16 @@ def describe_dir(path: str | Path) -> dict:
                                f"{sig['dim']} (ffn {sig['ffn_dim']}, in_channels {sig['in_channels']}); "
                                "write a family JSON for it (see docs/formats.md)"}
     return out
+
+
+ROUTE_CLASSES = {"SkyReelsV2Transformer3DModel": "df", "HeliosTransformer3DModel": "helios"}
+
+
+def route_of_class(name: str) -> str:
+    """The long-video route a diffusers transformer class is made for (docs/routes.md)."""
+    if name in ROUTE_CLASSES:
+        return ROUTE_CLASSES[name]
+    return "causal" if "causal" in name.lower() else "svi"
 
 
 def _merged_signature(files) -> dict:
@@ -327,6 +339,8 @@ def format_file(d: dict, indent: str = "") -> list[str]:
             lines.append(f"{indent}  a shard (or part) of a checkpoint: inspect its folder to see the whole model")
         if d["expert"]:
             lines.append(f"{indent}  expert: {d['expert']}-noise (from the name)")
+        if d.get("route", "svi") != "svi":
+            lines.append(f"{indent}  route: {d['route']} (docs/routes.md)")
     elif d["kind"] == "vae":
         lines.append(f"{indent}  z_dim {d['z_dim']}")
     elif d.get("example_keys"):
@@ -342,6 +356,8 @@ def format_report(d: dict) -> str:
                  f"  components: {', '.join(d['components'])}",
                  f"  fits: {', '.join(d['families']) or 'no shipped family'}",
                  f"  load with: {d['load']}"]
+        if d.get("route", "svi") != "svi":
+            lines.insert(1, f"  route: {d['route']} (docs/routes.md)")
         return "\n".join(lines)
     if d["kind"] != "folder":
         return "\n".join(format_file(d))
@@ -349,7 +365,8 @@ def format_report(d: dict) -> str:
     for f in d["files"]:
         lines += format_file(f, "  ")
     if d["pickles"]:
-        lines.append(f"  pickles (never loaded): {', '.join(d['pickles'])}")
+        lines.append(f"  pickles (never loaded; `cliploom convert` turns a causal checkpoint into safetensors): "
+                     f"{', '.join(d['pickles'])}")
     if d.get("families"):
         lines.append(f"  fits: {', '.join(d['families'])}")
     if "load" in d:
