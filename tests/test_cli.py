@@ -36,6 +36,7 @@ def test_generate_from_a_story_with_overrides(capsys, tiny_dirs, reference_png, 
     assert rc == 0
     report = json.loads((tmp_path / "pngs" / "report.json").read_text())
     assert report["story"]["mode"] == "shot" and report["story"]["motion_frames"] == 1
+    assert report["story"]["route"] == "svi" and report["story"]["route_options"] == {}
     assert len(list((tmp_path / "pngs").glob("frame_*.png"))) == 2 * (9 - 1) + 1
 
 

@@ -26,7 +26,7 @@ from .models.loading import load_model
 from .models.lora import LoraStack
 from .models.memory import apply_memory_options, check_story_fits
 from .story import LoraSpec, Story
-from .routes import weave_for
+from .routes import ROUTES, weave_for
 from .runs import Run, run_folder_for
 from .video_io import check_output, is_dir_target, write_json_atomic
 
@@ -231,6 +231,8 @@ class Engine:
                 "source": str(s.source) if s.source else None,
                 "reference": str(s.reference),
                 "mode": s.mode,
+                "route": s.route,
+                "route_options": {k: s.route_option(k) for k in ROUTES[s.route]},
                 **motion,
                 "width": s.width,
                 "height": s.height,
