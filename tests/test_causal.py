@@ -130,6 +130,8 @@ def test_causal_options_change_what_they_should(tiny_models, tiny_story):
     blocks = _frames_of(model, tiny_story(3, frames=13, route="causal", route_options={"block": 2}))
     assert [len(c.frames) for c in blocks] == [len(c.frames) for c in base]
     assert (blocks[0].frames.int() - base[0].frames.int()).abs().max() > 0  # two frames denoised together
+    jittered = _frames_of(model, tiny_story(3, frames=13, route="causal", route_options={"rope_jitter": 0.8}))
+    assert not torch.equal(jittered[0].latents, base[0].latents)
     recached = _frames_of(model, tiny_story(3, frames=13, route="causal", route_options={"recache": True}))
     assert torch.equal(recached[0].frames, base[0].frames)  # nothing to re-cache before the first switch
     # the prompts alternate: clip 1 attends to keys and values recomputed under its prompt (on a random
@@ -277,3 +279,24 @@ def test_inspect_names_the_route_of_a_diffusers_transformer_class():
     assert [route_of_class(c) for c in ("WanTransformer3DModel", "SkyReelsV2Transformer3DModel",
                                         "HeliosTransformer3DModel", "CausalWanTransformer3DModel")] == \
         ["svi", "df", "helios", "causal"]
+
+
+def test_rope_jitter_spreads_the_heads_temporal_frequencies_only():
+    from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
+
+    from cliploom.models.causal import ShiftedRope
+
+    rope = ShiftedRope(WanRotaryPosEmbed(64, (1, 2, 2), 64), heads=5)
+    rope.offset = 3
+    x = torch.zeros(1, 4, 2, 4, 4)
+    cos0, sin0 = rope(x)
+    rope.jitter = 0.4
+    cos, sin = rope(x)
+    t = rope.inner.t_dim
+    assert cos.shape == (1, 8, 5, 64) and cos0.shape == (1, 8, 1, 64)
+    # the middle head (e = 0) and every head's spatial part keep the model's rotation
+    assert torch.allclose(cos[:, :, 2], cos0[:, :, 0], atol=1e-6) and torch.allclose(sin[:, :, 2], sin0[:, :, 0], atol=1e-6)
+    assert torch.allclose(cos[..., t:], cos0[..., t:].expand_as(cos[..., t:]))
+    # the outer heads turn at 0.6x and 1.4x the temporal rate: their angles differ from the model's
+    assert (cos[:, :, 0, :t] - cos0[:, :, 0, :t]).abs().max() > 1e-2
+    assert (cos[:, :, 4, :t] - cos[:, :, 0, :t]).abs().max() > 1e-2

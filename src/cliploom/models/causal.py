@@ -193,12 +193,37 @@ class ShiftedRope(torch.nn.Module):
     built-in model's holds 64 positions) gets a longer table of the same frequencies (RoPE has no
     weights: its first rows equal the model's)."""
 
-    def __init__(self, rope: torch.nn.Module):
+    def __init__(self, rope: torch.nn.Module, heads: int = 1):
         super().__init__()
         self.inner = rope
         self.offset = 0
+        self.heads = heads
+        self.jitter = 0.0  # LoL's RoPE jitter: head h's temporal frequencies scaled by 1 + jitter * e_h
 
     def forward(self, hidden_states: torch.Tensor):
+        cos, sin = self._shifted(hidden_states)
+        if self.jitter:
+            cos, sin = self._jittered(hidden_states, cos, sin)
+        return cos, sin
+
+    def _jittered(self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Per-head temporal frequencies ``w_k (1 + jitter e_h)``, ``e_h`` evenly spread over
+        ``[-1, 1]`` across the heads (LoL: heads stop agreeing on which far frame to attend to, the
+        cause of snap-backs to the sink); the spatial parts stay. ``[1, tokens, heads, dim]``."""
+        _, _, f, h, w = hidden_states.shape
+        _, ph, pw = self.inner.patch_size
+        hw = (h // ph) * (w // pw)
+        t_dim = self.inner.t_dim
+        omega = 1.0 / (10000.0 ** (torch.arange(0, t_dim, 2, dtype=torch.float64) / t_dim))  # [t_dim / 2]
+        e = torch.linspace(-1, 1, self.heads, dtype=torch.float64) if self.heads > 1 else torch.zeros(1, dtype=torch.float64)
+        positions = torch.arange(self.offset, self.offset + f, dtype=torch.float64).repeat_interleave(hw)  # [tokens]
+        angles = positions[:, None, None] * omega[None, None, :] * (1 + self.jitter * e)[None, :, None]
+        t_cos = angles.cos().repeat_interleave(2, dim=-1).float().to(cos.device)  # [tokens, heads, t_dim]
+        t_sin = angles.sin().repeat_interleave(2, dim=-1).float().to(sin.device)
+        rest = lambda t: t[0, :, 0, t_dim:].unsqueeze(1).expand(-1, self.heads, -1)  # noqa: E731
+        return (torch.cat([t_cos, rest(cos)], dim=-1).unsqueeze(0), torch.cat([t_sin, rest(sin)], dim=-1).unsqueeze(0))
+
+    def _shifted(self, hidden_states: torch.Tensor):
         b, c, f, h, w = hidden_states.shape
         if self.offset == 0:
             return self.inner(hidden_states)
@@ -225,7 +250,7 @@ def causal_attention(transformer, sink: int = 0, window: int | None = None, clip
     session = CausalSession(len(blocks), sink, window)
     saved = [(b.attn1.processor, b.attn2.processor) for b in blocks]
     rope = transformer.rope
-    transformer.rope = ShiftedRope(rope)
+    transformer.rope = ShiftedRope(rope, transformer.config.num_attention_heads)
     try:
         for i, b in enumerate(blocks):
             b.attn1.set_processor(BlockCausalProcessor(session, i))
@@ -237,6 +262,12 @@ def causal_attention(transformer, sink: int = 0, window: int | None = None, clip
             b.attn1.set_processor(p1)
             b.attn2.set_processor(p2)
         transformer.rope = rope
+
+
+def set_rope_jitter(transformer, jitter: float) -> None:
+    """LoL's RoPE jitter for the forwards that follow (inside :func:`causal_attention`; fixed for a
+    whole stream, since cached keys keep the rotation they were written with)."""
+    transformer.rope.jitter = float(jitter)
 
 
 def set_offset(transformer, offset: int) -> None:

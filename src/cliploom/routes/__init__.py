@@ -39,6 +39,7 @@ ROUTES: dict[str, dict[str, Option]] = {
         "sink": Option(int, 0, 8, 1, "clips at the start of the video kept in the KV cache"),
         "window": Option(int, 1, 16, 2, "most recent clips kept in the KV cache"),
         "recache": Option(bool, 0, 1, False, "at a prompt switch, recompute the cache under the new prompt (LongLive)"),
+        "rope_jitter": Option(float, 0.0, 1.0, 0.0, "LoL: spread the heads' temporal RoPE frequencies by this much"),
     },
 }
 PLANNED = ("self-forcing", "helios")

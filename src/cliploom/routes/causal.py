@@ -8,7 +8,8 @@ once more clean (timestep 0) to write its own keys and values to the cache -- Se
 rollout. Each clip is decoded as ``pro`` decodes it (``[anchor, previous clip's last K latents,
 new]``, the first ``1 + 4K`` frames dropped), so every route yields the same ``Clip`` stream over
 the same frames. With ``recache``, a prompt switch recomputes the cached keys and values under the
-new prompt before the clip's first block (LongLive).
+new prompt before the clip's first block (LongLive); ``rope_jitter`` spreads the heads' temporal
+RoPE frequencies (LoL, against snap-backs to the sink).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from .. import conditioning as C
 from ..colour import colour_stats
 from ..errors import CliploomError
 from ..loom import Clip, ClipDecoder, Start, encode_prompts, experts_for, hand_over
-from ..models.causal import causal_attention, set_offset
+from ..models.causal import causal_attention, set_offset, set_rope_jitter
 from ..models.components import Components, frames_to_tensor
 from ..models.memory import check_story_fits
 from ..sampling import make_denoiser, sample_euler, schedule
@@ -71,6 +72,7 @@ def weave(
     memory = None
     with causal_attention(tr, sink=sink, window=window) as session:
         session.reset()
+        set_rope_jitter(tr, story.route_option("rope_jitter"))
         # 3. The anchor is latent frame 0 of the stream, given clean (y and mask mark it, as I2V's
         #    first frame), and the first block of the cache.
         _write(model, session, anchor, _y(model, anchor, known=True), text[prompts[0]], features, 0)
