@@ -148,6 +148,8 @@ def test_causal_route_refusals(tiny_models, tiny_dirs, tiny_story):
         list(Engine.load(tiny_dirs["wan21"], device="cpu").generate(tiny_story(1, route="causal"), progress=False))
     with pytest.raises(CliploomError, match="cannot resume"):
         _frames_of(tiny_models("wan21"), tiny_story(2, route="causal"), start=Start(1, torch.zeros(1, 16, 1, 4, 4)))
+    with pytest.raises(CliploomError, match="has no padding frames"):
+        _frames_of(tiny_models("wan21"), tiny_story(2, route="causal", motion_amplitude=1.2))
     with pytest.raises(CliploomError, match="two experts"):
         _frames_of(tiny_models("wan22"), tiny_story(2, route="causal"))
     with pytest.raises(CliploomError, match="route option window 0 is out of range"):

@@ -132,6 +132,11 @@ def _check(model: Components, story: Story, start: Start | None) -> None:
     if model.transformer_2 is not None:
         raise CliploomError("route causal runs on one transformer; this model has two experts",
                             "use a single-transformer model (Wan 2.1, TI2V 5B, the built-in model)")
+    if any(c.keyframes for c in story.clips):
+        raise CliploomError("route causal does not take keyframes in this version", "drop end_frame/keyframes, or use route: svi")
+    if story.motion_amplitude not in (None, 1):
+        raise CliploomError("route causal has no padding frames for motion_amplitude to act on",
+                            "leave motion_amplitude at 1 on this route")
     if model.settings.expand_timesteps:
         raise CliploomError("route causal needs a model with y channels; TI2V models are not supported yet",
                             "use a Wan 2.1 / built-in model, or route: svi")
