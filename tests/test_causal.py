@@ -139,7 +139,7 @@ def test_causal_options_change_what_they_should(tiny_models, tiny_story):
     assert not torch.equal(recached[1].latents, base[1].latents)
 
 
-def test_causal_route_refusals(tiny_models, tiny_dirs, tiny_story):
+def test_causal_route_refusals(tiny_models, tiny_dirs, tiny_story, reference_png):
     from cliploom.engine import Engine
     from cliploom.errors import CliploomError
     from cliploom.loom import Start
@@ -148,6 +148,11 @@ def test_causal_route_refusals(tiny_models, tiny_dirs, tiny_story):
         list(Engine.load(tiny_dirs["wan21"], device="cpu").generate(tiny_story(1, route="causal"), progress=False))
     with pytest.raises(CliploomError, match="cannot resume"):
         _frames_of(tiny_models("wan21"), tiny_story(2, route="causal"), start=Start(1, torch.zeros(1, 16, 1, 4, 4)))
+    from cliploom.story import ClipSpec, Keyframe
+
+    keyed = [ClipSpec("a"), ClipSpec("b", keyframes=(Keyframe(-1, reference_png),))]
+    with pytest.raises(CliploomError, match="does not take keyframes"):
+        _frames_of(tiny_models("wan21"), tiny_story(2, clips=keyed, route="causal"))
     with pytest.raises(CliploomError, match="has no padding frames"):
         _frames_of(tiny_models("wan21"), tiny_story(2, route="causal", motion_amplitude=1.2))
     with pytest.raises(CliploomError, match="two experts"):
