@@ -200,7 +200,10 @@ def test_ctrl_c_mid_run_exits_130_leaves_a_resumable_run_and_no_video(here):
     env = {**os.environ, "CLIPLOOM_THREADS": "1"}
     argv = [sys.executable, "-m", "cliploom.cli", "generate", "--image", "ref.png", "--prompt", PROMPT, "--clips", "40",
             "--steps", "2", "--out", "o.mp4", "-q"]
-    proc = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True)
+    # The child starts with Ctrl-C's default disposition whatever this process inherited or set (a
+    # child inherits an ignored SIGINT, and Python then leaves it ignored).
+    proc = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not Path("o.run/clips/000001.json").exists() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -208,6 +211,7 @@ def test_ctrl_c_mid_run_exits_130_leaves_a_resumable_run_and_no_video(here):
     time.sleep(0.05)
     proc.send_signal(signal.SIGINT)  # twice: the goodbye is not interrupted
     err = proc.communicate(timeout=60)[1]
-    assert proc.returncode == 130 and "Traceback" not in err and "continue with --resume" in err, err
+    assert proc.returncode == 130 and "Traceback" not in err and "continue with --resume" in err, \
+        (proc.returncode, err, signal.getsignal(signal.SIGINT))
     assert not Path("o.mp4").exists() and not Path("o.json").exists()
     assert len(list(Path("o.run/clips").glob("*.json"))) >= 2
