@@ -40,7 +40,7 @@ def test_context_condition_gives_anchor_and_motion_as_context_frames_with_their_
     assert torch.equal(clean.model_input(x)[:, :2, 1], motion[:, :, 0])
     assert clean.timestep(500.0, x)[0].view(5, 4)[:, 0].tolist() == [0.0, 0.0, 500.0, 500.0, 500.0]
     first, svi = C.context_condition(anchor, None, 5), C.latent_condition(anchor, None, 5)
-    assert torch.equal(first.y, svi.y) and first.known is None
+    assert torch.equal(first.y, svi.y) and first.known is None  # context_condition calls latent_condition: one path
     with pytest.raises(ValueError, match="needs the clip's noise"):
         C.context_condition(anchor, motion, 5, context_noise=20)
 
@@ -59,7 +59,7 @@ def test_df_route_runs_the_pro_timeline_with_the_context_kept_in_each_clip(tiny_
     again = frames_of(model, tiny_story(3, frames=13, route="df"))
     assert all(torch.equal(a.frames, b.frames) for a, b in zip(again, clips))  # same path, same seed: same frames
     noised = frames_of(model, tiny_story(3, frames=13, route="df", route_options={"addnoise": 300}))
-    assert torch.equal(noised[0].frames, clips[0].frames)
+    assert torch.equal(noised[0].frames, clips[0].frames)  # clip 0 has no context: the same path runs twice
     assert (noised[1].frames.int() - clips[1].frames.int()).abs().max() > 0
     assert torch.equal(noised[1].latents[:, :, 1], noised[0].latents[:, :, -1])  # decoded from the clean context
 
