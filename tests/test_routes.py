@@ -105,6 +105,33 @@ def test_route_options_from_the_command_line(tmp_path, reference_png, capsys):
     assert "is not KEY=VALUE" in capsys.readouterr().err
 
 
+
+def test_df_trainer_batches_first_clips_with_clips_that_have_context(tmp_path, tiny_dirs):
+    """A first clip (no motion: no context frames, one timestep, no loss mask) and a later clip
+    (per-token timesteps, context out of the loss) train in one batch; the first clip's loss
+    covers every frame."""
+    from cliploom.models import load_model
+    from cliploom.train.config import config_from_dict
+    from cliploom.train.loop import SVITrainer, _batch_timesteps
+
+    cfg = config_from_dict(dict(model=str(tiny_dirs["wan21"]), out_dir=str(tmp_path / "run"), rank=4, alpha=8, frames=9,
+                                steps=8, batch_size=4, replay_capacity=4, replay_dtype="float32", checkpoint_every=10,
+                                lr=0.02, route="df", context_noise_max=50, no_motion_prob=0.5,
+                                motion_source="previous_clip"))
+    trainer = SVITrainer(cfg, model=load_model(tiny_dirs["wan21"], device="cpu"), progress=False)
+    mixed = 0
+    for _ in range(4):
+        info = trainer.train_step()
+        assert np.isfinite(info.loss)
+        kinds = {s.cond.known is None for s in info.samples}
+        mixed += kinds == {True, False}
+    assert mixed, "no batch mixed first clips with later ones in 4 steps: the test did not exercise the mix"
+    one, per_token = torch.full((1,), 700.0), torch.tensor([[0.0, 0.0, 700.0, 700.0]])
+    batch = _batch_timesteps([one, per_token])
+    assert batch.shape == (2, 4) and batch[0].tolist() == [700.0] * 4 and batch[1].tolist() == per_token[0].tolist()
+    assert _batch_timesteps([one, one]).shape == (2,)
+
+
 def test_df_trainer_gives_the_context_as_clean_frames_left_out_of_the_loss(tmp_path, tiny_dirs):
     from cliploom.models import load_model
     from cliploom.train.config import config_from_dict

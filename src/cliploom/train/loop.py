@@ -62,6 +62,16 @@ def gaussian_weights(timesteps: torch.Tensor) -> torch.Tensor:
     return y * (len(timesteps) / y.sum())
 
 
+def _batch_timesteps(parts: list[torch.Tensor]) -> torch.Tensor:
+    """One batch of timesteps from per-sample ones: ``[B]`` when every sample has one timestep,
+    else ``[B, tokens]`` with a one-timestep sample spread over its tokens (a diffusion-forcing
+    batch mixes first clips, which have no context frames, with clips that have them)."""
+    if all(p.ndim == 1 for p in parts):
+        return torch.cat(parts)
+    tokens = next(p.shape[1] for p in parts if p.ndim == 2)
+    return torch.cat([p if p.ndim == 2 else p[:, None].expand(-1, tokens) for p in parts])
+
+
 @dataclass
 class StepInfo:
     step: int
@@ -257,7 +267,7 @@ class SVITrainer:
 
         # The model sees exactly what the sampler gives it (ClipCondition.model_input / timestep).
         inputs = torch.cat([s.cond.model_input(x_t[i : i + 1]) for i, s in enumerate(samples)])
-        timestep = torch.cat([s.cond.timestep(ts[i], x_t[i : i + 1]) for i, s in enumerate(samples)])
+        timestep = _batch_timesteps([s.cond.timestep(ts[i], x_t[i : i + 1]) for i, s in enumerate(samples)])
         text = torch.cat([self.text(s.prompt) for s in samples])
         image = [s.cond.image_embeds for s in samples]
         image = None if image[0] is None else torch.cat(image)
@@ -273,8 +283,9 @@ class SVITrainer:
         v_hat = out.float()
         sq = (v_hat - v) ** 2
         masks = [s.loss_mask for s in samples]
-        if masks[0] is not None:
-            m = torch.cat(masks).expand_as(sq)
+        if any(m is not None for m in masks):  # frames the condition gives are not predicted
+            ones = torch.ones(1, 1, sq.shape[2], 1, 1, device=sq.device)
+            m = torch.cat([ones if m is None else m for m in masks]).expand_as(sq)
             per_sample = (sq * m).flatten(1).sum(1) / m.flatten(1).sum(1)
         else:
             per_sample = sq.flatten(1).mean(1)
