@@ -242,8 +242,45 @@ def score(frames: np.ndarray, prompts: list[str], lengths: list[int]) -> dict:
                   "failed": ["unmeasurable"], "passed": False} for i, p in enumerate(prompts)]
         return {"passed": False, "clips_passed": 0, "error": str(e), "clips": clips, "result": None}
     clips = [{k: c[k] for k in CLIP_KEYS} for c in result["clips"]]
+    for clip, snap in zip(clips, snap_backs(result, lengths)):
+        clip["snap_back"] = snap
     return {"passed": result["passed"], "clips_passed": result["clips_passed"], "error": None, "clips": clips,
             "result": result}
+
+
+SNAP_BACK_PX = 1.5  # at the 32 px world; scaled with the frame width
+
+
+def snap_backs(result: dict, lengths: list[int]) -> list[bool | None]:
+    """Per clip: did the subject snap back towards the anchor's position (issue 17's snap-backs)?
+
+    A clip after the first snaps back when its motion check fails and the subject moved towards
+    where the story started (its first frame's centroid) at least ``SNAP_BACK_PX`` more than the
+    prompted motion would take it there. ``None`` where it cannot be measured (no subject, or the
+    subject within ``SNAP_BACK_PX`` of the start already, so there is no direction to snap in).
+    """
+    cents = np.array([[np.nan, np.nan] if c is None or None in c else c for c in result["per_frame"]["centroid"]],
+                     dtype=np.float64)
+    scale = result["size"][0] / 32
+    start, out, offset = cents[0], [], 0
+    for k, (clip, n) in enumerate(zip(result["clips"], lengths)):
+        p0, d, e = cents[offset], clip["displacement"], clip["expected_displacement"]
+        offset += n
+        if k == 0 or clip["checks"]["motion"] is None:
+            out.append(None if k else False)
+            continue
+        if clip["checks"]["motion"]:
+            out.append(False)
+            continue
+        toward = start - p0
+        dist = float(np.linalg.norm(toward))
+        if np.isnan(dist) or d is None or dist < SNAP_BACK_PX * scale:
+            out.append(None)
+            continue
+        u = toward / dist
+        e = np.zeros(2) if e is None else np.asarray(e, dtype=np.float64)
+        out.append(bool(float(np.dot(np.asarray(d) - e, u)) >= SNAP_BACK_PX * scale))
+    return out
 
 
 # ----- aggregating ----------------------------------------------------------------------------------
@@ -294,6 +331,11 @@ def aggregate(stories: list[dict], num_clips: int) -> dict:
         "last_window": {key: _mean(curves[key]["mean"][late]) for key in ("color_delta_e", "background_delta_e",
                                                                             "boundary_jump")},
         "first_clip": {key: curves[key]["mean"][0] for key in ("color_delta_e", "background_delta_e")},
+        "first_clip_pass_rate": _mean(float(s["clips"][0]["passed"]) for s in stories if s["clips"]),
+        # Every dev clip after the first switches its motion prompt (plan_motions).
+        "switched_motion_pass_rate": _mean(float(c["checks"]["motion"] is True) for s in stories
+                                           for c in s["clips"][1:]),
+        "snap_backs": sum(c.get("snap_back") is True for c in all_clips),
         "curves": curves,
     }
 

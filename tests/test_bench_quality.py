@@ -84,6 +84,35 @@ def test_aggregate_curves_and_rates():
     assert bq.reduction(2.0, 8.0) == 0.75 and bq.reduction(1.0, None) is None
 
 
+def test_snap_back_is_a_failed_move_towards_the_start():
+    """Clip 1 moved right from the start; clip 2 was told to go up but went back left (a snap-back);
+    clip 3 was told to go up, failed, and went further away (a failure, not a snap-back)."""
+    cents = [[10.0 + 0.5 * f, 16.0] for f in range(10)]  # clip 0 (10 frames): right, 10 -> 14.5
+    cents += [[14.5 - 0.3 * f, 16.0] for f in range(8)]  # clip 1: back left to 12.4
+    cents += [[12.5 + 0.5 * f, 16.0] for f in range(8)]  # clip 2: right again, away from the start
+
+    def clip(motion_ok, d, e):
+        return {"checks": {"motion": motion_ok}, "displacement": d, "expected_displacement": e}
+
+    result = {"size": [32, 32], "per_frame": {"centroid": cents},
+              "clips": [clip(True, [4.5, 0], [4.5, 0]), clip(False, [-2.1, 0], [0, -3.5]), clip(False, [3.5, 0], [0, -3.5])]}
+    assert bq.snap_backs(result, [10, 8, 8]) == [False, True, False]
+    result["clips"][1]["checks"]["motion"] = True  # a move the prompt asked for is never a snap-back
+    assert bq.snap_backs(result, [10, 8, 8])[1] is False
+    at_start = dict(result, per_frame={"centroid": [[10.0, 16.0]] * 26})  # no direction to snap back in
+    at_start["clips"][1]["checks"]["motion"] = False
+    assert bq.snap_backs(at_start, [10, 8, 8])[1] is None
+
+
+def test_ground_truth_has_no_snap_backs(devs):
+    d = devs[0]
+    seq = d.ground_truth(size=32)
+    scored = bq.score(seq.frames(), seq.prompts, seq.lengths)
+    assert [c["snap_back"] for c in scored["clips"]] == [False] * len(seq.prompts)
+    agg = bq.aggregate([scored], len(seq.prompts))
+    assert agg["snap_backs"] == 0 and agg["switched_motion_pass_rate"] == 1.0 and agg["first_clip_pass_rate"] == 1.0
+
+
 def test_unmeasurable_video_fails_every_clip():
     blank = np.zeros((10, 32, 32, 3), np.uint8)
     prompt = "a big red circle stays still on a black background"
@@ -287,3 +316,20 @@ def test_quality_sweep_runs_one_line_per_setting(capsys):
     out = capsys.readouterr().out
     assert "% of clips pass" in out and 0.0 <= r["aggregate"]["clip_pass_rate"] <= 1.0
     assert r["aggregate"]["stories"] == 1
+
+
+def test_route_runs_parse_and_map_to_story_keys(tmp_path):
+    import bench_routes as br
+
+    run = br.parse_run("causal jitter=causal:rope_jitter=0.4:recache=true")
+    assert (run.name, run.route, run.options) == ("causal jitter", "causal", {"rope_jitter": 0.4, "recache": True})
+    assert br.parse_run("df").name == "df" and br.parse_run("df").options == {}
+    assert br.story_keys(br.parse_run("chain"), {}) == {"mode": "chain", "svi_lora": False}
+    assert br.story_keys(run, {}) == {"mode": "pro", "route": "causal", "route_options": run.options}
+    lora = tmp_path / "df.safetensors"
+    keys = br.story_keys(br.parse_run("df:addnoise=20"), {"df": str(lora)})
+    assert keys["loras"][0].path == lora and keys["svi_lora"] is False and keys["route_options"] == {"addnoise": 20}
+    for bad, message in (("warp", "unknown route 'warp'"), ("df:window=2", "has no option 'window'"),
+                         ("causal:window=99", "out of range")):
+        with pytest.raises(SystemExit, match=message):
+            br.parse_run(bad)

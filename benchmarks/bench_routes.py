@@ -1,0 +1,318 @@
+"""Routes on one drift table (issue 17): the dev set of bench_quality (14 stories x 20 clips, the
+motion prompt switching at every clip) through every long-video route, over sampling seeds.
+
+    python benchmarks/bench_routes.py [--runs svi,chain,df,causal] [--knobs] [--seeds 0,1,2]
+        [--weights ROUTE=LORA.safetensors ...] [--clips 20] [--stories 14] [--no-resources]
+
+A run is ``ROUTE`` or ``NAME=ROUTE[:KEY=VALUE...]`` (route options, docs/routes.md); ``chain`` is
+naive chaining (the ``chain`` mode, no LoRA), ``svi`` the shipped SVI LoRA in ``pro`` mode.
+Weights of a route come from the model's ``route_loras`` unless ``--weights ROUTE=FILE`` names a
+LoRA (one the trainer just wrote). ``--knobs`` adds the knob rows of issue 17 (context noise,
+sink, window, re-cache, RoPE jitter). Every clip is scored by ``cliploom.evaluate``; a
+*snap-back* is a failed motion towards where the story started (``bench_quality.snap_backs``).
+
+Resources (``--no-resources`` skips them), each in a fresh process on dev story 0: seconds to the
+first clip, peak RSS generating 2 clips and 20 clips (their ratio: memory that grows with length).
+
+Writes ``benchmarks/results/routes.json``, ``docs/img/routes_drift.png`` and the section between
+``<!-- routes:start -->`` and ``<!-- routes:end -->`` of ``docs/routes.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_quality as bq  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_RUNS = ("svi", "chain", "df", "causal")
+KNOB_RUNS = (
+    "df addnoise 0=df:addnoise=0", "df addnoise 20=df:addnoise=20", "df addnoise 50=df:addnoise=50",
+    "causal no sink=causal:sink=0", "causal window 1=causal:window=1", "causal window 4=causal:window=4",
+    "causal recache=causal:recache=true", "causal jitter 0.4=causal:rope_jitter=0.4",
+    "causal jitter 0.8=causal:rope_jitter=0.8",
+)
+
+
+@dataclass
+class RouteRun:
+    name: str
+    route: str  # a route of cliploom.routes, or "chain" (the chain mode)
+    options: dict = field(default_factory=dict)
+
+
+def parse_run(text: str) -> RouteRun:
+    """``[NAME=]ROUTE[:KEY=VALUE...]``."""
+    from cliploom.routes import ROUTES, option_error, parse_option
+
+    head, *pairs = text.split(":")
+    name, _, route = head.rpartition("=")
+    if route != "chain" and route not in ROUTES:
+        raise SystemExit(f"error: run {text!r}: unknown route {route!r}; routes: chain, {', '.join(ROUTES)}")
+    options = {}
+    for pair in pairs:
+        key, value = parse_option(pair)
+        if (err := option_error(route, key, value)) is not None:
+            raise SystemExit(f"error: run {text!r}: {err[0]}")
+        options[key] = value
+    return RouteRun(name or text, route, options)
+
+
+def story_keys(run: RouteRun, weights: dict) -> dict:
+    """make_story keys of one run."""
+    if run.route == "chain":
+        return {"mode": "chain", "svi_lora": False}
+    keys: dict = {"mode": "pro"}
+    if run.route != "svi":
+        keys.update(route=run.route, route_options=run.options)
+    if run.route in weights:
+        from cliploom.story import LoraSpec
+
+        keys["loras"] = [LoraSpec(Path(weights[run.route]))]
+        keys["svi_lora"] = False
+    return keys
+
+
+def generate(engine, dev, run: RouteRun, weights: dict, reference: Path, seed: int, clips: int | None = None):
+    """Frames, prompts, frames per clip and seconds to the first clip of one dev story."""
+    from cliploom.story import ClipSpec, make_story
+
+    prompts = dev.prompts if clips is None else bq.dev_set(dev.index + 1, clips, engine.model.settings.frames)[dev.index].prompts
+    story = make_story(clips=[ClipSpec(p) for p in prompts], reference=reference, seed=dev.seed + 1000 * seed,
+                       fuse_loras=False, **story_keys(run, weights))
+    out, started, first = [], time.perf_counter(), None
+    for clip in engine.generate(story, progress=False):
+        first = first if first is not None else time.perf_counter() - started
+        out.append(clip)
+    frames = np.concatenate([c.frames.numpy() for c in out])
+    return frames, [c.prompt for c in out], [int(c.frames.shape[0]) for c in out], first
+
+
+def mean_over(seeds: list[dict], path: tuple) -> float | None:
+    vals = []
+    for agg in seeds:
+        v = agg
+        for k in path:
+            v = v[k]
+        if v is not None:
+            vals.append(float(v))
+    return round(float(np.mean(vals)), 4) if vals else None
+
+
+def measure_resources(model: str, run: RouteRun, weights: dict, clips: int) -> dict:
+    """Peak RSS (MiB) and seconds to the first clip of dev story 0 with ``clips`` clips, in a fresh process."""
+    code = f"""
+import json, resource, sys, tempfile, time, torch
+from pathlib import Path
+sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
+torch.set_num_threads({int(os.environ.get('CLIPLOOM_THREADS', '2'))})
+import bench_quality as bq, bench_routes as br
+from cliploom.cli import _quiet_libraries
+from cliploom.engine import Engine
+_quiet_libraries()
+engine = Engine.load({model!r})
+dev = bq.dev_set(1, {clips}, engine.model.settings.frames)[0]
+run = br.RouteRun({run.name!r}, {run.route!r}, {run.options!r})
+with tempfile.TemporaryDirectory() as tmp:
+    ref = Path(tmp) / "ref.png"
+    dev.reference(engine.model.settings.width).save(ref)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    frames, prompts, lengths, first = br.generate(engine, dev, run, {weights!r}, ref, 0)
+print(json.dumps(dict(peak_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      loaded_mib=before / 1024, first_clip_s=first, clips=len(lengths))))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    if done.returncode:
+        raise SystemExit(f"error: resources of {run.name} ({clips} clips) failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _f(v, fmt="{:.2f}") -> str:
+    return "–" if v is None else fmt.format(v)
+
+
+def _pct(v) -> str:
+    return "–" if v is None else f"{100 * v:.1f} %"
+
+
+def table(results: dict) -> list[str]:
+    n = results["settings"]["clips"]
+    seeds = results["settings"]["seeds"]
+    lines = [
+        f"| run | route options | clips pass | stories clean | first clip | motion on switched clips | snap-backs "
+        f"| colour ΔE clip 1 → {n} | background ΔE clip {n} | jump clip {n} | s / clip | first clip s "
+        "| peak RSS 20 / 2 clips |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results["runs"].items():
+        m = r["mean"]
+        per_seed = " / ".join(f"{100 * a['clip_pass_rate']:.1f}" for a in r["seeds"])
+        clean = " / ".join(str(a["stories_clean"]) for a in r["seeds"])
+        res = r.get("resources") or {}
+        ratio = (res["clips_20"]["peak_mib"] / res["clips_2"]["peak_mib"]) if res else None
+        opts = ", ".join(f"{k}={v}" for k, v in r["options"].items()) or "defaults"
+        lines.append(
+            f"| {name} | {opts} | {_pct(m['clip_pass_rate'])} ({per_seed}) | {_f(m['stories_clean'], '{:.1f}')}/"
+            f"{r['seeds'][0]['stories']} ({clean}) | {_pct(m['first_clip_pass_rate'])} | "
+            f"{_pct(m['switched_motion_pass_rate'])} | {_f(m['snap_backs'], '{:.1f}')} | "
+            f"{_f(m['color_first'], '{:.1f}')} → {_f(m['color_last'], '{:.1f}')} | {_f(m['background_last'], '{:.1f}')} | "
+            f"{_f(m['jump_last'])} | {_f(r['seconds_per_clip'])} | "
+            f"{_f(res.get('clips_2', {}).get('first_clip_s'))} | {_f(ratio, '{:.3f}')} |"
+        )
+    lines += ["", f"Means over sampling seeds {', '.join(map(str, seeds))} (each seed's value in brackets)."]
+    return lines
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for name, r in results["runs"].items():
+        for ax, key in zip(axes, ("pass_rate", "color_delta_e", "boundary_jump")):
+            curves = [a["curves"][key] if key == "pass_rate" else a["curves"][key]["mean"] for a in r["seeds"]]
+            y = [np.mean([c[i] for c in curves if c[i] is not None]) if any(c[i] is not None for c in curves)
+                 else np.nan for i in range(len(curves[0]))]
+            ax.plot(np.arange(1, len(y) + 1), y, marker=".", label=name)
+    for ax, title in zip(axes, ("clips passing", "subject colour ΔE to the anchor", "boundary jump")):
+        ax.set_title(title)
+        ax.set_xlabel("clip")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("ShapesWorld dev set: drift against clip index by route (mean over sampling seeds)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def write_markdown(results: dict, command: str, doc: Path) -> None:
+    s = results["settings"]
+    section = [
+        "<!-- routes:start -->",
+        f"Command: `{command}`. Model `{results['model']}`, {s['stories']} dev stories x {s['clips']} clips "
+        f"({s['frames']} frames each), the motion prompt switching at every clip; weights: "
+        + (", ".join(f"{k} `{Path(v).name}`" for k, v in s["weights"].items()) or "the model's own") + ".",
+        "",
+        *table(results),
+        "",
+        "![drift against clip index by route](img/routes_drift.png)",
+        "<!-- routes:end -->",
+    ]
+    text = doc.read_text() if doc.exists() else "# Routes\n"
+    if "<!-- routes:start -->" in text:
+        head, rest = text.split("<!-- routes:start -->", 1)
+        tail = rest.split("<!-- routes:end -->", 1)[1]
+        text = head + "\n".join(section) + tail
+    else:
+        text = text.rstrip("\n") + "\n\n" + "\n".join(section) + "\n"
+    doc.write_text(text)
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="builtin")
+    ap.add_argument("--runs", default=",".join(DEFAULT_RUNS), help="comma-separated runs (ROUTE or NAME=ROUTE:K=V)")
+    ap.add_argument("--knobs", action="store_true", help="add the knob rows of issue 17")
+    ap.add_argument("--weights", action="append", default=[], metavar="ROUTE=LORA",
+                    help="a route's LoRA instead of the model's route_loras (repeatable)")
+    ap.add_argument("--seeds", default="0,1,2", help="sampling seeds (default 0,1,2)")
+    ap.add_argument("--stories", type=int, default=14)
+    ap.add_argument("--clips", type=int, default=20)
+    ap.add_argument("--no-resources", action="store_true", help="skip the time-to-first-clip and RSS runs")
+    ap.add_argument("--out-root", default=str(ROOT), help="where results, docs/img and docs/routes.md go")
+    args = ap.parse_args(argv)
+    args.runs = [parse_run(t) for t in args.runs.split(",") if t] + ([parse_run(t) for t in KNOB_RUNS] if args.knobs else [])
+    args.seeds = [int(s) for s in args.seeds.split(",")]
+    weights = {}
+    for w in args.weights:
+        route, _, path = w.partition("=")
+        if not path or not Path(path).is_file():
+            raise SystemExit(f"error: --weights {w}: not ROUTE=FILE with an existing LoRA file")
+        weights[route] = str(Path(path).resolve())
+    args.weights = weights
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("CLIPLOOM_THREADS", "2")))
+    from cliploom.cli import _quiet_libraries
+    from cliploom.engine import Engine
+
+    _quiet_libraries()
+    engines: dict = {}
+    first_engine = Engine.load(args.model)
+    settings = first_engine.model.settings
+    devs = bq.dev_set(args.stories, args.clips, settings.frames)
+    results: dict = {"model": str(first_engine.model.path),
+                     "settings": {"stories": args.stories, "clips": args.clips, "frames": settings.frames,
+                                  "seeds": args.seeds, "weights": args.weights, "threads": torch.get_num_threads()},
+                     "runs": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        refs = []
+        for d in devs:
+            refs.append(Path(tmp) / f"ref_{d.index:02d}.png")
+            d.reference(settings.width).save(refs[-1])
+        for run in args.runs:
+            key = json.dumps(story_keys(run, {}) | {"w": args.weights.get(run.route)}, default=str, sort_keys=True)
+            engine = engines.setdefault(key, first_engine if not engines else Engine.load(args.model))
+            per_seed, seconds = [], 0.0
+            for seed in args.seeds:
+                stories = []
+                for d, ref in zip(devs, refs):
+                    started = time.perf_counter()
+                    frames, prompts, lengths, _ = generate(engine, d, run, args.weights, ref, seed)
+                    seconds += time.perf_counter() - started
+                    scored = bq.score(frames, prompts, lengths)
+                    scored.pop("result")
+                    stories.append({"story": d.index, **scored})
+                agg = bq.aggregate(stories, args.clips)
+                agg.pop("checks", None)
+                per_seed.append(agg)
+                print(f"{run.name} seed {seed}: {100 * agg['clip_pass_rate']:.1f} % of clips pass, "
+                      f"{agg['stories_clean']}/{agg['stories']} clean, snap-backs {agg['snap_backs']}", flush=True)
+            mean = {
+                "clip_pass_rate": mean_over(per_seed, ("clip_pass_rate",)),
+                "stories_clean": mean_over(per_seed, ("stories_clean",)),
+                "first_clip_pass_rate": mean_over(per_seed, ("first_clip_pass_rate",)),
+                "switched_motion_pass_rate": mean_over(per_seed, ("switched_motion_pass_rate",)),
+                "snap_backs": mean_over(per_seed, ("snap_backs",)),
+                "color_first": mean_over(per_seed, ("first_clip", "color_delta_e")),
+                "color_last": mean_over(per_seed, ("last_clip", "color_delta_e")),
+                "background_last": mean_over(per_seed, ("last_clip", "background_delta_e")),
+                "jump_last": mean_over(per_seed, ("last_clip", "boundary_jump")),
+            }
+            entry = {"route": run.route, "options": run.options, "mean": mean, "seeds": per_seed,
+                     "seconds_per_clip": round(seconds / (len(args.seeds) * len(devs) * args.clips), 4)}
+            if not args.no_resources:
+                entry["resources"] = {f"clips_{n}": measure_resources(args.model, run, args.weights, n) for n in (2, 20)}
+            results["runs"][run.name] = entry
+    out_root = Path(args.out_root)
+    out = out_root / "benchmarks" / "results" / "routes.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    plot(results, out_root / "docs" / "img" / "routes_drift.png")
+    command = " ".join(["python", "benchmarks/bench_routes.py", *(argv if argv is not None else sys.argv[1:])])
+    write_markdown(results, command, out_root / "docs" / "routes.md")
+    print("\n".join(table(results)))
+    return results
+
+
+if __name__ == "__main__":
+    main()
