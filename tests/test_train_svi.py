@@ -602,3 +602,62 @@ def test_a_lora_state_of_the_wrong_shape_is_a_one_line_error(tiny_dirs, tmp_path
     msg = str(err.value)
     assert "init_lora x.safetensors does not fit this model (1 tensors do not match" in msg and key in msg
     assert "\n" not in msg
+
+
+def test_closed_loop_sample_continues_from_where_the_rollout_ended(tmp_path):
+    """The motion memory is what the LoRA's own rollout handed on, the anchor the story's first frame,
+    and the target the world's clip from where the generated subject ended, under a switched prompt."""
+    from cliploom.evaluate import subject_centroids
+    from cliploom.loom import weave
+    from cliploom.models import load_model
+    from cliploom.shapesworld import parse_prompt, world
+    from cliploom.story import ClipSpec, make_story
+    from cliploom.train.closed_loop import closed_loop_clip
+    from PIL import Image
+
+    model = load_model("builtin", device="cpu")
+    clip = None
+    for seed in range(4):  # a rollout that loses its subject gives None; the built-in model rarely does
+        clip = closed_loop_clip(model, torch.Generator().manual_seed(seed), 17, 1, 1)
+        if clip is not None:
+            break
+    assert clip is not None, "four rollouts of the built-in model all lost their subject"
+    story_seed = int(clip.source.split(":")[1].split("x")[0])
+    seq = world.sample_sequence(story_seed, 1, [17], size=32)
+    assert np.array_equal(clip.anchor[0], seq.frames(0, 1)[0])  # the anchor: the story's first frame
+    Image.fromarray(seq.frames(0, 1)[0]).save(tmp_path / "ref.png")
+    story = make_story(clips=[ClipSpec(p) for p in seq.prompts], reference=tmp_path / "ref.png", mode="pro",
+                       seed=story_seed % (2**31 - 1), motion_latents=1, frames=17)
+    rollout = list(weave(model, story, progress=False))[-1]  # the same path in the same process: exact
+    assert torch.equal(clip.motion, rollout.memory)
+    spec = seq.appearance
+    ended = subject_centroids(np.stack([seq.frames(0, 1)[0], rollout.frames[-1].numpy()]), spec)[-1]
+    target = subject_centroids(clip.frames, spec)
+    # The target's last lead frame (4K = 4) stands where the generated subject ended: within 0.75 px
+    # (the world renders anti-aliased shapes; the tracker's centroid of one is within a fraction of a pixel).
+    assert np.abs(target[4] - ended).max() < 0.75, (target[4], ended)
+    assert parse_prompt(clip.prompt).motion != seq.motions[-1]  # the prompt switches, as in the dev set
+    assert clip.frames.shape == (17, 32, 32, 3)
+    sample = build_sample(model, clip, Choice("latent", motion=1, far_anchor=True, closed_loop=1))
+    assert torch.allclose(sample.cond.y[:, 4:, 1:2], clip.motion, atol=1e-6)  # y holds the generated memory
+    anchor = model.encode_video(frames_to_tensor(clip.anchor))
+    assert torch.allclose(sample.cond.y[:, 4:, :1], anchor, atol=1e-5)
+    assert sample.choice.describe() == "latent K=1 after 1 generated"
+
+
+def test_closed_loop_training_steps_and_its_settings(tmp_path):
+    from cliploom.train.loop import SVITrainer
+
+    cfg = config_from_dict(dict(model="builtin", out_dir=str(tmp_path / "run"), rank=4, alpha=4, steps=2, batch_size=2,
+                                closed_loop_prob=1.0, closed_loop_clips=[1], error_recycling=False,
+                                checkpoint_every=10))
+    trainer = SVITrainer(cfg, progress=False)
+    info = trainer.train_step()
+    assert np.isfinite(info.loss) and trainer.closed_loop_samples >= 1
+    assert any(s.choice.closed_loop == 1 for s in info.samples)
+    for bad, message in (({"closed_loop_prob": 0.5, "data": "videos", "videos": str(tmp_path)}, "closed_loop_prob needs"),
+                         ({"closed_loop_prob": 0.5, "route": "df"}, "closed_loop_prob needs"),
+                         ({"closed_loop_prob": 0.5, "closed_loop_clips": [0]}, "must list clip counts"),
+                         ({"closed_loop_prob": 1.5}, "not a probability")):
+        with pytest.raises(CliploomError, match=message):
+            config_from_dict(dict(model="builtin", **bad))

@@ -327,6 +327,12 @@ def _measure_frames(frames: np.ndarray, spec: PromptSpec) -> list[_FrameMeasure]
     return out
 
 
+def subject_centroids(frames: np.ndarray, spec: PromptSpec) -> np.ndarray:
+    """The subject's centre ``[n, 2]`` (x, y px; NaN where no subject) in ``frames`` (uint8 ``[n, H,
+    W, 3]``), tracked from the first frame as the evaluator tracks a clip."""
+    return np.stack([m.centroid for m in _measure_frames(frames, spec)])
+
+
 def _expected_motion(spec: PromptSpec, start: np.ndarray, steps: int, scale: float) -> np.ndarray:
     """The displacement (px) the world would show: prompted velocity, stopped by the frame edge."""
     if spec.motion not in _world._VELOCITY:

@@ -35,6 +35,7 @@ class DataClip:
     offset: int = 0  # first frame's index in its sequence or file
     anchor: np.ndarray | None = None  # uint8 [1, H, W, 3]: a frame from anywhere in the source (far anchor)
     history: np.ndarray | None = None  # uint8 [h, H, W, 3]: the frames just before the clip (motion_source)
+    motion: torch.Tensor | None = None  # [1, C, K, h, w]: motion latents a rollout handed on (closed loop)
 
 
 def _randint(generator: torch.Generator, low: int, high: int) -> int:

@@ -40,7 +40,8 @@ from .config import TrainConfig
 from .data import ShapesWorldClips, VideoFolderClips
 from .export import export_lora
 from .recycling import ErrorRecycler, Injection
-from .samples import TrainSample, build_sample, draw_choice
+from .closed_loop import closed_loop_clip
+from .samples import Choice, TrainSample, build_sample, draw_choice
 
 # Settings a resumed run must share with the run it continues (they shape the saved state).
 STRUCTURAL = (
@@ -156,6 +157,7 @@ class SVITrainer:
         self._text: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.step = 0
         self.started_from = 0
+        self.closed_loop_samples = 0
         if resume:
             self._resume()
         elif ckpt.list_checkpoints(self.out_dir):
@@ -223,6 +225,9 @@ class SVITrainer:
     def make_samples(self, generator: torch.Generator) -> list[TrainSample]:
         out = []
         for _ in range(self.cfg.batch_size):
+            if self.cfg.closed_loop_prob > 0 and (sample := self.closed_loop_sample(generator)) is not None:
+                out.append(sample)
+                continue
             choice = draw_choice(self.cfg, self.cfg.frames, generator)
             history = 0
             if self.cfg.motion_source == "previous_clip" and choice.mode == "latent" and choice.motion > 0:
@@ -230,6 +235,21 @@ class SVITrainer:
             clip = self.data.clip(generator, choice.motion_pixels, choice.far_anchor, history)
             out.append(build_sample(self.model, clip, choice, self.cfg.route))
         return out
+
+    def closed_loop_sample(self, generator: torch.Generator) -> TrainSample | None:
+        """With chance ``closed_loop_prob``, the clip after a rollout of the LoRA being trained
+        (cliploom.train.closed_loop); ``None`` otherwise or when the rollout lost its subject."""
+        cfg = self.cfg
+        if float(torch.rand((), generator=generator)) >= cfg.closed_loop_prob:
+            return None
+        K = cfg.motion_latents[int(torch.randint(len(cfg.motion_latents), (1,), generator=generator))]
+        n = cfg.closed_loop_clips[int(torch.randint(len(cfg.closed_loop_clips), (1,), generator=generator))]
+        clip = closed_loop_clip(self.model, generator, cfg.frames, K, n)
+        if clip is None:
+            return None
+        choice = Choice("latent", K, far_anchor=True, closed_loop=n)
+        self.closed_loop_samples += 1
+        return build_sample(self.model, clip, choice, cfg.route)
 
     def micro_step(self, samples: list[TrainSample], generator: torch.Generator) -> dict:
         """Forward and backward of one micro-batch with error injection; banks the new errors."""

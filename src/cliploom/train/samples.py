@@ -51,6 +51,7 @@ class Choice:
     end_frame: bool = False  # the clip's true last frame is given as a keyframe (end-frame control)
     context_noise: int = 0  # route df: the timestep the context latents are noised to
     noise_seed: int = 0  # route df: seeds that noise
+    closed_loop: int = 0  # clips the LoRA rolled out before this one (cliploom.train.closed_loop); 0: none
 
     @property
     def motion_pixels(self) -> int:
@@ -64,7 +65,8 @@ class Choice:
         if self.motion == 0:
             return f"{self.mode} first-clip{end}"
         if self.mode == "latent":
-            return f"latent K={self.motion}{end}"
+            loop = f" after {self.closed_loop} generated" if self.closed_loop else ""
+            return f"latent K={self.motion}{loop}{end}"
         return f"pixel N={self.motion} pad={self.ref_pad}{end}"
 
 
@@ -131,7 +133,9 @@ def build_sample(model: Components, clip: DataClip, choice: Choice, route: str =
             anchor = latents[:, :, :1]  # the Wan VAE encodes frame 0 on its own: this is VAE(frame 0)
         else:
             motion = latents[:, :, 1 : 1 + choice.motion]
-            if clip.history is not None and len(clip.history):  # as inference: the previous clip's last K
+            if clip.motion is not None:  # closed loop: what the LoRA's own last clip handed on
+                motion = clip.motion.to(latents)
+            elif clip.history is not None and len(clip.history):  # as inference: the previous clip's last K
                 past = np.concatenate([clip.history, clip.frames[: choice.motion_pixels]])
                 motion = model.encode_video(frames_to_tensor(past).to(model.device))[:, :, -choice.motion :]
             anchor_image = _anchor_image(video, clip, choice)
