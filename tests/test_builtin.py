@@ -46,3 +46,18 @@ def test_builtin_clip_has_the_prompted_subject(engine, tmp_path, mode):
     first = result["clips"][0]
     assert first["area_status"] == "kept", first
     assert first["color_delta_e"] is not None and first["color_delta_e"] < 15, first
+
+
+def test_build_model_writes_the_shipped_settings():
+    """Rebuilding the built-in folder (docs/shapesworld.md) gives the cliploom.json that ships: its
+    defaults, the SVI LoRA and the route LoRAs under the names build_model gives them."""
+    import json
+
+    from cliploom.models.builtin import SHIPPED
+    from cliploom.shapesworld.build_model import DEFAULTS
+
+    shipped = json.loads((SHIPPED / "cliploom.json").read_text())
+    routes = shipped.get("route_loras", {})
+    assert routes == {r: f"{r}_lora.safetensors" for r in routes}
+    assert all((SHIPPED / name).is_file() for name in routes.values())
+    assert {**DEFAULTS, "svi_lora": "svi_lora.safetensors", **({"route_loras": routes} if routes else {})} == shipped

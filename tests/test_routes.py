@@ -150,6 +150,17 @@ def test_df_trainer_gives_the_context_as_clean_frames_left_out_of_the_loss(tmp_p
         assert s.loss_mask[0, 0, :, 0, 0].tolist() == [0.0, 0.0, 1.0]  # anchor and context: given, not predicted
         assert 0 <= s.choice.context_noise <= 50
         assert s.cond.known_timesteps[0, 0, :, 0, 0].tolist() == [0.0, float(s.choice.context_noise), 0.0]
+    # The exported LoRA names its route; inspect says it; the SVI loop refuses it in one line.
+    from cliploom.engine import check_lora_routes
+    from cliploom.models.inspect import describe_file
+    from cliploom.story import LoraSpec
+
+    lora = trainer.export(["svi"])[0]
+    assert describe_file(lora)["route"] == "df"
+    check_lora_routes([LoraSpec(lora)], "df")
+    with pytest.raises(CliploomError, match="was trained for route df; this story runs route svi") as err:
+        check_lora_routes([LoraSpec(lora)], "svi")
+    assert "route: df" in err.value.fix
     for bad, message in (({"route": "df", "latent_mode_prob": 0.5}, "pro timeline"),
                          ({"context_noise_max": 20}, "diffusion-forcing setting"),
                          ({"route": "df", "context_noise_max": 1000}, "not a timestep")):

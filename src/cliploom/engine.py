@@ -62,6 +62,20 @@ def drift_warnings(story: Story, settings) -> list[str]:
     return out
 
 
+
+def check_lora_routes(loras, route: str) -> None:
+    """Refuse a LoRA trained for another route's loop (``cliploom_route`` in its metadata, written
+    by ``train-svi`` and ``cliploom convert``): a causal LoRA under the SVI loop, or an SVI LoRA
+    under the causal one, makes noise rather than video. Untagged LoRAs (style LoRAs, files from
+    other tools) go anywhere."""
+    from .models.formats import read_header
+
+    for spec in loras:
+        trained = read_header(spec.path, "LoRA").metadata.get("cliploom_route")
+        if trained and trained != route:
+            raise CliploomError(f"LoRA {spec.path} was trained for route {trained}; this story runs route {route}",
+                                f"set route: {trained} in the story (or --route {trained}), or drop that LoRA")
+
 class Engine:
     """A loaded model plus the LoRA stack currently applied to it."""
 
@@ -118,6 +132,7 @@ class Engine:
             if loras and not story.fuse_loras:
                 raise CliploomError("fp8_matmul needs the LoRAs fused into the weights it quantises",
                                     "drop fuse_loras: false (--no-fuse), or fp8_matmul")
+        check_lora_routes(loras, story.route)
         self.loras.apply(loras, fuse=story.fuse_loras and not fp8)
         apply_memory_options(self.model, story.offload, story.vae_tiling)  # after the LoRAs: hooks wrap final weights
         apply_speed_options(m, story)

@@ -120,6 +120,7 @@ def describe_lora(path: Path, header: formats.Header) -> dict:
         "expert_from": expert_from,
         "families": lora_families(sig),
         "signature": sig,
+        "route": header.metadata.get("cliploom_route") or "svi",  # train-svi tags the route it trained for
     }
 
 
@@ -323,6 +324,8 @@ def format_file(d: dict, indent: str = "") -> list[str]:
             lines.append(f"{indent}  not applied: {len(keys)} key(s), e.g. {keys[0]} ({d['not_applied'][keys[0]]})")
         expert = f"{d['expert']} (from the {d['expert_from']})" if d["expert"] else "not stated (applies to both)"
         lines.append(f"{indent}  expert: {expert}")
+        if d.get("route", "svi") != "svi":
+            lines.append(f"{indent}  route: {d['route']} (its loop only: route: {d['route']} in the story, docs/routes.md)")
     elif d["kind"] == "dit":
         s = d["signature"]
         shown = [f"{s['num_layers']} blocks"] + [f"{label} {s[key]}" for key, label in

@@ -30,9 +30,15 @@ DEFAULTS = {
     "fps": FPS,
     "frames": 17,  # 5 latent frames: the clip length the VAE was trained on end to end
     "steps": 8,
-    "guidance": 1.0,
+    "guidance": 2.0,
     "shift": 5.0,
     "negative_prompt": "",
+    # Chosen on the dev set (docs/benchmarks.md, issue 12): guidance only above the boundary, the
+    # anchor's colour statistics matched at decode, one blended frame at each seam.
+    "guidance_low": 1.0,
+    "guidance_boundary": 0.7,
+    "color_match": "anchor",
+    "seam_blend": 1,
 }
 
 
@@ -66,7 +72,8 @@ def export_vae_checkpoint(checkpoint: Path, frozen_dir: Path, out: Path) -> Path
     return out
 
 
-def build(vae_dir: Path, dit_dir: Path, out: Path, settings: dict, svi_lora: Path | None = None) -> Path:
+def build(vae_dir: Path, dit_dir: Path, out: Path, settings: dict, svi_lora: Path | None = None,
+          route_loras: dict[str, Path] | None = None) -> Path:
     from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
 
     from ..models.tiny import write_model_index
@@ -91,6 +98,9 @@ def build(vae_dir: Path, dit_dir: Path, out: Path, settings: dict, svi_lora: Pat
         if svi_lora is not None:
             shutil.copy2(svi_lora, tmp / "svi_lora.safetensors")
             settings = {**settings, "svi_lora": "svi_lora.safetensors"}
+        for route, path in (route_loras or {}).items():  # the weights of the other routes (docs/routes.md)
+            shutil.copy2(path, tmp / f"{route}_lora.safetensors")
+            settings = {**settings, "route_loras": {**settings.get("route_loras", {}), route: f"{route}_lora.safetensors"}}
         (tmp / "cliploom.json").write_text(json.dumps(settings, indent=2) + "\n")
         for report, name in [(vae_dir / "training_report.json", "vae"), (dit_dir / "training_report.json", "dit")]:
             if report.is_file():
@@ -116,6 +126,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dit-checkpoint", type=Path, default=None,
                    help="take the DiT (EMA) from this train_dit run folder's latest checkpoint instead of --dit")
     p.add_argument("--svi-lora", type=Path, default=None, help="the SVI LoRA applied by default (safetensors)")
+    p.add_argument("--route-lora", action="append", default=[], metavar="ROUTE=FILE",
+                   help="a route's LoRA (cliploom.routes), e.g. df=runs/df-shapesworld/lora_svi.safetensors; repeatable")
     p.add_argument("--out", type=Path, default=MODEL_DIR)
     p.add_argument("--steps", type=int, default=DEFAULTS["steps"])
     p.add_argument("--guidance", type=float, default=DEFAULTS["guidance"])
@@ -126,7 +138,14 @@ def main(argv: list[str] | None = None) -> None:
         from .train_dit import export_checkpoint
 
         args.dit = export_checkpoint(args.dit_checkpoint, Path(tempfile.mkdtemp(prefix="cliploom-dit-")))
-    build(args.vae, args.dit, args.out, {**DEFAULTS, "steps": args.steps, "guidance": args.guidance}, args.svi_lora)
+    route_loras = {}
+    for item in args.route_lora:
+        route, _, path = item.partition("=")
+        if not path or not Path(path).is_file():
+            raise SystemExit(f"error: --route-lora {item}: not ROUTE=FILE with an existing LoRA file")
+        route_loras[route] = Path(path)
+    build(args.vae, args.dit, args.out, {**DEFAULTS, "steps": args.steps, "guidance": args.guidance}, args.svi_lora,
+          route_loras)
 
 
 if __name__ == "__main__":

@@ -65,6 +65,7 @@ def export_lora(
     alpha: float,
     dtype: torch.dtype = torch.float32,
     info: dict | None = None,
+    route: str = "svi",
 ) -> Path:
     """Write ``state`` (from :func:`~cliploom.train.adapter.lora_state`) to ``path`` in ``layout``."""
     from safetensors.torch import save_file
@@ -79,6 +80,7 @@ def export_lora(
         "alpha": str(alpha),
         "scale_folded_into_lora_B": "true",
         "cliploom_info": json.dumps(info or {}, sort_keys=True),
+        "cliploom_route": route,  # the route whose loop it was trained for (cliploom.routes)
     }
     tmp = path.with_name(path.name + ".partial")
     save_file(tensors, str(tmp), metadata=metadata)
@@ -108,5 +110,6 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, layout: str, dtyp
     state, meta = read_checkpoint_lora(folder)
     cfg = config_from_dict(meta["config"], f"{folder / 'state.json'} config").to_dict()
     info = {"step": meta["step"], "model": cfg["model"], "targets": cfg["targets"], "expert": cfg["expert"],
-            "error_recycling": cfg["error_recycling"]}
-    return export_lora(state, out, layout, rank=cfg["rank"], alpha=cfg["alpha"], dtype=dtypes[dtype], info=info)
+            "error_recycling": cfg["error_recycling"], "route": cfg["route"]}
+    return export_lora(state, out, layout, rank=cfg["rank"], alpha=cfg["alpha"], dtype=dtypes[dtype], info=info,
+                       route=cfg["route"])

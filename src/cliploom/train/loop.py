@@ -415,11 +415,12 @@ class SVITrainer:
         state = self.lora_state()
         stem = "lora" if cfg.expert is None else f"lora_{cfg.expert}"
         info = {"step": self.step, "model": cfg.model, "targets": cfg.targets, "expert": cfg.expert,
-                "error_recycling": cfg.error_recycling}
+                "error_recycling": cfg.error_recycling, "route": cfg.route}
         paths = []
         for layout in layouts or cfg.export:
             path = self.out_dir / f"{stem}_{layout}.safetensors"
-            paths.append(export_lora(state, path, layout, rank=cfg.rank, alpha=cfg.alpha, info=info))
+            paths.append(export_lora(state, path, layout, rank=cfg.rank, alpha=cfg.alpha, info=info,
+                                     route=cfg.route))
         return paths
 
     # -- the run ----------------------------------------------------------------------------------
