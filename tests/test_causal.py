@@ -310,3 +310,39 @@ def test_rope_jitter_spreads_the_heads_temporal_frequencies_only():
     # the outer heads turn at 0.6x and 1.4x the temporal rate: their angles differ from the model's
     assert (cos[:, :, 0, :t] - cos0[:, :, 0, :t]).abs().max() > 1e-2
     assert (cos[:, :, 4, :t] - cos[:, :, 0, :t]).abs().max() > 1e-2
+
+
+def test_causal_route_streams_each_block_before_its_clip(tiny_models, tiny_story):
+    """Per-block streaming: every block's frames arrive before their clip, and a clip's blocks put
+    together are the clip (no colour match or seam blend to tell them apart)."""
+    from cliploom.routes.causal import weave
+
+    model = tiny_models("wan21")
+    story = tiny_story(3, frames=13, route="causal", color_match="none", seam_blend=0)
+    events, blocks = [], {}
+    clips = []
+    for clip in weave(model, story, progress=False,
+                      on_block=lambda i, f: events.append(("block", i, len(f))) or blocks.setdefault(i, []).append(f)):
+        events.append(("clip", clip.index, len(clip.frames)))
+        clips.append(clip)
+    # clip 0: the anchor frame with the first block, then 4 frames a latent; later clips 2 latents each
+    assert events == [("block", 0, 5), ("block", 0, 4), ("block", 0, 4), ("clip", 0, 13),
+                      ("block", 1, 4), ("block", 1, 4), ("clip", 1, 8),
+                      ("block", 2, 4), ("block", 2, 4), ("clip", 2, 8)]
+    for clip in clips:
+        streamed = torch.cat(blocks[clip.index])
+        # The same decoder operations frame by frame, the post-quant 1x1x1 conv run per block instead of
+        # over the whole clip: float rounding may move a pixel by one uint8 level, never more.
+        assert (streamed.int() - clip.frames.int()).abs().max() <= 1
+    # streaming changes nothing in the clips themselves
+    plain = list(weave(model, story, progress=False))
+    assert all(torch.equal(a.frames, b.frames) for a, b in zip(plain, clips))
+
+
+def test_only_the_causal_route_streams_blocks(tiny_dirs, tiny_story):
+    from cliploom.engine import Engine
+    from cliploom.errors import CliploomError
+
+    engine = Engine.load(tiny_dirs["wan21"], device="cpu")
+    with pytest.raises(CliploomError, match="only route causal streams blocks"):
+        list(engine.generate(tiny_story(1), progress=False, on_block=lambda i, f: None))

@@ -109,10 +109,15 @@ class Engine:
         on_clip_start: Callable[[int], None] | None = None,
         on_step: Callable[[int, int, int], None] | None = None,
         start: Start | None = None,
+        on_block: Callable[[int, torch.Tensor], None] | None = None,
     ) -> Iterator[Clip]:
         """Yield the story's clips in order, each as soon as it is decoded (from ``start.index``
-        on when ``start`` is given: see :class:`cliploom.loom.Start`)."""
+        on when ``start`` is given: see :class:`cliploom.loom.Start`). ``on_block(clip, frames)``
+        streams each block's frames before its clip is done (route causal only)."""
         m = self.model
+        if on_block is not None and story.route != "causal":
+            raise CliploomError(f"route {story.route} makes whole clips; only route causal streams blocks",
+                                "drop the block callback, or use route: causal")
         resolved = story.resolve(m.settings, m.size_multiple, m.scale_temporal)
         check_story_fits(m, resolved)  # before anything is applied
         if any(c.keyframes for c in resolved.clips):
@@ -146,8 +151,9 @@ class Engine:
             if on_clip_start is not None:
                 on_clip_start(i)
 
+        extra = {"on_block": on_block} if on_block is not None else {}
         yield from weave_for(story.route)(self.model, story, progress=progress, overlap_decode=overlap_decode,
-                                          on_clip_start=clip_start, on_step=on_step, start=start)
+                                          on_clip_start=clip_start, on_step=on_step, start=start, **extra)
 
     def default_loras(self, story: Story) -> list[LoraSpec]:
         """The model's own weights for the story's route: its SVI LoRA (``svi_lora`` in its

@@ -23,12 +23,13 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import conditioning as C
-from ..colour import colour_stats
+from ..colour import colour_stats, match_colour
 from ..errors import CliploomError
 from ..loom import Clip, ClipDecoder, Start, encode_prompts, experts_for, hand_over
 from ..models.causal import causal_attention, set_offset, set_rope_jitter
 from ..models.components import Components, frames_to_tensor
 from ..models.memory import check_story_fits
+from ..models.stream_decode import BlockDecoder
 from ..sampling import make_denoiser, sample_euler, schedule
 from ..story import Story
 from ..video_io import load_image
@@ -43,8 +44,14 @@ def weave(
     on_clip_start: Callable[[int], None] | None = None,
     on_step: Callable[[int, int, int], None] | None = None,
     start: Start | None = None,
+    on_block: Callable[[int, torch.Tensor], None] | None = None,
 ) -> Iterator[Clip]:
-    """Generate ``story`` on the causal route, yielding each clip as soon as it is decoded."""
+    """Generate ``story`` on the causal route, yielding each clip as soon as it is decoded.
+
+    ``on_block(clip, frames)`` streams: it gets each block's frames (uint8 ``[n, H, W, 3]``) as soon
+    as the block is denoised, decoded with the VAE's causal cache in the clip's own context, so
+    that a clip's blocks put together are its frames before the seam blend (colour-matched per
+    block, where the clip is matched as a whole)."""
     # 1. Settle every number; refuse what this route cannot do.
     story = story.resolve(model.settings, model.size_multiple, model.scale_temporal)
     check_story_fits(model, story)
@@ -90,6 +97,7 @@ def weave(
                 seed = story.clip_seed(i)
                 noise = torch.randn((1, model.z_dim, new, h, w), generator=torch.Generator("cpu").manual_seed(seed))
                 made, steps = [], len(sigmas) - 1
+                stream = _stream_start(model, anchor, memory) if on_block is not None else None
                 total = steps * -(-new // block)  # steps over the clip's blocks, for on_step
                 for b0 in range(0, new, block):
                     n = min(block, new - b0)
@@ -104,6 +112,13 @@ def weave(
                     _write(model, session, x, cond.y, text[prompt], features, position)
                     made.append(x)
                     position += n
+                    if stream is not None:
+                        frames = stream.push(x)
+                        if b0 == 0 and i == 0:  # clip 0 keeps its anchor frame
+                            frames = torch.cat([stream.context, frames])
+                        on_block(i, match_colour(frames, decoder.target) if decoder.color_match else frames)
+                if stream is not None:
+                    stream.close()
                 latents = torch.cat(made, dim=2)
                 if not bool(torch.isfinite(latents).all()):
                     raise CliploomError(f"clip {i}: the latents hold NaN or Inf after denoising",
@@ -123,6 +138,14 @@ def weave(
             set_offset(tr, 0)
             clip_bar.close()
             decoder.close()
+
+
+def _stream_start(model: Components, anchor: torch.Tensor, memory: torch.Tensor | None) -> BlockDecoder:
+    """A block decoder primed with the clip's context (``[anchor]`` or ``[anchor, memory]``, as
+    the clip is decoded); the context's frames are kept on it as ``context``."""
+    stream = BlockDecoder(model)
+    stream.context = stream.push(anchor if memory is None else torch.cat([anchor, memory], dim=2))
+    return stream
 
 
 def _check(model: Components, story: Story, start: Start | None) -> None:
