@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.cliploom-installed
 
-.PHONY: setup browser test test-portability demo bench bench-serve bench-hostile bench-quality bench-fullsize bench-fullsize-gpu bench-scale bench-keyframes screenshots clean
+.PHONY: setup browser test test-portability demo bench bench-serve bench-hostile bench-quality bench-fullsize bench-fullsize-gpu bench-scale bench-keyframes bench-routes screenshots clean
 
 setup: $(STAMP)
 
@@ -86,6 +86,12 @@ BASE_ARGS ?=
 bench-quality: setup
 	$(BIN)/python benchmarks/bench_quality.py $(QUALITY_ARGS)
 	$(BIN)/python benchmarks/check_base.py $(BASE_ARGS)
+
+# Every long-video route on the dev set over sampling seeds 0/1/2, into docs/routes.md (issue 17);
+# ROUTES picks runs (ROUTE or NAME=ROUTE:KEY=VALUE), ROUTES_ARGS adds e.g. --knobs.
+ROUTES ?= svi,chain,df,causal
+bench-routes: setup
+	$(BIN)/python benchmarks/bench_routes.py --runs "$(ROUTES)" $(ROUTES_ARGS)
 
 clean:
 	rm -rf out .pytest_cache
