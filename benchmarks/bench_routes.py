@@ -41,7 +41,7 @@ KNOB_RUNS = (
     "df addnoise 0=df:addnoise=0", "df addnoise 20=df:addnoise=20", "df addnoise 50=df:addnoise=50",
     "causal no sink=causal:sink=0", "causal window 1=causal:window=1", "causal window 4=causal:window=4",
     "causal recache=causal:recache=true", "causal jitter 0.4=causal:rope_jitter=0.4",
-    "causal jitter 0.8=causal:rope_jitter=0.8",
+    "causal jitter 0.8=causal:rope_jitter=0.8", "causal block 3=causal:block=3",
 )
 
 
@@ -50,6 +50,7 @@ class RouteRun:
     name: str
     route: str  # a route of cliploom.routes, or "chain" (the chain mode)
     options: dict = field(default_factory=dict)
+    seeds: list[int] | None = None  # sampling seeds of this run (None: --seeds)
 
 
 def parse_run(text: str) -> RouteRun:
@@ -169,6 +170,8 @@ def table(results: dict) -> list[str]:
         res = r.get("resources") or {}
         ratio = (res["clips_20"]["peak_mib"] / res["clips_2"]["peak_mib"]) if res else None
         opts = ", ".join(f"{k}={v}" for k, v in r["options"].items()) or "defaults"
+        if r.get("sampling_seeds", seeds) != seeds:
+            name = f"{name} (seed{'s' if len(r['sampling_seeds']) > 1 else ''} {', '.join(map(str, r['sampling_seeds']))})"
         lines.append(
             f"| {name} | {opts} | {_pct(m['clip_pass_rate'])} ({per_seed}) | {_f(m['stories_clean'], '{:.1f}')}/"
             f"{r['seeds'][0]['stories']} ({clean}) | {_pct(m['first_clip_pass_rate'])} | "
@@ -177,7 +180,8 @@ def table(results: dict) -> list[str]:
             f"{_f(m['jump_last'])} | {_f(r['seconds_per_clip'])} | "
             f"{_f(res.get('clips_2', {}).get('first_frames_s'))} | {_f(ratio, '{:.3f}')} |"
         )
-    lines += ["", f"Means over sampling seeds {', '.join(map(str, seeds))} (each seed's value in brackets)."]
+    lines += ["", f"Means over sampling seeds {', '.join(map(str, seeds))} (each seed's value in brackets; a row "
+              "measured on fewer seeds says so in its name)."]
     return lines
 
 
@@ -237,13 +241,18 @@ def parse_args(argv=None):
     ap.add_argument("--weights", action="append", default=[], metavar="ROUTE=LORA",
                     help="a route's LoRA instead of the model's route_loras (repeatable)")
     ap.add_argument("--seeds", default="0,1,2", help="sampling seeds (default 0,1,2)")
+    ap.add_argument("--knob-seeds", default=None, help="sampling seeds of the knob rows (default: --seeds)")
     ap.add_argument("--stories", type=int, default=14)
     ap.add_argument("--clips", type=int, default=20)
     ap.add_argument("--no-resources", action="store_true", help="skip the time-to-first-clip and RSS runs")
     ap.add_argument("--out-root", default=str(ROOT), help="where results, docs/img and docs/routes.md go")
     args = ap.parse_args(argv)
-    args.runs = [parse_run(t) for t in args.runs.split(",") if t] + ([parse_run(t) for t in KNOB_RUNS] if args.knobs else [])
     args.seeds = [int(s) for s in args.seeds.split(",")]
+    knob_seeds = [int(s) for s in args.knob_seeds.split(",")] if args.knob_seeds else args.seeds
+    knobs = [parse_run(t) for t in KNOB_RUNS] if args.knobs else []
+    for run in knobs:
+        run.seeds = knob_seeds
+    args.runs = [parse_run(t) for t in args.runs.split(",") if t] + knobs
     weights = {}
     for w in args.weights:
         route, _, path = w.partition("=")
@@ -280,7 +289,8 @@ def main(argv=None) -> dict:
             key = json.dumps(story_keys(run, {}) | {"w": args.weights.get(run.route)}, default=str, sort_keys=True)
             engine = engines.setdefault(key, first_engine if not engines else Engine.load(args.model))
             per_seed, seconds = [], 0.0
-            for seed in args.seeds:
+            seeds = run.seeds or args.seeds
+            for seed in seeds:
                 stories = []
                 for d, ref in zip(devs, refs):
                     started = time.perf_counter()
@@ -306,8 +316,9 @@ def main(argv=None) -> dict:
                 "jump_last": mean_over(per_seed, ("last_clip", "boundary_jump")),
             }
             entry = {"route": run.route, "options": run.options, "mean": mean, "seeds": per_seed,
-                     "seconds_per_clip": round(seconds / (len(args.seeds) * len(devs) * args.clips), 4)}
-            if not args.no_resources:
+                     "sampling_seeds": seeds,
+                     "seconds_per_clip": round(seconds / (len(seeds) * len(devs) * args.clips), 4)}
+            if not args.no_resources and run.seeds is None:  # the main runs; knob rows are about drift
                 entry["resources"] = {f"clips_{n}": measure_resources(args.model, run, args.weights, n) for n in (2, 20)}
             results["runs"][run.name] = entry
     out_root = Path(args.out_root)
