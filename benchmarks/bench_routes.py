@@ -118,8 +118,22 @@ def mean_over(seeds: list[dict], path: tuple) -> float | None:
     return round(float(np.mean(vals)), 4) if vals else None
 
 
+def rss_mib(field: str) -> float:
+    """``VmRSS`` (now) or ``VmHWM`` (peak since the last reset) of this process, MiB (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def reset_peak_rss() -> None:
+    """Reset the peak RSS (``VmHWM``) to the current RSS: Linux's ``clear_refs`` value 5."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
 def measure_resources(model: str, run: RouteRun, weights: dict, clips: int) -> dict:
-    """Peak RSS (MiB) and seconds to the first clip of dev story 0 with ``clips`` clips, in a fresh process."""
+    """Peak RSS while generating (MiB; the peak is reset after loading) and seconds to the first
+    frames of dev story 0 with ``clips`` clips, in a fresh process."""
     code = f"""
 import json, resource, sys, tempfile, time, torch
 from pathlib import Path
@@ -135,10 +149,10 @@ run = br.RouteRun({run.name!r}, {run.route!r}, {run.options!r})
 with tempfile.TemporaryDirectory() as tmp:
     ref = Path(tmp) / "ref.png"
     dev.reference(engine.model.settings.width).save(ref)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = br.rss_mib("VmRSS")
+    br.reset_peak_rss()  # the peak of loading is not the peak of generating
     frames, prompts, lengths, first = br.generate(engine, dev, run, {weights!r}, ref, 0)
-print(json.dumps(dict(peak_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                      loaded_mib=before / 1024, first_frames_s=first, clips=len(lengths))))
+print(json.dumps(dict(peak_mib=br.rss_mib("VmHWM"), loaded_mib=before, first_frames_s=first, clips=len(lengths))))
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     if done.returncode:
@@ -192,7 +206,10 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for name, r in results["runs"].items():
+    seeds = results["settings"]["seeds"]
+    for name, r in results["runs"].items():  # the main runs (all seeds); the knob rows are in the table
+        if r.get("sampling_seeds", seeds) != seeds:
+            continue
         for ax, key in zip(axes, ("pass_rate", "color_delta_e", "boundary_jump")):
             curves = [a["curves"][key] if key == "pass_rate" else a["curves"][key]["mean"] for a in r["seeds"]]
             y = [np.mean([c[i] for c in curves if c[i] is not None]) if any(c[i] is not None for c in curves)
@@ -203,18 +220,28 @@ def plot(results: dict, path: Path) -> None:
         ax.set_xlabel("clip")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.suptitle("ShapesWorld dev set: drift against clip index by route (mean over sampling seeds)")
+    fig.suptitle(f"ShapesWorld dev set: drift against clip index by route (mean over sampling seeds {seeds})")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
-def write_markdown(results: dict, command: str, doc: Path) -> None:
+def _shown(path: str) -> str:
+    """A path inside the repository as a relative path (the docs are read on other machines)."""
+    try:
+        return str(Path(path).resolve().relative_to(ROOT))
+    except ValueError:
+        return path
+
+
+def write_markdown(results: dict, doc: Path) -> None:
     s = results["settings"]
+    command = results.get("command", "?") + (f"`, resources again: `{results['resources_command']}"
+                                             if results.get("resources_command") else "")
     section = [
         "<!-- routes:start -->",
-        f"Command: `{command}`. Model `{results['model']}`, {s['stories']} dev stories x {s['clips']} clips "
+        f"Command: `{command}`. Model `{_shown(results['model'])}`, {s['stories']} dev stories x {s['clips']} clips "
         f"({s['frames']} frames each), the motion prompt switching at every clip; weights: "
         + (", ".join(f"{k} `{Path(v).name}`" for k, v in s["weights"].items()) or "the model's own") + ".",
         "",
@@ -246,6 +273,8 @@ def parse_args(argv=None):
     ap.add_argument("--clips", type=int, default=20)
     ap.add_argument("--no-resources", action="store_true", help="skip the time-to-first-clip and RSS runs")
     ap.add_argument("--out-root", default=str(ROOT), help="where results, docs/img and docs/routes.md go")
+    ap.add_argument("--resources-only", action="store_true",
+                    help="measure the resources of the main runs again into an existing routes.json")
     args = ap.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(",")]
     knob_seeds = [int(s) for s in args.knob_seeds.split(",")] if args.knob_seeds else args.seeds
@@ -272,6 +301,15 @@ def main(argv=None) -> dict:
     from cliploom.engine import Engine
 
     _quiet_libraries()
+    out_root = Path(args.out_root)
+    out = out_root / "benchmarks" / "results" / "routes.json"
+    if args.resources_only:
+        results = json.loads(out.read_text())
+        for run in args.runs:
+            if run.seeds is None and run.name in results["runs"]:
+                results["runs"][run.name]["resources"] = {
+                    f"clips_{n}": measure_resources(args.model, run, args.weights, n) for n in (2, 20)}
+        return finish(results, out, out_root, argv, "resources_command")
     engines: dict = {}
     first_engine = Engine.load(args.model)
     settings = first_engine.model.settings
@@ -321,13 +359,15 @@ def main(argv=None) -> dict:
             if not args.no_resources and run.seeds is None:  # the main runs; knob rows are about drift
                 entry["resources"] = {f"clips_{n}": measure_resources(args.model, run, args.weights, n) for n in (2, 20)}
             results["runs"][run.name] = entry
-    out_root = Path(args.out_root)
-    out = out_root / "benchmarks" / "results" / "routes.json"
+    return finish(results, out, out_root, argv, "command")
+
+
+def finish(results: dict, out: Path, out_root: Path, argv, key: str) -> dict:
+    results[key] = " ".join(["python", "benchmarks/bench_routes.py", *(argv if argv is not None else sys.argv[1:])])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n")
     plot(results, out_root / "docs" / "img" / "routes_drift.png")
-    command = " ".join(["python", "benchmarks/bench_routes.py", *(argv if argv is not None else sys.argv[1:])])
-    write_markdown(results, command, out_root / "docs" / "routes.md")
+    write_markdown(results, out_root / "docs" / "routes.md")
     print("\n".join(table(results)))
     return results
 
