@@ -335,3 +335,22 @@ def test_rerun_from_a_clip_keeps_the_clips_before_it(server):
     jobs = server.state.jobs_dir
     # clip 0 is the very segment of the first video (kept byte for byte)
     assert (jobs / a["id"] / "video.run/clips/000000.mp4").read_bytes() == (jobs / b["id"] / "video.run/clips/000000.mp4").read_bytes()
+
+
+def test_route_jobs_run_through_the_service_unchanged(server):
+    """A story's route and options go through the API as story keys; the built-in model's route
+    LoRAs are used; the report names the route; a bad option is refused up front."""
+    with http(server) as h:
+        for route, options in (("causal", {"window": 1}), ("df", {"addnoise": 20})):
+            story = {"seed": 3, "clips": [PROMPT, "a big red circle moves left on a navy background"],
+                     "route": route, "route_options": options}
+            v = wait(h, h.post("/v1/videos", data={"prompt": PROMPT, "story": json.dumps(story)}).json()["id"])
+            assert v["status"] == "completed", v
+            report = h.get(f"/v1/videos/{v['id']}/report").json()["report"]
+            assert report["story"]["route"] == route
+            assert options.items() <= report["story"]["route_options"].items()  # with the other options' defaults
+            assert any(route in lora["path"] for lora in report["story"]["loras"])  # the model's route LoRA
+            assert report["totals"]["clips"] == 2
+        bad = {"clips": [PROMPT], "route": "causal", "route_options": {"window": 99}}
+        r = h.post("/v1/videos", data={"prompt": PROMPT, "story": json.dumps(bad)})
+        assert r.status_code == 400 and "window 99 is out of range" in r.text
