@@ -68,21 +68,24 @@ def closed_loop_clip(model, generator: torch.Generator, frames: int, motion_late
         finally:
             model.transformer.train(was_training)
     last = clips[-1]
-    centre = subject_centroids(np.stack([reference, last.frames[-1].numpy()]), spec)[-1]
-    if np.isnan(centre).any():
+    tail = last.frames[-lead:].numpy()  # the frames the next clip's lead frames stand for
+    track = subject_centroids(np.concatenate([reference[None], tail]), spec)[1:] / seq.scale  # reference px
+    if np.isnan(track).any() or len(track) < lead:
         return None
-    end = centre / seq.scale  # reference px
     lo, hi = world.bounds(spec)
-    end = np.clip(end, lo, hi)
+    track = np.clip(track, lo, hi)
+    end = track[-1]
 
     # The next clip: a switched motion that keeps the subject in frame from where it ended.
     before = seq.motions[-1]
     options = [m for m in MOTIONS if m != before and world.feasible(spec, m, frames - lead, end)]
     motion = str(options[_randint(generator, len(options))]) if options else "still"
-    # Lead frames: the end of the rolled-out motion, placed so that its last frame is at `end`.
-    start = np.clip(end - world.motion_offset(before, lead - 1), lo, hi)
-    target = world.Sequence(spec.with_motion(before), [before, motion], [lead, frames - lead], tuple(start),
+    # Lead frames: where the rollout's last frames put the subject (its own speed and phase), then
+    # the new motion from there, as the world moves it.
+    target = world.Sequence(spec.with_motion(before), [before, motion], [lead, frames - lead], tuple(end),
                             seq.distractor, size)
+    new = end + world.motion_offset(motion, np.arange(1, frames - lead + 1))
+    target._centers = np.clip(np.concatenate([track, new]), lo, hi)
     motion_memory = last.memory.clone()  # out of inference mode: a plain tensor the training graph may hold
     prompt = spec.with_motion(motion).prompt
     return DataClip(target.frames(0, frames), prompt, f"closed-loop:{seed}x{rollout_clips}", 0,
