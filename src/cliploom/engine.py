@@ -62,7 +62,6 @@ def drift_warnings(story: Story, settings) -> list[str]:
     return out
 
 
-
 def check_lora_routes(loras, route: str) -> None:
     """Refuse a LoRA trained for another route's loop (``cliploom_route`` in its metadata, written
     by ``train-svi`` and ``cliploom convert``): a causal LoRA under the SVI loop, or an SVI LoRA
@@ -75,6 +74,7 @@ def check_lora_routes(loras, route: str) -> None:
         if trained and trained != route:
             raise CliploomError(f"LoRA {spec.path} was trained for route {trained}; this story runs route {route}",
                                 f"set route: {trained} in the story (or --route {trained}), or drop that LoRA")
+
 
 class Engine:
     """A loaded model plus the LoRA stack currently applied to it."""

@@ -236,13 +236,16 @@ class Components:
         mean, std = self._latent_stats(z)
         return (z - mean) / std
 
+    def denormalise(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents -> the VAE's own latent scale, on its device and in its dtype."""
+        z = latents.to(self.device, torch.float32)
+        mean, std = self._latent_stats(z)
+        return (z * std + mean).to(self.vae.dtype)
+
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised latents ``[1, C, T, h, w]`` -> ``uint8`` frames ``[F, H, W, 3]`` on the CPU."""
-        vae = self.vae
-        z = latents.to(self.device, torch.float32)
-        mean, std = self._latent_stats(z)
-        video = vae.decode((z * std + mean).to(vae.dtype), return_dict=False)[0]
+        video = self.vae.decode(self.denormalise(latents), return_dict=False)[0]
         return to_uint8_frames(video[0])
 
 

@@ -17,9 +17,12 @@ from .components import Components, to_uint8_frames
 
 
 class BlockDecoder:
-    """One clip's decoder: :meth:`push` normalised latents ``[1, C, n, h, w]``, get their frames."""
+    """One clip's decoder: :meth:`push` normalised latents ``[1, C, n, h, w]``, get their frames.
 
-    def __init__(self, model: Components):
+    ``context`` (the latents the clip is decoded after, e.g. ``[anchor, memory]``) is pushed first;
+    its frames are kept as :attr:`context`."""
+
+    def __init__(self, model: Components, context: torch.Tensor | None = None):
         vae = model.vae
         if not hasattr(vae, "clear_cache") or not hasattr(vae, "decoder"):
             raise TypeError(f"{type(vae).__name__} has no causal frame cache to stream with")
@@ -28,15 +31,14 @@ class BlockDecoder:
         self.model, self.vae = model, vae
         vae.clear_cache()
         self.first = True
+        self.context = self.push(context) if context is not None else None
 
     @torch.no_grad()
     def push(self, latents: torch.Tensor) -> torch.Tensor:
         """The uint8 frames ``[F, H, W, 3]`` of these latent frames (1 for the clip's first latent
         frame, then 4 per latent frame)."""
         vae = self.vae
-        z = latents.to(self.model.device, torch.float32)
-        mean, std = self.model._latent_stats(z)
-        x = vae.post_quant_conv((z * std + mean).to(vae.dtype))
+        x = vae.post_quant_conv(self.model.denormalise(latents))
         out = []
         for i in range(x.shape[2]):
             vae._conv_idx = [0]

@@ -97,7 +97,9 @@ def weave(
                 seed = story.clip_seed(i)
                 noise = torch.randn((1, model.z_dim, new, h, w), generator=torch.Generator("cpu").manual_seed(seed))
                 made, steps = [], len(sigmas) - 1
-                stream = _stream_start(model, anchor, memory) if on_block is not None else None
+                stream = None
+                if on_block is not None:  # decoded in the clip's own context, as the clip is
+                    stream = BlockDecoder(model, anchor if memory is None else torch.cat([anchor, memory], dim=2))
                 total = steps * -(-new // block)  # steps over the clip's blocks, for on_step
                 for b0 in range(0, new, block):
                     n = min(block, new - b0)
@@ -138,14 +140,6 @@ def weave(
             set_offset(tr, 0)
             clip_bar.close()
             decoder.close()
-
-
-def _stream_start(model: Components, anchor: torch.Tensor, memory: torch.Tensor | None) -> BlockDecoder:
-    """A block decoder primed with the clip's context (``[anchor]`` or ``[anchor, memory]``, as
-    the clip is decoded); the context's frames are kept on it as ``context``."""
-    stream = BlockDecoder(model)
-    stream.context = stream.push(anchor if memory is None else torch.cat([anchor, memory], dim=2))
-    return stream
 
 
 def _check(model: Components, story: Story, start: Start | None) -> None:
