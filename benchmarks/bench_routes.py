@@ -85,13 +85,12 @@ def story_keys(run: RouteRun, weights: dict) -> dict:
     return keys
 
 
-def generate(engine, dev, run: RouteRun, weights: dict, reference: Path, seed: int, clips: int | None = None):
+def generate(engine, dev, run: RouteRun, weights: dict, reference: Path, seed: int):
     """Frames, prompts, frames per clip and seconds to the first frames of one dev story (the first
     streamed block on the causal route, else the first clip)."""
     from cliploom.story import ClipSpec, make_story
 
-    prompts = dev.prompts if clips is None else bq.dev_set(dev.index + 1, clips, engine.model.settings.frames)[dev.index].prompts
-    story = make_story(clips=[ClipSpec(p) for p in prompts], reference=reference, seed=dev.seed + 1000 * seed,
+    story = make_story(clips=[ClipSpec(p) for p in dev.prompts], reference=reference, seed=dev.seed + 1000 * seed,
                        fuse_loras=False, **story_keys(run, weights))
     out, started, first = [], time.perf_counter(), []
 

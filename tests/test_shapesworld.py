@@ -208,3 +208,20 @@ def test_render_reference_is_the_first_frame():
     assert np.array_equal(np.asarray(img), seq.frames(0, 1)[0])
     with pytest.raises(ValueError, match="'hexagon'"):
         render_reference("a small yellow hexagon moves up on a maroon background")
+
+
+def test_a_sequence_renders_a_given_track():
+    """``track`` places the subject per frame (a path measured elsewhere); the wrong shape is refused."""
+    import numpy as np
+
+    from cliploom.evaluate import subject_centroids
+    from cliploom.shapesworld import world
+
+    seq = world.sample_sequence(3, 2, [5, 5], size=32)
+    track = np.stack([np.linspace(10, 20, 10), np.full(10, 16.0)], axis=1)
+    drawn = world.Sequence(seq.appearance, seq.motions, seq.lengths, seq.start, seq.distractor, 32, track=track)
+    assert np.array_equal(drawn.centers_ref(), track)
+    # rendered anti-aliased, the tracker finds each centre within a fraction of a pixel
+    assert np.abs(subject_centroids(drawn.frames(), seq.appearance) - track).max() < 0.75
+    with pytest.raises(ValueError, match="one \\(x, y\\) per frame"):
+        world.Sequence(seq.appearance, seq.motions, seq.lengths, seq.start, seq.distractor, 32, track=track[:4])

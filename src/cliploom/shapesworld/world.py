@@ -101,7 +101,9 @@ class Sequence:
 
     ``appearance`` fixes colour, shape, size and background (its motion is that of segment 0);
     ``start`` is the subject centre at frame 0 and ``distractor`` the gray block's centre, both
-    in reference px (``None``: no block). ``size`` is the rendered frame size in pixels.
+    in reference px (``None``: no block). ``size`` is the rendered frame size in pixels. ``track``
+    (``[F, 2]`` reference px), when given, is the subject's centre per frame instead of the one the
+    motions give (a path measured elsewhere, e.g. on generated frames).
     """
 
     appearance: PromptSpec
@@ -110,6 +112,7 @@ class Sequence:
     start: tuple[float, float]
     distractor: tuple[float, float] | None = None
     size: int = 32
+    track: np.ndarray | None = field(default=None, repr=False, compare=False)
     _centers: np.ndarray | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
@@ -122,6 +125,12 @@ class Sequence:
         for m in self.motions:
             if m not in MOTIONS:
                 raise ValueError(f"unknown motion {m!r}; valid: {', '.join(MOTIONS)}")
+        if self.track is not None:
+            self.track = np.asarray(self.track, dtype=np.float64)
+            if self.track.shape != (self.num_frames, 2):
+                raise ValueError(f"track must hold one (x, y) per frame, shape ({self.num_frames}, 2); "
+                                 f"got {self.track.shape}")
+            self._centers = self.track
         if self.distractor is None and self.appearance.distractor:
             raise ValueError("the prompt asks for a gray block but the Sequence has no distractor position")
 
