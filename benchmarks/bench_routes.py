@@ -87,7 +87,8 @@ def story_keys(run: RouteRun, weights: dict) -> dict:
 
 def generate(engine, dev, run: RouteRun, weights: dict, reference: Path, seed: int):
     """Frames, prompts, frames per clip and seconds to the first frames of one dev story (the first
-    streamed block on the causal route, else the first clip)."""
+    streamed block on the causal routes, else the first clip)."""
+    from cliploom.routes import CAUSAL_ROUTES
     from cliploom.story import ClipSpec, make_story
 
     story = make_story(clips=[ClipSpec(p) for p in dev.prompts], reference=reference, seed=dev.seed + 1000 * seed,
@@ -98,7 +99,7 @@ def generate(engine, dev, run: RouteRun, weights: dict, reference: Path, seed: i
         if not first:
             first.append(time.perf_counter() - started)
 
-    stream = {"on_block": seen} if run.route == "causal" else {}
+    stream = {"on_block": seen} if run.route in CAUSAL_ROUTES else {}
     for clip in engine.generate(story, progress=False, **stream):
         seen()
         out.append(clip)

@@ -344,5 +344,5 @@ def test_only_the_causal_route_streams_blocks(tiny_dirs, tiny_story):
     from cliploom.errors import CliploomError
 
     engine = Engine.load(tiny_dirs["wan21"], device="cpu")
-    with pytest.raises(CliploomError, match="only route causal streams blocks"):
+    with pytest.raises(CliploomError, match="only the causal routes stream blocks"):
         list(engine.generate(tiny_story(1), progress=False, on_block=lambda i, f: None))

@@ -655,7 +655,15 @@ def test_closed_loop_training_steps_and_its_settings(tmp_path):
     info = trainer.train_step()
     assert np.isfinite(info.loss) and trainer.closed_loop_samples >= 1
     assert any(s.choice.closed_loop == 1 for s in info.samples)
-    for bad, message in (({"closed_loop_prob": 0.5, "data": "videos", "videos": str(tmp_path)}, "closed_loop_prob needs"),
+    # "memory" lead: the target's lead latent is what the rollout handed on (as in y), not the world's
+    cfg.closed_loop_lead = "memory"
+    trainer = SVITrainer(cfg, progress=False)
+    looped = [s for s in trainer.train_step().samples if s.choice.closed_loop]
+    assert looped
+    for s in looped:
+        assert torch.equal(s.latents[:, :, 1:2], s.cond.y[:, 4:, 1:2].to(s.latents))
+    for bad, message in (({"closed_loop_prob": 0.5, "closed_loop_lead": "pixels"}, "closed_loop_lead 'pixels' is not one of"),
+                         ({"closed_loop_prob": 0.5, "data": "videos", "videos": str(tmp_path)}, "closed_loop_prob needs"),
                          ({"closed_loop_prob": 0.5, "route": "df"}, "closed_loop_prob needs"),
                          ({"closed_loop_prob": 0.5, "closed_loop_clips": [0]}, "must list clip counts"),
                          ({"closed_loop_prob": 1.5}, "not a probability")):

@@ -26,7 +26,7 @@ from .models.loading import load_model
 from .models.lora import LoraStack
 from .models.memory import apply_memory_options, check_story_fits
 from .story import LoraSpec, Story
-from .routes import ROUTES, weave_for
+from .routes import CAUSAL_ROUTES, ROUTES, weave_for
 from .runs import Run, run_folder_for
 from .video_io import check_output, is_dir_target, write_json_atomic
 
@@ -113,11 +113,11 @@ class Engine:
     ) -> Iterator[Clip]:
         """Yield the story's clips in order, each as soon as it is decoded (from ``start.index``
         on when ``start`` is given: see :class:`cliploom.loom.Start`). ``on_block(clip, frames)``
-        streams each block's frames before its clip is done (route causal only)."""
+        streams each block's frames before its clip is done (the causal routes only)."""
         m = self.model
-        if on_block is not None and story.route != "causal":
-            raise CliploomError(f"route {story.route} makes whole clips; only route causal streams blocks",
-                                "drop the block callback, or use route: causal")
+        if on_block is not None and story.route not in CAUSAL_ROUTES:
+            raise CliploomError(f"route {story.route} makes whole clips; only the causal routes stream blocks",
+                                "drop the block callback, or use route: causal (or self-forcing)")
         resolved = story.resolve(m.settings, m.size_multiple, m.scale_temporal)
         check_story_fits(m, resolved)  # before anything is applied
         if any(c.keyframes for c in resolved.clips):

@@ -153,7 +153,13 @@ class Story:
     # -- resolution against a model -----------------------------------------------------------
     def resolve(self, settings, size_multiple: int = 16, temporal: int = 4) -> "Story":
         """Fill unset fields from the model's settings and check what needs the model to check."""
+        from .routes import SAMPLING
+
         s = dataclasses.replace(self)
+        route = SAMPLING.get(s.route, {})  # what the route's weights are made for (self-forcing: few steps)
+        for name, value in route.items():
+            if getattr(s, name) is None and not (name == "steps" and s.timesteps is not None):
+                setattr(s, name, value)
         for name in ("width", "height", "fps", "frames", "shift", "guidance", "negative_prompt", "color_match",
                      "seam_blend", "motion_amplitude"):
             if getattr(s, name) is None:

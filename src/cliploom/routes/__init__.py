@@ -9,10 +9,13 @@
 * ``causal``: a causal model with a rolling KV cache (CausVid, Self-Forcing, LongLive): latent
   frames made block by block, each attending to the cached keys and values of a sink (the first
   clips) and a window (the last clips) (:mod:`cliploom.routes.causal`, :mod:`cliploom.models.causal`).
+* ``self-forcing``: the same loop with weights trained on their own rollouts (DMD against the
+  bidirectional teacher, :mod:`cliploom.train.self_forcing`), sampled as distilled: few steps, no
+  guidance (``SAMPLING``) unless the story says otherwise.
 
 A route's options live in ``route_options:`` (CLI ``--route-opt KEY=VALUE``), each with a type, a
 range and a default, checked before anything loads. Routes named by the long-video literature that
-this version does not run yet (``causal``, ``self-forcing``, ``helios``) are refused in one line.
+this version does not run yet (``helios``) are refused in one line.
 """
 
 from __future__ import annotations
@@ -29,20 +32,30 @@ class Option:
     help: str
 
 
+CAUSAL_OPTIONS = {
+    "block": Option(int, 1, 4, 1, "latent frames denoised together (4 video frames each)"),
+    "sink": Option(int, 0, 8, 1, "clips at the start of the video kept in the KV cache"),
+    "window": Option(int, 1, 16, 2, "most recent clips kept in the KV cache"),
+    "recache": Option(bool, 0, 1, False, "at a prompt switch, recompute the cache under the new prompt (LongLive)"),
+    "rope_jitter": Option(float, 0.0, 1.0, 0.0, "LoL: spread the heads' temporal RoPE frequencies by this much"),
+}
+
 ROUTES: dict[str, dict[str, Option]] = {
     "svi": {},
     "df": {
         "addnoise": Option(int, 0, 999, 0, "timestep the context latents are noised to (SkyReels' addnoise_condition)"),
     },
-    "causal": {
-        "block": Option(int, 1, 4, 1, "latent frames denoised together (4 video frames each)"),
-        "sink": Option(int, 0, 8, 1, "clips at the start of the video kept in the KV cache"),
-        "window": Option(int, 1, 16, 2, "most recent clips kept in the KV cache"),
-        "recache": Option(bool, 0, 1, False, "at a prompt switch, recompute the cache under the new prompt (LongLive)"),
-        "rope_jitter": Option(float, 0.0, 1.0, 0.0, "LoL: spread the heads' temporal RoPE frequencies by this much"),
-    },
+    "causal": CAUSAL_OPTIONS,
+    "self-forcing": CAUSAL_OPTIONS,
 }
-PLANNED = ("self-forcing", "helios")
+PLANNED = ("helios",)
+# Sampling settings a route's weights are made for, used where the story does not set them: the
+# Self-Forcing student is distilled to a few steps without guidance (its teacher's guidance is
+# baked in by DMD), as the public Self-Forcing / LongLive checkpoints run.
+SAMPLING: dict[str, dict[str, object]] = {
+    "self-forcing": {"steps": 4, "guidance": 1.0, "guidance_low": 1.0},
+}
+CAUSAL_ROUTES = ("causal", "self-forcing")  # the routes run by the causal loop (a rolling KV cache)
 
 
 def route_error(route: str) -> tuple[str, str] | None:
@@ -86,7 +99,7 @@ def parse_option(text: str) -> tuple[str, object]:
 
 def weave_for(route: str):
     """The clip loop of ``route``: ``weave(model, story, **options) -> Iterator[Clip]``."""
-    if route == "causal":
+    if route in CAUSAL_ROUTES:
         from .causal import weave
     else:  # svi and df share the clip loop; they differ in how a clip is conditioned
         from ..loom import weave

@@ -1,4 +1,5 @@
-"""The causal route: latent frames made block by block under a rolling KV cache.
+"""The causal routes (``causal``, ``self-forcing``): latent frames made block by block under a
+rolling KV cache.
 
 Read :func:`weave` top-down. The stream is the ``pro`` timeline's latents, made in order: the
 anchor (latent frame 0, given), then each clip's new latent frames (clip 0: ``T - 1``, later clips:
@@ -143,19 +144,20 @@ def weave(
 
 
 def _check(model: Components, story: Story, start: Start | None) -> None:
+    r = story.route
     if start is not None and start.index > 0:
-        raise CliploomError("route causal cannot resume or extend a run: its KV cache is not saved with the clips",
+        raise CliploomError(f"route {r} cannot resume or extend a run: its KV cache is not saved with the clips",
                             "generate the story from clip 0 (or use route: svi)")
     if model.transformer_2 is not None:
-        raise CliploomError("route causal runs on one transformer; this model has two experts",
+        raise CliploomError(f"route {r} runs on one transformer; this model has two experts",
                             "use a single-transformer model (Wan 2.1, TI2V 5B, the built-in model)")
     if any(c.keyframes for c in story.clips):
-        raise CliploomError("route causal does not take keyframes in this version", "drop end_frame/keyframes, or use route: svi")
+        raise CliploomError(f"route {r} does not take keyframes in this version", "drop end_frame/keyframes, or use route: svi")
     if story.motion_amplitude not in (None, 1):
-        raise CliploomError("route causal has no padding frames for motion_amplitude to act on",
+        raise CliploomError(f"route {r} has no padding frames for motion_amplitude to act on",
                             "leave motion_amplitude at 1 on this route")
     if model.settings.expand_timesteps:
-        raise CliploomError("route causal needs a model with y channels; TI2V models are not supported yet",
+        raise CliploomError(f"route {r} needs a model with y channels; TI2V models are not supported yet",
                             "use a Wan 2.1 / built-in model, or route: svi")
 
 

@@ -78,6 +78,11 @@ class TrainConfig:
     # subject ended (cliploom.train.closed_loop). Each such sample costs a rollout.
     closed_loop_prob: float = 0.0
     closed_loop_clips: list[int] = field(default_factory=lambda: [1, 2])
+    # The closed-loop target's lead latents (the frames the motion memory stands for, dropped at
+    # inference): "world" = the world's re-rendering (true colours, at the tracked positions);
+    # "memory" = the motion memory itself, as the open-loop samples have it (the clip copies what it
+    # was handed, then goes on in the anchor's colours).
+    closed_loop_lead: str = "world"
     # Latent mode: where the motion latents come from. "previous_clip": the last K latents of the
     # F-frame clip that ends where the motion ends, encoded as a whole (what inference hands on:
     # the previous clip's last latents, deep in a causal VAE's context); "clip": the clip's own
@@ -89,6 +94,17 @@ class TrainConfig:
     # causal (stage 1): ShapesWorld streams of this many clips per sample, trained under a
     # block-causal mask with a noise level per latent frame (cliploom.train.causal)
     clips_per_sample: int = 3
+    # self-forcing (cliploom.train.self_forcing): the causal student (started from `init_lora`, the
+    # causal stage-1 LoRA) rolls out `clips_per_sample` clips in `student_steps` Euler steps without
+    # guidance, and learns by DMD against the teacher (the model with `teacher_lora` fused, default
+    # its SVI LoRA, at `teacher_guidance`, default the model's) and a critic with its own LoRA
+    # (`critic_rank`), fitted `critic_ratio` times per student step at `critic_lr` (default `lr`).
+    student_steps: int = 4
+    teacher_lora: str | None = None
+    teacher_guidance: float | None = None
+    critic_ratio: int = 5
+    critic_rank: int = 32
+    critic_lr: float | None = None
     # df: the context latents are noised to a timestep drawn uniformly from 0..context_noise_max
     # (SkyReels' addnoise_condition; 0: always clean).
     context_noise_max: int = 0
@@ -166,7 +182,8 @@ _CHOICES = {
     "velocity_target": ("clean", "injected"),
     "lr_schedule": ("constant", "cosine"),
     "motion_source": ("clip", "previous_clip"),
-    "route": ("svi", "df", "causal"),
+    "route": ("svi", "df", "causal", "self-forcing"),
+    "closed_loop_lead": ("world", "memory"),
     "replay_replace": ("nearest", "random"),
     "replay_dtype": ("bfloat16", "float16", "float32"),
 }
@@ -175,13 +192,13 @@ _PROBABILITIES = (
     "p_clean", "clean_update_prob",
 )
 _POSITIVE = (
-    "frame_stride", "segments", "clips_per_sample", "rank", "steps", "batch_size", "grad_accum", "train_timesteps", "replay_bins",
+    "frame_stride", "segments", "clips_per_sample", "student_steps", "critic_ratio", "critic_rank", "rank", "steps", "batch_size", "grad_accum", "train_timesteps", "replay_bins",
     "replay_capacity", "checkpoint_every", "keep_checkpoints", "log_every", "text_cache",
 )
 
 
 # Upper bounds: far beyond real use, small enough that nothing they allow exhausts a machine.
-_UPPER = {"rank": 4096, "batch_size": 1024, "grad_accum": 100_000, "steps": 10**9, "segments": 1000,
+_UPPER = {"rank": 4096, "critic_rank": 4096, "student_steps": 1000, "critic_ratio": 1000, "batch_size": 1024, "grad_accum": 100_000, "steps": 10**9, "segments": 1000,
           "segment_frames": 100_000, "frame_stride": 1000, "train_timesteps": 100_000, "replay_bins": 10_000,
           "replay_capacity": 1_000_000, "text_cache": 1_000_000, "y_error_frames": 1000, "seed": 2**63 - 1,
           "threads": 4096, "checkpoint_every": 10**9, "keep_checkpoints": 10_000, "log_every": 10**9,
@@ -285,6 +302,17 @@ def validate(cfg: TrainConfig, where: str = "config") -> None:
                   "set error_recycling: false")
         if cfg.end_frame_prob or cfg.anchor_far_prob:
             _fail(where, "route causal trains without keyframes or far anchors", "drop end_frame_prob and anchor_far_prob")
+    if cfg.route == "self-forcing":
+        if cfg.data != "shapesworld":
+            _fail(where, "route self-forcing rolls out ShapesWorld stories only in this version", "set data: shapesworld")
+        if cfg.error_recycling:
+            _fail(where, "route self-forcing trains on its own rollouts, not on recycled errors", "set error_recycling: false")
+        if not cfg.init_lora:
+            _fail(where, "route self-forcing starts the student from a causal stage-1 LoRA",
+                  "set init_lora (e.g. the built-in model's causal_lora.safetensors)")
+        if cfg.batch_size != 1 or cfg.grad_accum != 1 or len(cfg.motion_latents) != 1:
+            _fail(where, "route self-forcing rolls out one story per step with one motion-latent count",
+                  "set batch_size: 1, grad_accum: 1 and one motion_latents value (more critic steps: critic_ratio)")
     if cfg.closed_loop_prob:
         if cfg.data != "shapesworld" or cfg.route != "svi":
             _fail(where, "closed_loop_prob needs data: shapesworld and route: svi (the world re-renders the targets)",

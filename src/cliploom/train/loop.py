@@ -50,7 +50,7 @@ STRUCTURAL = (
 )
 CSV_COLUMNS = [
     "step", "loss", "lr", "grad_norm", "timestep", "weight", "mode", "injected", "replay_clean", "replay_noise",
-    "seconds",
+    "seconds", "critic_loss",
 ]
 
 
@@ -84,6 +84,7 @@ class StepInfo:
     modes: list[str] = field(default_factory=list)
     injections: list[str] = field(default_factory=list)
     banked: int = 0
+    critic_loss: float | None = None  # self-forcing: the critic's mean loss over the step
     # the last micro-step's inputs, for tests and debugging
     samples: list[TrainSample] = field(default_factory=list, repr=False)
     noise: torch.Tensor | None = field(default=None, repr=False)
@@ -249,7 +250,11 @@ class SVITrainer:
             return None
         choice = Choice("latent", K, far_anchor=True, closed_loop=n)
         self.closed_loop_samples += 1
-        return build_sample(self.model, clip, choice, cfg.route)
+        sample = build_sample(self.model, clip, choice, cfg.route)
+        if cfg.closed_loop_lead == "memory":  # the lead latents are what the rollout handed on
+            sample.latents = sample.latents.clone()
+            sample.latents[:, :, 1 : 1 + K] = clip.motion.to(sample.latents)
+        return sample
 
     def micro_step(self, samples: list[TrainSample], generator: torch.Generator) -> dict:
         """Forward and backward of one micro-batch with error injection; banks the new errors."""
@@ -368,6 +373,7 @@ class SVITrainer:
             extra = {"num_processes": acc.num_processes, "replay_sizes": [len(self.recycler.clean_memory),
                                                                           len(self.recycler.noise_memory)]}
             ckpt.write_main(stage, self.step, self.lora_state(), self.optimizer.state_dict(), cfg.to_dict(), extra)
+            self._write_extra(stage)
         ckpt.write_process(stage, acc.process_index, self.recycler.state_dict())
         acc.wait_for_everyone()
         final = ckpt.checkpoint_dir(self.out_dir, self.step)
@@ -401,11 +407,18 @@ class SVITrainer:
         lora, _ = ckpt.read_checkpoint_lora(folder)
         load_lora_state(self.transformer, lora)
         self.optimizer.load_state_dict(ckpt.read_optimizer(folder, state))
+        self._read_extra(folder)
         replay, rng = ckpt.read_process(folder, self.accelerator.process_index)
         self.recycler.load_state_dict(replay)
         ckpt.restore_rng(rng)
         ckpt.restore_python_rng(state["python_rng"])
         self.step = self.started_from = step
+
+    def _write_extra(self, stage: Path) -> None:
+        """More state a subclass keeps in each checkpoint (the self-forcing critic)."""
+
+    def _read_extra(self, folder: Path) -> None:
+        """Read back what :meth:`_write_extra` wrote."""
 
     def lora_state(self) -> dict[str, torch.Tensor]:
         return lora_state(self.accelerator.unwrap_model(self.net))
@@ -497,6 +510,7 @@ class _CsvLog:
             info.step, f"{info.loss:.6g}", f"{info.lr:.3g}", f"{info.grad_norm:.4g}",
             "|".join(f"{t:.1f}" for t in info.timesteps), "|".join(f"{w:.3f}" for w in info.weights),
             "|".join(info.modes), "|".join(info.injections), replay_clean, replay_noise, f"{seconds:.3f}",
+            "" if info.critic_loss is None else f"{info.critic_loss:.6g}",
         ]
         with self.path.open("a", newline="") as f:
             csv.writer(f).writerow(row)
@@ -508,6 +522,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, max_steps: int | None = Non
         from .causal import CausalTrainer
 
         trainer = CausalTrainer(cfg, resume=resume, progress=progress)
+    elif cfg.route == "self-forcing":
+        from .self_forcing import SelfForcingTrainer
+
+        trainer = SelfForcingTrainer(cfg, resume=resume, progress=progress)
     else:
         trainer = SVITrainer(cfg, resume=resume, progress=progress)
     return trainer.run(max_steps)
