@@ -12,6 +12,8 @@ clip ends (the subject where the motion prompts put it). Variants:
   SVI LoRA, which were never trained with keyframes;
 * ``--lora FILE``: the same variants with another SVI LoRA (``configs/svi-shapesworld-keyframes.yaml``
   trains one with ``end_frame_prob: 0.5``);
+* ``keyframes@S``: ``keyframes`` with keyframe guidance ``S`` (story ``keyframe_guidance``: each
+  step is pushed ``S`` times the way the keyframe moves it, an extra pass per step);
 * ``paste``: the hack users run today: the end image written into the conditioning video's last
   frame of a pixel mode (``film``: motion frames + zeros + the image) with no mask and no training.
 
@@ -69,6 +71,8 @@ def run_story(engine, d, variant: str, tmp: Path, sample_seed: int, frames: int,
     clips = [ClipSpec(p, keyframes=(Keyframe(-1, keys[i]),) if keyed else ()) for i, p in enumerate(d.prompts)]
     mode = "film" if variant == "paste" else "pro"
     extra = {"svi_lora": False, "loras": [LoraSpec(lora)]} if lora else {}  # the LoRA instead of the shipped one
+    if "@" in variant:  # keyframes@S: keyframe guidance S
+        extra["keyframe_guidance"] = float(variant.split("@")[1])
     story = make_story(clips=clips, reference=ref, mode=mode, seed=d.seed + 1000 * sample_seed, frames=frames, **extra)
     from cliploom import conditioning as C
 

@@ -51,23 +51,33 @@ class RouteRun:
     route: str  # a route of cliploom.routes, or "chain" (the chain mode)
     options: dict = field(default_factory=dict)
     seeds: list[int] | None = None  # sampling seeds of this run (None: --seeds)
+    sampling: dict = field(default_factory=dict)  # story sampling settings of this run (steps, guidance)
+
+
+SAMPLING_KEYS = ("steps", "guidance")  # story settings a run may set (the route's otherwise)
 
 
 def parse_run(text: str) -> RouteRun:
-    """``[NAME=]ROUTE[:KEY=VALUE...]``."""
+    """``[NAME=]ROUTE[:KEY=VALUE...]``; KEY a route option, or ``steps`` / ``guidance`` (the story's
+    sampling: e.g. causal stage 1 sampled as the self-forcing student is)."""
     from cliploom.routes import ROUTES, option_error, parse_option
 
     head, *pairs = text.split(":")
     name, _, route = head.rpartition("=")
     if route != "chain" and route not in ROUTES:
         raise SystemExit(f"error: run {text!r}: unknown route {route!r}; routes: chain, {', '.join(ROUTES)}")
-    options = {}
+    options, sampling = {}, {}
     for pair in pairs:
         key, value = parse_option(pair)
+        if key in SAMPLING_KEYS:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise SystemExit(f"error: run {text!r}: {key} must be a positive number")
+            sampling[key] = value
+            continue
         if (err := option_error(route, key, value)) is not None:
             raise SystemExit(f"error: run {text!r}: {err[0]}")
         options[key] = value
-    return RouteRun(name or text, route, options)
+    return RouteRun(name or text, route, options, sampling=sampling)
 
 
 def story_keys(run: RouteRun, weights: dict) -> dict:
@@ -75,6 +85,10 @@ def story_keys(run: RouteRun, weights: dict) -> dict:
     if run.route == "chain":
         return {"mode": "chain", "svi_lora": False}
     keys: dict = {"mode": "pro"}
+    if "steps" in run.sampling:
+        keys["steps"] = int(run.sampling["steps"])
+    if "guidance" in run.sampling:  # one scale over every step
+        keys["guidance"] = keys["guidance_low"] = float(run.sampling["guidance"])
     if run.route != "svi":
         keys.update(route=run.route, route_options=run.options)
     if run.route in weights:
@@ -145,7 +159,7 @@ from cliploom.engine import Engine
 _quiet_libraries()
 engine = Engine.load({model!r})
 dev = bq.dev_set(1, {clips}, engine.model.settings.frames)[0]
-run = br.RouteRun({run.name!r}, {run.route!r}, {run.options!r})
+run = br.RouteRun({run.name!r}, {run.route!r}, {run.options!r}, sampling={run.sampling!r})
 with tempfile.TemporaryDirectory() as tmp:
     ref = Path(tmp) / "ref.png"
     dev.reference(engine.model.settings.width).save(ref)

@@ -12,6 +12,7 @@ from PIL import Image
 
 from cliploom import conditioning as C
 from cliploom.engine import Engine
+from cliploom.errors import CliploomError
 from cliploom.story import ClipSpec, Keyframe
 
 
@@ -76,6 +77,34 @@ def test_an_end_frame_changes_only_its_clip_and_pulls_it_to_the_image(tiny_model
     b = list(Engine(model).generate(keyed, progress=False))
     assert torch.equal(a[0].frames, b[0].frames)  # clip 0 has no keyframe: the same path, the same frames
     assert not torch.equal(a[1].latents, b[1].latents)  # clip 1 is conditioned on it
+
+
+def test_keyframe_guidance_pushes_keyed_clips_along_their_keyframes_pull_only(tiny_models, tiny_story, tmp_path):
+    """Keyframe guidance S: each step is ``v(without) + S (v(with) - v(without))``. Clips without a
+    keyframe are untouched (the same path: exact); S = 1 is off; a keyed clip moves further from its
+    keyframe-free self than plain conditioning moves it (same model, same noise)."""
+    model = tiny_models("wan21")
+    end = _image(tmp_path / "end.png", (250, 250, 20))
+    clips = [ClipSpec("prompt 0"), ClipSpec("prompt 1", keyframes=(Keyframe(-1, end),))]
+    free = list(Engine(model).generate(tiny_story(2, guidance=1.0), progress=False))
+    keyed = list(Engine(model).generate(tiny_story(2, guidance=1.0, clips=clips), progress=False))
+    pushed = list(Engine(model).generate(tiny_story(2, guidance=1.0, clips=clips, keyframe_guidance=3.0), progress=False))
+    off = list(Engine(model).generate(tiny_story(2, guidance=1.0, clips=clips, keyframe_guidance=1.0), progress=False))
+    assert torch.equal(pushed[0].frames, keyed[0].frames)  # clip 0 has no keyframe
+    assert torch.equal(off[1].latents, keyed[1].latents)  # 1 is off: the same path
+    plain_shift = (keyed[1].latents - free[1].latents).norm()
+    assert (pushed[1].latents - free[1].latents).norm() > 1.5 * plain_shift
+    with pytest.raises(CliploomError, match="keyframe_guidance 9.0 is outside 1.0..8.0"):
+        tiny_story(2, keyframe_guidance=9.0)
+
+
+def test_guidance_between_two_conditions_is_the_cfg_formula():
+    from cliploom.sampling import contrast
+
+    x = torch.randn(1, 4, 2, 2, 2)
+    a, b = (lambda x, s: 2 * x + s), (lambda x, s: x - s)
+    assert torch.allclose(contrast(a, b, 1.0)(x, 0.5), a(x, 0.5))
+    assert torch.allclose(contrast(a, b, 3.0)(x, 0.5), b(x, 0.5) + 3 * (a(x, 0.5) - b(x, 0.5)))
 
 
 def test_keyframe_validation_is_one_line_exit_2(capsys, tiny_dirs, reference_png, tmp_path):

@@ -20,7 +20,7 @@ from .colour import colour_stats, match_colour
 from .errors import CliploomError
 from .models.components import Components, frames_to_tensor
 from .models.memory import check_story_fits
-from .sampling import Expert, make_denoiser, sample_euler, schedule
+from .sampling import Expert, contrast, make_denoiser, sample_euler, schedule
 from .story import Story
 from .video_io import load_image
 
@@ -103,6 +103,30 @@ def weave(
                        story.color_match, colour_stats(torch.from_numpy(np.array(image))))
     clip_bar = tqdm(total=len(prompts), initial=start.index, desc="clips", unit="clip", disable=not progress)
     keyframes = _Keyframes(model, story)
+
+    def condition(i: int, keys, memory, noise) -> C.ClipCondition:
+        """Clip ``i``'s condition: the anchor, the motion memory and ``keys`` (its keyframes)."""
+        if story.route == "df":
+            cond = C.context_condition(anchor, memory, T, model.settings.expand_timesteps, model.patch,
+                                       keyframes=tuple((n, latent) for n, _, latent in keys),
+                                       context_noise=story.route_option("addnoise"), noise=noise)
+            cond.image_embeds = anchor_features
+        elif story.latent_motion:
+            cond = C.latent_condition(anchor, memory, T, model.settings.expand_timesteps, model.patch,
+                                      keyframes=tuple((n, latent) for n, _, latent in keys))
+            cond.image_embeds = anchor_features if not (model.first_last_frame and keys) else \
+                model.encode_image_features(image, keyframes.end_image(i))
+        else:
+            video = C.pixel_motion_video(reference, memory, F, story.ref_pad,
+                                         keyframes=tuple((n, pixels) for n, pixels, _ in keys))
+            first = image if memory is None else _to_pil(memory[0, :, 0])
+            cond = C.pixel_condition(
+                model.encode_video(video), F, story.motion_frames if memory is not None else 1,
+                model.settings.expand_timesteps, model.patch, keyframes=tuple((n, latent) for n, _, latent in keys),
+            )
+            cond.image_embeds = model.encode_image_features(first, keyframes.end_image(i) if keys else None)
+        return cond
+
     memory = start.memory  # motion memory: the previous clip's last K latents, or its last N frames
     if memory is not None:
         memory = memory.to(model.device)
@@ -126,29 +150,20 @@ def weave(
             # 6. Condition the clip on the anchor, the motion memory and its keyframes (if any): SVI
             #    puts the motion latents in y; diffusion forcing gives them as context frames of x.
             keys = keyframes.of(i)
-            if story.route == "df":
-                cond = C.context_condition(anchor, memory, T, model.settings.expand_timesteps, model.patch,
-                                           keyframes=tuple((n, latent) for n, _, latent in keys),
-                                           context_noise=story.route_option("addnoise"), noise=noise)
-                cond.image_embeds = anchor_features
-            elif story.latent_motion:
-                cond = C.latent_condition(anchor, memory, T, model.settings.expand_timesteps, model.patch,
-                                          keyframes=tuple((n, latent) for n, _, latent in keys))
-                cond.image_embeds = anchor_features if not (model.first_last_frame and keys) else \
-                    model.encode_image_features(image, keyframes.end_image(i))
-            else:
-                video = C.pixel_motion_video(reference, memory, F, story.ref_pad,
-                                             keyframes=tuple((n, pixels) for n, pixels, _ in keys))
-                first = image if memory is None else _to_pil(memory[0, :, 0])
-                cond = C.pixel_condition(
-                    model.encode_video(video), F, story.motion_frames if memory is not None else 1,
-                    model.settings.expand_timesteps, model.patch, keyframes=tuple((n, latent) for n, _, latent in keys),
-                )
-                cond.image_embeds = model.encode_image_features(first, keyframes.end_image(i) if keys else None)
+            cond = condition(i, keys, memory, noise)
             C.amplify_motion(cond, story.motion_amplitude, _known_latent_frames(story, memory))
+            # Keyframe guidance: the step from the clip without its keyframes to the clip with them, amplified.
+            free = None
+            if keys and story.keyframe_guidance not in (None, 1):
+                free = condition(i, (), memory, noise)
+                C.amplify_motion(free, story.motion_amplitude, _known_latent_frames(story, memory))
 
             # 7. Denoise.
-            denoise = make_denoiser(experts, cond, text[prompt], negative, cfg_split=getattr(model, "_cliploom_cfg_split", None))
+            split = getattr(model, "_cliploom_cfg_split", None)
+            denoise = make_denoiser(experts, cond, text[prompt], negative, cfg_split=split)
+            if free is not None:
+                denoise = contrast(denoise, make_denoiser(experts, free, text[prompt], negative, cfg_split=split),
+                                   story.keyframe_guidance)
             seconds_compile = 0.0
             if getattr(model, "_cliploom_compiled", False) and i == start.index:
                 seconds_compile = _compile_now(denoise, noise, sigmas)  # once, and not counted as the clip's time

@@ -48,6 +48,17 @@ def guide(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tenso
     return uncond + scale * (cond - uncond)
 
 
+def contrast(denoise: Callable[[torch.Tensor, float], torch.Tensor], without: Callable[[torch.Tensor, float], torch.Tensor],
+             scale: float) -> Callable[[torch.Tensor, float], torch.Tensor]:
+    """Guidance between two conditions of the same clip (keyframe guidance: with its keyframes and
+    without): ``without + scale * (denoise - without)``; ``scale`` 1 is ``denoise`` itself."""
+
+    def guided(x: torch.Tensor, sigma: float) -> torch.Tensor:
+        return guide(denoise(x, sigma), without(x, sigma), scale)
+
+    return guided
+
+
 @dataclass
 class Expert:
     """One denoiser of a (possibly two-expert) model and where it works.

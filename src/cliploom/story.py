@@ -107,6 +107,7 @@ class Story:
     route: str = "svi"  # how the past enters a clip: svi | df | causal (cliploom.routes)
     route_options: dict = field(default_factory=dict)  # the route's knobs (cliploom.routes.ROUTES)
     motion_amplitude: float | None = None  # > 1: y's frames to generate pushed from the last known one (conditioning.amplify_motion)
+    keyframe_guidance: float | None = None  # > 1: clips with keyframes guided away from themselves without them (sampling.contrast)
     attention: str = "auto"  # attention backend (models.acceleration): auto, sdpa, flash, flash3, sage, ...
     compile: bool = False  # torch.compile the transformer blocks (regional; once per engine)
     fp8_matmul: bool = False  # torchao fp8 matmuls (CUDA sm 8.9+)
@@ -271,6 +272,9 @@ def check_numbers(s: Story, size_multiple: int = 16, temporal: int = 4) -> None:
     if s.motion_amplitude is not None and not MOTION_AMPLITUDE[0] <= s.motion_amplitude <= MOTION_AMPLITUDE[1]:
         _fail(where, f"motion_amplitude {s.motion_amplitude} is outside {MOTION_AMPLITUDE[0]}..{MOTION_AMPLITUDE[1]}",
               "use 1 (off) or e.g. 1.15 against slow motion")
+    if s.keyframe_guidance is not None and not KEYFRAME_GUIDANCE[0] <= s.keyframe_guidance <= KEYFRAME_GUIDANCE[1]:
+        _fail(where, f"keyframe_guidance {s.keyframe_guidance} is outside {KEYFRAME_GUIDANCE[0]}..{KEYFRAME_GUIDANCE[1]}",
+              "use 1 (off) or e.g. 2 to pull clips harder towards their keyframes")
     if s.fps is not None and not 0 < s.fps <= MAX_FPS:
         _fail(where, f"fps {s.fps} must be between 1 and {MAX_FPS}", "use e.g. 16")
     if s.steps is not None and not 1 <= s.steps <= MAX_STEPS:
@@ -330,6 +334,7 @@ _SCALARS: dict[str, type] = {
     "color_match": str,
     "seam_blend": int,
     "motion_amplitude": float,
+    "keyframe_guidance": float,
     "route": str,
     "attention": str,
     "compile": bool,
@@ -337,6 +342,7 @@ _SCALARS: dict[str, type] = {
     "weights": str,
 }
 OFFLOAD = ("none", "model", "group", "sequential")
+KEYFRAME_GUIDANCE = (1.0, 8.0)  # story keyframe_guidance: 1 is off; past 8 the clip is all keyframe pull
 MOTION_AMPLITUDE = (0.5, 2.0)  # story motion_amplitude: beyond these the padding is no longer an image the model reads
 WEIGHTS = ("bf16", "fp16", "fp32", "fp8")
 ATTENTION_NAMES = ("sdpa", "flash", "flash3", "sage", "xformers", "flex", "cudnn", "efficient", "math")  # models.acceleration
