@@ -257,7 +257,8 @@ def write_markdown(results: dict, doc: Path) -> None:
         "<!-- routes:start -->",
         f"Command: `{command}`. Model `{_shown(results['model'])}`, {s['stories']} dev stories x {s['clips']} clips "
         f"({s['frames']} frames each), the motion prompt switching at every clip; weights: "
-        + (", ".join(f"{k} `{Path(v).name}`" for k, v in s["weights"].items()) or "the model's own") + ".",
+        + (", ".join(f"{k} `{Path(v).name}`" for k, v in s["weights"].items()) or "the model's own") + "."
+        + "".join(f" Rows added by `{c}`." for c in results.get("merged_commands", [])),
         "",
         *table(results),
         "",
@@ -287,6 +288,8 @@ def parse_args(argv=None):
     ap.add_argument("--clips", type=int, default=20)
     ap.add_argument("--no-resources", action="store_true", help="skip the time-to-first-clip and RSS runs")
     ap.add_argument("--out-root", default=str(ROOT), help="where results, docs/img and docs/routes.md go")
+    ap.add_argument("--merge", action="store_true",
+                    help="add these runs to the results already in --out-root (replacing runs of the same name)")
     ap.add_argument("--resources-only", action="store_true",
                     help="measure the resources of the main runs again into an existing routes.json")
     args = ap.parse_args(argv)
@@ -332,6 +335,20 @@ def main(argv=None) -> dict:
                      "settings": {"stories": args.stories, "clips": args.clips, "frames": settings.frames,
                                   "seeds": args.seeds, "weights": args.weights, "threads": torch.get_num_threads()},
                      "runs": {}}
+    if args.merge:  # these runs go into the table already there (same dev set and settings)
+        before = json.loads(out.read_text())
+        if before["settings"]["stories"] != args.stories or before["settings"]["clips"] != args.clips:
+            raise SystemExit(f"error: --merge: {out} was made with {before['settings']['stories']} stories x "
+                             f"{before['settings']['clips']} clips; run with the same --stories/--clips")
+        before["settings"]["weights"] = {**before["settings"].get("weights", {}), **args.weights}
+        before.setdefault("merged_commands", []).append(
+            " ".join(["python", "benchmarks/bench_routes.py", *(argv if argv is not None else sys.argv[1:])]))
+        results["settings"], results["runs"] = before["settings"], dict(before["runs"])
+        results["command"] = before.get("command")
+        results["merged_commands"] = before["merged_commands"]
+        for key in ("resources_command",):
+            if key in before:
+                results[key] = before[key]
     with tempfile.TemporaryDirectory() as tmp:
         refs = []
         for d in devs:
@@ -367,17 +384,19 @@ def main(argv=None) -> dict:
                 "background_last": mean_over(per_seed, ("last_clip", "background_delta_e")),
                 "jump_last": mean_over(per_seed, ("last_clip", "boundary_jump")),
             }
-            entry = {"route": run.route, "options": run.options, "mean": mean, "seeds": per_seed,
+            entry = {"route": run.route, "options": run.options, **({"sampling": run.sampling} if run.sampling else {}),
+                     "mean": mean, "seeds": per_seed,
                      "sampling_seeds": seeds,
                      "seconds_per_clip": round(seconds / (len(seeds) * len(devs) * args.clips), 4)}
             if not args.no_resources and run.seeds is None:  # the main runs; knob rows are about drift
                 entry["resources"] = {f"clips_{n}": measure_resources(args.model, run, args.weights, n) for n in (2, 20)}
             results["runs"][run.name] = entry
-    return finish(results, out, out_root, argv, "command")
+    return finish(results, out, out_root, argv, None if args.merge else "command")
 
 
-def finish(results: dict, out: Path, out_root: Path, argv, key: str) -> dict:
-    results[key] = " ".join(["python", "benchmarks/bench_routes.py", *(argv if argv is not None else sys.argv[1:])])
+def finish(results: dict, out: Path, out_root: Path, argv, key: str | None) -> dict:
+    if key is not None:
+        results[key] = " ".join(["python", "benchmarks/bench_routes.py", *(argv if argv is not None else sys.argv[1:])])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n")
     plot(results, out_root / "docs" / "img" / "routes_drift.png")

@@ -336,3 +336,21 @@ def test_route_runs_parse_and_map_to_story_keys(tmp_path):
                          ("causal:window=99", "out of range"), ("causal:steps=0", "steps must be a positive number")):
         with pytest.raises(SystemExit, match=message):
             br.parse_run(bad)
+
+
+def test_route_table_runs_and_merges_rows_into_it(tmp_path):
+    """bench_routes end to end at toy size (1 story x 2 clips, built-in model): the table, then a
+    row merged into it (the rows before kept, the merge command recorded in docs/routes.md)."""
+    import bench_routes as br
+
+    common = ["--stories", "1", "--clips", "2", "--seeds", "0", "--no-resources", "--out-root", str(tmp_path)]
+    first = br.main(["--runs", "svi", *common])
+    assert set(first["runs"]) == {"svi"} and 0 <= first["runs"]["svi"]["mean"]["clip_pass_rate"] <= 1
+    merged = br.main(["--runs", "causal 4=causal:steps=4:guidance=1", "--merge", *common])
+    assert set(merged["runs"]) == {"svi", "causal 4"} and merged["runs"]["svi"] == first["runs"]["svi"]
+    assert merged["runs"]["causal 4"]["sampling"] == {"steps": 4, "guidance": 1}
+    doc = (tmp_path / "docs" / "routes.md").read_text()
+    assert "| causal 4 |" in doc and "Rows added by `python benchmarks/bench_routes.py --runs causal 4" in doc
+    with pytest.raises(SystemExit, match="made with 1 stories x 2 clips"):
+        br.main(["--runs", "svi", "--merge", "--stories", "1", "--clips", "3", "--seeds", "0", "--no-resources",
+                 "--out-root", str(tmp_path)])
