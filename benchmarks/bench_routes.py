@@ -52,23 +52,30 @@ class RouteRun:
     options: dict = field(default_factory=dict)
     seeds: list[int] | None = None  # sampling seeds of this run (None: --seeds)
     sampling: dict = field(default_factory=dict)  # story sampling settings of this run (steps, guidance)
+    lora: str | None = None  # this run's route LoRA (instead of --weights / the model's): e.g. a twin
 
 
 SAMPLING_KEYS = ("steps", "guidance")  # story settings a run may set (the route's otherwise)
 
 
 def parse_run(text: str) -> RouteRun:
-    """``[NAME=]ROUTE[:KEY=VALUE...]``; KEY a route option, or ``steps`` / ``guidance`` (the story's
-    sampling: e.g. causal stage 1 sampled as the self-forcing student is)."""
+    """``[NAME=]ROUTE[:KEY=VALUE...]``; KEY a route option, ``steps`` / ``guidance`` (the story's
+    sampling: e.g. causal stage 1 sampled as the self-forcing student is), or ``lora`` (the run's
+    own route LoRA, e.g. a twin trained without one setting)."""
     from cliploom.routes import ROUTES, option_error, parse_option
 
     head, *pairs = text.split(":")
     name, _, route = head.rpartition("=")
     if route != "chain" and route not in ROUTES:
         raise SystemExit(f"error: run {text!r}: unknown route {route!r}; routes: chain, {', '.join(ROUTES)}")
-    options, sampling = {}, {}
+    options, sampling, lora = {}, {}, None
     for pair in pairs:
         key, value = parse_option(pair)
+        if key == "lora":
+            if not Path(str(value)).is_file():
+                raise SystemExit(f"error: run {text!r}: lora {value} is not a file")
+            lora = str(Path(str(value)).resolve())
+            continue
         if key in SAMPLING_KEYS:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise SystemExit(f"error: run {text!r}: {key} must be a positive number")
@@ -77,7 +84,7 @@ def parse_run(text: str) -> RouteRun:
         if (err := option_error(route, key, value)) is not None:
             raise SystemExit(f"error: run {text!r}: {err[0]}")
         options[key] = value
-    return RouteRun(name or text, route, options, sampling=sampling)
+    return RouteRun(name or text, route, options, sampling=sampling, lora=lora)
 
 
 def story_keys(run: RouteRun, weights: dict) -> dict:
@@ -91,10 +98,11 @@ def story_keys(run: RouteRun, weights: dict) -> dict:
         keys["guidance"] = keys["guidance_low"] = float(run.sampling["guidance"])
     if run.route != "svi":
         keys.update(route=run.route, route_options=run.options)
-    if run.route in weights:
+    lora = run.lora or weights.get(run.route)
+    if lora:
         from cliploom.story import LoraSpec
 
-        keys["loras"] = [LoraSpec(Path(weights[run.route]))]
+        keys["loras"] = [LoraSpec(Path(lora))]
         keys["svi_lora"] = False
     return keys
 
@@ -159,7 +167,7 @@ from cliploom.engine import Engine
 _quiet_libraries()
 engine = Engine.load({model!r})
 dev = bq.dev_set(1, {clips}, engine.model.settings.frames)[0]
-run = br.RouteRun({run.name!r}, {run.route!r}, {run.options!r}, sampling={run.sampling!r})
+run = br.RouteRun({run.name!r}, {run.route!r}, {run.options!r}, sampling={run.sampling!r}, lora={run.lora!r})
 with tempfile.TemporaryDirectory() as tmp:
     ref = Path(tmp) / "ref.png"
     dev.reference(engine.model.settings.width).save(ref)
@@ -355,7 +363,8 @@ def main(argv=None) -> dict:
             refs.append(Path(tmp) / f"ref_{d.index:02d}.png")
             d.reference(settings.width).save(refs[-1])
         for run in args.runs:
-            key = json.dumps(story_keys(run, {}) | {"w": args.weights.get(run.route)}, default=str, sort_keys=True)
+            key = json.dumps(story_keys(run, {}) | {"w": run.lora or args.weights.get(run.route)}, default=str,
+                             sort_keys=True)
             engine = engines.setdefault(key, first_engine if not engines else Engine.load(args.model))
             per_seed, seconds = [], 0.0
             seeds = run.seeds or args.seeds
@@ -385,6 +394,7 @@ def main(argv=None) -> dict:
                 "jump_last": mean_over(per_seed, ("last_clip", "boundary_jump")),
             }
             entry = {"route": run.route, "options": run.options, **({"sampling": run.sampling} if run.sampling else {}),
+                     **({"lora": run.lora} if run.lora else {}),
                      "mean": mean, "seeds": per_seed,
                      "sampling_seeds": seeds,
                      "seconds_per_clip": round(seconds / (len(seeds) * len(devs) * args.clips), 4)}

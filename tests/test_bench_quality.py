@@ -328,12 +328,16 @@ def test_route_runs_parse_and_map_to_story_keys(tmp_path):
     assert br.story_keys(run, {}) == {"mode": "pro", "route": "causal", "route_options": run.options}
     lora = tmp_path / "df.safetensors"
     keys = br.story_keys(br.parse_run("df:addnoise=20"), {"df": str(lora)})
+    twin = tmp_path / "twin.safetensors"
+    twin.write_bytes(b"")
+    assert br.story_keys(br.parse_run(f"df twin=df:lora={twin}"), {"df": str(lora)})["loras"][0].path == twin.resolve()
     assert keys["loras"][0].path == lora and keys["svi_lora"] is False and keys["route_options"] == {"addnoise": 20}
     # sampling settings of a run: causal stage 1 sampled as the self-forcing student is
     keys = br.story_keys(br.parse_run("causal 4=causal:steps=4:guidance=1"), {})
     assert keys["steps"] == 4 and keys["guidance"] == keys["guidance_low"] == 1.0 and keys["route_options"] == {}
     for bad, message in (("warp", "unknown route 'warp'"), ("df:window=2", "has no option 'window'"),
-                         ("causal:window=99", "out of range"), ("causal:steps=0", "steps must be a positive number")):
+                         ("causal:window=99", "out of range"), ("causal:steps=0", "steps must be a positive number"),
+                         ("df:lora=/nowhere.safetensors", "is not a file")):
         with pytest.raises(SystemExit, match=message):
             br.parse_run(bad)
 

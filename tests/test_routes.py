@@ -73,7 +73,7 @@ def test_df_route_needs_weights_for_it(tiny_dirs, tiny_story):
 
 
 @pytest.mark.parametrize("keys, message", [
-    ({"route": "helios"}, "route 'helios' is not available in this version"),
+    ({"route": "helios", "route_options": {"window": 1}}, "route helios has no option 'window'"),
     ({"route": "sideways"}, "unknown route 'sideways'"),
     ({"route": "df", "route_options": {"ar_step": 1}}, "route df has no option 'ar_step'"),
     ({"route": "df", "route_options": {"addnoise": 1000}}, "route option addnoise 1000 is out of range"),

@@ -92,7 +92,7 @@ def _add_generate(sub) -> None:
                        help="keep clips 0..N-1 of a finished run byte for byte, generate clip N on from the story")
     p.add_argument("--end-frame", action="append", default=[], metavar="CLIP:IMAGE",
                    help="clip CLIP (numbered from 0, as in the report) ends on IMAGE (repeatable)")
-    p.add_argument("--route", help="how the past enters a clip: svi (default), df (diffusion forcing) causal (KV cache) or self-forcing (the causal loop with self-forcing weights); docs/routes.md")
+    p.add_argument("--route", help="how the past enters a clip: svi (default), df (diffusion forcing) causal (KV cache), self-forcing (the causal loop with self-forcing weights) or helios (compressed multi-term history); docs/routes.md")
     p.add_argument("--route-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="a route option, e.g. addnoise=20 (repeatable; on top of the story's route_options)")
     p.add_argument("--parallel", metavar="SPEC",

@@ -82,6 +82,7 @@ class Engine:
     def __init__(self, model: Components):
         self.model = model
         self.loras = LoraStack(model)
+        self.helios_loras: LoraStack | None = None  # route helios: the stack on its transformer (models.helios)
 
     @classmethod
     def load(
@@ -138,7 +139,14 @@ class Engine:
                 raise CliploomError("fp8_matmul needs the LoRAs fused into the weights it quantises",
                                     "drop fuse_loras: false (--no-fuse), or fp8_matmul")
         check_lora_routes(loras, story.route)
-        self.loras.apply(loras, fuse=story.fuse_loras and not fp8)
+        from .models import helios
+
+        if story.route == "helios":  # its LoRAs go on its own transformer, which shares the DiT's weights
+            self.loras.apply([])  # the DiT plain (a fused stack is refused here, as for any new stack)
+            self.helios_loras = helios.apply_loras(m, loras)
+        else:
+            helios.drop_loras(m)
+            self.loras.apply(loras, fuse=story.fuse_loras and not fp8)
         apply_memory_options(self.model, story.offload, story.vae_tiling)  # after the LoRAs: hooks wrap final weights
         apply_speed_options(m, story)
         for warning in drift_warnings(resolved, m.settings):  # once the story is known to run
@@ -223,7 +231,8 @@ class Engine:
                                               "last_clip": entry, "totals": totals.value(time.perf_counter() - started)})
             if on_clip is not None:
                 on_clip(clip, saved.entry)
-        report["story"]["loras"] = self.loras.summary()  # applied by generate, after the head was written
+        stack = self.helios_loras if story.route == "helios" and self.helios_loras is not None else self.loras
+        report["story"]["loras"] = stack.summary()  # applied by generate, after the head was written
         report["attention"] = getattr(self.model, "_cliploom_attention", "sdpa")
         report["compiled"] = bool(getattr(self.model, "_cliploom_compiled", False))
         n = len(report["clips"])

@@ -12,10 +12,13 @@
 * ``self-forcing``: the same loop with weights trained on their own rollouts (DMD against the
   bidirectional teacher, :mod:`cliploom.train.self_forcing`), sampled as distilled: few steps, no
   guidance (``SAMPLING``) unless the story says otherwise.
+* ``helios``: Helios' multi-term history: the anchor and the last latents as extra tokens at full
+  resolution, older latents compressed by the Helios patch layers, at fixed positions, timestep 0,
+  no cross-attention (:mod:`cliploom.routes.helios`, :mod:`cliploom.models.helios`).
 
 A route's options live in ``route_options:`` (CLI ``--route-opt KEY=VALUE``), each with a type, a
 range and a default, checked before anything loads. Routes named by the long-video literature that
-this version does not run yet (``helios``) are refused in one line.
+this version does not run yet (``PLANNED``) are refused in one line.
 """
 
 from __future__ import annotations
@@ -47,8 +50,14 @@ ROUTES: dict[str, dict[str, Option]] = {
     },
     "causal": CAUSAL_OPTIONS,
     "self-forcing": CAUSAL_OPTIONS,
+    # history sizes in latent frames, newest first; the past kept is their sum (memory is bounded)
+    "helios": {
+        "short": Option(int, 0, 8, 2, "newest latent frames at full resolution (1x2x2 patches), after the anchor"),
+        "mid": Option(int, 0, 16, 2, "the latent frames before those, compressed 2x4x4 (patch_mid)"),
+        "long": Option(int, 0, 32, 4, "the oldest latent frames kept, compressed 4x8x8 (patch_long)"),
+    },
 }
-PLANNED = ("helios",)
+PLANNED: tuple[str, ...] = ()
 # Sampling settings a route's weights are made for, used where the story does not set them: the
 # Self-Forcing student is distilled to a few steps without guidance (its teacher's guidance is
 # baked in by DMD), as the public Self-Forcing / LongLive checkpoints run.
@@ -101,6 +110,8 @@ def weave_for(route: str):
     """The clip loop of ``route``: ``weave(model, story, **options) -> Iterator[Clip]``."""
     if route in CAUSAL_ROUTES:
         from .causal import weave
+    elif route == "helios":
+        from .helios import weave
     else:  # svi and df share the clip loop; they differ in how a clip is conditioned
         from ..loom import weave
     return weave

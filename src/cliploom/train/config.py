@@ -105,6 +105,20 @@ class TrainConfig:
     critic_ratio: int = 5
     critic_rank: int = 32
     critic_lr: float | None = None
+    # helios (cliploom.train.helios): one clip of a `clips_per_sample`-clip stream as the target, its
+    # history cut as the route cuts it (history_short / _mid / _long latent frames; default: the
+    # route's defaults), corrupted with chance `history_corruption_prob` by one of: noise on its
+    # latents (level up to history_noise_max), a blur of its frames (sigma up to history_blur_max px)
+    # or an exposure gain 2^u (|u| up to history_exposure_max); a `max` of 0 turns that kind off.
+    # `train_history_patches`: patch_short / patch_mid / patch_long train in full (exported as deltas).
+    history_short: int | None = None
+    history_mid: int | None = None
+    history_long: int | None = None
+    history_corruption_prob: float = 0.0
+    history_noise_max: float = 0.3
+    history_blur_max: float = 1.5
+    history_exposure_max: float = 0.3
+    train_history_patches: bool = True
     # df: the context latents are noised to a timestep drawn uniformly from 0..context_noise_max
     # (SkyReels' addnoise_condition; 0: always clean).
     context_noise_max: int = 0
@@ -182,13 +196,13 @@ _CHOICES = {
     "velocity_target": ("clean", "injected"),
     "lr_schedule": ("constant", "cosine"),
     "motion_source": ("clip", "previous_clip"),
-    "route": ("svi", "df", "causal", "self-forcing"),
+    "route": ("svi", "df", "causal", "self-forcing", "helios"),
     "closed_loop_lead": ("world", "memory"),
     "replay_replace": ("nearest", "random"),
     "replay_dtype": ("bfloat16", "float16", "float32"),
 }
 _PROBABILITIES = (
-    "boundary_prob", "latent_mode_prob", "no_motion_prob", "anchor_far_prob", "end_frame_prob", "closed_loop_prob", "p_latent_error", "p_y_error", "p_noise_error",
+    "boundary_prob", "latent_mode_prob", "no_motion_prob", "anchor_far_prob", "end_frame_prob", "closed_loop_prob", "history_corruption_prob", "p_latent_error", "p_y_error", "p_noise_error",
     "p_clean", "clean_update_prob",
 )
 _POSITIVE = (
@@ -313,6 +327,8 @@ def validate(cfg: TrainConfig, where: str = "config") -> None:
         if cfg.batch_size != 1 or cfg.grad_accum != 1 or len(cfg.motion_latents) != 1:
             _fail(where, "route self-forcing rolls out one story per step with one motion-latent count",
                   "set batch_size: 1, grad_accum: 1 and one motion_latents value (more critic steps: critic_ratio)")
+    if cfg.route == "helios":
+        _check_helios(cfg, where)
     if cfg.closed_loop_prob:
         if cfg.data != "shapesworld" or cfg.route != "svi":
             _fail(where, "closed_loop_prob needs data: shapesworld and route: svi (the world re-renders the targets)",
@@ -321,11 +337,43 @@ def validate(cfg: TrainConfig, where: str = "config") -> None:
             _fail(where, f"closed_loop_clips {cfg.closed_loop_clips} must list clip counts 1..8", "use e.g. [1, 2]")
     if cfg.clips_per_sample > 16:
         _fail(where, f"clips_per_sample {cfg.clips_per_sample} is more than 16", "use 2..4")
+    if cfg.route != "helios" and (cfg.history_corruption_prob or any(
+            getattr(cfg, f"history_{k}") is not None for k in ("short", "mid", "long"))):
+        _fail(where, "history sizes and history_corruption_prob are Helios settings", "set route: helios, or drop them")
     if cfg.route != "df" and cfg.context_noise_max:
         _fail(where, "context_noise_max is a diffusion-forcing setting", "set route: df, or drop context_noise_max")
     bad = [x for x in cfg.export if x not in LAYOUTS]
     if bad:
         _fail(where, f"export lists unknown layouts {bad}", f"use some of {', '.join(LAYOUTS)}")
+
+
+def _check_helios(cfg: TrainConfig, where: str) -> None:
+    """Route helios: ShapesWorld streams, no recycling, history sizes in the route's ranges."""
+    from ..routes import option_error
+
+    if cfg.data != "shapesworld":
+        _fail(where, "route helios trains on ShapesWorld streams only in this version", "set data: shapesworld")
+    if cfg.error_recycling:
+        _fail(where, "route helios corrupts the history instead of recycling errors", "set error_recycling: false")
+    if cfg.end_frame_prob or cfg.anchor_far_prob:
+        _fail(where, "route helios trains without keyframes or far anchors", "drop end_frame_prob and anchor_far_prob")
+    if len(cfg.motion_latents) != 1:
+        _fail(where, "route helios trains one timeline: one motion_latents value (the pro timeline's K)",
+              "set e.g. motion_latents: [1]")
+    for k in ("short", "mid", "long"):
+        value = getattr(cfg, f"history_{k}")
+        if value is not None and (bad := option_error("helios", k, value)) is not None:
+            _fail(where, f"history_{k}: {bad[0]}", bad[1])
+    for k in ("noise", "blur", "exposure"):
+        value, top = getattr(cfg, f"history_{k}_max"), {"noise": 1.0, "blur": 8.0, "exposure": 2.0}[k]
+        if not 0 <= value <= top:
+            _fail(where, f"history_{k}_max {value} is out of range", f"use 0..{top} (0 turns it off)")
+    if cfg.history_corruption_prob and not (cfg.history_noise_max or cfg.history_blur_max or cfg.history_exposure_max):
+        _fail(where, "history_corruption_prob is set but every corruption is off",
+              "set history_noise_max, history_blur_max or history_exposure_max above 0")
+    if cfg.train_history_patches and cfg.export != ["diffusers"]:
+        _fail(where, "route helios exports its patch layers as deltas, which only the diffusers layout names",
+              "set export: [diffusers] (or train_history_patches: false)")
 
 
 def load_config(path: str | Path, **overrides) -> TrainConfig:

@@ -66,13 +66,20 @@ def export_lora(
     dtype: torch.dtype = torch.float32,
     info: dict | None = None,
     route: str = "svi",
+    extra: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write ``state`` (from :func:`~cliploom.train.adapter.lora_state`) to ``path`` in ``layout``."""
+    """Write ``state`` (from :func:`~cliploom.train.adapter.lora_state`) to ``path`` in ``layout``;
+    ``extra``: full deltas by diffusers name (``patch_mid.diff``, ``.diff_b``), diffusers layout only."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.to(dtype) for k, v in convert(state, layout, alpha / rank).items()}
+    if extra:
+        if layout != "diffusers":
+            raise CliploomError(f"the {layout} layout has no names for {sorted(extra)[0]} and the other deltas",
+                                "export the diffusers layout")
+        tensors.update({f"transformer.{k}": v.to(dtype).contiguous() for k, v in extra.items()})
     metadata = {
         "format": "pt",
         "cliploom_layout": layout,
@@ -108,8 +115,14 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, layout: str, dtyp
 
     folder = find_checkpoint(Path(checkpoint))
     state, meta = read_checkpoint_lora(folder)
+    extra = None
+    if (folder / "helios_patches.safetensors").is_file():  # route helios: its patch layers' deltas
+        from .checkpoint import _load
+
+        saved = _load(folder / "helios_patches.safetensors")
+        extra = {k: v for k, v in saved.items() if k.endswith((".diff", ".diff_b"))}
     cfg = config_from_dict(meta["config"], f"{folder / 'state.json'} config").to_dict()
     info = {"step": meta["step"], "model": cfg["model"], "targets": cfg["targets"], "expert": cfg["expert"],
             "error_recycling": cfg["error_recycling"], "route": cfg["route"]}
     return export_lora(state, out, layout, rank=cfg["rank"], alpha=cfg["alpha"], dtype=dtypes[dtype], info=info,
-                       route=cfg["route"])
+                       route=cfg["route"], extra=extra)

@@ -128,7 +128,7 @@ class SVITrainer:
         self.transformer, self.t_range = self._pick_expert()
 
         # 2. The LoRA and its optimizer.
-        params = attach_lora(self.transformer, cfg, seed=cfg.seed)
+        params = attach_lora(self.transformer, cfg, seed=cfg.seed) + self.extra_params()
         if cfg.init_lora and not resume:
             init_from_file(self.transformer, cfg)
         if cfg.gradient_checkpointing == "on" or (cfg.gradient_checkpointing == "auto" and cuda):
@@ -414,6 +414,14 @@ class SVITrainer:
         ckpt.restore_python_rng(state["python_rng"])
         self.step = self.started_from = step
 
+    def extra_params(self) -> list[torch.nn.Parameter]:
+        """Parameters a subclass trains beside the LoRA (the Helios route's patch layers)."""
+        return []
+
+    def export_extra(self) -> dict[str, torch.Tensor]:
+        """Tensors a subclass exports beside the LoRA pairs (full deltas, diffusers names)."""
+        return {}
+
     def _write_extra(self, stage: Path) -> None:
         """More state a subclass keeps in each checkpoint (the self-forcing critic)."""
 
@@ -433,7 +441,7 @@ class SVITrainer:
         for layout in layouts or cfg.export:
             path = self.out_dir / f"{stem}_{layout}.safetensors"
             paths.append(export_lora(state, path, layout, rank=cfg.rank, alpha=cfg.alpha, info=info,
-                                     route=cfg.route))
+                                     route=cfg.route, extra=self.export_extra()))
         return paths
 
     # -- the run ----------------------------------------------------------------------------------
@@ -522,6 +530,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, max_steps: int | None = Non
         from .causal import CausalTrainer
 
         trainer = CausalTrainer(cfg, resume=resume, progress=progress)
+    elif cfg.route == "helios":
+        from .helios import HeliosTrainer
+
+        trainer = HeliosTrainer(cfg, resume=resume, progress=progress)
     elif cfg.route == "self-forcing":
         from .self_forcing import SelfForcingTrainer
 

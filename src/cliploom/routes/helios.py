@@ -1,0 +1,231 @@
+"""The Helios route (``helios``): each clip's new latents made with the past given as multi-term
+history (Helios' compressed memory), by the Helios transformer built from the model's DiT
+(:mod:`cliploom.models.helios`).
+
+Read :func:`weave` top-down. The stream is the ``pro`` timeline's latents: the anchor (given), then
+each clip's new latent frames (clip 0: ``T - 1``, later clips: ``T - 1 - K``). A clip is denoised as
+one chunk, its own prompt in cross-attention, with the past as extra tokens that have timestep 0
+and skip cross-attention (:class:`History`): the anchor always (Helios' ``keep_first_frame``), the
+``short`` latest latents at full resolution, the ``mid`` latents before them compressed 2x4x4, the
+``long`` ones before those 4x8x8. Positions are fixed (Helios'): the anchor at 0, then the long,
+mid and short slots, the chunk after them, whatever the clip's index; a slot with nothing to hold
+yet (the first clips) is left out. Only ``short + mid + long`` past latents are kept, so memory is
+flat in the number of clips. Each clip is decoded as ``pro`` decodes it (``[anchor, previous
+clip's last K latents, new]``, the first ``1 + 4K`` frames dropped), so every route yields the same
+``Clip`` stream over the same frames.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .. import conditioning as C
+from ..colour import colour_stats
+from ..errors import CliploomError
+from ..loom import Clip, ClipDecoder, Start, encode_prompts, experts_for, hand_over
+from ..models.components import Components, frames_to_tensor
+from ..models.helios import helios_of
+from ..models.memory import check_story_fits
+from ..sampling import NUM_TRAIN_TIMESTEPS, Expert, guide, pick_expert, sample_euler, schedule
+from ..story import Story
+from ..video_io import load_image
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """History sizes in latent frames, newest first (the route options)."""
+
+    short: int
+    mid: int
+    long: int
+
+    @property
+    def total(self) -> int:
+        return self.short + self.mid + self.long
+
+    @classmethod
+    def of(cls, story: Story) -> "Sizes":
+        return cls(story.route_option("short"), story.route_option("mid"), story.route_option("long"))
+
+
+@dataclass
+class History:
+    """The past of one chunk as the Helios transformer takes it: latents ``[B, C, n, h, w]`` (mid and
+    long ``None`` while empty) and their RoPE frame indices, with the chunk's own."""
+
+    short: torch.Tensor  # the anchor, then the latest latents
+    mid: torch.Tensor | None
+    long: torch.Tensor | None
+    index_short: list[int]
+    index_mid: list[int]
+    index_long: list[int]
+    first: int  # the chunk's first position
+
+    def inputs(self, frames: int, dtype: torch.dtype) -> dict:
+        """The transformer's history arguments for a chunk of ``frames`` latent frames."""
+        b, device = self.short.shape[0], self.short.device
+
+        def idx(values):
+            return torch.tensor(values, device=device).unsqueeze(0).expand(b, -1)
+
+        out = dict(indices_hidden_states=idx(range(self.first, self.first + frames)),
+                   latents_history_short=self.short.to(dtype), indices_latents_history_short=idx(self.index_short))
+        for name, latents, index in (("mid", self.mid, self.index_mid), ("long", self.long, self.index_long)):
+            if latents is not None:
+                out[f"latents_history_{name}"], out[f"indices_latents_history_{name}"] = latents.to(dtype), idx(index)
+        return out
+
+    def repeat(self, n: int) -> "History":
+        def rep(t):
+            return None if t is None else t.repeat(n, 1, 1, 1, 1)
+
+        return History(rep(self.short), rep(self.mid), rep(self.long), self.index_short, self.index_mid,
+                       self.index_long, self.first)
+
+
+def make_history(anchor: torch.Tensor, past: torch.Tensor | None, sizes: Sizes) -> History:
+    """The history of the next chunk: ``anchor`` ``[B, C, 1, h, w]`` and ``past`` (the latents made
+    since it, oldest first, or ``None``) cut into short / mid / long, each group's frames in the
+    last slots of its range (nearest the chunk); slots: anchor 0, long ``1..L``, mid, short, then
+    the chunk."""
+    p = 0 if past is None else past.shape[2]
+    s = min(sizes.short, p)
+    m = min(sizes.mid, p - s)
+    lo = min(sizes.long, p - s - m)
+
+    def take(start: int, n: int) -> torch.Tensor | None:
+        return None if n == 0 else past[:, :, p - start - n : p - start]
+
+    end_long, end_mid, end_short = 1 + sizes.long, 1 + sizes.long + sizes.mid, 1 + sizes.total
+    recent = take(0, s)
+    short = anchor if recent is None else torch.cat([anchor, recent], dim=2)
+    return History(short, take(s, m), take(s + m, lo), [0, *range(end_short - s, end_short)],
+                   list(range(end_mid - m, end_mid)), list(range(end_long - lo, end_long)), end_short)
+
+
+def weave(
+    model: Components,
+    story: Story,
+    *,
+    progress: bool = True,
+    overlap_decode: bool | None = None,
+    on_clip_start: Callable[[int], None] | None = None,
+    on_step: Callable[[int, int, int], None] | None = None,
+    start: Start | None = None,
+) -> Iterator[Clip]:
+    """Generate ``story`` on the Helios route, yielding each clip as soon as it is decoded."""
+    # 1. Settle every number; refuse what this route cannot do.
+    story = story.resolve(model.settings, model.size_multiple, model.scale_temporal)
+    check_story_fits(model, story)
+    _check(model, story, start)
+    T, K = C.latent_frame_count(story.frames, model.scale_temporal), story.motion_latents
+    h, w = story.height // model.scale_spatial, story.width // model.scale_spatial
+    sizes = Sizes.of(story)
+    cfg = max(story.guidance, story.guidance_low) > 1
+
+    # 2. Prompts, the anchor latent, the Helios transformer (built from the DiT on first use).
+    prompts, text, negative = encode_prompts(model, story, cfg)
+    image = load_image(story.reference, story.width, story.height)
+    anchor = model.encode_video(frames_to_tensor([image]).to(model.device))  # [1, C, 1, h, w]
+    sigmas = schedule(story.steps, story.shift, story.timesteps)
+    helios = helios_of(model).transformer
+    experts = [Expert(helios, e.guidance, e.min_timestep) for e in experts_for(model, story)]  # guidance in an interval
+
+    decoder = ClipDecoder(model, False, story.color_match, colour_stats(torch.from_numpy(np.array(image))))
+    blend = story.seam_blend
+    queue: list[Future] = []
+    clip_bar = tqdm(total=len(prompts), desc="clips", unit="clip", disable=not progress)
+    past = memory = None
+    try:
+        for i, prompt in enumerate(prompts):
+            started = time.perf_counter()
+            if on_clip_start is not None:
+                on_clip_start(i)
+            # 3. This clip's history: the anchor and the kept past, cut into short / mid / long.
+            history = make_history(anchor, past, sizes)
+            # 4. Its new latent frames from its own seeded noise, one chunk, its own prompt.
+            new = T - 1 if i == 0 else T - 1 - K
+            seed = story.clip_seed(i)
+            noise = torch.randn((1, model.z_dim, new, h, w), generator=torch.Generator("cpu").manual_seed(seed))
+            denoise = denoiser(experts, history, text[prompt], negative)
+            steps = len(sigmas) - 1
+            latents = sample_euler(denoise, noise.to(model.device), sigmas, callback=(
+                (lambda k, i=i, n=steps: on_step(i, k + 1, n)) if on_step else None))
+            if not bool(torch.isfinite(latents).all()):
+                raise CliploomError(f"clip {i}: the latents hold NaN or Inf after denoising",
+                                    "lower the LoRA weights or the guidance; a damaged checkpoint does this too")
+            # 5. The past grows by them, cut to the history's size (memory stays flat).
+            past = (latents if past is None else torch.cat([past, latents], dim=2))[:, :, -max(sizes.total, 1):]
+            # 6. Decode as pro does: [anchor, previous clip's last K latents, new].
+            chunk = torch.cat([anchor, latents] if memory is None else [anchor, memory, latents], dim=2)
+            memory = chunk[:, :, -K:]
+            info = (i, prompt, seed, time.perf_counter() - started, 0.0)
+            queue.append(decoder.submit(chunk, story.frames_kept(i), info, memory))
+            for clip in hand_over(queue, int(blend > 0), blend, 1 + 4 * K):
+                yield clip
+                clip_bar.update()
+        for clip in hand_over(queue, 0, blend, 1 + 4 * K):
+            yield clip
+            clip_bar.update()
+    finally:
+        clip_bar.close()
+        decoder.close()
+
+
+def denoiser(experts: list[Expert], history: History, text: torch.Tensor, negative: torch.Tensor | None):
+    """``v = denoise(x, sigma)`` for one chunk: the Helios transformer with ``history``, guided (the
+    conditional and unconditional passes as one batch of two, the history in both)."""
+    guided = history.repeat(2)
+
+    def forward(tr, x: torch.Tensor, t: float, past: History, emb: torch.Tensor) -> torch.Tensor:
+        dtype = next(tr.parameters()).dtype
+        return tr(hidden_states=x.to(dtype), timestep=torch.full((x.shape[0],), t, device=x.device),
+                  encoder_hidden_states=emb.to(dtype), return_dict=False, **past.inputs(x.shape[2], dtype))[0].float()
+
+    def denoise(x: torch.Tensor, sigma: float) -> torch.Tensor:
+        t = sigma * NUM_TRAIN_TIMESTEPS
+        expert = pick_expert(experts, t)
+        if expert.guidance == 1.0 or negative is None:
+            return forward(expert.model, x, t, history, text)
+        cond, uncond = forward(expert.model, torch.cat([x, x]), t, guided, torch.cat([text, negative])).chunk(2)
+        return guide(cond, uncond, expert.guidance)
+
+    return denoise
+
+
+def _check(model: Components, story: Story, start: Start | None) -> None:
+    fix = "or use route: svi"
+    if start is not None and start.index > 0:
+        raise CliploomError("route helios cannot resume or extend a run: its history is not saved with the clips",
+                            "generate the story from clip 0 (or use route: svi)")
+    if model.transformer_2 is not None:
+        raise CliploomError("route helios runs on one transformer; this model has two experts",
+                            "use a single-transformer model (Wan 2.1, the built-in model)")
+    if model.settings.expand_timesteps:
+        raise CliploomError("route helios needs a Wan 2.1-style DiT; TI2V models are not supported yet",
+                            f"use a Wan 2.1 / built-in model, {fix}")
+    if model.has_image_encoder:
+        raise CliploomError("route helios: this model reads CLIP image features, which the Helios transformer has "
+                            "no input for", f"use a model without an image encoder (the built-in model), {fix}")
+    if any(c.keyframes for c in story.clips):
+        raise CliploomError("route helios does not take keyframes in this version", f"drop end_frame/keyframes, {fix}")
+    if story.motion_amplitude not in (None, 1):
+        raise CliploomError("route helios has no padding frames for motion_amplitude to act on",
+                            "leave motion_amplitude at 1 on this route")
+    if any(c.lora_weights for c in story.clips):
+        raise CliploomError("route helios keeps one LoRA stack for the whole story",
+                            "drop the clips' LoRA weights on this route")
+    if story.offload not in (None, "none") or story.compile or story.fp8_matmul \
+            or getattr(model, "_cliploom_parallel", None) is not None:
+        raise CliploomError("route helios runs its own transformer unoffloaded, uncompiled, on one device",
+                            "drop offload, compile, fp8_matmul and parallel ranks on this route")
+    if getattr(model.transformer, "_cliploom_weights", None) in ("fp8", "gguf"):
+        raise CliploomError(f"route helios needs the DiT in bf16/fp32, not {model.transformer._cliploom_weights}",
+                            "load the model with weights: bf16")
