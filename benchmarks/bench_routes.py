@@ -205,7 +205,9 @@ def table(results: dict) -> list[str]:
         clean = " / ".join(str(a["stories_clean"]) for a in r["seeds"])
         res = r.get("resources") or {}
         ratio = (res["clips_20"]["peak_mib"] / res["clips_2"]["peak_mib"]) if res else None
-        opts = ", ".join(f"{k}={v}" for k, v in r["options"].items()) or "defaults"
+        opts = ", ".join(f"{k}={v}" for k, v in {**r["options"], **r.get("sampling", {})}.items()) or "defaults"
+        if r.get("lora"):
+            opts += f", LoRA {Path(r['lora']).name}"
         if r.get("sampling_seeds", seeds) != seeds:
             name = f"{name} (seed{'s' if len(r['sampling_seeds']) > 1 else ''} {', '.join(map(str, r['sampling_seeds']))})"
         lines.append(
