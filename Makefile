@@ -70,9 +70,9 @@ bench-scale: setup
 
 # End-frame control on ShapesWorld: the shipped LoRA, the paste hack, the keyframe-trained LoRA.
 bench-keyframes: setup
-	$(BIN)/python benchmarks/bench_keyframes.py
-	$(BIN)/python benchmarks/bench_keyframes.py --variants none,keyframes --lora benchmarks/loras/svi_keyframes.safetensors \
-	  --out benchmarks/results/keyframes_lora.json
+	$(BIN)/python benchmarks/bench_keyframes.py --variants none,keyframes,keyframes@1,paste
+	$(BIN)/python benchmarks/bench_keyframes.py --variants none,keyframes@1,keyframes@4 --lora benchmarks/loras/svi_v1.safetensors \
+	  --out benchmarks/results/keyframes_v1.json
 
 bench-serve: setup
 	$(BIN)/python benchmarks/bench_serve.py
@@ -81,7 +81,7 @@ bench-serve: setup
 # single-clip bars; see docs/shapesworld.md. The SVI LoRA ablation (issue 5; the first variant is
 # the baseline): the base model, a LoRA trained without error recycling (configs/svi-shapesworld-noer.yaml,
 # shipped in benchmarks/loras/) and the shipped error-recycling LoRA (the model's default).
-QUALITY_ARGS ?= --variant base=none --variant noER=benchmarks/loras/svi_noer.safetensors --variant ER=default
+QUALITY_ARGS ?= --variant base=none --variant noER=benchmarks/loras/svi_noer.safetensors --variant ER=benchmarks/loras/svi_v1.safetensors --variant shipped=default
 BASE_ARGS ?=
 bench-quality: setup
 	$(BIN)/python benchmarks/bench_quality.py $(QUALITY_ARGS)

@@ -13,7 +13,8 @@ from cliploom.models.builtin import SHIPPED
 def test_model_is_shipped_and_small():
     assert (SHIPPED / "model_index.json").is_file(), "the built-in model folder is missing from the package"
     size = sum(p.stat().st_size for p in SHIPPED.rglob("*") if p.is_file())
-    assert size <= 30e6, f"the built-in model is {size / 1e6:.1f} MB (limit 30 MB)"
+    # the DiT, VAE and text encoder (26 MB) and the routes' LoRAs (3-6 MB each; issue 17 allows 10 MB a route)
+    assert size <= 45e6, f"the built-in model is {size / 1e6:.1f} MB (limit 45 MB)"
     settings = json.loads((SHIPPED / "cliploom.json").read_text())
     assert settings["frames"] == 17 and settings["width"] == 32 == settings["height"]
     assert not list(SHIPPED.rglob("*.bin")) and not list(SHIPPED.rglob("*.pt")), "weights must be safetensors"

@@ -81,7 +81,8 @@ def settings_key(story: Story, model) -> dict:
         **({"route": story.route, "route_options": dict(sorted(story.route_options.items()))}
            if story.route != "svi" else {}),
         **({"motion_amplitude": story.motion_amplitude} if story.motion_amplitude not in (None, 1) else {}),
-        **({"keyframe_guidance": story.keyframe_guidance} if story.keyframe_guidance not in (None, 1) else {}),
+        **({"keyframe_guidance": story.keyframe_guidance}
+           if story.keyframe_guidance not in (None, 1) and any(c.keyframes for c in story.clips) else {}),
     }
 
 

@@ -162,7 +162,7 @@ class Story:
             if getattr(s, name) is None and not (name == "steps" and s.timesteps is not None):
                 setattr(s, name, value)
         for name in ("width", "height", "fps", "frames", "shift", "guidance", "negative_prompt", "color_match",
-                     "seam_blend", "motion_amplitude"):
+                     "seam_blend", "motion_amplitude", "keyframe_guidance"):
             if getattr(s, name) is None:
                 setattr(s, name, getattr(settings, name))
         if self.seam_blend is None and not s.latent_motion:

@@ -39,6 +39,9 @@ DEFAULTS = {
     "guidance_boundary": 0.7,
     "color_match": "anchor",
     "seam_blend": 1,
+    # Chosen on the keyframe set (docs/benchmarks.md, issue 15) for the keyframe-trained SVI LoRA:
+    # clips with keyframes guided 4x along their keyframes' pull.
+    "keyframe_guidance": 4.0,
 }
 
 
