@@ -242,6 +242,20 @@ def _compile_now(denoise, noise: torch.Tensor, sigmas: torch.Tensor) -> float:
     return time.perf_counter() - started
 
 
+def queue_pro_decode(decoder: "ClipDecoder", queue: list[Future], story: Story, i: int, anchor: torch.Tensor,
+                     memory: torch.Tensor | None, latents: torch.Tensor, info: tuple) -> torch.Tensor:
+    """For the routes that make only a clip's new latents (causal, helios): refuse NaN, then queue
+    clip ``i`` for decoding as ``pro`` decodes it (``[anchor, previous clip's last K latents, new]``,
+    its first ``1 + 4K`` frames dropped); returns the next clip's motion memory."""
+    if not bool(torch.isfinite(latents).all()):
+        raise CliploomError(f"clip {i}: the latents hold NaN or Inf after denoising",
+                            "lower the LoRA weights or the guidance; a damaged checkpoint does this too")
+    chunk = torch.cat([anchor, latents] if memory is None else [anchor, memory, latents], dim=2)
+    memory = chunk[:, :, -story.motion_latents:]
+    queue.append(decoder.submit(chunk, story.frames_kept(i), info, memory))
+    return memory
+
+
 def hand_over(queue: list[Future], hold: int, blend: int, skip: int) -> Iterator[Clip]:
     """Yield the queue's clips while more than ``hold`` wait; with ``blend`` frames of seam
     blending, a clip's last frames first fade into the next clip's frames of the same instants

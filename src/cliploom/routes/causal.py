@@ -26,7 +26,15 @@ from tqdm.auto import tqdm
 from .. import conditioning as C
 from ..colour import colour_stats, match_colour
 from ..errors import CliploomError
-from ..loom import Clip, ClipDecoder, Start, encode_prompts, experts_for, hand_over
+from ..loom import (
+    Clip,
+    ClipDecoder,
+    Start,
+    encode_prompts,
+    experts_for,
+    hand_over,
+    queue_pro_decode,
+)
 from ..models.causal import causal_attention, set_offset, set_rope_jitter
 from ..models.components import Components, frames_to_tensor
 from ..models.memory import check_story_fits
@@ -57,7 +65,7 @@ def weave(
     story = story.resolve(model.settings, model.size_multiple, model.scale_temporal)
     check_story_fits(model, story)
     _check(model, story, start)
-    F, T, K = story.frames, C.latent_frame_count(story.frames, model.scale_temporal), story.motion_latents
+    T, K = C.latent_frame_count(story.frames, model.scale_temporal), story.motion_latents
     h, w = story.height // model.scale_spatial, story.width // model.scale_spatial
     block, recache = story.route_option("block"), story.route_option("recache")
     sink = 0 if story.route_option("sink") == 0 else T + (story.route_option("sink") - 1) * (T - 1 - K)
@@ -122,15 +130,9 @@ def weave(
                         on_block(i, match_colour(frames, decoder.target) if decoder.color_match else frames)
                 if stream is not None:
                     stream.close()
-                latents = torch.cat(made, dim=2)
-                if not bool(torch.isfinite(latents).all()):
-                    raise CliploomError(f"clip {i}: the latents hold NaN or Inf after denoising",
-                                        "lower the LoRA weights or the guidance; a damaged checkpoint does this too")
                 # 7. Decode as pro does: [anchor, previous clip's last K latents, new].
-                chunk = torch.cat([anchor, latents] if memory is None else [anchor, memory, latents], dim=2)
-                memory = chunk[:, :, -K:]
                 info = (i, prompt, seed, time.perf_counter() - started, 0.0)
-                queue.append(decoder.submit(chunk, story.frames_kept(i), info, memory))
+                memory = queue_pro_decode(decoder, queue, story, i, anchor, memory, torch.cat(made, dim=2), info)
                 for clip in hand_over(queue, int(blend > 0), blend, 1 + 4 * K):
                     yield clip
                     clip_bar.update()

@@ -29,11 +29,26 @@ from tqdm.auto import tqdm
 from .. import conditioning as C
 from ..colour import colour_stats
 from ..errors import CliploomError
-from ..loom import Clip, ClipDecoder, Start, encode_prompts, experts_for, hand_over
+from ..loom import (
+    Clip,
+    ClipDecoder,
+    Start,
+    encode_prompts,
+    experts_for,
+    hand_over,
+    queue_pro_decode,
+)
 from ..models.components import Components, frames_to_tensor
 from ..models.helios import helios_of
 from ..models.memory import check_story_fits
-from ..sampling import NUM_TRAIN_TIMESTEPS, Expert, guide, pick_expert, sample_euler, schedule
+from ..sampling import (
+    NUM_TRAIN_TIMESTEPS,
+    Expert,
+    guide,
+    pick_expert,
+    sample_euler,
+    schedule,
+)
 from ..story import Story
 from ..video_io import load_image
 
@@ -158,16 +173,11 @@ def weave(
             steps = len(sigmas) - 1
             latents = sample_euler(denoise, noise.to(model.device), sigmas, callback=(
                 (lambda k, i=i, n=steps: on_step(i, k + 1, n)) if on_step else None))
-            if not bool(torch.isfinite(latents).all()):
-                raise CliploomError(f"clip {i}: the latents hold NaN or Inf after denoising",
-                                    "lower the LoRA weights or the guidance; a damaged checkpoint does this too")
-            # 5. The past grows by them, cut to the history's size (memory stays flat).
-            past = (latents if past is None else torch.cat([past, latents], dim=2))[:, :, -max(sizes.total, 1):]
-            # 6. Decode as pro does: [anchor, previous clip's last K latents, new].
-            chunk = torch.cat([anchor, latents] if memory is None else [anchor, memory, latents], dim=2)
-            memory = chunk[:, :, -K:]
+            # 5. Decode as pro does: [anchor, previous clip's last K latents, new].
             info = (i, prompt, seed, time.perf_counter() - started, 0.0)
-            queue.append(decoder.submit(chunk, story.frames_kept(i), info, memory))
+            memory = queue_pro_decode(decoder, queue, story, i, anchor, memory, latents, info)
+            # 6. The past grows by them, cut to the history's size (memory stays flat).
+            past = (latents if past is None else torch.cat([past, latents], dim=2))[:, :, -max(sizes.total, 1):]
             for clip in hand_over(queue, int(blend > 0), blend, 1 + 4 * K):
                 yield clip
                 clip_bar.update()
