@@ -129,13 +129,13 @@ def test_helios_loop_streams_the_pro_timeline_with_per_clip_prompts_and_bounded_
     assert not torch.equal(compressed[1].latents, clips[1].latents)
 
 
-def test_helios_refusals_are_one_line(builtin, tiny_models, tiny_story, reference_png, tmp_path, capsys):
+def test_helios_refusals_are_one_line(builtin, tiny_models, tiny_dirs, tiny_story, reference_png, tmp_path, capsys):
     from cliploom.cli import main
     from cliploom.loom import Start
     from cliploom.story import ClipSpec, Keyframe
 
     for keys, message in (({"route_options": {"short": 99}}, "route option short 99 is out of range"),
-                          ({}, "has no helios weights")):  # the built-in model ships no Helios LoRA
+                          ({"model": str(tiny_dirs["wan21"])}, "has no helios weights")):  # a model without them
         story = tmp_path / "s.yaml"
         story.write_text(yaml.safe_dump({"reference": str(reference_png), "clips": ["a"], "route": "helios",
                                          "steps": 1, **keys}))
