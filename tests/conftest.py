@@ -17,6 +17,26 @@ if not os.environ.get("OMP_NUM_THREADS"):
 THREADS = torch.get_num_threads()
 
 
+def _digests(folder: Path) -> dict[str, str]:
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shipped_model_untouched():
+    """No test may write into the shipped model folder (a test's symlinked copy of it once wrote a
+    trained LoRA through a link onto the shipped weights)."""
+    from cliploom.models.builtin import SHIPPED
+
+    before = _digests(SHIPPED)
+    yield
+    after = _digests(SHIPPED)
+    changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+    assert not changed, f"the test run changed the shipped model folder: {changed}"
+
+
 @pytest.fixture(autouse=True)
 def _keep_thread_count():
     """Benchmarks' main() set their own thread count; later tests run with the suite's."""

@@ -25,6 +25,7 @@ saved with every checkpoint so that a resumed run continues with the critic it h
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -86,7 +87,7 @@ class SelfForcingTrainer(SVITrainer):
                                 "to be the teacher", "set teacher_lora in the config")
         self.teacher = self._scorer(teacher_lora)
         self.critic = self._scorer(teacher_lora)
-        critic_cfg = _replace(cfg, rank=cfg.critic_rank, alpha=cfg.critic_rank, init="kaiming")
+        critic_cfg = dataclasses.replace(cfg, rank=cfg.critic_rank, alpha=cfg.critic_rank, init="kaiming")
         self.critic_params = attach_lora(self.critic.transformer, critic_cfg, seed=cfg.seed + 1)
         self.critic.transformer.train()
         self.critic_optimizer = torch.optim.AdamW(self.critic_params, lr=cfg.critic_lr or cfg.lr,
@@ -101,8 +102,8 @@ class SelfForcingTrainer(SVITrainer):
 
     def _scorer(self, lora_path):
         """The built-in model with ``lora_path`` fused, frozen (the teacher, and the critic's base)."""
-        from ..models.lora import LoraStack
         from ..models.loading import load_model
+        from ..models.lora import LoraStack
         from ..story import LoraSpec
 
         scorer = load_model(self.cfg.model, device=self.accelerator.device, dtype=self.model.dtype)
@@ -283,8 +284,3 @@ class SelfForcingTrainer(SVITrainer):
         info.samples = [r]
         return info
 
-
-def _replace(cfg, **changes):
-    import dataclasses
-
-    return dataclasses.replace(cfg, **changes)
