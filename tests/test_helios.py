@@ -44,7 +44,7 @@ def test_helios_transformer_is_the_dit_with_y_zero_when_there_is_no_history(buil
     # the DiT's weights are shared, not copied; the patch layers are the Helios module's own
     assert helios.blocks[0].attn1.to_q.weight.data_ptr() == wan.blocks[0].attn1.to_q.weight.data_ptr()
     assert helios.patch_short.weight.data_ptr() != wan.patch_embedding.weight.data_ptr()
-    assert torch.equal(helios.norm_out.scale_shift_table, wan.scale_shift_table)
+    assert torch.equal(helios.norm_out.scale_shift_table, wan.scale_shift_table)  # a copy, not a computation: exact
     # patch_mid / patch_long on cells of equal latents give the short patch of the cell (2x2x2 / 4x4x4 patches)
     cell = torch.randn(1, 16, 1, 2, 2, generator=g)
     for layer, k in (("patch_mid", 2), ("patch_long", 4)):
@@ -120,12 +120,12 @@ def test_helios_loop_streams_the_pro_timeline_with_per_clip_prompts_and_bounded_
     for (h, _), prev in zip(seen[1:], clips):
         assert torch.equal(h.short[:, :, 0], seen[0][0].short[:, :, 0])  # the anchor, kept
         assert torch.equal(h.short[:, :, -1], prev.latents[:, :, -1])  # the newest latent as generated
-    for prev, clip in zip(clips, clips[1:]):  # decoded as pro decodes: [anchor, previous clip's last latent, new]
+    for prev, clip in zip(clips, clips[1:]):  # decoded as pro decodes: [anchor, previous clip's last latent, new] (copies: exact)
         assert torch.equal(clip.latents[:, :, 1], prev.latents[:, :, -1])
     # the same slots (3 past latents), cut otherwise: clip 0 (no past) is the same, clip 1 reads its past compressed
     compressed = _frames_of(builtin, tiny_story(clips=story.clips[:2], route="helios", width=32, height=32,
                                                 guidance=2.0, route_options={"short": 0, "mid": 3, "long": 0}))
-    assert torch.equal(compressed[0].latents, clips[0].latents)
+    assert torch.equal(compressed[0].latents, clips[0].latents)  # clip 0 runs the same path twice in one process: exact
     assert not torch.equal(compressed[1].latents, clips[1].latents)
 
 
@@ -180,7 +180,7 @@ def test_helios_trainer_learns_exports_and_the_engine_runs_its_lora(builtin, tmp
                                       history_exposure_max=0))
     a, b = (helios_sample(trainer.model, torch.Generator().manual_seed(3), 2, 9, 32, Sizes(1, 1, 1), c)
             for c in (clean_cfg, noisy_cfg))
-    assert b.choice.corruption == "noise" and torch.equal(a.target, b.target)
+    assert b.choice.corruption == "noise" and torch.equal(a.target, b.target)  # the same encode of the same frames: exact
     assert torch.equal(a.history.short[:, :, 0], b.history.short[:, :, 0])  # the anchor is never corrupted
     assert not torch.allclose(a.history.short[:, :, 1:], b.history.short[:, :, 1:])
     # the export: the route's tag, the LoRA pairs and the patch layers' deltas
@@ -215,7 +215,7 @@ def test_helios_trainer_learns_exports_and_the_engine_runs_its_lora(builtin, tmp
         got = engine.model._cliploom_helios.transformer(**run)[0]
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
     # the DiT itself is untouched (unfused adapters on shared weights); another route drops the stack
-    plain = builtin.transformer.state_dict()  # the same weights, never given a LoRA
+    plain = builtin.transformer.state_dict()  # the same weights read from the same files, never given a LoRA: exact
     assert all(torch.equal(v, plain[k]) for k, v in engine.model.transformer.state_dict().items())
     list(engine.generate(tiny_story(1, steps=1, width=32, height=32), progress=False))
     assert engine.helios_loras.applied == []

@@ -661,7 +661,7 @@ def test_closed_loop_training_steps_and_its_settings(tmp_path):
     looped = [s for s in trainer.train_step().samples if s.choice.closed_loop]
     assert looped
     for s in looped:
-        assert torch.equal(s.latents[:, :, 1:2], s.cond.y[:, 4:, 1:2].to(s.latents))
+        assert torch.equal(s.latents[:, :, 1:2], s.cond.y[:, 4:, 1:2].to(s.latents))  # both copies of the memory
     for bad, message in (({"closed_loop_prob": 0.5, "closed_loop_lead": "pixels"}, "closed_loop_lead 'pixels' is not one of"),
                          ({"closed_loop_prob": 0.5, "data": "videos", "videos": str(tmp_path)}, "closed_loop_prob needs"),
                          ({"closed_loop_prob": 0.5, "route": "df"}, "closed_loop_prob needs"),

@@ -68,8 +68,7 @@ def weave(
     T, K = C.latent_frame_count(story.frames, model.scale_temporal), story.motion_latents
     h, w = story.height // model.scale_spatial, story.width // model.scale_spatial
     block, recache = story.route_option("block"), story.route_option("recache")
-    sink = 0 if story.route_option("sink") == 0 else T + (story.route_option("sink") - 1) * (T - 1 - K)
-    window = story.route_option("window") * (T - 1 - K)
+    sink, window = cache_frames(story.route_option("sink"), story.route_option("window"), T, K)
     cfg = max(story.guidance, story.guidance_low) > 1
 
     # 2. Prompts, the anchor latent and its image features (as the SVI loop).
@@ -91,7 +90,7 @@ def weave(
         set_rope_jitter(tr, story.route_option("rope_jitter"))
         # 3. The anchor is latent frame 0 of the stream, given clean (y and mask mark it, as I2V's
         #    first frame), and the first block of the cache.
-        _write(model, session, anchor, _y(model, anchor, known=True), text[prompts[0]], features, 0)
+        write_block(model, session, anchor, stream_y(model, anchor, known=True), text[prompts[0]], features, 0)
         position = 1
         try:
             for i, prompt in enumerate(prompts):
@@ -112,7 +111,7 @@ def weave(
                 total = steps * -(-new // block)  # steps over the clip's blocks, for on_step
                 for b0 in range(0, new, block):
                     n = min(block, new - b0)
-                    cond = C.ClipCondition(y=_y(model, noise[:, :, :n].to(model.device), known=False),
+                    cond = C.ClipCondition(y=stream_y(model, noise[:, :, :n].to(model.device), known=False),
                                            image_embeds=features, patch=model.patch)
                     denoise = make_denoiser(experts, cond, text[prompt], negative)
                     set_offset(tr, position)
@@ -120,7 +119,7 @@ def weave(
                     x = sample_euler(denoise, noise[:, :, b0:b0 + n].to(model.device), sigmas, cond.finish,
                                      (lambda k, i=i, d=done: on_step(i, d + k + 1, total)) if on_step else None)
                     # 6. The block, clean, becomes cache (and its frames part of the clip).
-                    _write(model, session, x, cond.y, text[prompt], features, position)
+                    write_block(model, session, x, cond.y, text[prompt], features, position)
                     made.append(x)
                     position += n
                     if stream is not None:
@@ -163,7 +162,14 @@ def _check(model: Components, story: Story, start: Start | None) -> None:
                             "use a Wan 2.1 / built-in model, or route: svi")
 
 
-def _y(model: Components, latents: torch.Tensor, known: bool) -> torch.Tensor:
+def cache_frames(sink_clips: int, window_clips: int, T: int, K: int) -> tuple[int, int]:
+    """The cache's sink and window in latent frames, from clips: clip 0 has ``T`` latents (the
+    anchor included), every later clip ``T - 1 - K`` new ones."""
+    sink = 0 if sink_clips == 0 else T + (sink_clips - 1) * (T - 1 - K)
+    return sink, window_clips * (T - 1 - K)
+
+
+def stream_y(model: Components, latents: torch.Tensor, known: bool) -> torch.Tensor:
     """Mask and ``y`` for latent frames of the stream: the anchor's (mask 1, ``y`` = the anchor) or
     a generated block's (both zero)."""
     b, _, n, h, w = latents.shape
@@ -173,7 +179,7 @@ def _y(model: Components, latents: torch.Tensor, known: bool) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _write(model: Components, session, x: torch.Tensor, y: torch.Tensor, text, features, position: int) -> None:
+def write_block(model: Components, session, x: torch.Tensor, y: torch.Tensor, text, features, position: int) -> None:
     """Run the clean block once at timestep 0, keeping its keys and values as the next cache block."""
     tr = model.transformer
     dtype = getattr(tr, "_cliploom_compute_dtype", None) or next(tr.parameters()).dtype
@@ -190,4 +196,4 @@ def _recache(model: Components, session, text, features) -> None:
     session.blocks = []
     for b in old:
         x, y = b.inputs
-        _write(model, session, x, y, text, features, b.start)
+        write_block(model, session, x, y, text, features, b.start)

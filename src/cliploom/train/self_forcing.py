@@ -156,7 +156,8 @@ class SelfForcingTrainer(SVITrainer):
         """The student generates ``r``'s clips as the causal route does (block 1, its default;
         each clip's new frames from one noise tensor, ``noises[i]`` or drawn), with the gradient of
         the exit step of each block when ``grad``."""
-        from ..routes.causal import _write, _y
+        from ..routes import CAUSAL_OPTIONS
+        from ..routes.causal import cache_frames, stream_y, write_block
 
         cfg, model, device = self.cfg, self.model, self.accelerator.device
         T, K = C.latent_frame_count(cfg.frames, model.scale_temporal), cfg.motion_latents[0]
@@ -164,10 +165,10 @@ class SelfForcingTrainer(SVITrainer):
         sigmas, exit_step = self.student_sigmas.tolist(), r.choice.exit_step
         tr = self.transformer
         r.new = []
-        sink, window = T, 2 * (T - 1 - K)  # the route's defaults: one sink clip, a window of two clips
+        sink, window = cache_frames(CAUSAL_OPTIONS["sink"].default, CAUSAL_OPTIONS["window"].default, T, K)
         with causal_attention(tr, sink=sink, window=window) as session:
             session.reset()
-            _write(model, session, r.anchor, _y(model, r.anchor, known=True), self.text(r.prompts[0]),
+            write_block(model, session, r.anchor, stream_y(model, r.anchor, known=True), self.text(r.prompts[0]),
                    r.features, 0)
             position = 1
             try:
@@ -178,7 +179,7 @@ class SelfForcingTrainer(SVITrainer):
                                   else torch.randn((1, model.z_dim, n, h, w), generator=generator)).to(device)
                     for b in range(n):
                         noise = clip_noise[:, :, b : b + 1]
-                        cond = C.ClipCondition(y=_y(model, noise, known=False), image_embeds=r.features,
+                        cond = C.ClipCondition(y=stream_y(model, noise, known=False), image_embeds=r.features,
                                                patch=model.patch)
                         denoise = make_denoiser([Expert(self.net, 1.0)], cond, text, None)
                         set_offset(tr, position)
@@ -189,7 +190,7 @@ class SelfForcingTrainer(SVITrainer):
                             if k < exit_step:
                                 x = euler_step(x, v, sigmas[k], sigmas[k + 1])
                         x0 = x - sigmas[exit_step] * v  # the block's clean latents at the exit step
-                        _write(model, session, x0.detach(), cond.y, text, r.features, position)
+                        write_block(model, session, x0.detach(), cond.y, text, r.features, position)
                         made.append(x0)
                         position += 1
                     r.new.append(torch.cat(made, dim=2))
