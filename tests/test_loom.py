@@ -290,3 +290,31 @@ def test_motion_amplitude_is_refused_where_it_cannot_act(tiny_models, tiny_story
         frames_of(tiny_models("wan21"), tiny_story(1, motion_amplitude=3.0))
     with pytest.raises(CliploomError, match="needs a model with y channels"):
         frames_of(tiny_models("ti2v"), tiny_story(1, motion_amplitude=1.2))
+
+
+def test_memory_guidance_contrasts_each_continuing_clip_with_its_restart_at_the_anchor(tiny_models, tiny_story):
+    """Memory guidance S: a clip with a motion memory steps along ``v(restart) + S (v(clip) -
+    v(restart))``, the restart being the same clip conditioned as a first clip (anchor only). The
+    first clip has no memory and is untouched (same path: exact); S = 1 is off (exact); clip 1 runs
+    a second forward per step whose ``y`` is the first clip's (the same function of the same anchor:
+    exact)."""
+    from cliploom.errors import CliploomError
+
+    model = tiny_models("wan21")
+    plain = frames_of(model, tiny_story(2, steps=3, guidance=1.0))
+    assert_same_clips(frames_of(model, tiny_story(2, steps=3, guidance=1.0, memory_guidance=1.0)), plain)
+    seen = []
+    hook = model.transformer.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw["hidden_states"][:, model.z_dim:].clone()), with_kwargs=True)
+    try:
+        guided = frames_of(model, tiny_story(2, steps=3, guidance=1.0, memory_guidance=2.0))
+    finally:
+        hook.remove()
+    assert len(seen) == 3 + 2 * 3  # clip 0: one forward per step; clip 1: two
+    first_y, clip1 = seen[0], seen[3:]
+    assert torch.equal(guided[0].frames, plain[0].frames)
+    assert not torch.equal(guided[1].latents, plain[1].latents)
+    assert sum(torch.equal(y, first_y) for y in clip1) == 3  # the restart pass, once per step
+    assert sum(not torch.equal(y, first_y) for y in clip1) == 3  # the clip itself, with its memory
+    with pytest.raises(CliploomError, match="memory_guidance 5.0 is outside 1.0..4.0"):
+        tiny_story(2, memory_guidance=5.0)

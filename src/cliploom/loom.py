@@ -157,6 +157,11 @@ def weave(
             if keys and story.keyframe_guidance not in (None, 1):
                 free = condition(i, (), memory, noise)
                 C.amplify_motion(free, story.motion_amplitude, _known_latent_frames(story, memory))
+            # Memory guidance: the step from the clip restarted at the anchor (no motion memory) to the
+            # clip as it continues, amplified -- against the pull back to the anchor's layout.
+            restart = None
+            if memory is not None and story.memory_guidance not in (None, 1):
+                restart = condition(i, keys, None, noise)
 
             # 7. Denoise.
             split = getattr(model, "_cliploom_cfg_split", None)
@@ -164,6 +169,9 @@ def weave(
             if free is not None:
                 denoise = contrast(denoise, make_denoiser(experts, free, text[prompt], negative, cfg_split=split),
                                    story.keyframe_guidance)
+            if restart is not None:
+                denoise = contrast(denoise, make_denoiser(experts, restart, text[prompt], negative, cfg_split=split),
+                                   story.memory_guidance)
             seconds_compile = 0.0
             if getattr(model, "_cliploom_compiled", False) and i == start.index:
                 seconds_compile = _compile_now(denoise, noise, sigmas)  # once, and not counted as the clip's time

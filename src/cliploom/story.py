@@ -108,6 +108,7 @@ class Story:
     route_options: dict = field(default_factory=dict)  # the route's knobs (cliploom.routes.ROUTES)
     motion_amplitude: float | None = None  # > 1: y's frames to generate pushed from the last known one (conditioning.amplify_motion)
     keyframe_guidance: float | None = None  # > 1: clips with keyframes guided away from themselves without them (sampling.contrast)
+    memory_guidance: float | None = None  # > 1: clips with a motion memory guided away from themselves without it (sampling.contrast)
     attention: str = "auto"  # attention backend (models.acceleration): auto, sdpa, flash, flash3, sage, ...
     compile: bool = False  # torch.compile the transformer blocks (regional; once per engine)
     fp8_matmul: bool = False  # torchao fp8 matmuls (CUDA sm 8.9+)
@@ -162,7 +163,7 @@ class Story:
             if getattr(s, name) is None and not (name == "steps" and s.timesteps is not None):
                 setattr(s, name, value)
         for name in ("width", "height", "fps", "frames", "shift", "guidance", "negative_prompt", "color_match",
-                     "seam_blend", "motion_amplitude", "keyframe_guidance"):
+                     "seam_blend", "motion_amplitude", "keyframe_guidance", "memory_guidance"):
             if getattr(s, name) is None:
                 setattr(s, name, getattr(settings, name))
         if self.seam_blend is None and not s.latent_motion:
@@ -275,6 +276,9 @@ def check_numbers(s: Story, size_multiple: int = 16, temporal: int = 4) -> None:
     if s.keyframe_guidance is not None and not KEYFRAME_GUIDANCE[0] <= s.keyframe_guidance <= KEYFRAME_GUIDANCE[1]:
         _fail(where, f"keyframe_guidance {s.keyframe_guidance} is outside {KEYFRAME_GUIDANCE[0]}..{KEYFRAME_GUIDANCE[1]}",
               "use 1 (off) or e.g. 2 to pull clips harder towards their keyframes")
+    if s.memory_guidance is not None and not MEMORY_GUIDANCE[0] <= s.memory_guidance <= MEMORY_GUIDANCE[1]:
+        _fail(where, f"memory_guidance {s.memory_guidance} is outside {MEMORY_GUIDANCE[0]}..{MEMORY_GUIDANCE[1]}",
+              "use 1 (off) or e.g. 1.5 to pull clips harder away from a restart at the anchor")
     if s.fps is not None and not 0 < s.fps <= MAX_FPS:
         _fail(where, f"fps {s.fps} must be between 1 and {MAX_FPS}", "use e.g. 16")
     if s.steps is not None and not 1 <= s.steps <= MAX_STEPS:
@@ -335,6 +339,7 @@ _SCALARS: dict[str, type] = {
     "seam_blend": int,
     "motion_amplitude": float,
     "keyframe_guidance": float,
+    "memory_guidance": float,
     "route": str,
     "attention": str,
     "compile": bool,
@@ -342,6 +347,7 @@ _SCALARS: dict[str, type] = {
     "weights": str,
 }
 OFFLOAD = ("none", "model", "group", "sequential")
+MEMORY_GUIDANCE = (1.0, 4.0)  # story memory_guidance: 1 is off; past 4 the clip ignores its anchor
 KEYFRAME_GUIDANCE = (1.0, 8.0)  # story keyframe_guidance: 1 is off; past 8 the clip is all keyframe pull
 MOTION_AMPLITUDE = (0.5, 2.0)  # story motion_amplitude: beyond these the padding is no longer an image the model reads
 WEIGHTS = ("bf16", "fp16", "fp32", "fp8")

@@ -52,6 +52,7 @@ class ModelSettings:
     seam_blend: int = 0  # the default of stories' seam_blend (pro mode)
     motion_amplitude: float = 1.0  # the default of stories' motion_amplitude (1: off)
     keyframe_guidance: float = 1.0  # the default of stories' keyframe_guidance (1: off; wants a keyframe-trained LoRA)
+    memory_guidance: float = 1.0  # the default of stories' memory_guidance (1: off)
     route_loras: dict | None = None  # route -> LoRA file in the model folder with that route's weights (cliploom.routes)
 
     @classmethod
@@ -78,7 +79,8 @@ class ModelSettings:
         kinds = {"family": str, "max_sequence_length": int, "width": int, "height": int, "fps": int, "frames": int,
                  "steps": int, "guidance": float, "guidance_low": float, "shift": float, "boundary_ratio": float,
                  "expand_timesteps": bool, "negative_prompt": str, "svi_lora": str, "color_match": str, "seam_blend": int,
-                 "guidance_boundary": float, "motion_amplitude": float, "keyframe_guidance": float}
+                 "guidance_boundary": float, "motion_amplitude": float, "keyframe_guidance": float,
+                 "memory_guidance": float}
         out = {}
         for key, value in values.items():
             if key == "route_loras":
@@ -107,6 +109,7 @@ class ModelSettings:
                       guidance=settings.guidance, guidance_low=settings.guidance_low, shift=settings.shift,
                       boundary=settings.boundary_ratio or settings.guidance_boundary,
                       motion_amplitude=settings.motion_amplitude, keyframe_guidance=settings.keyframe_guidance,
+                      memory_guidance=settings.memory_guidance,
                       source=Path(where))
         check_numbers(probe, size_multiple=1, temporal=1)
         return settings
