@@ -64,6 +64,47 @@ def test_df_route_runs_the_pro_timeline_with_the_context_kept_in_each_clip(tiny_
     assert torch.equal(noised[1].latents[:, :, 1], noised[0].latents[:, :, -1])  # decoded from the clean context
 
 
+def test_frame_schedule_staggers_each_latent_frame_by_ar_step():
+    """SkyReels' asynchronous schedule: every frame runs the whole schedule in order, frame f + 1
+    starting ``ar_step`` rows after frame f; a clean prefix stays at 0; ``ar_step`` 0 is the clip's
+    own schedule on every frame (the same values copied: exact)."""
+    from cliploom.sampling import frame_schedule, schedule
+
+    sigmas = schedule(4, 5.0)
+    assert torch.equal(frame_schedule(sigmas, 3, 0), sigmas[:, None].expand(5, 3))
+    rows = frame_schedule(sigmas, 5, 2, ready=2)
+    assert rows.shape == (4 + 2 * 2 + 1, 5)  # 4 steps, then 2 rows for each later frame
+    assert rows[:, :2].eq(0).all()
+    starts = []
+    for f in range(2, 5):
+        path = torch.unique_consecutive(rows[:, f])
+        assert torch.equal(path, sigmas)  # the whole schedule, no step skipped or repeated
+        starts.append(int((rows[:, f] < 1).nonzero()[0]))
+    assert starts == [1, 3, 5]
+    assert (rows[:, 2:].diff(dim=1) >= 0).all()  # earlier frames are never noisier than later ones
+
+
+def test_df_ar_step_gives_each_frame_its_own_timestep_in_one_pass(tiny_models, tiny_story):
+    model = tiny_models("wan21")
+    plain = frames_of(model, tiny_story(2, frames=13, steps=3, route="df", guidance=1.0))
+    zero = frames_of(model, tiny_story(2, frames=13, steps=3, route="df", guidance=1.0, route_options={"ar_step": 0}))
+    assert_same_clips(zero, plain)  # 0 is off: the same path
+    seen = []
+    hook = model.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["timestep"].clone()),
+                                                       with_kwargs=True)
+    try:
+        staggered = frames_of(model, tiny_story(2, frames=13, steps=3, route="df", guidance=1.0,
+                                                route_options={"ar_step": 1}))
+    finally:
+        hook.remove()
+    # 13 frames = 4 latents; clip 0 makes all 4 (3 + 3 rows), clip 1 the 2 after its context (3 + 1)
+    assert len(seen) == 6 + 4
+    per_frame = [s[0].view(4, -1)[:, 0] for s in seen]  # 4 tokens a frame (32 px, VAE 8, patch 2)
+    assert per_frame[0].eq(1000).all() and per_frame[1][0] < per_frame[1][1] == 1000  # frame 0 moves, frame 1 waits
+    assert per_frame[7][:2].tolist() == [0.0, 0.0] and per_frame[7][2] < per_frame[7][3] == 1000  # clip 1: context at 0
+    assert (staggered[1].frames.int() - plain[1].frames.int()).abs().max() > 0
+
+
 def test_df_route_needs_weights_for_it(tiny_dirs, tiny_story):
     from cliploom.engine import Engine
 
@@ -75,7 +116,8 @@ def test_df_route_needs_weights_for_it(tiny_dirs, tiny_story):
 @pytest.mark.parametrize("keys, message", [
     ({"route": "helios", "route_options": {"window": 1}}, "route helios has no option 'window'"),
     ({"route": "sideways"}, "unknown route 'sideways'"),
-    ({"route": "df", "route_options": {"ar_step": 1}}, "route df has no option 'ar_step'"),
+    ({"route": "df", "route_options": {"window": 1}}, "route df has no option 'window'"),
+    ({"route": "df", "route_options": {"ar_step": 11}}, "route option ar_step 11 is out of range"),
     ({"route": "df", "route_options": {"addnoise": 1000}}, "route option addnoise 1000 is out of range"),
     ({"route": "df", "route_options": {"addnoise": "lots"}}, "must be a whole number"),
     ({"route": "df", "mode": "film"}, "route df runs on the pro timeline"),

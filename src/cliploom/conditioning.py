@@ -160,14 +160,26 @@ class ClipCondition:
         """``[B]`` timesteps, or ``[B, tokens]`` with the known frames' own timesteps (0, or a context
         noise level) on their tokens (TI2V, diffusion-forcing context)."""
         t = torch.as_tensor(t, dtype=torch.float32, device=x.device)
-        if self.known is None:
+        if self.known is None and t.ndim == 0:
             return t.expand(x.shape[0])
         ph, pw = self.patch
-        known = self.known[0, 0, :, ::ph, ::pw].to(x.device)
-        per_token = (1 - known) * t
-        if self.known_timesteps is not None:
-            per_token = per_token + known * self.known_timesteps[0, 0].to(x.device)
+        grid = (x.shape[2], x.shape[3] // ph, x.shape[4] // pw)
+        # one timestep for the clip, or one per latent frame (diffusion forcing's ar_step schedule)
+        if t.ndim and t.shape != (grid[0],):
+            raise ValueError(f"timesteps of shape {tuple(t.shape)}: give one, or one per latent frame ({grid[0]})")
+        per_token = t.reshape(-1, 1, 1).expand(grid) if t.ndim else t.expand(grid)
+        if self.known is not None:
+            known = self.known[0, 0, :, ::ph, ::pw].to(x.device)
+            per_token = (1 - known) * per_token
+            if self.known_timesteps is not None:
+                per_token = per_token + known * self.known_timesteps[0, 0].to(x.device)
         return per_token.flatten().unsqueeze(0).expand(x.shape[0], -1)
+
+    def known_prefix(self) -> int:
+        """Leading latent frames of ``x`` that are given (clean context), 0 for ``y``-channel clips."""
+        if self.known is None:
+            return 0
+        return int(self.known[0, 0, :, 0, 0].cumprod(0).sum())
 
     def finish(self, x: torch.Tensor) -> torch.Tensor:
         """Write the known frames back into ``x`` (TI2V); identity for ``y``-channel models."""

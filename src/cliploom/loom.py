@@ -20,7 +20,8 @@ from .colour import colour_stats, match_colour
 from .errors import CliploomError
 from .models.components import Components, frames_to_tensor
 from .models.memory import check_story_fits
-from .sampling import Expert, contrast, make_denoiser, sample_euler, schedule
+from .models.skyreels import set_frame_rate
+from .sampling import Expert, contrast, frame_schedule, make_denoiser, sample_euler, schedule
 from .story import Story
 from .video_io import load_image
 
@@ -98,6 +99,7 @@ def weave(
     # 4. The noise schedule and the expert(s) that denoise it.
     sigmas = schedule(story.steps, story.shift, story.timesteps)
     experts = experts_for(model, story)
+    set_frame_rate(model.transformer, story.fps)  # DiTs that embed it (SkyReels-V2)
 
     decoder = ClipDecoder(model, overlap_decode if overlap_decode is not None else model.device.type == "cuda",
                        story.color_match, colour_stats(torch.from_numpy(np.array(image))))
@@ -163,7 +165,10 @@ def weave(
             if memory is not None and story.memory_guidance not in (None, 1):
                 restart = condition(i, keys, None, noise)
 
-            # 7. Denoise.
+            # 7. Denoise (diffusion forcing with ar_step: each latent frame on its own staggered schedule).
+            clip_sigmas = sigmas
+            if story.route == "df" and story.route_option("ar_step"):
+                clip_sigmas = frame_schedule(sigmas, T, story.route_option("ar_step"), cond.known_prefix())
             split = getattr(model, "_cliploom_cfg_split", None)
             denoise = make_denoiser(experts, cond, text[prompt], negative, cfg_split=split)
             if free is not None:
@@ -176,14 +181,14 @@ def weave(
             if getattr(model, "_cliploom_compiled", False) and i == start.index:
                 seconds_compile = _compile_now(denoise, noise, sigmas)  # once, and not counted as the clip's time
                 started += seconds_compile
-            steps = len(sigmas) - 1
+            steps = len(clip_sigmas) - 1
             with tqdm(total=steps, desc=f"clip {i + 1}", leave=False, disable=not progress) as bar:
                 def step_done(k: int, i: int = i) -> None:
                     bar.update()
                     if on_step is not None:
                         on_step(i, k + 1, steps)
 
-                latents = sample_euler(denoise, noise, sigmas, cond.finish, step_done)
+                latents = sample_euler(denoise, noise, clip_sigmas, cond.finish, step_done)
             seconds_denoise = time.perf_counter() - started
             if not bool(torch.isfinite(latents).all()):  # never decode garbage into a video
                 raise CliploomError(

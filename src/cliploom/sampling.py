@@ -39,7 +39,30 @@ def schedule(steps: int | None = None, shift: float = 5.0, timesteps: Sequence[f
     return scheduler.sigmas.to(torch.float32)
 
 
-def euler_step(x: torch.Tensor, v: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
+def frame_schedule(sigmas: torch.Tensor, frames: int, ar_step: int, ready: int = 0) -> torch.Tensor:
+    """Diffusion forcing's asynchronous schedule (SkyReels-V2 ``ar_step``): sigmas per step *and*
+    latent frame, ``[rows + 1, frames]``. Each frame runs the whole schedule ``sigmas``, starting
+    ``ar_step`` steps after the frame before it, so earlier frames are always less noisy than later
+    ones; ``ar_step`` 0 is ``sigmas`` on every frame. The first ``ready`` frames (a clean prefix) sit
+    at 0. diffusers' ``SkyReelsV2DiffusionForcingPipeline.generate_timestep_matrix`` decides which
+    step each frame takes on each row; a frame that does not move on a row keeps its sigma (its
+    Euler step is zero)."""
+    from diffusers import SkyReelsV2DiffusionForcingPipeline
+
+    n = len(sigmas) - 1
+    template = sigmas[:-1] * NUM_TRAIN_TIMESTEPS
+    _, index, moves, _ = SkyReelsV2DiffusionForcingPipeline.generate_timestep_matrix(
+        None, frames, template, frames, ar_step, ready, 1)  # it reads no pipeline state
+    rows = [torch.where(torch.arange(frames) < ready, torch.zeros(frames), sigmas[0].expand(frames))]
+    for step, move in zip(index, moves):  # row r: a moving frame at step k goes sigmas[k - 1] -> sigmas[k]
+        rows.append(torch.where(move, sigmas[step.clamp(max=n)], rows[-1]))
+    return torch.stack(rows).to(torch.float32)
+
+
+def euler_step(x: torch.Tensor, v: torch.Tensor, sigma, sigma_next) -> torch.Tensor:
+    """One Euler step; ``sigma`` may be one per latent frame (``[T]``, :func:`frame_schedule`)."""
+    if isinstance(sigma, torch.Tensor) and sigma.ndim:
+        return x + (sigma_next - sigma).to(x).view(1, 1, -1, 1, 1) * v
     return x + (sigma_next - sigma) * v
 
 
@@ -107,9 +130,9 @@ def make_denoiser(
             return_dict=False,
         )[0].float()
 
-    def denoise(x: torch.Tensor, sigma: float) -> torch.Tensor:
-        t = sigma * NUM_TRAIN_TIMESTEPS
-        expert = pick_expert(experts, t)
+    def denoise(x: torch.Tensor, sigma) -> torch.Tensor:
+        t = sigma * NUM_TRAIN_TIMESTEPS  # per latent frame on an ar_step schedule: the noisiest picks the expert
+        expert = pick_expert(experts, float(t.max()) if isinstance(t, torch.Tensor) else t)
         use_cfg = expert.guidance != 1.0 and negative_text is not None
         if not use_cfg:
             return forward(expert.model, cond, x, text, t)
@@ -131,9 +154,10 @@ def sample_euler(
 ) -> torch.Tensor:
     """Integrate the flow from ``sigmas[0]`` to ``sigmas[-1]`` with Euler steps.
 
-    ``finish`` re-imposes what is known after each step (TI2V's clean leading frames).
+    ``finish`` re-imposes what is known after each step (TI2V's clean leading frames). ``sigmas``
+    may hold a row per step with one sigma per latent frame (:func:`frame_schedule`).
     """
-    s = sigmas.tolist()
+    s = sigmas.tolist() if sigmas.ndim == 1 else list(sigmas)
     for i in range(len(s) - 1):
         v = denoise(x, s[i])
         x = finish(euler_step(x, v, s[i], s[i + 1]))

@@ -500,7 +500,7 @@ def check_model_folder(path: Path) -> dict:
         )
     index = read_json(index_path, "model index")
     cls = str(index.get("_class_name", ""))
-    if not cls.startswith("Wan"):
+    if not cls.startswith(("Wan", "SkyReelsV2")):  # SkyReels-V2: Wan DiTs (models.skyreels)
         raise CliploomError(f"{path} holds a {cls or 'unknown'} model, not a Wan model", "pass a Wan I2V model folder")
     for name, entry in index.items():
         if name.startswith("_") or name in ("boundary_ratio", "expand_timesteps"):
@@ -523,6 +523,7 @@ def check_diffusers_folder(path: Path) -> tuple[dict, ModelSettings]:
     if (path / "scheduler" / "scheduler_config.json").is_file():
         scheduler_config = read_json(path / "scheduler" / "scheduler_config.json", "scheduler config")
     settings = ModelSettings.from_folder(path, index, scheduler_config)
+    settings = _diffusion_forcing_settings(path, settings)
     for name in WEIGHTED:
         if (index.get(name) or [None])[0] is None or not (path / name).is_dir():
             continue
@@ -537,6 +538,22 @@ def check_diffusers_folder(path: Path) -> tuple[dict, ModelSettings]:
             check_transformer_config(path / name)
         check_weights(path / name)
     return index, settings
+
+
+def _diffusion_forcing_settings(path: Path, settings: ModelSettings) -> ModelSettings:
+    """A SkyReels-V2 diffusion-forcing folder (models.skyreels): the ``df`` route is its own (no
+    route LoRA needed), and a DiT without ``y`` channels takes the image and the motion latents as
+    clean prefix frames (``expand_timesteps``, as SkyReels extends videos)."""
+    import dataclasses
+
+    from . import skyreels
+
+    if skyreels.transformer_class_of(path / "transformer") != skyreels.TRANSFORMER_CLASS:
+        return settings
+    config = read_json(path / "transformer" / "config.json", "transformer config")
+    z = read_json(path / "vae" / "config.json", "vae config").get("z_dim", 16) if (path / "vae").is_dir() else 16
+    return dataclasses.replace(settings, native_route="df",
+                               expand_timesteps=settings.expand_timesteps or config.get("in_channels") == z)
 
 
 def check_transformer_config(folder: Path) -> None:
@@ -608,6 +625,13 @@ def _load_diffusers(path: Path, device: torch.device, dtype: torch.dtype, place:
     index, settings = check_diffusers_folder(path)
 
     def dit(name: str):
+        if settings.native_route == "df":
+            from .skyreels import DiffusionForcingTransformer
+
+            if fp8:
+                raise CliploomError(f"{path}: fp8 weights are not available for SkyReels-V2 models yet",
+                                    "drop weights: fp8 (use bf16)")
+            return _load(DiffusionForcingTransformer, path, name, torch_dtype=dtype)
         if not fp8:
             return _load(WanTransformer3DModel, path, name, torch_dtype=dtype)
         from .precision import load_fp8_transformer

@@ -7,6 +7,10 @@ Each variant has the structure of a real family, shrunk:
   noise) switched at ``boundary_ratio`` 0.875, no image encoder.
 * ``ti2v``: Wan 2.2 TI2V 5B: ``expand_timesteps`` (per-token timesteps), z48 residual VAE with
   patch 2 (16x spatial), no ``y`` channels.
+* ``skyreels-df`` (extra): a SkyReels-V2 diffusion-forcing folder as diffusers'
+  ``SkyReelsV2DiffusionForcingPipeline`` saves it: ``SkyReelsV2Transformer3DModel`` with the fps
+  embedding, no ``y`` channels, UniPC flow scheduler, no cliploom.json (the ``df`` route's own
+  model, :mod:`cliploom.models.skyreels`).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from .components import SETTINGS_FILE
 from .quiet import quiet_hf
 
 VARIANTS = ("wan21", "wan22", "ti2v")
-EXTRA_VARIANTS = ("flf2v",)  # Wan2.1-FLF2V-style: first and last frame, CLIP features of both
+EXTRA_VARIANTS = ("flf2v", "skyreels-df")  # Wan2.1-FLF2V-style: first and last frame, CLIP features of both
 
 
 def build_byte_tokenizer(max_length: int = 512):
@@ -176,6 +180,12 @@ def make_tiny(out: str | Path, variant: str = "wan21", seed: int = 0, overwrite:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
+        if variant == "skyreels-df":
+            _skyreels_df(tmp, seed)
+            if out.exists():
+                shutil.rmtree(out)
+            tmp.rename(out)
+            return out
         two_experts = variant == "wan22"
         has_image = variant in ("wan21", "flf2v")
         max_len = 512 if has_image else 64
@@ -228,3 +238,22 @@ def make_tiny(out: str | Path, variant: str = "wan21", seed: int = 0, overwrite:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _skyreels_df(folder: Path, seed: int) -> None:
+    """A tiny SkyReels-V2-DF folder, written by diffusers' own pipeline class."""
+    from diffusers import SkyReelsV2DiffusionForcingPipeline, SkyReelsV2Transformer3DModel, UniPCMultistepScheduler
+
+    with quiet_hf():
+        tokenizer = build_byte_tokenizer(64)
+        text_encoder = tiny_text_encoder(len(tokenizer), seed=seed)
+        vae = tiny_vae("wan21", seed)
+        torch.manual_seed(seed + 1)
+        transformer = SkyReelsV2Transformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
+            text_dim=text_encoder.config.d_model, freq_dim=32, ffn_dim=48, num_layers=2, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", rope_max_seq_len=64, inject_sample_info=True)
+        scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=8.0)
+        pipe = SkyReelsV2DiffusionForcingPipeline(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer,
+                                                  vae=vae, scheduler=scheduler)
+        pipe.save_pretrained(folder, safe_serialization=True)

@@ -47,6 +47,8 @@ ROUTES: dict[str, dict[str, Option]] = {
     "svi": {},
     "df": {
         "addnoise": Option(int, 0, 999, 0, "timestep the context latents are noised to (SkyReels' addnoise_condition)"),
+        "ar_step": Option(int, 0, 10, 0, "steps each latent frame starts after the one before it (SkyReels' "
+                          "asynchronous diffusion forcing; 0: all frames together)"),
     },
     "causal": CAUSAL_OPTIONS,
     "self-forcing": CAUSAL_OPTIONS,

@@ -1,0 +1,91 @@
+"""SkyReels-V2 diffusion-forcing folders (issue 17): the diffusers layout loads as the ``df`` route's
+own model, its per-frame timesteps and fps input given as SkyReels' pipelines give them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from cliploom.engine import Engine
+from cliploom.errors import CliploomError
+from cliploom.models.tiny import make_tiny
+
+
+@pytest.fixture(scope="module")
+def skyreels_dir(tmp_path_factory):
+    return make_tiny(tmp_path_factory.mktemp("skyreels") / "df", "skyreels-df")
+
+
+@pytest.fixture(scope="module")
+def skyreels(skyreels_dir):
+    return Engine.load(skyreels_dir, device="cpu")
+
+
+def _story(tiny_story, n=2, **kw):
+    return tiny_story(n, width=32, height=32, guidance=1.0, **kw)
+
+
+def test_the_folder_is_the_one_diffusers_writes_and_loads_as_a_df_model(skyreels_dir, skyreels):
+    from diffusers import SkyReelsV2Transformer3DModel
+
+    index = json.loads((skyreels_dir / "model_index.json").read_text())
+    assert index["_class_name"] == "SkyReelsV2DiffusionForcingPipeline"
+    assert not (skyreels_dir / "cliploom.json").exists()  # as published: no settings of ours
+    model = skyreels.model
+    assert isinstance(model.transformer, SkyReelsV2Transformer3DModel)
+    assert model.settings.native_route == "df"
+    assert model.settings.expand_timesteps  # no y channels: the prefix frames enter as clean latents
+    assert model.settings.shift == 8.0  # the scheduler's flow_shift
+
+
+def test_frames_get_their_own_timesteps_the_context_zero(skyreels, tiny_story):
+    """Each call gets ``[B, F]`` timesteps (SkyReels' diffusion forcing): 0 on the anchor and the
+    motion latent, ``addnoise`` on the motion latent when set, the step's on every frame to make."""
+    model = skyreels.model
+    seen = []
+    hook = model.transformer.condition_embedder.register_forward_pre_hook(lambda m, a: seen.append(a[0].clone()))
+    try:
+        list(skyreels.generate(_story(tiny_story, route="df", route_options={"addnoise": 20}), progress=False))
+    finally:
+        hook.remove()
+    first, later = seen[0], seen[-1]
+    assert first.shape == (1, 3) and first[0, 0] == 0 and (first[0, 1:] > 0).all()  # 9 frames: 3 latents
+    assert later[0, 0] == 0 and later[0, 1] == 20 and later[0, 2] > 20  # anchor, motion (noised to 20), new
+
+
+@pytest.mark.parametrize("fps, label", [(16, 0), (24, 1)])
+def test_fps_reaches_the_model_as_skyreels_pipelines_give_it(skyreels, tiny_story, fps, label):
+    model = skyreels.model
+    seen = []
+    hook = model.transformer.fps_embedding.register_forward_pre_hook(lambda m, a: seen.append(a[0].tolist()))
+    try:
+        list(skyreels.generate(_story(tiny_story, n=1, fps=fps, route="df"), progress=False))
+    finally:
+        hook.remove()
+    assert seen and all(v == [label] for v in seen)
+
+
+def test_df_needs_no_route_lora_and_svi_runs_the_same_prefix(skyreels, tiny_story):
+    """The DF DiT is the route's own weights. On a model without ``y`` channels ``svi`` gives the
+    anchor and motion latents as clean prefix frames too, so with clean context (``addnoise`` 0)
+    the two routes run the same computation (same path: exact)."""
+    df = list(skyreels.generate(_story(tiny_story, route="df"), progress=False))
+    svi = list(skyreels.generate(_story(tiny_story), progress=False))
+    assert skyreels.default_loras(_story(tiny_story, route="df")) == []
+    assert torch.equal(df[1].latents, svi[1].latents)
+    noised = list(skyreels.generate(_story(tiny_story, route="df", route_options={"addnoise": 200}), progress=False))
+    assert not torch.equal(noised[1].latents, df[1].latents)
+
+
+def test_other_routes_still_need_their_weights(skyreels, tiny_story):
+    with pytest.raises(CliploomError, match="has no causal weights"):
+        list(skyreels.generate(_story(tiny_story, route="causal"), progress=False))
+
+
+def test_inspect_names_the_route(skyreels_dir, capsys):
+    from cliploom.cli import main
+
+    assert main(["inspect", str(skyreels_dir)]) == 0
+    assert "route: df" in capsys.readouterr().out
