@@ -346,3 +346,40 @@ def test_only_the_causal_route_streams_blocks(tiny_dirs, tiny_story):
     engine = Engine.load(tiny_dirs["wan21"], device="cpu")
     with pytest.raises(CliploomError, match="only the causal routes stream blocks"):
         list(engine.generate(tiny_story(1), progress=False, on_block=lambda i, f: None))
+
+
+def test_rebased_positions_stay_within_the_cache_where_absolute_ones_grow(tiny_models, tiny_story, monkeypatch):
+    """``positions: rebased`` re-lays the cache from 0 at each clip: no forward runs past sink + window
+    + one clip, where absolute positions grow with the video. While nothing is evicted the layout is
+    already compact, nothing is rewritten and the clips are the absolute ones (same path: exact)."""
+    from cliploom.errors import CliploomError
+    from cliploom.routes import causal as route
+
+    model = tiny_models("wan21")
+    offsets = {}
+    real = route.set_offset
+
+    def record(tr, offset, key=None):
+        offsets.setdefault(record.run, []).append(offset)
+        real(tr, offset)
+
+    monkeypatch.setattr(route, "set_offset", record)
+    opts = {"sink": 1, "window": 1}
+    for name in ("absolute", "rebased"):
+        record.run = name
+        _frames_of(model, tiny_story(6, frames=13, route="causal", route_options={**opts, "positions": name}))
+    # 13 frames = 4 latents: the sink (clip 0 with its anchor) 4, the window 2, a clip 2 new latents
+    assert max(offsets["absolute"]) == 4 + 5 * 2 - 1  # the last clip's last latent
+    assert max(offsets["rebased"]) <= 4 + 2 + 2
+    wide = {"sink": 1, "window": 16}  # nothing evicted in 3 clips: nothing to re-lay
+    record.run = "wide"
+    absolute = _frames_of(model, tiny_story(3, frames=13, route="causal", route_options=wide))
+    rebased = _frames_of(model, tiny_story(3, frames=13, route="causal", route_options={**wide, "positions": "rebased"}))
+    assert all(torch.equal(a.latents, b.latents) for a, b in zip(absolute, rebased))
+    first = _frames_of(model, tiny_story(4, frames=13, route="causal", route_options={**opts, "positions": "rebased"}))
+    narrow = _frames_of(model, tiny_story(4, frames=13, route="causal", route_options=opts))
+    # the first gap in the cache opens when clip 2's latents push clip 1's out of the window
+    assert all(torch.equal(a.latents, b.latents) for a, b in zip(first[:3], narrow[:3]))
+    assert not torch.equal(first[3].latents, narrow[3].latents)  # clip 3 sees its window at new positions
+    with pytest.raises(CliploomError, match="positions must be one of absolute, rebased"):
+        tiny_story(2, route="causal", route_options={"positions": "relative"})

@@ -33,6 +33,7 @@ class _Block:
     start: int  # its first latent frame's index in the stream
     frames: int  # latent frames in the block
     inputs: tuple | None = None  # what the pass that wrote it was given (to recompute it: re-cache)
+    position: int | None = None  # the temporal RoPE position it was written at (default: ``start``)
     k: list[torch.Tensor] = field(default_factory=list)  # per layer [B, tokens, heads, dim]
     v: list[torch.Tensor] = field(default_factory=list)
 
@@ -72,11 +73,13 @@ class CausalSession:
         self.blocks, self._pending, self.mode, self.write, self.written = [], None, "cached", False, 0
 
     @contextmanager
-    def writing(self, frames: int, start: int | None = None, inputs: tuple | None = None):
+    def writing(self, frames: int, start: int | None = None, inputs: tuple | None = None, position: int | None = None):
         """A pass whose keys and values become a cached block of ``frames`` latent frames: the next
-        one of the stream, or (``start``, re-cache) the block that starts there, rewritten."""
+        one of the stream, or (``start``, re-cache) the block that starts there, rewritten.
+        ``position``: the RoPE position the pass runs at, when it is not ``start`` (rebased)."""
         new = start is None or start >= self.written
         block = _Block(self.written if start is None else start, frames, inputs)
+        block.position = block.start if position is None else position
         self.mode, self.write, self._pending = "cached", True, block
         try:
             yield

@@ -33,6 +33,7 @@ class Option:
     high: float
     default: object
     help: str
+    choices: tuple = ()  # the values a str option takes
 
 
 CAUSAL_OPTIONS = {
@@ -41,6 +42,9 @@ CAUSAL_OPTIONS = {
     "window": Option(int, 1, 16, 2, "most recent clips kept in the KV cache"),
     "recache": Option(bool, 0, 1, False, "at a prompt switch, recompute the cache under the new prompt (LongLive)"),
     "rope_jitter": Option(float, 0.0, 1.0, 0.0, "LoL: spread the heads' temporal RoPE frequencies by this much"),
+    "positions": Option(str, 0, 0, "absolute", "absolute: every latent frame at its place in the stream; rebased: "
+                        "the cache re-laid from position 0 at each clip, so positions stay within sink + window + a clip",
+                        ("absolute", "rebased")),
 }
 
 ROUTES: dict[str, dict[str, Option]] = {
@@ -86,6 +90,9 @@ def option_error(route: str, key: str, value) -> tuple[str, str] | None:
         takes = ", ".join(options) if options else "no options"
         return f"route {route} has no option {key!r}", f"it takes {takes}"
     opt = options[key]
+    if opt.kind is str:
+        return None if value in opt.choices else (f"route option {key} must be one of {', '.join(opt.choices)}, got {value!r}",
+                                                  f"write {key}: {opt.choices[0]}")
     if opt.kind is bool:
         return None if isinstance(value, bool) else (f"route option {key} must be true or false, got {value!r}",
                                                       f"write {key}: true")

@@ -10,7 +10,10 @@ rollout. Each clip is decoded as ``pro`` decodes it (``[anchor, previous clip's 
 new]``, the first ``1 + 4K`` frames dropped), so every route yields the same ``Clip`` stream over
 the same frames. With ``recache``, a prompt switch recomputes the cached keys and values under the
 new prompt before the clip's first block (LongLive); ``rope_jitter`` spreads the heads' temporal
-RoPE frequencies (LoL, against snap-backs to the sink).
+RoPE frequencies (LoL, against snap-backs to the sink). ``positions: rebased`` re-lays the cache
+from position 0 at each clip (the sink where it was, the window right after it, rewritten at those
+positions), so no latent frame is ever placed further than ``sink + window + a clip`` -- the range
+a model trained on a few clips has seen -- where ``absolute`` positions grow with the video.
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ def weave(
     T, K = C.latent_frame_count(story.frames, model.scale_temporal), story.motion_latents
     h, w = story.height // model.scale_spatial, story.width // model.scale_spatial
     block, recache = story.route_option("block"), story.route_option("recache")
+    rebased = story.route_option("positions") == "rebased"
     sink, window = cache_frames(story.route_option("sink"), story.route_option("window"), T, K)
     cfg = max(story.guidance, story.guidance_low) > 1
 
@@ -97,9 +101,12 @@ def weave(
                 started = time.perf_counter()
                 if on_clip_start is not None:
                     on_clip_start(i)
-                # 4. A prompt switch with recache: the cached frames' keys and values under the new prompt.
-                if recache and i > 0 and prompt != prompts[i - 1]:
-                    _recache(model, session, text[prompt], features)
+                # 4. A prompt switch with recache: the cached frames' keys and values under the new
+                #    prompt; rebased positions: the cache re-laid from 0, the clip right after it.
+                switched = recache and i > 0 and prompt != prompts[i - 1]
+                if switched or (rebased and i > 0):
+                    end = rewrite_cache(model, session, features, text[prompt] if switched else None, rebased)
+                    position = end if rebased else position
                 # 5. This clip's new latent frames, block by block, from its own seeded noise.
                 new = T - 1 if i == 0 else T - 1 - K
                 seed = story.clip_seed(i)
@@ -119,7 +126,7 @@ def weave(
                     x = sample_euler(denoise, noise[:, :, b0:b0 + n].to(model.device), sigmas, cond.finish,
                                      (lambda k, i=i, d=done: on_step(i, d + k + 1, total)) if on_step else None)
                     # 6. The block, clean, becomes cache (and its frames part of the clip).
-                    write_block(model, session, x, cond.y, text[prompt], features, position)
+                    write_block(model, session, x, cond.y, text[prompt], features, position, start=session.written)
                     made.append(x)
                     position += n
                     if stream is not None:
@@ -179,21 +186,33 @@ def stream_y(model: Components, latents: torch.Tensor, known: bool) -> torch.Ten
 
 
 @torch.no_grad()
-def write_block(model: Components, session, x: torch.Tensor, y: torch.Tensor, text, features, position: int) -> None:
-    """Run the clean block once at timestep 0, keeping its keys and values as the next cache block."""
+def write_block(model: Components, session, x: torch.Tensor, y: torch.Tensor, text, features, position: int,
+                start: int | None = None) -> None:
+    """Run the clean block once at timestep 0 and RoPE ``position``, keeping its keys and values as
+    the cache block that starts at ``start`` in the stream (default: ``position``)."""
     tr = model.transformer
     dtype = getattr(tr, "_cliploom_compute_dtype", None) or next(tr.parameters()).dtype
     set_offset(tr, position)
-    with session.writing(x.shape[2], start=position, inputs=(x, y)):
+    with session.writing(x.shape[2], start=position if start is None else start, inputs=(x, y, text), position=position):
         tr(hidden_states=torch.cat([x, y.to(x)], dim=1).to(dtype), timestep=torch.zeros(1, device=x.device),
            encoder_hidden_states=text.to(dtype),
            encoder_hidden_states_image=None if features is None else features.to(dtype), return_dict=False)
 
 
-def _recache(model: Components, session, text, features) -> None:
-    """Rebuild the cache from the cached blocks' own inputs, in order, under ``text``."""
+def rewrite_cache(model: Components, session, features, text=None, compact: bool = False) -> int:
+    """Rewrite cached blocks from their own inputs, in order: under ``text`` (LongLive's re-cache at a
+    prompt switch; ``None``: each block's own prompt) and, with ``compact``, at positions laid from 0
+    without gaps (rebased: the sink stays where it is, the window follows it). Only blocks whose
+    prompt or position changes are recomputed. Returns the position after the last block."""
     old = list(session.blocks)
     session.blocks = []
+    end = 0
     for b in old:
-        x, y = b.inputs
-        write_block(model, session, x, y, text, features, b.start)
+        position = end if compact else b.position
+        x, y, own = b.inputs
+        if text is None and position == b.position:
+            session.blocks.append(b)  # unchanged: kept as it is
+        else:
+            write_block(model, session, x, y, own if text is None else text, features, position, start=b.start)
+        end = position + b.frames
+    return end
