@@ -8,7 +8,7 @@ A run is ``ROUTE`` or ``NAME=ROUTE[:KEY=VALUE...]`` (route options, docs/routes.
 naive chaining (the ``chain`` mode, no LoRA), ``svi`` the shipped SVI LoRA in ``pro`` mode.
 Weights of a route come from the model's ``route_loras`` unless ``--weights ROUTE=FILE`` names a
 LoRA (one the trainer just wrote). ``--knobs`` adds the knob rows of issue 17 (context noise,
-sink, window, re-cache, RoPE jitter). Every clip is scored by ``cliploom.evaluate``; a
+sink, window, re-cache, RoPE jitter, ar_step, rebased positions). Every clip is scored by ``cliploom.evaluate``; a
 *snap-back* is a failed motion towards where the story started (``bench_quality.snap_backs``).
 
 Resources (``--no-resources`` skips them), each in a fresh process on dev story 0: seconds to the
@@ -42,6 +42,7 @@ KNOB_RUNS = (
     "causal no sink=causal:sink=0", "causal window 1=causal:window=1", "causal window 4=causal:window=4",
     "causal recache=causal:recache=true", "causal jitter 0.4=causal:rope_jitter=0.4",
     "causal jitter 0.8=causal:rope_jitter=0.8", "causal block 3=causal:block=3",
+    "df ar_step 2=df:ar_step=2", "causal rebased=causal:positions=rebased",
 )
 
 

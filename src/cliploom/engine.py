@@ -168,8 +168,8 @@ class Engine:
         cliploom.json) unless the story turns it off, or the route's LoRA (``route_loras``). A route
         other than ``svi`` on a model without its weights, and no LoRA in the story, is refused."""
         settings = self.model.settings
-        if story.route != "svi" and story.route == settings.native_route:
-            return []  # the model's own DiT is the route's (a SkyReels-V2 DF folder for df)
+        if story.route != "svi" and story.route in settings.native_routes:
+            return []  # the model's own DiT is the route's (a SkyReels-V2 DF folder for df, a causal DiT)
         if story.route != "svi":
             name = (settings.route_loras or {}).get(story.route)
             if name:

@@ -54,7 +54,7 @@ class ModelSettings:
     keyframe_guidance: float = 1.0  # the default of stories' keyframe_guidance (1: off; wants a keyframe-trained LoRA)
     memory_guidance: float = 1.0  # the default of stories' memory_guidance (1: off)
     route_loras: dict | None = None  # route -> LoRA file in the model folder with that route's weights (cliploom.routes)
-    native_route: str | None = None  # the route the model's own DiT is made for (SkyReels-V2 DF: df; models.skyreels)
+    native_routes: tuple = ()  # routes the model's own DiT is made for (SkyReels-V2 DF: df; a causal DiT: causal routes)
 
     @classmethod
     def from_folder(cls, path: Path, model_index: dict, scheduler_config: dict) -> "ModelSettings":
@@ -67,7 +67,7 @@ class ModelSettings:
             values["shift"] = shift
         own = path / SETTINGS_FILE
         if own.is_file():
-            known = {f.name for f in fields(cls)} - {"native_route"}  # that one comes from the folder itself
+            known = {f.name for f in fields(cls)} - {"native_routes"}  # that one comes from the folder itself
             values.update({k: v for k, v in read_settings(own).items() if k in known})
         return cls.checked(values, str(path))
 

@@ -221,10 +221,12 @@ def describe_dir(path: str | Path) -> dict:
     path = Path(path).expanduser()
     out: dict = {"path": str(path), "kind": "folder"}
     if (path / "model_index.json").exists():
-        index, _ = check_diffusers_folder(path)  # what would stop it loading, named now
+        index, settings = check_diffusers_folder(path)  # what would stop it loading, named now
         out["kind"] = "diffusers"
         out["class"] = index.get("_class_name")
-        out["route"] = route_of_class((index.get("transformer") or [None, ""])[1] or "")
+        # the route the folder's own DiT is for (its transformer config and scheduler), else its class's
+        out["route"] = (settings.native_routes or (None,))[0] or route_of_class(
+            (index.get("transformer") or [None, ""])[1] or "")
         experts = [n for n in ("transformer", "transformer_2") if (index.get(n) or [None])[0]]
         out["experts"] = len(experts)
         families = None

@@ -523,7 +523,7 @@ def check_diffusers_folder(path: Path) -> tuple[dict, ModelSettings]:
     if (path / "scheduler" / "scheduler_config.json").is_file():
         scheduler_config = read_json(path / "scheduler" / "scheduler_config.json", "scheduler config")
     settings = ModelSettings.from_folder(path, index, scheduler_config)
-    settings = _diffusion_forcing_settings(path, settings)
+    settings = _route_settings(path, settings)
     for name in WEIGHTED:
         if (index.get(name) or [None])[0] is None or not (path / name).is_dir():
             continue
@@ -540,19 +540,39 @@ def check_diffusers_folder(path: Path) -> tuple[dict, ModelSettings]:
     return index, settings
 
 
-def _diffusion_forcing_settings(path: Path, settings: ModelSettings) -> ModelSettings:
-    """A SkyReels-V2 diffusion-forcing folder (models.skyreels): the ``df`` route is its own (no
-    route LoRA needed), and a DiT without ``y`` channels takes the image and the motion latents as
-    clean prefix frames (``expand_timesteps``, as SkyReels extends videos)."""
+SELF_FORCING_SCHEDULER = "SelfForcingFlowMatchScheduler"  # FastVideo's Self-Forcing checkpoints
+
+
+def _route_settings(path: Path, settings: ModelSettings) -> ModelSettings:
+    """Folders whose DiT is another route's own (docs/routes.md): no route LoRA is needed there.
+
+    * SkyReels-V2 diffusion forcing (``SkyReelsV2Transformer3DModel``, models.skyreels): ``df``;
+    * a causal Wan DiT in FastVideo's diffusers layout (``CausalWanTransformer3DModel``: Wan's keys
+      and shapes; Self-Forcing's ``SelfForcingFlowMatchScheduler`` beside it): the causal routes,
+      ``self-forcing`` first for a Self-Forcing checkpoint.
+
+    These DiTs are text-to-video (no ``y`` channels): the reference image and the motion latents
+    enter as clean prefix frames (``expand_timesteps``), on the causal routes as the first cached
+    block -- how SkyReels extends a video and CausVid / Self-Forcing start from an image."""
     import dataclasses
 
     from . import skyreels
 
-    if skyreels.transformer_class_of(path / "transformer") != skyreels.TRANSFORMER_CLASS:
+    cls = skyreels.transformer_class_of(path / "transformer") or ""
+    scheduler = ""
+    if (path / "scheduler" / "scheduler_config.json").is_file():
+        scheduler = str(read_json(path / "scheduler" / "scheduler_config.json", "scheduler config").get("_class_name", ""))
+    if cls == skyreels.TRANSFORMER_CLASS:
+        routes = ("df",)
+    elif scheduler == SELF_FORCING_SCHEDULER:
+        routes = ("self-forcing", "causal")
+    elif "causal" in cls.lower():
+        routes = ("causal", "self-forcing")
+    else:
         return settings
     config = read_json(path / "transformer" / "config.json", "transformer config")
     z = read_json(path / "vae" / "config.json", "vae config").get("z_dim", 16) if (path / "vae").is_dir() else 16
-    return dataclasses.replace(settings, native_route="df",
+    return dataclasses.replace(settings, native_routes=routes,
                                expand_timesteps=settings.expand_timesteps or config.get("in_channels") == z)
 
 
@@ -625,7 +645,7 @@ def _load_diffusers(path: Path, device: torch.device, dtype: torch.dtype, place:
     index, settings = check_diffusers_folder(path)
 
     def dit(name: str):
-        if settings.native_route == "df":
+        if "df" in settings.native_routes:
             from .skyreels import DiffusionForcingTransformer
 
             if fp8:

@@ -11,6 +11,10 @@ Each variant has the structure of a real family, shrunk:
   ``SkyReelsV2DiffusionForcingPipeline`` saves it: ``SkyReelsV2Transformer3DModel`` with the fps
   embedding, no ``y`` channels, UniPC flow scheduler, no cliploom.json (the ``df`` route's own
   model, :mod:`cliploom.models.skyreels`).
+* ``causal-fastvideo`` (extra): a Self-Forcing causal Wan in FastVideo's diffusers layout (as
+  ``wlsaidhi/SFWan2.1-T2V-1.3B-Diffusers``): a text-to-video DiT with Wan's keys whose config names
+  ``CausalWanTransformer3DModel``, FastVideo's ``SelfForcingFlowMatchScheduler`` config, no
+  cliploom.json (the causal routes' own model).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from .components import SETTINGS_FILE
 from .quiet import quiet_hf
 
 VARIANTS = ("wan21", "wan22", "ti2v")
-EXTRA_VARIANTS = ("flf2v", "skyreels-df")  # Wan2.1-FLF2V-style: first and last frame, CLIP features of both
+EXTRA_VARIANTS = ("flf2v", "skyreels-df", "causal-fastvideo")  # Wan2.1-FLF2V-style: first and last frame, CLIP features of both
 
 
 def build_byte_tokenizer(max_length: int = 512):
@@ -180,8 +184,8 @@ def make_tiny(out: str | Path, variant: str = "wan21", seed: int = 0, overwrite:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
-        if variant == "skyreels-df":
-            _skyreels_df(tmp, seed)
+        if variant in ("skyreels-df", "causal-fastvideo"):
+            (_skyreels_df if variant == "skyreels-df" else _causal_fastvideo)(tmp, seed)
             if out.exists():
                 shutil.rmtree(out)
             tmp.rename(out)
@@ -257,3 +261,29 @@ def _skyreels_df(folder: Path, seed: int) -> None:
         pipe = SkyReelsV2DiffusionForcingPipeline(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer,
                                                   vae=vae, scheduler=scheduler)
         pipe.save_pretrained(folder, safe_serialization=True)
+
+
+def _causal_fastvideo(folder: Path, seed: int) -> None:
+    """A tiny Self-Forcing causal Wan folder in FastVideo's layout (Wan T2V keys, causal class name)."""
+    with quiet_hf():
+        tokenizer = build_byte_tokenizer(64)
+        text_encoder = tiny_text_encoder(len(tokenizer), seed=seed)
+        vae = tiny_vae("wan21", seed)
+        transformer = tiny_transformer(16, 16, text_encoder.config.d_model, None, seed + 1)
+        kwargs = dict(safe_serialization=True)
+        transformer.save_pretrained(folder / "transformer", **kwargs)
+        vae.save_pretrained(folder / "vae", **kwargs)
+        text_encoder.save_pretrained(folder / "text_encoder", **kwargs)
+        tokenizer.save_pretrained(folder / "tokenizer")
+    config_path = folder / "transformer" / "config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "_class_name": "CausalWanTransformer3DModel"}, indent=2) + "\n")
+    (folder / "scheduler").mkdir()
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({
+        "_class_name": "SelfForcingFlowMatchScheduler", "num_inference_steps": 1000, "shift": 5.0, "sigma_min": 0.0,
+        "extra_one_step": True, "training": True}, indent=2) + "\n")
+    index = {"_class_name": "WanPipeline", "_diffusers_version": "0.33.0.dev0",
+             "scheduler": ["diffusers", "SelfForcingFlowMatchScheduler"],
+             "text_encoder": ["transformers", "UMT5EncoderModel"], "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+             "transformer": ["diffusers", "CausalWanTransformer3DModel"], "vae": ["diffusers", "AutoencoderKLWan"]}
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")

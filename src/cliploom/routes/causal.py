@@ -164,9 +164,6 @@ def _check(model: Components, story: Story, start: Start | None) -> None:
     if story.motion_amplitude not in (None, 1):
         raise CliploomError(f"route {r} has no padding frames for motion_amplitude to act on",
                             "leave motion_amplitude at 1 on this route")
-    if model.settings.expand_timesteps:
-        raise CliploomError(f"route {r} needs a model with y channels; TI2V models are not supported yet",
-                            "use a Wan 2.1 / built-in model, or route: svi")
 
 
 def cache_frames(sink_clips: int, window_clips: int, T: int, K: int) -> tuple[int, int]:
@@ -176,9 +173,12 @@ def cache_frames(sink_clips: int, window_clips: int, T: int, K: int) -> tuple[in
     return sink, window_clips * (T - 1 - K)
 
 
-def stream_y(model: Components, latents: torch.Tensor, known: bool) -> torch.Tensor:
+def stream_y(model: Components, latents: torch.Tensor, known: bool) -> torch.Tensor | None:
     """Mask and ``y`` for latent frames of the stream: the anchor's (mask 1, ``y`` = the anchor) or
-    a generated block's (both zero)."""
+    a generated block's (both zero). ``None`` for a DiT without ``y`` channels (a text-to-video causal
+    DiT, TI2V): there the anchor is simply the first block of the stream, clean at timestep 0."""
+    if model.settings.expand_timesteps:
+        return None
     b, _, n, h, w = latents.shape
     if known:
         return torch.cat([torch.ones(b, 4, n, h, w, device=latents.device, dtype=latents.dtype), latents], dim=1)
@@ -194,7 +194,7 @@ def write_block(model: Components, session, x: torch.Tensor, y: torch.Tensor, te
     dtype = getattr(tr, "_cliploom_compute_dtype", None) or next(tr.parameters()).dtype
     set_offset(tr, position)
     with session.writing(x.shape[2], start=position if start is None else start, inputs=(x, y, text), position=position):
-        tr(hidden_states=torch.cat([x, y.to(x)], dim=1).to(dtype), timestep=torch.zeros(1, device=x.device),
+        tr(hidden_states=(x if y is None else torch.cat([x, y.to(x)], dim=1)).to(dtype), timestep=torch.zeros(1, device=x.device),
            encoder_hidden_states=text.to(dtype),
            encoder_hidden_states_image=None if features is None else features.to(dtype), return_dict=False)
 

@@ -1,5 +1,7 @@
-"""SkyReels-V2 diffusion-forcing folders (issue 17): the diffusers layout loads as the ``df`` route's
-own model, its per-frame timesteps and fps input given as SkyReels' pipelines give them."""
+"""Other routes' checkpoint folders (issue 17): a SkyReels-V2 diffusion-forcing folder loads as the
+``df`` route's own model (per-frame timesteps and fps input given as SkyReels' pipelines give them);
+a causal Wan in FastVideo's diffusers layout as the causal routes' own model (a text-to-video DiT:
+the reference image is the first cached block)."""
 
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ def test_the_folder_is_the_one_diffusers_writes_and_loads_as_a_df_model(skyreels
     assert not (skyreels_dir / "cliploom.json").exists()  # as published: no settings of ours
     model = skyreels.model
     assert isinstance(model.transformer, SkyReelsV2Transformer3DModel)
-    assert model.settings.native_route == "df"
+    assert model.settings.native_routes == ("df",)
     assert model.settings.expand_timesteps  # no y channels: the prefix frames enter as clean latents
     assert model.settings.shift == 8.0  # the scheduler's flow_shift
 
@@ -89,3 +91,45 @@ def test_inspect_names_the_route(skyreels_dir, capsys):
 
     assert main(["inspect", str(skyreels_dir)]) == 0
     assert "route: df" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def fastvideo_dir(tmp_path_factory):
+    return make_tiny(tmp_path_factory.mktemp("fastvideo") / "sf", "causal-fastvideo")
+
+
+def test_a_fastvideo_self_forcing_folder_is_the_causal_routes_own_model(fastvideo_dir, tiny_story):
+    engine = Engine.load(fastvideo_dir, device="cpu")
+    settings = engine.model.settings
+    assert settings.native_routes == ("self-forcing", "causal")  # its scheduler says Self-Forcing
+    assert settings.expand_timesteps and settings.shift == 5.0
+    assert engine.default_loras(_story(tiny_story, route="self-forcing")) == []
+    seen = []
+    hook = engine.model.transformer.register_forward_pre_hook(
+        lambda m, a, kw: seen.append((kw["hidden_states"].clone(), kw["timestep"].clone())), with_kwargs=True)
+    try:
+        clips = list(engine.generate(_story(tiny_story, n=3, route="self-forcing"), progress=False))
+    finally:
+        hook.remove()
+    assert [len(c.frames) for c in clips] == [9, 4, 4]
+    # the first pass writes the anchor: no y channels, the latent itself, clean at timestep 0
+    hidden, t = seen[0]
+    assert hidden.shape[1] == engine.model.z_dim and t.tolist() == [0.0]
+    assert torch.equal(hidden, clips[0].latents[:, :, :1])  # the anchor, as the clip keeps it
+    assert all(h.shape[1] == engine.model.z_dim for h, _ in seen)
+
+
+def test_inspect_names_the_self_forcing_route_and_a_plain_text_to_video_folder_is_refused(fastvideo_dir, tmp_path, capsys):
+    import shutil
+
+    from cliploom.cli import main
+
+    assert main(["inspect", str(fastvideo_dir)]) == 0
+    assert "route: self-forcing" in capsys.readouterr().out
+    plain = tmp_path / "t2v"
+    shutil.copytree(fastvideo_dir, plain)
+    config = json.loads((plain / "transformer" / "config.json").read_text())
+    (plain / "transformer" / "config.json").write_text(json.dumps({**config, "_class_name": "WanTransformer3DModel"}))
+    (plain / "scheduler" / "scheduler_config.json").write_text(json.dumps({"_class_name": "UniPCMultistepScheduler"}))
+    with pytest.raises(CliploomError, match="is a text-to-video Wan model"):
+        Engine.load(plain, device="cpu")
