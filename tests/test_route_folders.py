@@ -1,7 +1,7 @@
 """Other routes' checkpoint folders (issue 17): a SkyReels-V2 diffusion-forcing folder loads as the
 ``df`` route's own model (per-frame timesteps and fps input given as SkyReels' pipelines give them);
 a causal Wan in FastVideo's diffusers layout as the causal routes' own model (a text-to-video DiT:
-the reference image is the first cached block)."""
+the reference image is the first cached block); a Helios folder as the helios route's (only)."""
 
 from __future__ import annotations
 
@@ -133,3 +133,24 @@ def test_inspect_names_the_self_forcing_route_and_a_plain_text_to_video_folder_i
     (plain / "scheduler" / "scheduler_config.json").write_text(json.dumps({"_class_name": "UniPCMultistepScheduler"}))
     with pytest.raises(CliploomError, match="is a text-to-video Wan model"):
         Engine.load(plain, device="cpu")
+
+
+def test_a_helios_folder_runs_the_helios_route_on_its_own_transformer_and_nothing_else(tmp_path, tiny_story):
+    from diffusers import HeliosTransformer3DModel
+
+    engine = Engine.load(make_tiny(tmp_path / "helios", "helios"), device="cpu")
+    model = engine.model
+    assert isinstance(model.transformer, HeliosTransformer3DModel) and model.settings.native_routes == ("helios",)
+    assert engine.default_loras(_story(tiny_story, route="helios")) == []
+    seen = []
+    hook = model.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(kw), with_kwargs=True)
+    try:
+        clips = list(engine.generate(_story(tiny_story, n=3, route="helios"), progress=False))
+    finally:
+        hook.remove()
+    assert [len(c.frames) for c in clips] == [9, 4, 4]
+    # every pass takes the past as history: the anchor first in the short slot (the same tensor: exact)
+    assert all(torch.equal(kw["latents_history_short"][:, :, :1], clips[0].latents[:, :, :1]) for kw in seen)
+    assert seen[-1]["latents_history_short"].shape[2] > 1  # and later clips the latents before them
+    with pytest.raises(CliploomError, match="is a Helios DiT: .* runs route helios only, not svi"):
+        list(engine.generate(_story(tiny_story), progress=False))

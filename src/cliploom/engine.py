@@ -119,6 +119,9 @@ class Engine:
         if on_block is not None and story.route not in CAUSAL_ROUTES:
             raise CliploomError(f"route {story.route} makes whole clips; only the causal routes stream blocks",
                                 "drop the block callback, or use route: causal (or self-forcing)")
+        if m.settings.native_routes == ("helios",) and story.route != "helios":
+            raise CliploomError(f"the model at {m.path} is a Helios DiT: it takes the past as history, so it runs "
+                                f"route helios only, not {story.route}", "set route: helios (or --route helios)")
         resolved = story.resolve(m.settings, m.size_multiple, m.scale_temporal)
         check_story_fits(m, resolved)  # before anything is applied
         if any(c.keyframes for c in resolved.clips):

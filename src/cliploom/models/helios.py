@@ -105,10 +105,15 @@ def helios_of(model):
     the built-in model: no weight is copied) and kept on the model."""
     from .lora import LoraStack
 
+    from diffusers import HeliosTransformer3DModel
+
     held = getattr(model, "_cliploom_helios", None)
     if held is not None and held.source == id(model.transformer):
         return held
-    helios = build_helios(model.transformer, model.z_dim)
+    if isinstance(model.transformer, HeliosTransformer3DModel):  # a Helios folder: its DiT is the route's own
+        helios = model.transformer
+    else:
+        helios = build_helios(model.transformer, model.z_dim)
     proxy = SimpleNamespace(pipe=SimpleNamespace(transformer=helios, transformer_2=None), path=model.path)
     held = HeliosWeights(helios, LoraStack(proxy, fuse=False), id(model.transformer))
     model._cliploom_helios = held

@@ -500,7 +500,7 @@ def check_model_folder(path: Path) -> dict:
         )
     index = read_json(index_path, "model index")
     cls = str(index.get("_class_name", ""))
-    if not cls.startswith(("Wan", "SkyReelsV2")):  # SkyReels-V2: Wan DiTs (models.skyreels)
+    if not cls.startswith(("Wan", "SkyReelsV2", "Helios")):  # SkyReels-V2, Helios: Wan DiTs (docs/routes.md)
         raise CliploomError(f"{path} holds a {cls or 'unknown'} model, not a Wan model", "pass a Wan I2V model folder")
     for name, entry in index.items():
         if name.startswith("_") or name in ("boundary_ratio", "expand_timesteps"):
@@ -547,6 +547,7 @@ def _route_settings(path: Path, settings: ModelSettings) -> ModelSettings:
     """Folders whose DiT is another route's own (docs/routes.md): no route LoRA is needed there.
 
     * SkyReels-V2 diffusion forcing (``SkyReelsV2Transformer3DModel``, models.skyreels): ``df``;
+    * Helios (``HeliosTransformer3DModel``): ``helios``, and only it (the DiT takes history, not ``y``);
     * a causal Wan DiT in FastVideo's diffusers layout (``CausalWanTransformer3DModel``: Wan's keys
       and shapes; Self-Forcing's ``SelfForcingFlowMatchScheduler`` beside it): the causal routes,
       ``self-forcing`` first for a Self-Forcing checkpoint.
@@ -564,6 +565,8 @@ def _route_settings(path: Path, settings: ModelSettings) -> ModelSettings:
         scheduler = str(read_json(path / "scheduler" / "scheduler_config.json", "scheduler config").get("_class_name", ""))
     if cls == skyreels.TRANSFORMER_CLASS:
         routes = ("df",)
+    elif cls == "HeliosTransformer3DModel":
+        routes = ("helios",)
     elif scheduler == SELF_FORCING_SCHEDULER:
         routes = ("self-forcing", "causal")
     elif "causal" in cls.lower():
@@ -645,13 +648,16 @@ def _load_diffusers(path: Path, device: torch.device, dtype: torch.dtype, place:
     index, settings = check_diffusers_folder(path)
 
     def dit(name: str):
-        if "df" in settings.native_routes:
+        if settings.native_routes in (("df",), ("helios",)):  # diffusers' own classes for these DiTs
+            from diffusers import HeliosTransformer3DModel
+
             from .skyreels import DiffusionForcingTransformer
 
             if fp8:
-                raise CliploomError(f"{path}: fp8 weights are not available for SkyReels-V2 models yet",
+                raise CliploomError(f"{path}: fp8 weights are not available for SkyReels-V2 or Helios models yet",
                                     "drop weights: fp8 (use bf16)")
-            return _load(DiffusionForcingTransformer, path, name, torch_dtype=dtype)
+            cls = DiffusionForcingTransformer if settings.native_routes == ("df",) else HeliosTransformer3DModel
+            return _load(cls, path, name, torch_dtype=dtype)
         if not fp8:
             return _load(WanTransformer3DModel, path, name, torch_dtype=dtype)
         from .precision import load_fp8_transformer

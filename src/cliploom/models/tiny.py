@@ -15,6 +15,9 @@ Each variant has the structure of a real family, shrunk:
   ``wlsaidhi/SFWan2.1-T2V-1.3B-Diffusers``): a text-to-video DiT with Wan's keys whose config names
   ``CausalWanTransformer3DModel``, FastVideo's ``SelfForcingFlowMatchScheduler`` config, no
   cliploom.json (the causal routes' own model).
+* ``helios`` (extra): a Helios folder as diffusers' ``HeliosPipeline`` saves it:
+  ``HeliosTransformer3DModel`` (made from a tiny text-to-video Wan DiT the way the route makes its
+  own, :func:`cliploom.models.helios.build_helios`), ``HeliosScheduler``, no cliploom.json.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from .components import SETTINGS_FILE
 from .quiet import quiet_hf
 
 VARIANTS = ("wan21", "wan22", "ti2v")
-EXTRA_VARIANTS = ("flf2v", "skyreels-df", "causal-fastvideo")  # Wan2.1-FLF2V-style: first and last frame, CLIP features of both
+EXTRA_VARIANTS = ("flf2v", "skyreels-df", "causal-fastvideo", "helios")  # Wan2.1-FLF2V-style: first and last frame, CLIP features of both
 
 
 def build_byte_tokenizer(max_length: int = 512):
@@ -184,8 +187,8 @@ def make_tiny(out: str | Path, variant: str = "wan21", seed: int = 0, overwrite:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
-        if variant in ("skyreels-df", "causal-fastvideo"):
-            (_skyreels_df if variant == "skyreels-df" else _causal_fastvideo)(tmp, seed)
+        if variant in ("skyreels-df", "causal-fastvideo", "helios"):
+            {"skyreels-df": _skyreels_df, "causal-fastvideo": _causal_fastvideo, "helios": _helios}[variant](tmp, seed)
             if out.exists():
                 shutil.rmtree(out)
             tmp.rename(out)
@@ -287,3 +290,19 @@ def _causal_fastvideo(folder: Path, seed: int) -> None:
              "text_encoder": ["transformers", "UMT5EncoderModel"], "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
              "transformer": ["diffusers", "CausalWanTransformer3DModel"], "vae": ["diffusers", "AutoencoderKLWan"]}
     (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _helios(folder: Path, seed: int) -> None:
+    """A tiny Helios folder, written by diffusers' own pipeline class."""
+    from diffusers import HeliosPipeline, HeliosScheduler
+
+    from .helios import build_helios
+
+    with quiet_hf():
+        tokenizer = build_byte_tokenizer(64)
+        text_encoder = tiny_text_encoder(len(tokenizer), seed=seed)
+        vae = tiny_vae("wan21", seed)
+        wan = tiny_transformer(16, 16, text_encoder.config.d_model, None, seed + 1)
+        transformer = build_helios(wan, 16)
+        HeliosPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=HeliosScheduler(),
+                       transformer=transformer).save_pretrained(folder, safe_serialization=True)

@@ -218,7 +218,7 @@ def _check(model: Components, story: Story, start: Start | None) -> None:
     if model.transformer_2 is not None:
         raise CliploomError("route helios runs on one transformer; this model has two experts",
                             "use a single-transformer model (Wan 2.1, the built-in model)")
-    if model.settings.expand_timesteps:
+    if model.settings.expand_timesteps and "helios" not in model.settings.native_routes:
         raise CliploomError("route helios needs a Wan 2.1-style DiT; TI2V models are not supported yet",
                             f"use a Wan 2.1 / built-in model, {fix}")
     if model.has_image_encoder:
