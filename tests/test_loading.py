@@ -105,8 +105,8 @@ def test_shipped_family_configs_build_the_real_architectures():
     from cliploom.models import formats
     from cliploom.models.loading import _empty_model, matching_families
 
-    assert family_names() == ["wan21-flf2v-14b-720p", "wan21-i2v-14b-480p", "wan21-i2v-14b-720p", "wan22-i2v-a14b",
-                              "wan22-ti2v-5b"]
+    assert family_names() == ["wan21-flf2v-14b-720p", "wan21-i2v-14b-480p", "wan21-i2v-14b-720p",
+                              "wan21-t2v-1.3b-causal", "wan22-i2v-a14b", "wan22-ti2v-5b"]
     sizes = {}
     for name in family_names():
         family = load_family(name)
@@ -117,7 +117,7 @@ def test_shipped_family_configs_build_the_real_architectures():
         # Real original key names for this size (40 or 30 blocks) map onto this model exactly.
         keys = list(dit.state_dict())
         original = [RL.dit_key_to_original(k) for k in keys]
-        assert "blocks.39.self_attn.q.weight" in original or name == "wan22-ti2v-5b"
+        assert "blocks.39.self_attn.q.weight" in original or name in ("wan22-ti2v-5b", "wan21-t2v-1.3b-causal")
         renamed = formats.rename_original(original)
         assert sorted(renamed.values()) == sorted(keys)
         sig = formats.config_signature(family["transformer"])
@@ -128,6 +128,7 @@ def test_shipped_family_configs_build_the_real_architectures():
     assert 16.0 < sizes["wan21-i2v-14b-480p"] < 16.8  # 14B plus the CLIP image cross-attention
     assert 14.0 < sizes["wan22-i2v-a14b"] < 14.6  # per expert
     assert 4.8 < sizes["wan22-ti2v-5b"] < 5.2
+    assert 1.3 < sizes["wan21-t2v-1.3b-causal"] < 1.45  # Wan 2.1 T2V 1.3B (30 blocks of 1536)
 
 
 def test_cli_generates_from_original_files(tiny_dirs, reference_png, tmp_path, capsys):

@@ -154,3 +154,38 @@ def test_a_helios_folder_runs_the_helios_route_on_its_own_transformer_and_nothin
     assert seen[-1]["latents_history_short"].shape[2] > 1  # and later clips the latents before them
     with pytest.raises(CliploomError, match="is a Helios DiT: .* runs route helios only, not svi"):
         list(engine.generate(_story(tiny_story), progress=False))
+
+
+def test_a_converted_self_forcing_checkpoint_loads_as_the_causal_routes_own_model(fastvideo_dir, tmp_path, tiny_story):
+    """Self-Forcing's ``.pt`` -> ``cliploom convert`` -> an original-layout DiT tagged ``causal``,
+    read with a family (the shipped ``wan21-t2v-1.3b-causal`` for the real 1.3B; a tiny one here):
+    the causal routes run on it without a route LoRA, the reference image first in the cache."""
+    import shutil
+
+    from real_layouts import diffusers_state, to_original_dit
+
+    from cliploom.cli import main
+
+    original = to_original_dit(diffusers_state(fastvideo_dir, "transformer"))
+    ckpt = tmp_path / "self_forcing_dmd.pt"
+    torch.save({"generator_ema": {f"model.{k}": v for k, v in original.items()}}, ckpt)
+    folder = tmp_path / "sf"
+    folder.mkdir()
+    assert main(["convert", str(ckpt), "-o", str(folder / "self_forcing_dmd.safetensors")]) == 0
+    for name in ("vae", "text_encoder", "tokenizer"):
+        shutil.copytree(fastvideo_dir / name, folder / name)
+    family = {"name": "tiny-causal", "transformer": json.loads((fastvideo_dir / "transformer" / "config.json").read_text()),
+              "vae": json.loads((fastvideo_dir / "vae" / "config.json").read_text()), "experts": 1,
+              "settings": {"width": 32, "height": 32, "frames": 9, "max_sequence_length": 64}}
+    family_file = tmp_path / "tiny-causal.json"
+    family_file.write_text(json.dumps(family))
+    engine = Engine.load(folder / "self_forcing_dmd.safetensors", device="cpu", family=str(family_file))
+    assert engine.model.settings.native_routes == ("causal", "self-forcing")  # from the converter's tag
+    assert engine.model.settings.expand_timesteps
+    clips = list(engine.generate(_story(tiny_story, n=2, route="self-forcing"), progress=False))
+    assert [len(c.frames) for c in clips] == [9, 4]
+    with pytest.raises(CliploomError, match="is a text-to-video Wan model"):  # the same DiT untagged is refused
+        from safetensors.torch import save_file
+
+        save_file(original, str(folder / "self_forcing_dmd.safetensors"))
+        Engine.load(folder / "self_forcing_dmd.safetensors", device="cpu", family=str(family_file))

@@ -106,7 +106,7 @@ def clip_image_processor():
 # -- families ------------------------------------------------------------------------------------
 
 _FAMILY_KEYS = {"name", "description", "transformer", "vae", "experts", "image_encoder", "boundary_ratio",
-                "expand_timesteps", "settings"}
+                "expand_timesteps", "settings", "routes"}
 _SETTING_KEYS = {f.name for f in dataclasses.fields(ModelSettings)} - {"family", "boundary_ratio", "expand_timesteps"}
 
 
@@ -579,6 +579,30 @@ def _route_settings(path: Path, settings: ModelSettings) -> ModelSettings:
                                expand_timesteps=settings.expand_timesteps or config.get("in_channels") == z)
 
 
+def _original_route_settings(family: dict, files: "OriginalFiles", settings: ModelSettings) -> ModelSettings:
+    """Original-layout DiTs of another route: the family's ``routes``, or the route ``cliploom convert``
+    tagged the DiT with (``cliploom_route``: a Self-Forcing / CausVid / LongLive checkpoint). Such a
+    DiT without ``y`` channels takes the image as a clean prefix (``expand_timesteps``), as for
+    folders (:func:`_route_settings`)."""
+    import dataclasses
+
+    from ..routes import CAUSAL_ROUTES, ROUTES
+
+    routes = tuple(family.get("routes") or ())
+    if not routes:
+        tags = {formats.read_header(f).metadata.get("cliploom_route") for shards in files.experts for f in shards
+                if f.suffix == ".safetensors"}
+        if tags & set(CAUSAL_ROUTES):
+            routes = ("causal", "self-forcing")
+    if not routes:
+        return settings
+    unknown = [r for r in routes if r not in ROUTES]
+    if unknown:
+        raise CliploomError(f"family {family['name']}: unknown routes {unknown}", f"use routes of {', '.join(ROUTES)}")
+    t2v = family["transformer"].get("in_channels") == family["vae"].get("z_dim", 16)
+    return dataclasses.replace(settings, native_routes=routes, expand_timesteps=settings.expand_timesteps or t2v)
+
+
 def check_transformer_config(folder: Path) -> None:
     """Before a model is built from ``config.json``: its sizes are numbers in range, and the model
     they describe is no larger than the weights stored beside it (a config that lies would build
@@ -720,7 +744,7 @@ def _load_original(model: Path, family: dict, device: torch.device, dtype: torch
 
         image_encoder = _load(CLIPVisionModel, folder, files.image_encoder.name, torch_dtype=torch.float32)
         image_processor = _load(clip_image_processor(), folder, files.image_processor.name)
-    settings = family_settings(family, folder)
+    settings = _original_route_settings(family, files, family_settings(family, folder))
     return _assemble(folder, settings, device, dtype, experts[0], experts[1] if len(experts) > 1 else None, vae,
                      text_encoder, tokenizer, image_encoder, image_processor, place)
 
