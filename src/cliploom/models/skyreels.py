@@ -34,9 +34,7 @@ class DiffusionForcingTransformer(SkyReelsV2Transformer3DModel):
 
     def forward(self, hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image=None,
                 return_dict: bool = True, attention_kwargs=None, **kwargs):
-        b, _, f, h, w = hidden_states.shape
-        p_t, p_h, p_w = self.config.patch_size
-        frames = f // p_t
+        b, frames = hidden_states.shape[0], hidden_states.shape[2] // self.config.patch_size[0]
         timestep = torch.as_tensor(timestep, device=hidden_states.device)
         if timestep.ndim == 0:
             timestep = timestep.expand(b)
