@@ -81,6 +81,50 @@ def test_df_needs_no_route_lora_and_svi_runs_the_same_prefix(skyreels, tiny_stor
     assert not torch.equal(noised[1].latents, df[1].latents)
 
 
+def test_guidance_runs_the_two_passes_as_skyreels_does(skyreels, tiny_story):
+    """diffusers' fps term broadcasts over a batch of one only: a guided batch of two is run sample by
+    sample, each as diffusers' own forward with per-frame timesteps (the same computation: exact)."""
+    from diffusers import SkyReelsV2Transformer3DModel
+
+    tr = skyreels.model.transformer
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, 3, 4, 4, generator=g)
+    text = torch.randn(2, 5, tr.config.text_dim, generator=g)
+    per_token = torch.tensor([0.0, 500.0, 500.0]).repeat_interleave(4).expand(2, -1)  # 4 tokens a frame
+    with torch.no_grad():
+        both = tr(hidden_states=x, timestep=per_token, encoder_hidden_states=text, return_dict=False)[0]
+        for i in range(2):
+            alone = SkyReelsV2Transformer3DModel.forward(
+                tr, hidden_states=x[i : i + 1], timestep=torch.tensor([[0.0, 500.0, 500.0]]),
+                encoder_hidden_states=text[i : i + 1], enable_diffusion_forcing=True, fps=[0], return_dict=False)[0]
+            assert torch.equal(both[i : i + 1], alone)
+    clips = list(skyreels.generate(tiny_story(2, width=32, height=32, guidance=3.0, route="df"), progress=False))
+    assert all(torch.isfinite(c.latents).all() for c in clips)
+
+
+def test_a_skyreels_folder_that_is_not_diffusion_forcing_is_not_a_df_model(skyreels_dir, tmp_path):
+    import shutil
+
+    plain = tmp_path / "t2v"
+    shutil.copytree(skyreels_dir, plain)
+    index = json.loads((plain / "model_index.json").read_text())
+    (plain / "model_index.json").write_text(json.dumps({**index, "_class_name": "SkyReelsV2Pipeline"}))
+    with pytest.raises(CliploomError, match="is a text-to-video Wan model"):  # no df training, no y channels
+        Engine.load(plain, device="cpu")
+
+
+def test_memory_guidance_is_refused_where_the_memory_is_not_in_y(skyreels, tiny_story, tiny_models):
+    from cliploom.loom import weave
+    from cliploom.routes.causal import weave as causal_weave
+
+    for model, story in ((skyreels.model, _story(tiny_story, memory_guidance=2.0)),
+                         (tiny_models("wan21"), tiny_story(2, route="df", memory_guidance=2.0))):
+        with pytest.raises(CliploomError, match="memory_guidance 2.0 needs the motion memory in y"):
+            list(weave(model, story, progress=False))
+    with pytest.raises(CliploomError, match="route causal has no motion memory in y"):
+        list(causal_weave(tiny_models("wan21"), tiny_story(2, route="causal", memory_guidance=2.0), progress=False))
+
+
 def test_other_routes_still_need_their_weights(skyreels, tiny_story):
     with pytest.raises(CliploomError, match="has no causal weights"):
         list(skyreels.generate(_story(tiny_story, route="causal"), progress=False))

@@ -83,6 +83,10 @@ def weave(
         raise CliploomError(f"motion_amplitude {story.motion_amplitude} needs a model with y channels; "
                             "a TI2V model takes its known frames as clean latents and has no padding to amplify",
                             "leave motion_amplitude at 1 with this model")
+    if story.memory_guidance not in (None, 1) and (model.settings.expand_timesteps or story.route == "df"):
+        raise CliploomError(f"memory_guidance {story.memory_guidance} needs the motion memory in y; here it is given "
+                            "as clean frames of the latents, which a restart without it would still see",
+                            "leave memory_guidance at 1 with this model or route")
     F, T = story.frames, C.latent_frame_count(story.frames, model.scale_temporal)
     h, w = story.height // model.scale_spatial, story.width // model.scale_spatial
     cfg = max(story.guidance, story.guidance_low) > 1

@@ -523,7 +523,7 @@ def check_diffusers_folder(path: Path) -> tuple[dict, ModelSettings]:
     if (path / "scheduler" / "scheduler_config.json").is_file():
         scheduler_config = read_json(path / "scheduler" / "scheduler_config.json", "scheduler config")
     settings = ModelSettings.from_folder(path, index, scheduler_config)
-    settings = _route_settings(path, settings)
+    settings = _route_settings(path, index, settings)
     for name in WEIGHTED:
         if (index.get(name) or [None])[0] is None or not (path / name).is_dir():
             continue
@@ -543,10 +543,11 @@ def check_diffusers_folder(path: Path) -> tuple[dict, ModelSettings]:
 SELF_FORCING_SCHEDULER = "SelfForcingFlowMatchScheduler"  # FastVideo's Self-Forcing checkpoints
 
 
-def _route_settings(path: Path, settings: ModelSettings) -> ModelSettings:
+def _route_settings(path: Path, index: dict, settings: ModelSettings) -> ModelSettings:
     """Folders whose DiT is another route's own (docs/routes.md): no route LoRA is needed there.
 
-    * SkyReels-V2 diffusion forcing (``SkyReelsV2Transformer3DModel``, models.skyreels): ``df``;
+    * SkyReels-V2 diffusion forcing (a ``SkyReelsV2DiffusionForcing*Pipeline`` folder; SkyReels' plain
+      T2V / I2V folders share the transformer class but not the training, so they stay ``svi``): ``df``;
     * Helios (``HeliosTransformer3DModel``): ``helios``, and only it (the DiT takes history, not ``y``);
     * a causal Wan DiT in FastVideo's diffusers layout (``CausalWanTransformer3DModel``: Wan's keys
       and shapes; Self-Forcing's ``SelfForcingFlowMatchScheduler`` beside it): the causal routes,
@@ -563,7 +564,7 @@ def _route_settings(path: Path, settings: ModelSettings) -> ModelSettings:
     scheduler = ""
     if (path / "scheduler" / "scheduler_config.json").is_file():
         scheduler = str(read_json(path / "scheduler" / "scheduler_config.json", "scheduler config").get("_class_name", ""))
-    if cls == skyreels.TRANSFORMER_CLASS:
+    if cls == skyreels.TRANSFORMER_CLASS and str(index.get("_class_name", "")).startswith("SkyReelsV2DiffusionForcing"):
         routes = ("df",)
     elif cls == "HeliosTransformer3DModel":
         routes = ("helios",)
@@ -672,15 +673,16 @@ def _load_diffusers(path: Path, device: torch.device, dtype: torch.dtype, place:
     index, settings = check_diffusers_folder(path)
 
     def dit(name: str):
-        if settings.native_routes in (("df",), ("helios",)):  # diffusers' own classes for these DiTs
-            from diffusers import HeliosTransformer3DModel
+        from . import skyreels
 
-            from .skyreels import DiffusionForcingTransformer
+        own = skyreels.transformer_class_of(path / name)
+        if own in (skyreels.TRANSFORMER_CLASS, "HeliosTransformer3DModel"):  # diffusers' own classes for these DiTs
+            from diffusers import HeliosTransformer3DModel
 
             if fp8:
                 raise CliploomError(f"{path}: fp8 weights are not available for SkyReels-V2 or Helios models yet",
                                     "drop weights: fp8 (use bf16)")
-            cls = DiffusionForcingTransformer if settings.native_routes == ("df",) else HeliosTransformer3DModel
+            cls = skyreels.DiffusionForcingTransformer if own == skyreels.TRANSFORMER_CLASS else HeliosTransformer3DModel
             return _load(cls, path, name, torch_dtype=dtype)
         if not fp8:
             return _load(WanTransformer3DModel, path, name, torch_dtype=dtype)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 from diffusers import SkyReelsV2Transformer3DModel
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 TRANSFORMER_CLASS = "SkyReelsV2Transformer3DModel"
 
@@ -42,12 +43,24 @@ class DiffusionForcingTransformer(SkyReelsV2Transformer3DModel):
             per_frame = timestep[:, None].expand(b, frames)
         else:  # per token (a frame's tokens share their timestep): the first token of each frame
             per_frame = timestep.reshape(timestep.shape[0], frames, -1)[:, :, 0].expand(b, frames)
-        fps = [self.fps_label] * b if self.config.inject_sample_info else None
+        if b > 1 and self.config.inject_sample_info:
+            # diffusers' fps term broadcasts only over a batch of one under diffusion forcing (its
+            # SkyReels pipelines run guidance's two passes one after the other): so do we
+            image = encoder_hidden_states_image
+            sample = torch.cat([self._one(hidden_states[i : i + 1], per_frame[i : i + 1], encoder_hidden_states[i : i + 1],
+                                          None if image is None else image[i : i + 1], attention_kwargs) for i in range(b)])
+        else:
+            sample = self._one(hidden_states, per_frame, encoder_hidden_states, encoder_hidden_states_image,
+                               attention_kwargs)
+        return Transformer2DModelOutput(sample=sample) if return_dict else (sample,)
+
+    def _one(self, hidden_states, per_frame, encoder_hidden_states, encoder_hidden_states_image, attention_kwargs):
+        fps = [self.fps_label] * hidden_states.shape[0] if self.config.inject_sample_info else None
         return super().forward(hidden_states=hidden_states, timestep=per_frame.contiguous(),
                                encoder_hidden_states=encoder_hidden_states,
                                encoder_hidden_states_image=encoder_hidden_states_image,
-                               enable_diffusion_forcing=True, fps=fps, return_dict=return_dict,
-                               attention_kwargs=attention_kwargs)
+                               enable_diffusion_forcing=True, fps=fps, return_dict=False,
+                               attention_kwargs=attention_kwargs)[0]
 
 
 def set_frame_rate(transformer, fps: int) -> None:
@@ -55,10 +68,6 @@ def set_frame_rate(transformer, fps: int) -> None:
     nothing for other DiTs."""
     if isinstance(transformer, DiffusionForcingTransformer):
         transformer.fps_label = 0 if int(fps) == 16 else 1
-
-
-def is_skyreels_transformer(config: dict) -> bool:
-    return config.get("_class_name") == TRANSFORMER_CLASS
 
 
 def transformer_class_of(folder: Path) -> str | None:

@@ -164,6 +164,9 @@ def _check(model: Components, story: Story, start: Start | None) -> None:
     if story.motion_amplitude not in (None, 1):
         raise CliploomError(f"route {r} has no padding frames for motion_amplitude to act on",
                             "leave motion_amplitude at 1 on this route")
+    if story.memory_guidance not in (None, 1):
+        raise CliploomError(f"route {r} has no motion memory in y for memory_guidance to contrast",
+                            "leave memory_guidance at 1 on this route")
 
 
 def cache_frames(sink_clips: int, window_clips: int, T: int, K: int) -> tuple[int, int]:

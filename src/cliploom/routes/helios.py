@@ -229,6 +229,9 @@ def _check(model: Components, story: Story, start: Start | None) -> None:
     if story.motion_amplitude not in (None, 1):
         raise CliploomError("route helios has no padding frames for motion_amplitude to act on",
                             "leave motion_amplitude at 1 on this route")
+    if story.memory_guidance not in (None, 1):
+        raise CliploomError("route helios has no motion memory in y for memory_guidance to contrast",
+                            "leave memory_guidance at 1 on this route")
     if any(c.lora_weights for c in story.clips):
         raise CliploomError("route helios keeps one LoRA stack for the whole story",
                             "drop the clips' LoRA weights on this route")
