@@ -26,7 +26,9 @@ def browser_type_launch_args(browser_type_launch_args):
 def page_server(tmp_path_factory):
     from test_serve import ThreadServer
 
-    srv = ThreadServer(tmp_path_factory.mktemp("page"), token="page-token")
+    data = tmp_path_factory.mktemp("page")
+    srv = ThreadServer(data, token="page-token")
+    srv.data_dir = data
     yield srv
     srv.close()
 
@@ -91,3 +93,41 @@ def test_compose_submit_watch_play_extend_and_cancel(page_server, page, tmp_path
     page.click("#jobs tbody tr:first-child button.danger")
     page.wait_for_function("document.querySelectorAll('#jobs tbody tr').length == 2", timeout=30_000)
     assert page_server.state.workers[0].cancelled_at is not None
+
+
+def test_a_clip_row_can_end_on_an_uploaded_image(page_server, page, tmp_path):
+    """Each clip row takes an end frame (end-frame control, issue 15): it ends the row's last clip,
+    sent as ``end_frame[N]`` with N the clip number the report uses."""
+    import json
+
+    from PIL import Image
+
+    shots = Path(os.environ.get("CLIPLOOM_SCREENSHOTS") or tmp_path)
+    shots.mkdir(parents=True, exist_ok=True)
+    end = tmp_path / "end.png"
+    Image.new("RGB", (32, 32), (250, 200, 20)).save(end)
+    page.set_viewport_size({"width": 1280, "height": 900})
+    page.goto(page_server.url + "/")
+    page.wait_for_selector("#token-dialog[open]")
+    page.fill("#token-input", "page-token")
+    page.click("#token-save")
+    page.wait_for_selector("#model option", state="attached")
+    page.fill("#clips li:nth-child(1) .prompt", "a big yellow square moves left on a navy background")
+    page.fill("#clips li:nth-child(1) .repeat", "2")
+    page.set_input_files("#clips li:nth-child(1) .end-file", str(end))
+    page.wait_for_selector("#clips li:nth-child(1) .end-thumb:not([hidden])")
+    page.click("#add-clip")
+    page.fill("#clips li:nth-child(2) .prompt", "a big yellow square moves up on a navy background")
+    page.click("#render-reference")
+    page.wait_for_selector("#reference-preview:not([hidden])")
+    page.fill("#steps", "1")
+    page.screenshot(path=str(shots / "serve_end_frame.png"))
+    before = set(page_server.data_dir.rglob("story.json"))
+    page.click("#submit")
+    page.wait_for_function("document.querySelector('#jobs tbody tr')")
+    page.wait_for_function("document.querySelector('#compose-error').textContent === '' && !document.querySelector('#submit').disabled")
+    new = [p for p in page_server.data_dir.rglob("story.json") if p not in before]
+    assert len(new) == 1
+    clips = json.loads(new[0].read_text())["clips"]
+    assert [c.get("end_frame") for c in clips] == [None, "end_000001.png", None]  # row 1's last clip is clip 1
+    assert (new[0].parent / "end_000001.png").is_file()

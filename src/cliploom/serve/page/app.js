@@ -44,15 +44,33 @@ function addClip(prompt = "", repeat = 1) {
   row.querySelector(".remove").onclick = () => { if ($("#clips").children.length > 1) row.remove(); };
   row.querySelector(".up").onclick = () => row.previousElementSibling && row.parentNode.insertBefore(row, row.previousElementSibling);
   row.querySelector(".down").onclick = () => row.nextElementSibling && row.parentNode.insertBefore(row.nextElementSibling, row);
+  const end = row.querySelector(".end-file"), thumb = row.querySelector(".end-thumb"), clear = row.querySelector(".end-clear");
+  const showEnd = () => {
+    const file = end.files[0];
+    thumb.hidden = clear.hidden = !file;
+    row.querySelector(".end-text").hidden = !!file;
+    if (file) thumb.src = URL.createObjectURL(file);
+  };
+  end.onchange = showEnd;
+  clear.onclick = () => { end.value = ""; showEnd(); };
   $("#clips").appendChild(row);
   return row;
 }
 
-function clipsOfForm() {
+function rowsOfForm() {
   return [...$("#clips").children].map((row) => ({
     prompt: row.querySelector(".prompt").value.trim(),
     repeat: Math.max(1, parseInt(row.querySelector(".repeat").value || "1", 10)),
+    end: row.querySelector(".end-file").files[0] || null,
   })).filter((c) => c.prompt);
+}
+
+const clipsOfForm = () => rowsOfForm().map(({ prompt, repeat }) => ({ prompt, repeat }));
+
+// end_frame[N] uploads: a row's end frame ends its last clip (N counts clips from 0, as the report does)
+function endFramesOfForm() {
+  let clip = -1;
+  return rowsOfForm().flatMap((row) => { clip += row.repeat; return row.end ? [[clip, row.end]] : []; });
 }
 
 const currentModel = () => state.models.find((m) => m.id === $("#model").value) || state.models[0];
@@ -102,6 +120,7 @@ async function submitStory(event) {
   const file = $("#reference-file").files[0];
   if (file) form.append("input_reference", file);
   else if (state.renderedReference) form.append("input_reference", state.renderedReference, "reference.png");
+  for (const [n, image] of endFramesOfForm()) form.append(`end_frame[${n}]`, image);
   $("#submit").disabled = true;
   try {
     const video = await getJSON("/v1/videos", { method: "POST", body: form });
