@@ -318,3 +318,37 @@ def test_memory_guidance_contrasts_each_continuing_clip_with_its_restart_at_the_
     assert sum(not torch.equal(y, first_y) for y in clip1) == 3  # the clip itself, with its memory
     with pytest.raises(CliploomError, match="memory_guidance 5.0 is outside 1.0..4.0"):
         tiny_story(2, memory_guidance=5.0)
+
+
+def test_anchor_last_frame_anchors_each_clip_on_the_frame_the_clip_before_ended_on(tiny_models, tiny_story):
+    """Re-anchoring (``anchor: last_frame``): clip i > 0 takes as its anchor (y's first latent frame) the
+    encoding of clip i - 1's last frame as decoded; clip 0 is the plain clip (same path: exact), and
+    the anchor is the same function of the same frame the loop used (exact)."""
+    from PIL import Image
+
+    from cliploom.errors import CliploomError
+    from cliploom.loom import Start
+    from cliploom.models.components import frames_to_tensor
+
+    model = tiny_models("wan21")
+    plain = frames_of(model, tiny_story(3, steps=2, guidance=1.0, seam_blend=0))
+    seen = []
+    hook = model.transformer.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw["hidden_states"][:, model.z_dim + 4:, 0].clone()), with_kwargs=True)
+    try:
+        moved = frames_of(model, tiny_story(3, steps=2, guidance=1.0, seam_blend=0, anchor="last_frame"))
+    finally:
+        hook.remove()
+    assert torch.equal(moved[0].frames, plain[0].frames)
+    for i in (1, 2):
+        last = Image.fromarray(moved[i - 1].frames[-1].numpy())
+        expected = model.encode_video(frames_to_tensor([last]))[:, :, 0]
+        assert torch.equal(seen[2 * i], expected) and torch.equal(seen[2 * i + 1], expected)  # both steps of clip i
+    assert not torch.equal(moved[2].latents, plain[2].latents)
+    for kw, message in ((dict(anchor="sideways"), "unknown anchor 'sideways'"),
+                        (dict(anchor="last_frame", mode="svi2"), "re-anchors pro mode's latent conditioning"),
+                        (dict(anchor="last_frame", route="df"), "re-anchors pro mode's latent conditioning")):
+        with pytest.raises(CliploomError, match=message):
+            tiny_story(2, **kw)
+    with pytest.raises(CliploomError, match="cannot resume or extend a run yet"):
+        frames_of(model, tiny_story(2, anchor="last_frame"), start=Start(1, moved[0].memory))

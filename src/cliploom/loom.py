@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from . import conditioning as C
@@ -83,6 +84,10 @@ def weave(
         raise CliploomError(f"motion_amplitude {story.motion_amplitude} needs a model with y channels; "
                             "a TI2V model takes its known frames as clean latents and has no padding to amplify",
                             "leave motion_amplitude at 1 with this model")
+    if story.anchor != "reference" and start.index > 0:
+        raise CliploomError(f"anchor: {story.anchor} cannot resume or extend a run yet: the anchor of clip "
+                            f"{start.index} is the frame clip {start.index - 1} ended on, which a run folder does not keep",
+                            "generate the story from clip 0, or use anchor: reference")
     if story.memory_guidance not in (None, 1) and (model.settings.expand_timesteps or story.route == "df"):
         raise CliploomError(f"memory_guidance {story.memory_guidance} needs the motion memory in y; here it is given "
                             "as clean frames of the latents, which a restart without it would still see",
@@ -207,6 +212,10 @@ def weave(
             if story.latent_motion:
                 memory = latents[:, :, -story.motion_latents :]
                 job = decoder.submit(latents, keep, (i, prompt, seed, seconds_denoise, seconds_compile), memory)
+                if story.anchor == "last_frame":  # re-anchoring: the next clip is anchored where this one ended
+                    image = Image.fromarray(job.result().frames_all[-1].cpu().numpy())  # waits for the decode
+                    anchor = model.encode_video(frames_to_tensor([image]).to(model.device))
+                    anchor_features = model.encode_image_features(image)
             else:
                 job = decoder.submit(latents, keep, (i, prompt, seed, seconds_denoise, seconds_compile), None)
                 decoded = job.result()
@@ -391,8 +400,6 @@ class _Keyframes:
 
 def _to_pil(frame: torch.Tensor):
     """``[3, H, W]`` in [-1, 1] -> PIL image (for CLIP features)."""
-    from PIL import Image
-
     arr = ((frame.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
     return Image.fromarray(arr)
 

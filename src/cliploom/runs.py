@@ -84,6 +84,7 @@ def settings_key(story: Story, model) -> dict:
         **({"keyframe_guidance": story.keyframe_guidance}
            if story.keyframe_guidance not in (None, 1) and any(c.keyframes for c in story.clips) else {}),
         **({"memory_guidance": story.memory_guidance} if story.memory_guidance not in (None, 1) else {}),
+        **({"anchor": story.anchor} if story.anchor != "reference" else {}),
     }
 
 

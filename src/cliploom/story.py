@@ -109,6 +109,7 @@ class Story:
     motion_amplitude: float | None = None  # > 1: y's frames to generate pushed from the last known one (conditioning.amplify_motion)
     keyframe_guidance: float | None = None  # > 1: clips with keyframes guided away from themselves without them (sampling.contrast)
     memory_guidance: float | None = None  # > 1: clips with a motion memory guided away from themselves without it (sampling.contrast)
+    anchor: str = "reference"  # pro: reference (SVI) | last_frame (re-anchoring: each clip anchored on the previous clip's last frame)
     attention: str = "auto"  # attention backend (models.acceleration): auto, sdpa, flash, flash3, sage, ...
     compile: bool = False  # torch.compile the transformer blocks (regional; once per engine)
     fp8_matmul: bool = False  # torchao fp8 matmuls (CUDA sm 8.9+)
@@ -340,6 +341,7 @@ _SCALARS: dict[str, type] = {
     "motion_amplitude": float,
     "keyframe_guidance": float,
     "memory_guidance": float,
+    "anchor": str,
     "route": str,
     "attention": str,
     "compile": bool,
@@ -347,6 +349,7 @@ _SCALARS: dict[str, type] = {
     "weights": str,
 }
 OFFLOAD = ("none", "model", "group", "sequential")
+ANCHORS = ("reference", "last_frame")  # story anchor: what each clip after the first is anchored on
 MEMORY_GUIDANCE = (1.0, 4.0)  # story memory_guidance: 1 is off; past 4 the clip ignores its anchor
 KEYFRAME_GUIDANCE = (1.0, 8.0)  # story keyframe_guidance: 1 is off; past 8 the clip is all keyframe pull
 MOTION_AMPLITUDE = (0.5, 2.0)  # story motion_amplitude: beyond these the padding is no longer an image the model reads
@@ -562,6 +565,11 @@ def make_story(**values) -> Story:
         _fail(where, f"unknown weights {story.weights!r}", f"use one of {', '.join(WEIGHTS)}")
     if story.color_match is not None and story.color_match not in ("none", "anchor", "previous"):
         _fail(where, f"unknown color_match {story.color_match!r}", "use none, anchor or previous")
+    if story.anchor not in ANCHORS:
+        _fail(where, f"unknown anchor {story.anchor!r}", f"use {' or '.join(ANCHORS)}")
+    if story.anchor != "reference" and (not story.latent_motion or story.route != "svi"):
+        _fail(where, f"anchor: {story.anchor} re-anchors pro mode's latent conditioning on the svi route",
+              "use mode: pro (and route: svi), or anchor: reference")
     _check_route(where, story)
     if story.offload is not None and story.offload not in OFFLOAD:
         _fail(where, f"unknown offload {story.offload!r}", f"use one of {', '.join(OFFLOAD)}")
