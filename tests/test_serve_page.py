@@ -33,15 +33,19 @@ def page_server(tmp_path_factory):
     srv.close()
 
 
-def test_compose_submit_watch_play_extend_and_cancel(page_server, page, tmp_path):
-    shots = Path(os.environ.get("CLIPLOOM_SCREENSHOTS") or tmp_path)
+def _open(page, server) -> None:
+    """Open the page; the server wants a token: the page asks once and keeps it for this tab."""
     page.set_viewport_size({"width": 1280, "height": 900})
-    page.goto(page_server.url + "/")
-    # The server wants a token: the page asks once and keeps it for this tab.
+    page.goto(server.url + "/")
     page.wait_for_selector("#token-dialog[open]")
     page.fill("#token-input", "page-token")
     page.click("#token-save")
     page.wait_for_selector("#model option", state="attached")
+
+
+def test_compose_submit_watch_play_extend_and_cancel(page_server, page, tmp_path):
+    shots = Path(os.environ.get("CLIPLOOM_SCREENSHOTS") or tmp_path)
+    _open(page, page_server)
     assert page.locator("#model").input_value() == "builtin"
 
     # Compose: two clip prompts (the second held for two clips), a rendered reference, 4 steps.
@@ -106,12 +110,7 @@ def test_a_clip_row_can_end_on_an_uploaded_image(page_server, page, tmp_path):
     shots.mkdir(parents=True, exist_ok=True)
     end = tmp_path / "end.png"
     Image.new("RGB", (32, 32), (250, 200, 20)).save(end)
-    page.set_viewport_size({"width": 1280, "height": 900})
-    page.goto(page_server.url + "/")
-    page.wait_for_selector("#token-dialog[open]")
-    page.fill("#token-input", "page-token")
-    page.click("#token-save")
-    page.wait_for_selector("#model option", state="attached")
+    _open(page, page_server)
     page.fill("#clips li:nth-child(1) .prompt", "a big yellow square moves left on a navy background")
     page.fill("#clips li:nth-child(1) .repeat", "2")
     page.set_input_files("#clips li:nth-child(1) .end-file", str(end))

@@ -247,14 +247,18 @@ def make_tiny(out: str | Path, variant: str = "wan21", seed: int = 0, overwrite:
     return out
 
 
+def _text_and_vae(seed: int):
+    """The tiny byte tokenizer, UMT5 text encoder and Wan 2.1 VAE the route folders share."""
+    tokenizer = build_byte_tokenizer(64)
+    return tokenizer, tiny_text_encoder(len(tokenizer), seed=seed), tiny_vae("wan21", seed)
+
+
 def _skyreels_df(folder: Path, seed: int) -> None:
     """A tiny SkyReels-V2-DF folder, written by diffusers' own pipeline class."""
     from diffusers import SkyReelsV2DiffusionForcingPipeline, SkyReelsV2Transformer3DModel, UniPCMultistepScheduler
 
     with quiet_hf():
-        tokenizer = build_byte_tokenizer(64)
-        text_encoder = tiny_text_encoder(len(tokenizer), seed=seed)
-        vae = tiny_vae("wan21", seed)
+        tokenizer, text_encoder, vae = _text_and_vae(seed)
         torch.manual_seed(seed + 1)
         transformer = SkyReelsV2Transformer3DModel(
             patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
@@ -269,9 +273,7 @@ def _skyreels_df(folder: Path, seed: int) -> None:
 def _causal_fastvideo(folder: Path, seed: int) -> None:
     """A tiny Self-Forcing causal Wan folder in FastVideo's layout (Wan T2V keys, causal class name)."""
     with quiet_hf():
-        tokenizer = build_byte_tokenizer(64)
-        text_encoder = tiny_text_encoder(len(tokenizer), seed=seed)
-        vae = tiny_vae("wan21", seed)
+        tokenizer, text_encoder, vae = _text_and_vae(seed)
         transformer = tiny_transformer(16, 16, text_encoder.config.d_model, None, seed + 1)
         kwargs = dict(safe_serialization=True)
         transformer.save_pretrained(folder / "transformer", **kwargs)
@@ -299,9 +301,7 @@ def _helios(folder: Path, seed: int) -> None:
     from .helios import build_helios
 
     with quiet_hf():
-        tokenizer = build_byte_tokenizer(64)
-        text_encoder = tiny_text_encoder(len(tokenizer), seed=seed)
-        vae = tiny_vae("wan21", seed)
+        tokenizer, text_encoder, vae = _text_and_vae(seed)
         wan = tiny_transformer(16, 16, text_encoder.config.d_model, None, seed + 1)
         transformer = build_helios(wan, 16)
         HeliosPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=HeliosScheduler(),
