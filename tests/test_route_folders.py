@@ -72,13 +72,14 @@ def test_fps_reaches_the_model_as_skyreels_pipelines_give_it(skyreels, tiny_stor
 def test_df_needs_no_route_lora_and_svi_runs_the_same_prefix(skyreels, tiny_story):
     """The DF DiT is the route's own weights. On a model without ``y`` channels ``svi`` gives the
     anchor and motion latents as clean prefix frames too, so with clean context (``addnoise`` 0)
-    the two routes run the same computation (same path: exact)."""
+    the two routes compute the same values -- through two conditioning functions, so compared
+    with a tolerance (1e-5 of the latents' scale), not bit for bit."""
     df = list(skyreels.generate(_story(tiny_story, route="df"), progress=False))
     svi = list(skyreels.generate(_story(tiny_story), progress=False))
     assert skyreels.default_loras(_story(tiny_story, route="df")) == []
-    assert torch.equal(df[1].latents, svi[1].latents)
+    torch.testing.assert_close(df[1].latents, svi[1].latents, rtol=0, atol=1e-5 * float(svi[1].latents.abs().max()))
     noised = list(skyreels.generate(_story(tiny_story, route="df", route_options={"addnoise": 200}), progress=False))
-    assert not torch.equal(noised[1].latents, df[1].latents)
+    assert (noised[1].latents - df[1].latents).abs().max() > 1e-3  # context noise moves the clip
 
 
 def test_guidance_runs_the_two_passes_as_skyreels_does(skyreels, tiny_story):
