@@ -19,7 +19,7 @@ from cliploom.train import config as config_mod
 from cliploom.train.config import TrainConfig, config_from_dict
 from cliploom.train.data import DataClip, ShapesWorldClips, VideoFolderClips
 from cliploom.train.recycling import ErrorRecycler, clean_end_error, noise_end_error
-from cliploom.train.samples import Choice, build_sample
+from cliploom.train.samples import Choice, build_sample, draw_choice
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -261,6 +261,28 @@ def test_latent_mode_sample_is_built_by_the_engine_function(wan21, monkeypatch):
     first = build_sample(wan21, clip, Choice("latent", motion=0, ref_index=6))
     assert torch.equal(first.cond.y[:, 4:, :1], latents[:, :, :1]) and first.error_start is None
     assert first.cond.y[:, 4:, 1:].abs().sum() == 0
+
+
+def test_y_error_on_anchor_starts_the_errors_at_the_anchor_latent(wan21):
+    clip = _clip()
+    cfg = TrainConfig(y_error_on_anchor=True, latent_mode_prob=1.0, no_motion_prob=0.0, motion_latents=[1])
+    choice = draw_choice(cfg, 9, torch.Generator().manual_seed(0))
+    assert choice.anchor_error and choice.mode == "latent" and choice.motion == 1
+    sample = build_sample(wan21, clip, choice)
+    assert sample.error_start == 0
+    before = sample.cond.y.clone()
+    error = torch.ones(sample.latents.shape[1:]) * torch.arange(1.0, 4.0).view(1, 3, 1, 1)
+    _recycler(y_error_frames=2).inject_y(sample.cond, error, sample.error_start, torch.Generator().manual_seed(0))
+    added = (sample.cond.y - before)[:, 4:]
+    assert added[:, :, 0].abs().sum() > 0 and added[:, :, 1].abs().sum() > 0  # anchor and motion latent
+    assert added[:, :, 2:].abs().sum() == 0 and torch.equal(sample.cond.y[:, :4], before[:, :4])
+    plain = build_sample(wan21, clip, draw_choice(TrainConfig(latent_mode_prob=1.0, no_motion_prob=0.0, motion_latents=[1]),
+                                                  9, torch.Generator().manual_seed(0)))
+    assert plain.error_start == 1  # the default keeps the anchor clean
+    with pytest.raises(CliploomError, match="y_error_on_anchor"):
+        config_from_dict({"y_error_on_anchor": True, "error_recycling": False})
+    with pytest.raises(CliploomError, match="y_error_on_anchor"):
+        config_from_dict({"y_error_on_anchor": True, "latent_mode_prob": 0.0})
 
 
 def test_pixel_mode_sample_is_built_by_the_engine_functions(wan21, monkeypatch):

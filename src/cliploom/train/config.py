@@ -157,6 +157,10 @@ class TrainConfig:
     p_clean: float = 0.2  # a clean step: inject nothing (official runs: 0.2 Shot, 0.5 Film)
     y_error_frames: int = 3  # latent frames of y that receive an error, taken from a random start of the error
     y_error_from_all_bins: bool = True  # y errors come from any bin (official runs), not only the current one
+    # Latent mode: y errors start at the anchor latent (frame 0 of y, as the official trainer's
+    # ``y[:, 4:, :n]``) instead of the first motion latent, so the LoRA learns to repair a
+    # generated anchor -- what `anchor: last_frame` (re-anchoring) hands it at inference.
+    y_error_on_anchor: bool = False
     velocity_target: str = "clean"  # "clean": (noise + E_noise) - latents (official code); "injected": minus (latents + E_latent)
     replay_bins: int = 50  # timestep bins: the shifted 50-step inference grid
     replay_capacity: int = 500  # errors per bin and per memory
@@ -306,6 +310,9 @@ def validate(cfg: TrainConfig, where: str = "config") -> None:
         _fail(where, f"ref_pad {cfg.ref_pad} must list values >= -1", "use -1 (reference), 0 (zeros) or k > 0")
     if not 0 <= cfg.context_noise_max <= 999:
         _fail(where, f"context_noise_max {cfg.context_noise_max} is not a timestep", "use 0..999, e.g. 50")
+    if cfg.y_error_on_anchor and (cfg.route != "svi" or not cfg.error_recycling or cfg.latent_mode_prob == 0):
+        _fail(where, "y_error_on_anchor puts recycled errors on the anchor latent of latent-mode svi samples",
+              "use it with route svi, error_recycling: true and latent_mode_prob > 0, or drop it")
     if cfg.route == "df" and cfg.latent_mode_prob < 1:
         _fail(where, "route df trains the pro timeline (latent context) only", "set latent_mode_prob: 1")
     if cfg.route == "causal":

@@ -248,7 +248,7 @@ class SVITrainer:
         clip = closed_loop_clip(self.model, generator, cfg.frames, K, n)
         if clip is None:
             return None
-        choice = Choice("latent", K, far_anchor=True, closed_loop=n)
+        choice = Choice("latent", K, far_anchor=True, closed_loop=n, anchor_error=cfg.y_error_on_anchor)
         self.closed_loop_samples += 1
         sample = build_sample(self.model, clip, choice, cfg.route)
         if cfg.closed_loop_lead == "memory":  # the lead latents are what the rollout handed on

@@ -52,6 +52,7 @@ class Choice:
     context_noise: int = 0  # route df: the timestep the context latents are noised to
     noise_seed: int = 0  # route df: seeds that noise
     closed_loop: int = 0  # clips the LoRA rolled out before this one (cliploom.train.closed_loop); 0: none
+    anchor_error: bool = False  # latent mode: y errors start at the anchor latent (config y_error_on_anchor)
 
     @property
     def motion_pixels(self) -> int:
@@ -97,7 +98,8 @@ def draw_choice(cfg: TrainConfig, frames: int, generator: torch.Generator) -> Ch
     if cfg.route == "df" and cfg.context_noise_max > 0:  # drawn only when asked for, as above
         context_noise = int(torch.randint(cfg.context_noise_max + 1, (1,), generator=generator))
         noise_seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
-    return Choice(mode, max(motion, 0), ref_pad, ref_index, far, end, context_noise, noise_seed)
+    return Choice(mode, max(motion, 0), ref_pad, ref_index, far, end, context_noise, noise_seed,
+                  anchor_error=cfg.y_error_on_anchor)
 
 
 @dataclass
@@ -140,7 +142,7 @@ def build_sample(model: Components, clip: DataClip, choice: Choice, route: str =
                 motion = model.encode_video(frames_to_tensor(past).to(model.device))[:, :, -choice.motion :]
             anchor_image = _anchor_image(video, clip, choice)
             anchor = model.encode_video(anchor_image[:, :, None])
-            error_start = 1
+            error_start = 0 if choice.anchor_error else 1  # the anchor latent too, or the motion latents on
         keys = tuple((n, lat) for n, _, lat in keyframes)
         if route == "df":  # the anchor and motion as context frames of x (conditioning.context_condition)
             noise = None
