@@ -13,7 +13,7 @@ from PIL import Image
 from cliploom import conditioning as C
 from cliploom.engine import Engine
 from cliploom.errors import CliploomError
-from cliploom.story import ClipSpec, Keyframe
+from cliploom.story import ClipSpec, Keyframe, LoraSpec
 
 
 def test_mask_with_an_end_frame_matches_diffusers_first_last_frame_pipeline(tiny_models):
@@ -231,3 +231,55 @@ def test_first_last_frame_models_get_both_images_features_natively(tmp_path, tin
     keyed = tiny_story(2, guidance=1.0, clips=[ClipSpec("a", keyframes=(Keyframe(-1, end),)), ClipSpec("b")])
     clips = list(Engine(model).generate(keyed, progress=False))
     assert len(clips) == 2 and all(torch.isfinite(c.latents).all() for c in clips)
+
+
+def _random_lora(path, model_dir, seed):
+    """A small random LoRA (diffusers layout) on the tiny transformer's self-attention."""
+    from safetensors.torch import save_file
+
+    cfg = json.loads((model_dir / "transformer" / "config.json").read_text())
+    dim = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+    g = torch.Generator().manual_seed(seed)
+    save_file({f"transformer.blocks.{i}.attn1.{p}.lora_{ab}.weight": 0.3 * torch.randn(*((4, dim) if ab == "A" else (dim, 4)), generator=g)
+               for i in range(cfg["num_layers"]) for p in ("to_q", "to_v") for ab in "AB"}, str(path))
+    return path
+
+
+def test_a_model_s_keyframe_lora_runs_stories_with_keyframes(tiny_dirs, tiny_story, tmp_path):
+    """``keyframe_lora`` in a model's cliploom.json replaces its ``svi_lora`` for stories whose clips
+    carry keyframes (the whole story, so that its clips share one model), and only for them; a
+    story with ``svi_lora: false`` gets neither; the run key names it so a resume cannot mix them."""
+    import shutil
+
+    from cliploom.runs import settings_key
+
+    d = tmp_path / "model"
+    shutil.copytree(tiny_dirs["wan21"], d)
+    _random_lora(d / "svi.safetensors", d, 1)
+    _random_lora(d / "kf.safetensors", d, 2)
+    settings = json.loads((d / "cliploom.json").read_text())
+    (d / "cliploom.json").write_text(json.dumps({**settings, "svi_lora": "svi.safetensors", "keyframe_lora": "kf.safetensors"}))
+    engine = Engine.load(str(d))
+    end = _image(tmp_path / "end.png", (250, 250, 20))
+    plain = tiny_story(2, guidance=1.0)
+    keyed = tiny_story(2, guidance=1.0, clips=[ClipSpec("prompt 0"), ClipSpec("prompt 1", keyframes=(Keyframe(-1, end),))])
+    assert [lo.path.name for lo in engine.default_loras(plain)] == ["svi.safetensors"]
+    assert [lo.path.name for lo in engine.default_loras(keyed)] == ["kf.safetensors"]
+    assert engine.default_loras(tiny_story(2, clips=keyed.clips, svi_lora=False)) == []
+    resolved = keyed.resolve(engine.model.settings, engine.model.size_multiple, engine.model.scale_temporal)
+    assert settings_key(resolved, engine.model)["keyframe_lora"] == "kf.safetensors"
+    assert "keyframe_lora" not in settings_key(plain.resolve(engine.model.settings, engine.model.size_multiple,
+                                                             engine.model.scale_temporal), engine.model)
+    # the frames: the keyed story's clip 0 is the keyframe LoRA's, not the SVI LoRA's
+    by_default = list(engine.generate(keyed, progress=False))
+    explicit = list(Engine.load(str(d)).generate(
+        tiny_story(2, guidance=1.0, clips=keyed.clips, svi_lora=False, loras=[LoraSpec(d / "kf.safetensors")]), progress=False))
+    svi = list(Engine.load(str(d)).generate(plain, progress=False))
+    # the same LoRA applied by default or named in the story: one computation up to the adapter's
+    # name, so the latents agree to float rounding (1e-5 of their scale)
+    assert torch.allclose(by_default[0].latents, explicit[0].latents, atol=1e-5 * float(explicit[0].latents.abs().max()))
+    assert not torch.allclose(by_default[0].latents, svi[0].latents, atol=1e-3)
+    bad = {**settings, "keyframe_lora": "../kf.safetensors"}
+    (d / "cliploom.json").write_text(json.dumps(bad))
+    with pytest.raises(CliploomError, match="must be a file inside the model folder"):
+        Engine.load(str(d))

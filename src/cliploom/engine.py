@@ -168,7 +168,8 @@ class Engine:
 
     def default_loras(self, story: Story) -> list[LoraSpec]:
         """The model's own weights for the story's route: its SVI LoRA (``svi_lora`` in its
-        cliploom.json) unless the story turns it off, or the route's LoRA (``route_loras``). A route
+        cliploom.json; ``keyframe_lora`` instead when a clip has keyframes and the model ships one)
+        unless the story turns it off, or the route's LoRA (``route_loras``). A route
         other than ``svi`` on a model without its weights, and no LoRA in the story, is refused."""
         settings = self.model.settings
         if story.route != "svi" and story.route in settings.native_routes:
@@ -184,8 +185,8 @@ class Engine:
                     f"train them (cliploom train-svi with route: {story.route}) and pass the LoRA in `loras:`, "
                     "or use route: svi")
             return []
-        name = settings.svi_lora
-        if not name or not story.svi_lora:
+        name = settings.svi_lora_for(story)
+        if not name:
             return []
         return [LoraSpec(self.model.path / name, 1.0, "both", "svi")]
 

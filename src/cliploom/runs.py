@@ -76,6 +76,9 @@ def settings_key(story: Story, model) -> dict:
         "loras": [{"name": lo.name, "weight": lo.weight, "expert": lo.expert,
                    "bytes": Path(lo.path).stat().st_size if Path(lo.path).is_file() else None} for lo in story.loras],
         "svi_lora": story.svi_lora and bool(model.settings.svi_lora),
+        # keyed only when the keyframe LoRA runs, so that run folders from before it still resume
+        **({"keyframe_lora": own} if (own := model.settings.svi_lora_for(story)) and own == model.settings.keyframe_lora
+           else {}),
         "fuse_loras": story.fuse_loras,
         # later options, keyed only when set so that run folders from before them still resume
         **({"route": story.route, "route_options": dict(sorted(story.route_options.items()))}

@@ -47,6 +47,9 @@ class ModelSettings:
     expand_timesteps: bool = False  # TI2V: known frames as clean leading latents, no y channels
     negative_prompt: str = WAN_NEGATIVE_PROMPT
     svi_lora: str | None = None  # a LoRA file in the model folder applied by default (the built-in model's)
+    # a keyframe-trained SVI LoRA in the model folder, applied instead of `svi_lora` to stories whose
+    # clips carry keyframes (end frames); without it those stories take `svi_lora` too
+    keyframe_lora: str | None = None
     color_match: str = "none"  # the default of stories' color_match (cliploom.colour)
     guidance_boundary: float | None = None  # one-transformer models: guidance above it, guidance_low below
     seam_blend: int = 0  # the default of stories' seam_blend (pro mode)
@@ -55,6 +58,16 @@ class ModelSettings:
     memory_guidance: float = 1.0  # the default of stories' memory_guidance (1: off)
     route_loras: dict | None = None  # route -> LoRA file in the model folder with that route's weights (cliploom.routes)
     native_routes: tuple = ()  # routes the model's own DiT is made for (SkyReels-V2 DF: df; a causal DiT: causal routes)
+
+    def svi_lora_for(self, story) -> str | None:
+        """The file name of this model's SVI LoRA that ``story`` runs with (``None``: none): the
+        keyframe-trained one (``keyframe_lora``) when a clip carries keyframes and the model ships
+        it, else ``svi_lora``; none when the story turns the model's SVI LoRA off."""
+        if not story.svi_lora:
+            return None
+        if self.keyframe_lora and any(c.keyframes for c in story.clips):
+            return self.keyframe_lora
+        return self.svi_lora or None
 
     @classmethod
     def from_folder(cls, path: Path, model_index: dict, scheduler_config: dict) -> "ModelSettings":
@@ -79,7 +92,7 @@ class ModelSettings:
 
         kinds = {"family": str, "max_sequence_length": int, "width": int, "height": int, "fps": int, "frames": int,
                  "steps": int, "guidance": float, "guidance_low": float, "shift": float, "boundary_ratio": float,
-                 "expand_timesteps": bool, "negative_prompt": str, "svi_lora": str, "color_match": str, "seam_blend": int,
+                 "expand_timesteps": bool, "negative_prompt": str, "svi_lora": str, "keyframe_lora": str, "color_match": str, "seam_blend": int,
                  "guidance_boundary": float, "motion_amplitude": float, "keyframe_guidance": float,
                  "memory_guidance": float}
         out = {}
@@ -101,7 +114,7 @@ class ModelSettings:
         if not 1 <= settings.max_sequence_length <= 4096:
             raise CliploomError(f"{where}: max_sequence_length {settings.max_sequence_length} is out of range",
                                 "use 512 (Wan)")
-        for name in [settings.svi_lora, *(settings.route_loras or {}).values()]:
+        for name in [settings.svi_lora, settings.keyframe_lora, *(settings.route_loras or {}).values()]:
             if name is not None and (Path(name).is_absolute() or ".." in Path(name).parts):
                 raise CliploomError(f"{where}: LoRA {name!r} must be a file inside the model folder",
                                     "give a file name relative to the folder")

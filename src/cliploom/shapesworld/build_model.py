@@ -76,7 +76,7 @@ def export_vae_checkpoint(checkpoint: Path, frozen_dir: Path, out: Path) -> Path
 
 
 def build(vae_dir: Path, dit_dir: Path, out: Path, settings: dict, svi_lora: Path | None = None,
-          route_loras: dict[str, Path] | None = None) -> Path:
+          route_loras: dict[str, Path] | None = None, keyframe_lora: Path | None = None) -> Path:
     from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
 
     from ..models.tiny import write_model_index
@@ -101,6 +101,9 @@ def build(vae_dir: Path, dit_dir: Path, out: Path, settings: dict, svi_lora: Pat
         if svi_lora is not None:
             shutil.copy2(svi_lora, tmp / "svi_lora.safetensors")
             settings = {**settings, "svi_lora": "svi_lora.safetensors"}
+        if keyframe_lora is not None:  # the keyframe-trained SVI LoRA, for stories with end frames
+            shutil.copy2(keyframe_lora, tmp / "keyframe_lora.safetensors")
+            settings = {**settings, "keyframe_lora": "keyframe_lora.safetensors"}
         for route, path in (route_loras or {}).items():  # the weights of the other routes (docs/routes.md)
             shutil.copy2(path, tmp / f"{route}_lora.safetensors")
             settings = {**settings, "route_loras": {**settings.get("route_loras", {}), route: f"{route}_lora.safetensors"}}
@@ -129,6 +132,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dit-checkpoint", type=Path, default=None,
                    help="take the DiT (EMA) from this train_dit run folder's latest checkpoint instead of --dit")
     p.add_argument("--svi-lora", type=Path, default=None, help="the SVI LoRA applied by default (safetensors)")
+    p.add_argument("--keyframe-lora", type=Path, default=None,
+                   help="a keyframe-trained SVI LoRA, applied instead of --svi-lora to stories with keyframes")
     p.add_argument("--route-lora", action="append", default=[], metavar="ROUTE=FILE",
                    help="a route's LoRA (cliploom.routes), e.g. df=runs/df-shapesworld/lora_svi.safetensors; repeatable")
     p.add_argument("--out", type=Path, default=MODEL_DIR)
@@ -148,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"error: --route-lora {item}: not ROUTE=FILE with an existing LoRA file")
         route_loras[route] = Path(path)
     build(args.vae, args.dit, args.out, {**DEFAULTS, "steps": args.steps, "guidance": args.guidance}, args.svi_lora,
-          route_loras)
+          route_loras, args.keyframe_lora)
 
 
 if __name__ == "__main__":
