@@ -51,7 +51,7 @@ def test_builtin_clip_has_the_prompted_subject(engine, tmp_path, mode):
 
 def test_build_model_writes_the_shipped_settings():
     """Rebuilding the built-in folder (docs/shapesworld.md) gives the cliploom.json that ships: its
-    defaults, the SVI LoRA and the route LoRAs under the names build_model gives them."""
+    defaults, the SVI LoRA, the keyframe LoRA and the route LoRAs under the names build_model gives them."""
     import json
 
     from cliploom.models.builtin import SHIPPED
@@ -61,4 +61,6 @@ def test_build_model_writes_the_shipped_settings():
     routes = shipped.get("route_loras", {})
     assert routes == {r: f"{r}_lora.safetensors" for r in routes}
     assert all((SHIPPED / name).is_file() for name in routes.values())
-    assert {**DEFAULTS, "svi_lora": "svi_lora.safetensors", **({"route_loras": routes} if routes else {})} == shipped
+    assert (SHIPPED / shipped["keyframe_lora"]).is_file()
+    assert {**DEFAULTS, "svi_lora": "svi_lora.safetensors", "keyframe_lora": "keyframe_lora.safetensors",
+            **({"route_loras": routes} if routes else {})} == shipped
