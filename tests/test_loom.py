@@ -350,5 +350,9 @@ def test_anchor_last_frame_anchors_each_clip_on_the_frame_the_clip_before_ended_
                         (dict(anchor="last_frame", route="df"), "re-anchors pro mode's latent conditioning")):
         with pytest.raises(CliploomError, match=message):
             tiny_story(2, **kw)
-    with pytest.raises(CliploomError, match="cannot resume or extend a run yet"):
+    with pytest.raises(CliploomError, match="cannot continue at clip 1"):
         frames_of(model, tiny_story(2, anchor="last_frame"), start=Start(1, moved[0].memory))
+    # continuing from clip 1 with the frame clip 0 handed on gives the clips of the whole run (same path)
+    tail = frames_of(model, tiny_story(3, steps=2, guidance=1.0, seam_blend=0, anchor="last_frame"),
+                     start=Start(1, moved[0].memory, moved[0].anchor_next))
+    assert all(torch.equal(a.frames, b.frames) for a, b in zip(tail, moved[1:], strict=True))

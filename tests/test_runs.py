@@ -57,6 +57,31 @@ def test_resume_after_a_crash_gives_the_uninterrupted_video(engine, tiny_story, 
     assert np.array_equal(read_video(out), read_video(tmp_path / "whole" / out_name))
 
 
+def test_a_re_anchored_run_resumes_on_the_frame_it_kept(engine, tiny_story, tmp_path):
+    """``anchor: last_frame``: each clip's checkpoint keeps the frame the next clip is anchored on, so
+    a resumed run gives the uninterrupted video (same path: exact); a folder without that frame
+    (written before it was kept) is refused in one line."""
+    from safetensors.torch import load_file, save_file
+
+    story = tiny_story(4, anchor="last_frame")
+    whole = render(engine, story, tmp_path / "whole" / "v.mp4")
+    out = tmp_path / "split" / "v.mp4"
+    with pytest.raises(Crash):
+        render(engine, story, out, **crash_at(2, step=1))
+    kept = Run(out.parent / "v.run").clips_dir / "000001.memory.safetensors"
+    assert load_file(str(kept))["anchor_next"].shape == (32, 32, 3)
+    report = render(engine, story, out, resume=True)
+    assert report["resumed_at_clip"] == 2 and report["totals"]["frames"] == whole["totals"]["frames"]
+    assert np.array_equal(read_video(out), read_video(tmp_path / "whole" / "v.mp4"))
+    save_file({"memory": load_file(str(kept))["memory"]}, str(kept))  # as a run folder from before
+    entry_path = kept.parent / "000001.json"
+    entry = json.loads(entry_path.read_text())
+    entry["files"][kept.name] = kept.stat().st_size  # a whole checkpoint, only without the frame
+    entry_path.write_text(json.dumps(entry))
+    with pytest.raises(CliploomError, match="cannot continue at clip 2.*does not keep"):
+        render(engine, story, out, from_clip=2)
+
+
 def test_a_torn_checkpoint_is_never_read(engine, tiny_story, tmp_path):
     story = tiny_story(4)
     render(engine, story, tmp_path / "w.mp4")

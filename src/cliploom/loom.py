@@ -46,6 +46,7 @@ class Clip:
     memory: torch.Tensor | None = None
     tail: torch.Tensor | None = None  # pixel modes: uint8 [N, H, W, 3], the frames ``memory`` holds
     seconds_compile: float = 0.0  # compiled engines: the compilation this clip's start paid for (not in seconds_denoise)
+    anchor_next: torch.Tensor | None = None  # `anchor: last_frame`: uint8 [H, W, 3], the frame the next clip is anchored on
 
 
 @dataclass
@@ -55,6 +56,7 @@ class Start:
 
     index: int = 0
     memory: torch.Tensor | None = None
+    anchor_frame: torch.Tensor | None = None  # `anchor: last_frame`: the ``Clip.anchor_next`` of clip ``index - 1``
 
 
 def weave(
@@ -84,10 +86,10 @@ def weave(
         raise CliploomError(f"motion_amplitude {story.motion_amplitude} needs a model with y channels; "
                             "a TI2V model takes its known frames as clean latents and has no padding to amplify",
                             "leave motion_amplitude at 1 with this model")
-    if story.anchor != "reference" and start.index > 0:
-        raise CliploomError(f"anchor: {story.anchor} cannot resume or extend a run yet: the anchor of clip "
-                            f"{start.index} is the frame clip {start.index - 1} ended on, which a run folder does not keep",
-                            "generate the story from clip 0, or use anchor: reference")
+    if story.anchor != "reference" and start.index > 0 and start.anchor_frame is None:
+        raise CliploomError(f"anchor: {story.anchor} cannot continue at clip {start.index}: its anchor is the frame clip "
+                            f"{start.index - 1} ended on, which this run folder does not keep (written before it did, "
+                            "or an uploaded video)", "generate the story from clip 0, or use anchor: reference")
     if story.memory_guidance not in (None, 1) and (model.settings.expand_timesteps or story.route == "df"):
         raise CliploomError(f"memory_guidance {story.memory_guidance} needs the motion memory in y; here it is given "
                             "as clean frames of the latents, which a restart without it would still see",
@@ -141,6 +143,8 @@ def weave(
     memory = start.memory  # motion memory: the previous clip's last K latents, or its last N frames
     if memory is not None:
         memory = memory.to(model.device)
+    if start.anchor_frame is not None and story.anchor == "last_frame":  # continuing a re-anchored run
+        image, anchor, anchor_features = reanchor(model, start.anchor_frame)
     blend = story.seam_blend if story.latent_motion else 0
     hold = int(decoder.overlapped) + int(blend > 0)  # clips that wait in the queue before they are handed over
     queue: list[Future] = []
@@ -213,9 +217,9 @@ def weave(
                 memory = latents[:, :, -story.motion_latents :]
                 job = decoder.submit(latents, keep, (i, prompt, seed, seconds_denoise, seconds_compile), memory)
                 if story.anchor == "last_frame":  # re-anchoring: the next clip is anchored where this one ended
-                    image = Image.fromarray(job.result().frames_all[-1].cpu().numpy())  # waits for the decode
-                    anchor = model.encode_video(frames_to_tensor([image]).to(model.device))
-                    anchor_features = model.encode_image_features(image)
+                    decoded = job.result()  # waits for the decode
+                    decoded.clip.anchor_next = decoded.frames_all[-1].cpu()
+                    image, anchor, anchor_features = reanchor(model, decoded.clip.anchor_next)
             else:
                 job = decoder.submit(latents, keep, (i, prompt, seed, seconds_denoise, seconds_compile), None)
                 decoded = job.result()
@@ -266,6 +270,13 @@ def _compile_now(denoise, noise: torch.Tensor, sigmas: torch.Tensor) -> float:
         for sigma in sorted({float(sigmas[0]), float(sigmas[-2])}):
             denoise(noise, sigma)
     return time.perf_counter() - started
+
+
+def reanchor(model: Components, frame: torch.Tensor):
+    """Re-anchoring on a decoded frame (uint8 ``[H, W, 3]``): the image, its anchor latent and its
+    image features."""
+    image = Image.fromarray(frame.cpu().numpy())
+    return image, model.encode_video(frames_to_tensor([image]).to(model.device)), model.encode_image_features(image)
 
 
 def queue_pro_decode(decoder: "ClipDecoder", queue: list[Future], story: Story, i: int, anchor: torch.Tensor,

@@ -153,6 +153,12 @@ class Run:
         with safe_open(str(path), "pt") as f:
             return f.get_tensor("memory")
 
+    def anchor_frame(self, i: int) -> torch.Tensor | None:
+        """The frame clip ``i + 1`` is anchored on (``anchor: last_frame``); ``None`` if not kept."""
+        path = self.clips_dir / f"{i:06d}.memory.safetensors"
+        with safe_open(str(path), "pt") as f:
+            return f.get_tensor("anchor_next") if "anchor_next" in f.keys() else None
+
     # -- preparing ----------------------------------------------------------------------------
     def prepare(self, story: Story, model, *, resume: bool = False, from_clip: int | None = None,
                 overwrite: bool = False, name: str = "") -> Start:
@@ -202,7 +208,7 @@ class Run:
             keep = 0
         self.clips_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.folder / "run.json", {"version": VERSION, "png": self.png, "settings": settings})
-        return Start(keep, self.memory(keep - 1) if keep else None)
+        return Start(keep, self.memory(keep - 1) if keep else None, self.anchor_frame(keep - 1) if keep else None)
 
     def adopt(self, story: Story, model, frames: np.ndarray, prompt: str) -> None:
         """Start a run whose clip 0 is an existing video (an uploaded file to extend; pixel modes):
@@ -255,7 +261,10 @@ class Run:
         if tail is not None:
             files.update(self._segment(f"{i:06d}.tail", tail, story.fps))
         memory = self.clips_dir / f"{i:06d}.memory.safetensors"
-        save_file({"memory": clip.memory.detach().to("cpu").contiguous()}, str(partial_name(memory)))
+        kept = {"memory": clip.memory.detach().to("cpu").contiguous()}
+        if clip.anchor_next is not None:  # re-anchoring: the frame the next clip is anchored on
+            kept["anchor_next"] = clip.anchor_next.to("cpu").contiguous()
+        save_file(kept, str(partial_name(memory)))
         publish(partial_name(memory), memory)
         files[memory.name] = memory.stat().st_size
         full = {**entry, "frames_body": len(frames), "frames_tail": 0 if tail is None else len(tail),
