@@ -29,6 +29,9 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("overrides", nargs="?", default="{}", help="story keys as JSON")
     ap.add_argument("--lora", help="one more LoRA, FILE[:WEIGHT]")
+    ap.add_argument("--first-clip-weight", type=float, default=None,
+                    help="that LoRA's weight on each story's clip 0 (per-clip weights: with fuse_loras false)")
+    ap.add_argument("--json", help="also write every story's per-clip results to this file")
     ap.add_argument("--stories", type=int, default=14)
     ap.add_argument("--sample-seed", type=int, default=0)
     ap.add_argument("--model", default="builtin")
@@ -54,7 +57,9 @@ def main(argv=None) -> dict:
         for d in devs:
             ref = Path(tmp) / f"ref_{d.index:02d}.png"
             d.reference(settings.width).save(ref)
-            story = make_story(clips=[ClipSpec(p) for p in d.prompts], reference=ref, seed=d.seed + 1000 * args.sample_seed,
+            first = {loras[0].name: args.first_clip_weight} if loras and args.first_clip_weight is not None else None
+            clip_specs = [ClipSpec(p, lora_weights=first if k == 0 else None) for k, p in enumerate(d.prompts)]
+            story = make_story(clips=clip_specs, reference=ref, seed=d.seed + 1000 * args.sample_seed,
                                loras=loras, fuse_loras=False, **over)
             clips = list(engine.generate(story, progress=False))
             frames = np.concatenate([c.frames.numpy() for c in clips])
@@ -69,6 +74,8 @@ def main(argv=None) -> dict:
             f"failures {dict(fails)}, colour ΔE clip 20 {agg['last_clip']['color_delta_e']:.2f}, "
             f"jump clip 20 {agg['last_clip']['boundary_jump']:.2f} ({time.perf_counter() - started:.0f} s)")
     print(line, flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"line": line, "aggregate": agg, "stories": stories}, indent=1, default=str) + "\n")
     return {"aggregate": agg, "failures": dict(fails), "first_clip_pass": first}
 
 
