@@ -61,8 +61,8 @@ SAMPLING_KEYS = ("steps", "guidance")  # story settings a run may set (the route
 
 def parse_run(text: str) -> RouteRun:
     """``[NAME=]ROUTE[:KEY=VALUE...]``; KEY a route option, ``steps`` / ``guidance`` (the story's
-    sampling: e.g. causal stage 1 sampled as the self-forcing student is), or ``lora`` (the run's
-    own route LoRA, e.g. a twin trained without one setting)."""
+    sampling: e.g. causal stage 1 sampled as the self-forcing student is), ``sampler`` (``euler`` or
+    ``renoise``), or ``lora`` (the run's own route LoRA, e.g. a twin trained without one setting)."""
     from cliploom.routes import ROUTES, option_error, parse_option
 
     head, *pairs = text.split(":")
@@ -76,6 +76,13 @@ def parse_run(text: str) -> RouteRun:
             if not Path(str(value)).is_file():
                 raise SystemExit(f"error: run {text!r}: lora {value} is not a file")
             lora = str(Path(str(value)).resolve())
+            continue
+        if key == "sampler":
+            from cliploom.story import SAMPLERS
+
+            if value not in SAMPLERS:
+                raise SystemExit(f"error: run {text!r}: sampler must be one of {', '.join(SAMPLERS)}")
+            sampling[key] = value
             continue
         if key in SAMPLING_KEYS:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
@@ -97,6 +104,8 @@ def story_keys(run: RouteRun, weights: dict) -> dict:
         keys["steps"] = int(run.sampling["steps"])
     if "guidance" in run.sampling:  # one scale over every step
         keys["guidance"] = keys["guidance_low"] = float(run.sampling["guidance"])
+    if "sampler" in run.sampling:
+        keys["sampler"] = run.sampling["sampler"]
     if run.route != "svi":
         keys.update(route=run.route, route_options=run.options)
     lora = run.lora or weights.get(run.route)

@@ -320,6 +320,29 @@ def test_memory_guidance_contrasts_each_continuing_clip_with_its_restart_at_the_
         tiny_story(2, memory_guidance=5.0)
 
 
+def test_sampler_renoise_runs_every_route_seeded_and_is_checked(tiny_models, tiny_story):
+    """``sampler: renoise`` (cliploom.sampling.sample_renoise) on the svi loop: clips differ from the
+    ODE's, the same seed gives the same clips (same path: exact), the unknown and the impossible are
+    refused in one line; the euler default leaves every clip as it was."""
+    from cliploom.errors import CliploomError
+    from cliploom.models.components import ModelSettings
+
+    model = tiny_models("wan21")
+    euler = frames_of(model, tiny_story(2, steps=3, guidance=1.0))
+    assert all(torch.equal(a.latents, b.latents) for a, b in zip(
+        euler, frames_of(model, tiny_story(2, steps=3, guidance=1.0, sampler="euler")), strict=True))
+    re1 = frames_of(model, tiny_story(2, steps=3, guidance=1.0, sampler="renoise"))
+    re2 = frames_of(model, tiny_story(2, steps=3, guidance=1.0, sampler="renoise"))
+    assert all(torch.equal(a.latents, b.latents) for a, b in zip(re1, re2, strict=True))
+    assert not torch.equal(re1[0].latents, euler[0].latents)
+    with pytest.raises(CliploomError, match="unknown sampler 'heun'"):
+        tiny_story(2, sampler="heun")
+    with pytest.raises(CliploomError, match="sampler renoise takes one noise level per step"):
+        tiny_story(2, sampler="renoise", route="df", route_options={"ar_step": 1})
+    with pytest.raises(CliploomError, match="unknown sampler 'dpm'"):
+        ModelSettings.checked({"sampler": "dpm"}, "cliploom.json")
+
+
 def test_anchor_last_frame_anchors_each_clip_on_the_frame_the_clip_before_ended_on(tiny_models, tiny_story):
     """Re-anchoring (``anchor: last_frame``): clip i > 0 takes as its anchor (y's first latent frame) the
     encoding of clip i - 1's last frame as decoded; clip 0 is the plain clip (same path: exact), and

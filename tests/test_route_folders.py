@@ -162,6 +162,13 @@ def test_a_fastvideo_self_forcing_folder_is_the_causal_routes_own_model(fastvide
     assert hidden.shape[1] == engine.model.z_dim and t.tolist() == [0.0]
     assert torch.equal(hidden, clips[0].latents[:, :, :1])  # the anchor, as the clip keeps it
     assert all(h.shape[1] == engine.model.z_dim for h, _ in seen)
+    # its DMD student samples as it was trained: x0 and fresh noise at every step (renoise)
+    assert settings.sampler == "renoise"
+    assert _story(tiny_story, route="self-forcing").resolve(settings, 16, 4).sampler == "renoise"
+    ode = list(engine.generate(_story(tiny_story, n=3, route="self-forcing", sampler="euler"), progress=False))
+    again = list(engine.generate(_story(tiny_story, n=3, route="self-forcing"), progress=False))
+    assert not torch.equal(ode[0].latents, clips[0].latents)
+    assert all(torch.equal(a.latents, b.latents) for a, b in zip(again, clips, strict=True))  # seeded: same path, exact
 
 
 def test_inspect_names_the_self_forcing_route_and_a_plain_text_to_video_folder_is_refused(fastvideo_dir, tmp_path, capsys):

@@ -4,7 +4,17 @@ import pytest
 import torch
 
 from cliploom.conditioning import latent_condition
-from cliploom.sampling import Expert, guide, make_denoiser, pick_expert, sample_euler, schedule, shift_sigmas
+from cliploom.sampling import (
+    Expert,
+    guide,
+    make_denoiser,
+    pick_expert,
+    sample_euler,
+    sample_renoise,
+    sampler,
+    schedule,
+    shift_sigmas,
+)
 
 
 def test_schedule_runs_from_one_to_zero():
@@ -35,6 +45,35 @@ def test_euler_with_exact_velocity_lands_on_the_data():
 
     out = sample_euler(oracle, noise, schedule(5, shift=3.0))
     assert torch.allclose(out, x0, atol=1e-5)
+
+
+def test_renoise_predicts_the_data_then_noises_it_afresh_to_each_next_level():
+    """renoise: x0 = x - s v at each level, then (1 - s') x0 + s' eps with fresh eps from the clip's
+    generator. An oracle that knows the data lands on it whatever the noise; with a denoiser that
+    predicts x0 = 0 each step's input is exactly s' eps (the generator's next draw)."""
+    x0, noise = torch.randn(2, 3), torch.randn(2, 3)
+    sigmas = schedule(4, shift=5.0)
+    out = sample_renoise(lambda x, s: (x - x0) / s, noise, sigmas, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(out, x0, atol=1e-5)
+    seen = []
+
+    def zero(x, s):  # predicts x0 = 0: v = x / s
+        seen.append(x.clone())
+        return x / s
+
+    g = torch.Generator().manual_seed(3)
+    assert sample_renoise(zero, noise, sigmas, generator=g).abs().max() == 0
+    again = torch.Generator().manual_seed(3)
+    for k in range(1, 4):  # same generator, same draws: the same arithmetic, exact
+        assert torch.equal(seen[k], sigmas[k].item() * torch.randn(2, 3, generator=again))
+    # the euler name is the ODE sampler itself; renoise depends on its seed, euler on nothing more
+    assert sampler("euler") is sample_euler
+    a = sampler("renoise", torch.Generator().manual_seed(1))(lambda x, s: x, noise, sigmas)
+    b = sampler("renoise", torch.Generator().manual_seed(1))(lambda x, s: x, noise, sigmas)
+    c = sampler("renoise", torch.Generator().manual_seed(2))(lambda x, s: x, noise, sigmas)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    with pytest.raises(ValueError, match="one sigma per step"):
+        sample_renoise(zero, noise, torch.ones(3, 2))
 
 
 def test_guidance_formula():

@@ -22,7 +22,7 @@ from .errors import CliploomError
 from .models.components import Components, frames_to_tensor
 from .models.memory import check_story_fits
 from .models.skyreels import set_frame_rate
-from .sampling import Expert, contrast, frame_schedule, make_denoiser, sample_euler, schedule
+from .sampling import Expert, contrast, frame_schedule, make_denoiser, sampler, schedule
 from .story import Story
 from .video_io import load_image
 
@@ -156,11 +156,10 @@ def weave(
             if on_clip_start is not None:
                 on_clip_start(i)
 
-            # 5. This clip's own seeded noise.
+            # 5. This clip's own seeded noise (the generator goes on to renoise's fresh noise).
             seed = story.clip_seed(i)
-            noise = torch.randn(
-                (1, model.z_dim, T, h, w), generator=torch.Generator("cpu").manual_seed(seed)
-            ).to(model.device)
+            generator = torch.Generator("cpu").manual_seed(seed)
+            noise = torch.randn((1, model.z_dim, T, h, w), generator=generator).to(model.device)
 
             # 6. Condition the clip on the anchor, the motion memory and its keyframes (if any): SVI
             #    puts the motion latents in y; diffusion forcing gives them as context frames of x.
@@ -201,7 +200,7 @@ def weave(
                     if on_step is not None:
                         on_step(i, k + 1, steps)
 
-                latents = sample_euler(denoise, noise, clip_sigmas, cond.finish, step_done)
+                latents = sampler(story.sampler, generator)(denoise, noise, clip_sigmas, cond.finish, step_done)
             seconds_denoise = time.perf_counter() - started
             if not bool(torch.isfinite(latents).all()):  # never decode garbage into a video
                 raise CliploomError(

@@ -164,3 +164,40 @@ def sample_euler(
         if callback is not None:
             callback(i)
     return x
+
+
+def sample_renoise(
+    denoise: Callable[[torch.Tensor, float], torch.Tensor],
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    finish: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
+    callback: Callable[[int], None] | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The few-step sampler of DMD / consistency students (Self-Forcing, CausVid): at each sigma
+    predict the clean latents ``x0 = x - sigma v``, then noise them afresh to the next sigma,
+    ``x = (1 - sigma') x0 + sigma' eps``; the last step returns ``x0``. ``eps`` is drawn on the CPU
+    from ``generator`` (the clip's, so a seed gives the same clip on every device)."""
+    if sigmas.ndim != 1:
+        raise ValueError("sample_renoise takes one sigma per step (no per-frame schedule)")
+    s = sigmas.tolist()
+    for i in range(len(s) - 1):
+        v = denoise(x, s[i])
+        x0 = x - s[i] * v
+        if s[i + 1] > 0:
+            eps = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x)
+            x0 = (1 - s[i + 1]) * x0 + s[i + 1] * eps
+        x = finish(x0)
+        if callback is not None:
+            callback(i)
+    return x
+
+
+def sampler(name: str, generator: torch.Generator | None = None):
+    """``sample(denoise, x, sigmas, finish, callback)`` for the story's ``sampler`` (``euler`` or
+    ``renoise``, cliploom.story.SAMPLERS); ``generator``
+    draws renoise's fresh noise (the clip's own, after its starting noise)."""
+    if name == "renoise":
+        return lambda denoise, x, sigmas, finish=lambda x: x, callback=None: sample_renoise(
+            denoise, x, sigmas, finish, callback, generator)
+    return sample_euler

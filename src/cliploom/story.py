@@ -110,6 +110,7 @@ class Story:
     keyframe_guidance: float | None = None  # > 1: clips with keyframes guided away from themselves without them (sampling.contrast)
     memory_guidance: float | None = None  # > 1: clips with a motion memory guided away from themselves without it (sampling.contrast)
     anchor: str = "reference"  # pro: reference (SVI) | last_frame (re-anchoring: each clip anchored on the previous clip's last frame)
+    sampler: str | None = None  # euler (the flow ODE) | renoise (x0 + fresh noise per step: DMD students); default: the model's
     attention: str = "auto"  # attention backend (models.acceleration): auto, sdpa, flash, flash3, sage, ...
     compile: bool = False  # torch.compile the transformer blocks (regional; once per engine)
     fp8_matmul: bool = False  # torchao fp8 matmuls (CUDA sm 8.9+)
@@ -164,7 +165,7 @@ class Story:
             if getattr(s, name) is None and not (name == "steps" and s.timesteps is not None):
                 setattr(s, name, value)
         for name in ("width", "height", "fps", "frames", "shift", "guidance", "negative_prompt", "color_match",
-                     "seam_blend", "motion_amplitude", "keyframe_guidance", "memory_guidance"):
+                     "seam_blend", "motion_amplitude", "keyframe_guidance", "memory_guidance", "sampler"):
             if getattr(s, name) is None:
                 setattr(s, name, getattr(settings, name))
         if self.seam_blend is None and not s.latent_motion:
@@ -342,6 +343,7 @@ _SCALARS: dict[str, type] = {
     "keyframe_guidance": float,
     "memory_guidance": float,
     "anchor": str,
+    "sampler": str,
     "route": str,
     "attention": str,
     "compile": bool,
@@ -350,6 +352,7 @@ _SCALARS: dict[str, type] = {
 }
 OFFLOAD = ("none", "model", "group", "sequential")
 ANCHORS = ("reference", "last_frame")  # story anchor: what each clip after the first is anchored on
+SAMPLERS = ("euler", "renoise")  # story sampler (cliploom.sampling)
 MEMORY_GUIDANCE = (1.0, 4.0)  # story memory_guidance: 1 is off; past 4 the clip ignores its anchor
 KEYFRAME_GUIDANCE = (1.0, 8.0)  # story keyframe_guidance: 1 is off; past 8 the clip is all keyframe pull
 MOTION_AMPLITUDE = (0.5, 2.0)  # story motion_amplitude: beyond these the padding is no longer an image the model reads
@@ -567,6 +570,11 @@ def make_story(**values) -> Story:
         _fail(where, f"unknown color_match {story.color_match!r}", "use none, anchor or previous")
     if story.anchor not in ANCHORS:
         _fail(where, f"unknown anchor {story.anchor!r}", f"use {' or '.join(ANCHORS)}")
+    if story.sampler is not None and story.sampler not in SAMPLERS:
+        _fail(where, f"unknown sampler {story.sampler!r}", f"use {' or '.join(SAMPLERS)}")
+    if story.sampler == "renoise" and story.route == "df" and story.route_options.get("ar_step"):
+        _fail(where, "sampler renoise takes one noise level per step; df's ar_step gives each frame its own",
+              "use sampler: euler with ar_step, or drop ar_step")
     if story.anchor != "reference" and (not story.latent_motion or story.route != "svi"):
         _fail(where, f"anchor: {story.anchor} re-anchors pro mode's latent conditioning on the svi route",
               "use mode: pro (and route: svi), or anchor: reference")

@@ -57,6 +57,7 @@ class ModelSettings:
     keyframe_guidance: float = 1.0  # the default of stories' keyframe_guidance (1: off; wants a keyframe-trained LoRA)
     memory_guidance: float = 1.0  # the default of stories' memory_guidance (1: off)
     route_loras: dict | None = None  # route -> LoRA file in the model folder with that route's weights (cliploom.routes)
+    sampler: str = "euler"  # the default of stories' sampler: euler | renoise (DMD / Self-Forcing students)
     native_routes: tuple = ()  # routes the model's own DiT is made for (SkyReels-V2 DF: df; a causal DiT: causal routes)
 
     def svi_lora_for(self, story) -> str | None:
@@ -94,7 +95,7 @@ class ModelSettings:
                  "steps": int, "guidance": float, "guidance_low": float, "shift": float, "boundary_ratio": float,
                  "expand_timesteps": bool, "negative_prompt": str, "svi_lora": str, "keyframe_lora": str, "color_match": str, "seam_blend": int,
                  "guidance_boundary": float, "motion_amplitude": float, "keyframe_guidance": float,
-                 "memory_guidance": float}
+                 "memory_guidance": float, "sampler": str}
         out = {}
         for key, value in values.items():
             if key == "route_loras":
@@ -114,6 +115,8 @@ class ModelSettings:
         if not 1 <= settings.max_sequence_length <= 4096:
             raise CliploomError(f"{where}: max_sequence_length {settings.max_sequence_length} is out of range",
                                 "use 512 (Wan)")
+        if settings.sampler not in ("euler", "renoise"):
+            raise CliploomError(f"{where}: unknown sampler {settings.sampler!r}", "use euler or renoise")
         for name in [settings.svi_lora, settings.keyframe_lora, *(settings.route_loras or {}).values()]:
             if name is not None and (Path(name).is_absolute() or ".." in Path(name).parts):
                 raise CliploomError(f"{where}: LoRA {name!r} must be a file inside the model folder",

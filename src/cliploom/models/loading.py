@@ -570,6 +570,7 @@ def _route_settings(path: Path, index: dict, settings: ModelSettings) -> ModelSe
         routes = ("helios",)
     elif scheduler == SELF_FORCING_SCHEDULER:
         routes = ("self-forcing", "causal")
+        settings = dataclasses.replace(settings, sampler="renoise")  # the sampler its DMD student was trained with
     elif "causal" in cls.lower():
         routes = ("causal", "self-forcing")
     else:

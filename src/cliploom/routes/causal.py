@@ -42,7 +42,7 @@ from ..models.causal import causal_attention, set_offset, set_rope_jitter
 from ..models.components import Components, frames_to_tensor
 from ..models.memory import check_story_fits
 from ..models.stream_decode import BlockDecoder
-from ..sampling import make_denoiser, sample_euler, schedule
+from ..sampling import make_denoiser, sampler, schedule
 from ..story import Story
 from ..video_io import load_image
 
@@ -110,7 +110,8 @@ def weave(
                 # 5. This clip's new latent frames, block by block, from its own seeded noise.
                 new = T - 1 if i == 0 else T - 1 - K
                 seed = story.clip_seed(i)
-                noise = torch.randn((1, model.z_dim, new, h, w), generator=torch.Generator("cpu").manual_seed(seed))
+                generator = torch.Generator("cpu").manual_seed(seed)  # then renoise's fresh noise, block after block
+                noise = torch.randn((1, model.z_dim, new, h, w), generator=generator)
                 made, steps = [], len(sigmas) - 1
                 stream = None
                 if on_block is not None:  # decoded in the clip's own context, as the clip is
@@ -123,7 +124,8 @@ def weave(
                     denoise = make_denoiser(experts, cond, text[prompt], negative)
                     set_offset(tr, position)
                     done = steps * (b0 // block)
-                    x = sample_euler(denoise, noise[:, :, b0:b0 + n].to(model.device), sigmas, cond.finish,
+                    sample = sampler(story.sampler, generator)
+                    x = sample(denoise, noise[:, :, b0:b0 + n].to(model.device), sigmas, cond.finish,
                                      (lambda k, i=i, d=done: on_step(i, d + k + 1, total)) if on_step else None)
                     # 6. The block, clean, becomes cache (and its frames part of the clip).
                     write_block(model, session, x, cond.y, text[prompt], features, position, start=session.written)

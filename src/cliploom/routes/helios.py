@@ -46,7 +46,7 @@ from ..sampling import (
     Expert,
     guide,
     pick_expert,
-    sample_euler,
+    sampler,
     schedule,
 )
 from ..story import Story
@@ -168,10 +168,11 @@ def weave(
             # 4. Its new latent frames from its own seeded noise, one chunk, its own prompt.
             new = T - 1 if i == 0 else T - 1 - K
             seed = story.clip_seed(i)
-            noise = torch.randn((1, model.z_dim, new, h, w), generator=torch.Generator("cpu").manual_seed(seed))
+            generator = torch.Generator("cpu").manual_seed(seed)  # then renoise's fresh noise
+            noise = torch.randn((1, model.z_dim, new, h, w), generator=generator)
             denoise = denoiser(experts, history, text[prompt], negative)
             steps = len(sigmas) - 1
-            latents = sample_euler(denoise, noise.to(model.device), sigmas, callback=(
+            latents = sampler(story.sampler, generator)(denoise, noise.to(model.device), sigmas, callback=(
                 (lambda k, i=i, n=steps: on_step(i, k + 1, n)) if on_step else None))
             # 5. Decode as pro does: [anchor, previous clip's last K latents, new].
             info = (i, prompt, seed, time.perf_counter() - started, 0.0)
