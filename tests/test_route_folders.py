@@ -163,8 +163,10 @@ def test_a_fastvideo_self_forcing_folder_is_the_causal_routes_own_model(fastvide
     assert torch.equal(hidden, clips[0].latents[:, :, :1])  # the anchor, as the clip keeps it
     assert all(h.shape[1] == engine.model.z_dim for h, _ in seen)
     # its DMD student samples as it was trained: x0 and fresh noise at every step (renoise)
-    assert settings.sampler == "renoise"
-    assert _story(tiny_story, route="self-forcing").resolve(settings, 16, 4).sampler == "renoise"
+    assert settings.sampler == "renoise" and settings.timesteps == [1000, 750, 500, 250]
+    resolved = _story(tiny_story, route="self-forcing", steps=None).resolve(settings, 16, 4)
+    assert resolved.sampler == "renoise" and resolved.timesteps == [1000, 750, 500, 250]  # its warped 4-step list
+    assert len(seen) == 1 + 2 * (2 + 1) + 2 * (2 + 1)  # the anchor; clip 0's 2 blocks, then 1 a clip: 2 steps + the write
     ode = list(engine.generate(_story(tiny_story, n=3, route="self-forcing", sampler="euler"), progress=False))
     again = list(engine.generate(_story(tiny_story, n=3, route="self-forcing"), progress=False))
     assert not torch.equal(ode[0].latents, clips[0].latents)

@@ -162,7 +162,8 @@ class Story:
         s = dataclasses.replace(self)
         route = SAMPLING.get(s.route, {})  # what the route's weights are made for (self-forcing: few steps)
         for name, value in route.items():
-            if getattr(s, name) is None and not (name == "steps" and s.timesteps is not None):
+            # a model with its own step list (a Self-Forcing DiT) keeps it over the route's step count
+            if getattr(s, name) is None and not (name == "steps" and (s.timesteps or getattr(settings, "timesteps", None)) is not None):
                 setattr(s, name, value)
         for name in ("width", "height", "fps", "frames", "shift", "guidance", "negative_prompt", "color_match",
                      "seam_blend", "motion_amplitude", "keyframe_guidance", "memory_guidance", "sampler"):

@@ -541,6 +541,7 @@ def check_diffusers_folder(path: Path) -> tuple[dict, ModelSettings]:
 
 
 SELF_FORCING_SCHEDULER = "SelfForcingFlowMatchScheduler"  # FastVideo's Self-Forcing checkpoints
+SELF_FORCING_TIMESTEPS = (1000, 750, 500, 250)  # Self-Forcing's denoising_step_list, warped by the shift
 
 
 def _route_settings(path: Path, index: dict, settings: ModelSettings) -> ModelSettings:
@@ -570,7 +571,9 @@ def _route_settings(path: Path, index: dict, settings: ModelSettings) -> ModelSe
         routes = ("helios",)
     elif scheduler == SELF_FORCING_SCHEDULER:
         routes = ("self-forcing", "causal")
-        settings = dataclasses.replace(settings, sampler="renoise")  # the sampler its DMD student was trained with
+        # its DMD student samples as Self-Forcing trained it: x0 + fresh noise, on its warped 4-step list
+        settings = dataclasses.replace(settings, sampler="renoise",
+                                       timesteps=settings.timesteps or list(SELF_FORCING_TIMESTEPS))
     elif "causal" in cls.lower():
         routes = ("causal", "self-forcing")
     else:
