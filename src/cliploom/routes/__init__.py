@@ -68,7 +68,8 @@ PLANNED: tuple[str, ...] = ()
 # Self-Forcing student is distilled to a few steps without guidance (its teacher's guidance is
 # baked in by DMD), as the public Self-Forcing / LongLive checkpoints run.
 SAMPLING: dict[str, dict[str, object]] = {
-    "self-forcing": {"steps": 4, "guidance": 1.0, "guidance_low": 1.0},
+    # renoise measured ahead of Euler for the shipped student (docs/routes.md, "Samplers")
+    "self-forcing": {"steps": 4, "guidance": 1.0, "guidance_low": 1.0, "sampler": "renoise"},
 }
 CAUSAL_ROUTES = ("causal", "self-forcing")  # the routes run by the causal loop (a rolling KV cache)
 
