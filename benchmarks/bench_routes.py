@@ -61,8 +61,9 @@ SAMPLING_KEYS = ("steps", "guidance")  # story settings a run may set (the route
 
 def parse_run(text: str) -> RouteRun:
     """``[NAME=]ROUTE[:KEY=VALUE...]``; KEY a route option, ``steps`` / ``guidance`` (the story's
-    sampling: e.g. causal stage 1 sampled as the self-forcing student is), ``sampler`` (``euler`` or
-    ``renoise``), or ``lora`` (the run's own route LoRA, e.g. a twin trained without one setting)."""
+    sampling: e.g. causal stage 1 at the self-forcing student's step count), ``sampler`` (``euler`` or
+    ``renoise``; the self-forcing route's default is renoise), or ``lora`` (the run's own route LoRA,
+    e.g. a twin trained without one setting)."""
     from cliploom.routes import ROUTES, option_error, parse_option
 
     head, *pairs = text.split(":")
@@ -98,7 +99,7 @@ def parse_run(text: str) -> RouteRun:
 def story_keys(run: RouteRun, weights: dict) -> dict:
     """make_story keys of one run."""
     if run.route == "chain":
-        return {"mode": "chain", "svi_lora": False}
+        return {"mode": "chain", "svi_lora": False, **({"sampler": run.sampling["sampler"]} if "sampler" in run.sampling else {})}
     keys: dict = {"mode": "pro"}
     if "steps" in run.sampling:
         keys["steps"] = int(run.sampling["steps"])

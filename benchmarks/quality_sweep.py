@@ -45,6 +45,9 @@ def main(argv=None) -> dict:
 
     _quiet_libraries()
     over = json.loads(args.overrides)
+    if args.first_clip_weight is not None and not args.lora:
+        raise SystemExit("error: --first-clip-weight sets the weight of --lora on clip 0; give --lora FILE")
+    fuse = over.pop("fuse_loras", False)  # unfused by default: per-clip weights need switchable adapters
     engine = Engine.load(args.model)
     settings = engine.model.settings
     devs = bq.dev_set(args.stories, 20, over.get("frames", settings.frames))
@@ -60,7 +63,7 @@ def main(argv=None) -> dict:
             first = {loras[0].name: args.first_clip_weight} if loras and args.first_clip_weight is not None else None
             clip_specs = [ClipSpec(p, lora_weights=first if k == 0 else None) for k, p in enumerate(d.prompts)]
             story = make_story(clips=clip_specs, reference=ref, seed=d.seed + 1000 * args.sample_seed,
-                               loras=loras, fuse_loras=False, **over)
+                               loras=loras, fuse_loras=fuse, **over)
             clips = list(engine.generate(story, progress=False))
             frames = np.concatenate([c.frames.numpy() for c in clips])
             scored = bq.score(frames, [c.prompt for c in clips], [int(c.frames.shape[0]) for c in clips])
@@ -69,7 +72,8 @@ def main(argv=None) -> dict:
     agg = bq.aggregate(stories, 20)
     fails = collections.Counter(f for s in stories for c in s["clips"] for f in c["failed"])
     first = sum(1 for s in stories if s["clips"][0]["passed"])
-    line = (f"{args.overrides} {args.lora or ''}: {agg['clip_pass_rate'] * 100:.1f} % of clips pass, "
+    first_weight = f" (clip 0 weight {args.first_clip_weight:g})" if args.first_clip_weight is not None else ""
+    line = (f"{args.overrides} {args.lora or ''}{first_weight}: {agg['clip_pass_rate'] * 100:.1f} % of clips pass, "
             f"{agg['stories_clean']}/{agg['stories']} stories clean, first clip {first}/{len(stories)}, "
             f"failures {dict(fails)}, colour ΔE clip 20 {agg['last_clip']['color_delta_e']:.2f}, "
             f"jump clip 20 {agg['last_clip']['boundary_jump']:.2f} ({time.perf_counter() - started:.0f} s)")

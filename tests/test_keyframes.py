@@ -266,6 +266,7 @@ def test_a_model_s_keyframe_lora_runs_stories_with_keyframes(tiny_dirs, tiny_sto
     assert [lo.path.name for lo in engine.default_loras(plain)] == ["svi.safetensors"]
     assert [lo.path.name for lo in engine.default_loras(keyed)] == ["kf.safetensors"]
     assert engine.default_loras(tiny_story(2, clips=keyed.clips, svi_lora=False)) == []
+    assert engine.model.settings.svi_lora_for(tiny_story(2, clips=keyed.clips, route="df")) is None  # its own weights
     resolved = keyed.resolve(engine.model.settings, engine.model.size_multiple, engine.model.scale_temporal)
     assert settings_key(resolved, engine.model)["keyframe_lora"] == "kf.safetensors"
     assert "keyframe_lora" not in settings_key(plain.resolve(engine.model.settings, engine.model.size_multiple,

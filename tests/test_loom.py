@@ -323,7 +323,8 @@ def test_memory_guidance_contrasts_each_continuing_clip_with_its_restart_at_the_
 def test_sampler_renoise_runs_every_route_seeded_and_is_checked(tiny_models, tiny_story):
     """``sampler: renoise`` (cliploom.sampling.sample_renoise) on the svi loop: clips differ from the
     ODE's, the same seed gives the same clips (same path: exact), the unknown and the impossible are
-    refused in one line; the euler default leaves every clip as it was."""
+    refused in one line (also when the model's default asks for it); an unset sampler is the Euler
+    path (``sampler(None)`` is ``sample_euler`` itself, tests/test_sampling.py)."""
     from cliploom.errors import CliploomError
     from cliploom.models.components import ModelSettings
 
@@ -341,6 +342,9 @@ def test_sampler_renoise_runs_every_route_seeded_and_is_checked(tiny_models, tin
         tiny_story(2, sampler="renoise", route="df", route_options={"ar_step": 1})
     with pytest.raises(CliploomError, match="unknown sampler 'dpm'"):
         ModelSettings.checked({"sampler": "dpm"}, "cliploom.json")
+    renoise_model = ModelSettings.checked({"sampler": "renoise", "frames": 9}, "cliploom.json")
+    with pytest.raises(CliploomError, match="sampler renoise takes one noise level per step"):  # the model's default too
+        tiny_story(2, route="df", route_options={"ar_step": 1}).resolve(renoise_model, 16, 4)
 
 
 def test_anchor_last_frame_anchors_each_clip_on_the_frame_the_clip_before_ended_on(tiny_models, tiny_story):

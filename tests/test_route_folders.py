@@ -173,6 +173,16 @@ def test_a_fastvideo_self_forcing_folder_is_the_causal_routes_own_model(fastvide
     assert all(torch.equal(a.latents, b.latents) for a, b in zip(again, clips, strict=True))  # seeded: same path, exact
 
 
+def test_a_self_forcing_folder_s_own_settings_win_over_its_sampling_defaults(fastvideo_dir, tmp_path):
+    import shutil
+
+    folder = tmp_path / "sf"
+    shutil.copytree(fastvideo_dir, folder)
+    (folder / "cliploom.json").write_text(json.dumps({"sampler": "euler", "steps": 3}))
+    settings = Engine.load(folder, device="cpu").model.settings
+    assert settings.sampler == "euler" and settings.steps == 3 and settings.timesteps is None
+
+
 def test_inspect_names_the_self_forcing_route_and_a_plain_text_to_video_folder_is_refused(fastvideo_dir, tmp_path, capsys):
     import shutil
 

@@ -70,6 +70,8 @@ def test_a_re_anchored_run_resumes_on_the_frame_it_kept(engine, tiny_story, tmp_
         render(engine, story, out, **crash_at(2, step=1))
     kept = Run(out.parent / "v.run").clips_dir / "000001.memory.safetensors"
     assert load_file(str(kept))["anchor_next"].shape == (32, 32, 3)
+    with pytest.raises(CliploomError, match="the story's anchor changed since the run"):  # keyed only when set
+        render(engine, tiny_story(4), out, resume=True)
     report = render(engine, story, out, resume=True)
     assert report["resumed_at_clip"] == 2 and report["totals"]["frames"] == whole["totals"]["frames"]
     assert np.array_equal(read_video(out), read_video(tmp_path / "whole" / "v.mp4"))

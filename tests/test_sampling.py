@@ -50,7 +50,8 @@ def test_euler_with_exact_velocity_lands_on_the_data():
 def test_renoise_predicts_the_data_then_noises_it_afresh_to_each_next_level():
     """renoise: x0 = x - s v at each level, then (1 - s') x0 + s' eps with fresh eps from the clip's
     generator. An oracle that knows the data lands on it whatever the noise; with a denoiser that
-    predicts x0 = 0 each step's input is exactly s' eps (the generator's next draw)."""
+    predicts x0 = 0 each step's input is s' eps (the generator's next draw; x - s (x / s) is zero
+    only up to rounding, so compared within 1e-6)."""
     x0, noise = torch.randn(2, 3), torch.randn(2, 3)
     sigmas = schedule(4, shift=5.0)
     out = sample_renoise(lambda x, s: (x - x0) / s, noise, sigmas, generator=torch.Generator().manual_seed(0))
@@ -62,12 +63,12 @@ def test_renoise_predicts_the_data_then_noises_it_afresh_to_each_next_level():
         return x / s
 
     g = torch.Generator().manual_seed(3)
-    assert sample_renoise(zero, noise, sigmas, generator=g).abs().max() == 0
+    assert sample_renoise(zero, noise, sigmas, generator=g).abs().max() <= 1e-6
     again = torch.Generator().manual_seed(3)
-    for k in range(1, 4):  # same generator, same draws: the same arithmetic, exact
-        assert torch.equal(seen[k], sigmas[k].item() * torch.randn(2, 3, generator=again))
+    for k in range(1, 4):  # same generator, same draws
+        assert torch.allclose(seen[k], sigmas[k].item() * torch.randn(2, 3, generator=again), atol=1e-6)
     # the euler name is the ODE sampler itself; renoise depends on its seed, euler on nothing more
-    assert sampler("euler") is sample_euler
+    assert sampler("euler") is sample_euler and sampler(None) is sample_euler  # unset: the loops' Euler path
     a = sampler("renoise", torch.Generator().manual_seed(1))(lambda x, s: x, noise, sigmas)
     b = sampler("renoise", torch.Generator().manual_seed(1))(lambda x, s: x, noise, sigmas)
     c = sampler("renoise", torch.Generator().manual_seed(2))(lambda x, s: x, noise, sigmas)

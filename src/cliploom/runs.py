@@ -178,11 +178,14 @@ class Run:
             if header is None:
                 raise CliploomError(f"{where}: no run to continue (no {self.folder}/run.json)",
                                     "run without --resume/--from-clip to start one")
-            changed = [k for k in settings if header.get("settings", {}).get(k) != settings[k]]
+            # every key either side has: an option keyed only when set (keyframe_lora, anchor, ...) that
+            # the run had and the story no longer has is a change too; absent on both sides is equal
+            before = header.get("settings", {})
+            changed = [k for k in sorted(settings.keys() | before.keys()) if before.get(k) != settings.get(k)]
             if changed:
                 k = changed[0]
                 raise CliploomError(
-                    f"{where}: the story's {k} changed since the run ({header['settings'].get(k)!r} -> {settings[k]!r})",
+                    f"{where}: the story's {k} changed since the run ({before.get(k)!r} -> {settings.get(k)!r})",
                     "restore it, or start over with --overwrite")
             if header.get("png") != self.png:
                 raise CliploomError(f"{where}: the run wrote {'PNG' if header.get('png') else 'MP4'} segments",

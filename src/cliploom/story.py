@@ -243,6 +243,9 @@ SEED_LIMIT = 2**63
 def check_numbers(s: Story, size_multiple: int = 16, temporal: int = 4) -> None:
     """Checks that need the final numbers (after model defaults are filled in)."""
     where = str(s.source or "story")
+    if s.sampler == "renoise" and s.route == "df" and s.route_options.get("ar_step"):  # the model's default too
+        _fail(where, "sampler renoise takes one noise level per step; df's ar_step gives each frame its own",
+              "use sampler: euler with ar_step, or drop ar_step")
     if s.frames is not None:
         if not 1 + temporal <= s.frames <= MAX_FRAMES or (s.frames - 1) % temporal:
             if s.frames > MAX_FRAMES:
@@ -573,9 +576,6 @@ def make_story(**values) -> Story:
         _fail(where, f"unknown anchor {story.anchor!r}", f"use {' or '.join(ANCHORS)}")
     if story.sampler is not None and story.sampler not in SAMPLERS:
         _fail(where, f"unknown sampler {story.sampler!r}", f"use {' or '.join(SAMPLERS)}")
-    if story.sampler == "renoise" and story.route == "df" and story.route_options.get("ar_step"):
-        _fail(where, "sampler renoise takes one noise level per step; df's ar_step gives each frame its own",
-              "use sampler: euler with ar_step, or drop ar_step")
     if story.anchor != "reference" and (not story.latent_motion or story.route != "svi"):
         _fail(where, f"anchor: {story.anchor} re-anchors pro mode's latent conditioning on the svi route",
               "use mode: pro (and route: svi), or anchor: reference")

@@ -57,14 +57,15 @@ class ModelSettings:
     keyframe_guidance: float = 1.0  # the default of stories' keyframe_guidance (1: off; wants a keyframe-trained LoRA)
     memory_guidance: float = 1.0  # the default of stories' memory_guidance (1: off)
     route_loras: dict | None = None  # route -> LoRA file in the model folder with that route's weights (cliploom.routes)
-    sampler: str = "euler"  # the default of stories' sampler: euler | renoise (DMD / Self-Forcing students)
+    sampler: str | None = None  # the default of stories' sampler: euler | renoise (DMD / Self-Forcing students); None: euler
     native_routes: tuple = ()  # routes the model's own DiT is made for (SkyReels-V2 DF: df; a causal DiT: causal routes)
 
     def svi_lora_for(self, story) -> str | None:
         """The file name of this model's SVI LoRA that ``story`` runs with (``None``: none): the
         keyframe-trained one (``keyframe_lora``) when a clip carries keyframes and the model ships
-        it, else ``svi_lora``; none when the story turns the model's SVI LoRA off."""
-        if not story.svi_lora:
+        it, else ``svi_lora``; none when the story turns the model's SVI LoRA off or runs another
+        route (which has its own weights, ``route_loras``)."""
+        if not story.svi_lora or story.route != "svi":
             return None
         if self.keyframe_lora and any(c.keyframes for c in story.clips):
             return self.keyframe_lora
@@ -115,7 +116,7 @@ class ModelSettings:
         if not 1 <= settings.max_sequence_length <= 4096:
             raise CliploomError(f"{where}: max_sequence_length {settings.max_sequence_length} is out of range",
                                 "use 512 (Wan)")
-        if settings.sampler not in ("euler", "renoise"):
+        if settings.sampler not in (None, "euler", "renoise"):
             raise CliploomError(f"{where}: unknown sampler {settings.sampler!r}", "use euler or renoise")
         for name in [settings.svi_lora, settings.keyframe_lora, *(settings.route_loras or {}).values()]:
             if name is not None and (Path(name).is_absolute() or ".." in Path(name).parts):

@@ -28,7 +28,7 @@ import torch
 
 from ..errors import CliploomError
 from . import formats
-from .components import SETTINGS_FILE, Components, ModelSettings
+from .components import SETTINGS_FILE, Components, ModelSettings, read_settings
 from .quiet import quiet_hf
 
 # Nothing is ever fetched: every file must be on disk.
@@ -571,9 +571,12 @@ def _route_settings(path: Path, index: dict, settings: ModelSettings) -> ModelSe
         routes = ("helios",)
     elif scheduler == SELF_FORCING_SCHEDULER:
         routes = ("self-forcing", "causal")
-        # its DMD student samples as Self-Forcing trained it: x0 + fresh noise, on its warped 4-step list
-        settings = dataclasses.replace(settings, sampler="renoise",
-                                       timesteps=settings.timesteps or list(SELF_FORCING_TIMESTEPS))
+        # its DMD student samples as Self-Forcing trained it: x0 + fresh noise, on its warped 4-step
+        # list -- unless the folder's cliploom.json says otherwise (a sampler, steps or timesteps)
+        own = read_settings(path / SETTINGS_FILE) if (path / SETTINGS_FILE).is_file() else {}
+        settings = dataclasses.replace(
+            settings, sampler=settings.sampler or "renoise",
+            timesteps=settings.timesteps if ("steps" in own or "timesteps" in own) else list(SELF_FORCING_TIMESTEPS))
     elif "causal" in cls.lower():
         routes = ("causal", "self-forcing")
     else:
