@@ -330,12 +330,12 @@ def test_sampler_renoise_runs_every_route_seeded_and_is_checked(tiny_models, tin
 
     model = tiny_models("wan21")
     euler = frames_of(model, tiny_story(2, steps=3, guidance=1.0))
-    assert all(torch.equal(a.latents, b.latents) for a, b in zip(
+    assert all(torch.equal(a.latents, b.latents) for a, b in zip(  # unset and "euler": one function, same path
         euler, frames_of(model, tiny_story(2, steps=3, guidance=1.0, sampler="euler")), strict=True))
     re1 = frames_of(model, tiny_story(2, steps=3, guidance=1.0, sampler="renoise"))
     re2 = frames_of(model, tiny_story(2, steps=3, guidance=1.0, sampler="renoise"))
-    assert all(torch.equal(a.latents, b.latents) for a, b in zip(re1, re2, strict=True))
-    assert not torch.equal(re1[0].latents, euler[0].latents)
+    assert all(torch.equal(a.latents, b.latents) for a, b in zip(re1, re2, strict=True))  # same path twice
+    assert not torch.allclose(re1[0].latents, euler[0].latents, atol=1e-3)  # another sampler, not rounding
     with pytest.raises(CliploomError, match="unknown sampler 'heun'"):
         tiny_story(2, sampler="heun")
     with pytest.raises(CliploomError, match="sampler renoise takes one noise level per step"):
@@ -379,7 +379,8 @@ def test_anchor_last_frame_anchors_each_clip_on_the_frame_the_clip_before_ended_
             tiny_story(2, **kw)
     with pytest.raises(CliploomError, match="cannot continue at clip 1"):
         frames_of(model, tiny_story(2, anchor="last_frame"), start=Start(1, moved[0].memory))
-    # continuing from clip 1 with the frame clip 0 handed on gives the clips of the whole run (same path)
+    # continuing from clip 1 with the frame clip 0 handed on gives the clips of the whole run: the same
+    # functions on the same tensors (memory, anchor frame) in the same process, so exact
     tail = frames_of(model, tiny_story(3, steps=2, guidance=1.0, seam_blend=0, anchor="last_frame"),
                      start=Start(1, moved[0].memory, moved[0].anchor_next))
     assert all(torch.equal(a.frames, b.frames) for a, b in zip(tail, moved[1:], strict=True))

@@ -169,7 +169,7 @@ def test_a_fastvideo_self_forcing_folder_is_the_causal_routes_own_model(fastvide
     assert len(seen) == 1 + 2 * (2 + 1) + 2 * (2 + 1)  # the anchor; clip 0's 2 blocks, then 1 a clip: 2 steps + the write
     ode = list(engine.generate(_story(tiny_story, n=3, route="self-forcing", sampler="euler"), progress=False))
     again = list(engine.generate(_story(tiny_story, n=3, route="self-forcing"), progress=False))
-    assert not torch.equal(ode[0].latents, clips[0].latents)
+    assert not torch.allclose(ode[0].latents, clips[0].latents, atol=1e-3)  # another sampler, not rounding
     assert all(torch.equal(a.latents, b.latents) for a, b in zip(again, clips, strict=True))  # seeded: same path, exact
 
 

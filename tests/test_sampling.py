@@ -72,7 +72,7 @@ def test_renoise_predicts_the_data_then_noises_it_afresh_to_each_next_level():
     a = sampler("renoise", torch.Generator().manual_seed(1))(lambda x, s: x, noise, sigmas)
     b = sampler("renoise", torch.Generator().manual_seed(1))(lambda x, s: x, noise, sigmas)
     c = sampler("renoise", torch.Generator().manual_seed(2))(lambda x, s: x, noise, sigmas)
-    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(a, b) and not torch.allclose(a, c, atol=1e-3)  # same seed, same path: exact; another seed differs
     with pytest.raises(ValueError, match="one sigma per step"):
         sample_renoise(zero, noise, torch.ones(3, 2))
 

@@ -275,6 +275,7 @@ def test_y_error_on_anchor_starts_the_errors_at_the_anchor_latent(wan21):
     _recycler(y_error_frames=2).inject_y(sample.cond, error, sample.error_start, torch.Generator().manual_seed(0))
     added = (sample.cond.y - before)[:, 4:]
     assert added[:, :, 0].abs().sum() > 0 and added[:, :, 1].abs().sum() > 0  # anchor and motion latent
+    # the mask channels are not computed on, only carried: an exact copy
     assert added[:, :, 2:].abs().sum() == 0 and torch.equal(sample.cond.y[:, :4], before[:, :4])
     plain = build_sample(wan21, clip, draw_choice(TrainConfig(latent_mode_prob=1.0, no_motion_prob=0.0, motion_latents=[1]),
                                                   9, torch.Generator().manual_seed(0)))

@@ -161,9 +161,10 @@ class Story:
 
         s = dataclasses.replace(self)
         route = SAMPLING.get(s.route, {})  # what the route's weights are made for (self-forcing: few steps)
+        # a step list (the story's, or a model's own: a Self-Forcing DiT) wins over the route's step count
+        has_list = s.timesteps is not None or getattr(settings, "timesteps", None) is not None
         for name, value in route.items():
-            # a model with its own step list (a Self-Forcing DiT) keeps it over the route's step count
-            if getattr(s, name) is None and not (name == "steps" and (s.timesteps or getattr(settings, "timesteps", None)) is not None):
+            if getattr(s, name) is None and not (name == "steps" and has_list):
                 setattr(s, name, value)
         for name in ("width", "height", "fps", "frames", "shift", "guidance", "negative_prompt", "color_match",
                      "seam_blend", "motion_amplitude", "keyframe_guidance", "memory_guidance", "sampler"):

@@ -90,7 +90,7 @@ class ModelSettings:
     def checked(cls, values: dict, where: str) -> "ModelSettings":
         """Settings whose every value has its type and a sane range (they become a story's defaults)."""
         from ..errors import CliploomError
-        from ..story import ClipSpec, Story, check_numbers, typed_value
+        from ..story import SAMPLERS, ClipSpec, Story, check_numbers, typed_value
 
         kinds = {"family": str, "max_sequence_length": int, "width": int, "height": int, "fps": int, "frames": int,
                  "steps": int, "guidance": float, "guidance_low": float, "shift": float, "boundary_ratio": float,
@@ -116,8 +116,8 @@ class ModelSettings:
         if not 1 <= settings.max_sequence_length <= 4096:
             raise CliploomError(f"{where}: max_sequence_length {settings.max_sequence_length} is out of range",
                                 "use 512 (Wan)")
-        if settings.sampler not in (None, "euler", "renoise"):
-            raise CliploomError(f"{where}: unknown sampler {settings.sampler!r}", "use euler or renoise")
+        if settings.sampler not in (None, *SAMPLERS):
+            raise CliploomError(f"{where}: unknown sampler {settings.sampler!r}", f"use {' or '.join(SAMPLERS)}")
         for name in [settings.svi_lora, settings.keyframe_lora, *(settings.route_loras or {}).values()]:
             if name is not None and (Path(name).is_absolute() or ".." in Path(name).parts):
                 raise CliploomError(f"{where}: LoRA {name!r} must be a file inside the model folder",

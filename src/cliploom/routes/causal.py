@@ -112,6 +112,7 @@ def weave(
                 seed = story.clip_seed(i)
                 generator = torch.Generator("cpu").manual_seed(seed)  # then renoise's fresh noise, block after block
                 noise = torch.randn((1, model.z_dim, new, h, w), generator=generator)
+                sample = sampler(story.sampler, generator)
                 made, steps = [], len(sigmas) - 1
                 stream = None
                 if on_block is not None:  # decoded in the clip's own context, as the clip is
@@ -124,9 +125,8 @@ def weave(
                     denoise = make_denoiser(experts, cond, text[prompt], negative)
                     set_offset(tr, position)
                     done = steps * (b0 // block)
-                    sample = sampler(story.sampler, generator)
                     x = sample(denoise, noise[:, :, b0:b0 + n].to(model.device), sigmas, cond.finish,
-                                     (lambda k, i=i, d=done: on_step(i, d + k + 1, total)) if on_step else None)
+                               (lambda k, i=i, d=done: on_step(i, d + k + 1, total)) if on_step else None)
                     # 6. The block, clean, becomes cache (and its frames part of the clip).
                     write_block(model, session, x, cond.y, text[prompt], features, position, start=session.written)
                     made.append(x)
