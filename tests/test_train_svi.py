@@ -507,7 +507,7 @@ def test_data_clip_roundtrip_type():
 def test_far_anchor_comes_from_the_source_and_leaves_other_streams_alone(wan21):
     src = ShapesWorldClips(frames=9, size=32, segments=3, segment_frames=12, boundary_prob=0.0)
     near = src.clip(torch.Generator().manual_seed(5), 5)
-    far = src.clip(torch.Generator().manual_seed(5), 5, far_anchor=True)
+    far = src.clip(torch.Generator().manual_seed(5), 5, far_anchor="any")
     assert near.anchor is None and np.array_equal(near.frames, far.frames)  # the same clip either way
     assert far.anchor.shape == (1, 32, 32, 3)
     sample = build_sample(wan21, far, Choice("latent", motion=1, ref_index=2, far_anchor=True))
@@ -526,6 +526,41 @@ def test_far_anchor_comes_from_the_source_and_leaves_other_streams_alone(wan21):
         b = draw_choice(always, 9, torch.Generator().manual_seed(seed))
         assert (a.mode, a.motion, a.ref_pad, a.ref_index) == (b.mode, b.motion, b.ref_pad, b.ref_index)
         assert not a.far_anchor and b.far_anchor == (b.motion > 0)
+
+
+def test_anchor_from_past_never_shows_a_frame_the_clip_has_yet_to_reach():
+    """`anchor_from: past`: the anchor is a frame of the source at or before the clip's last motion
+    frame (as at inference); "any" (far anchors) also draws later frames -- the leak it removes."""
+    from cliploom.shapesworld import sample_sequence
+    from cliploom.train.config import validate
+    from cliploom.train.samples import draw_choice
+
+    src = ShapesWorldClips(frames=9, size=32, segments=3, segment_frames=12, boundary_prob=0.0)
+
+    def anchor_index(clip):
+        seed = int(clip.source.split(":")[1].split("@")[0])
+        frames = sample_sequence(seed, 3, 12, size=32).frames(0, 36)
+        return [k for k in range(36) if np.array_equal(frames[k], clip.anchor[0])]
+
+    later = 0
+    for seed in range(30):
+        past = src.clip(torch.Generator().manual_seed(seed), 5, far_anchor="past")
+        last_motion = past.offset + 5 - 1
+        assert min(anchor_index(past)) <= last_motion
+        anywhere = src.clip(torch.Generator().manual_seed(seed), 5, far_anchor="any")
+        later += min(anchor_index(anywhere)) > anywhere.offset + 5 - 1
+    assert later >= 5  # anywhere-anchors do come from ahead of the clip (30 draws, about half expected)
+    # Every sample with motion takes the past anchor; the other draws are the official config's.
+    official, past_cfg = TrainConfig(), TrainConfig(anchor_from="past")
+    for seed in range(20):
+        a = draw_choice(official, 9, torch.Generator().manual_seed(seed))
+        b = draw_choice(past_cfg, 9, torch.Generator().manual_seed(seed))
+        assert (a.mode, a.motion, a.ref_index) == (b.mode, b.motion, b.ref_index)
+        assert not a.far_anchor and b.far_anchor == (b.motion > 0)
+    with pytest.raises(CliploomError, match="anchor_from"):
+        validate(TrainConfig(anchor_from="future"))
+    with pytest.raises(CliploomError, match="far anchors"):
+        validate(TrainConfig(route="causal", anchor_from="past", error_recycling=False))
 
 
 def test_previous_clip_motion_is_the_last_latent_of_the_clip_that_ends_there(wan21):

@@ -69,6 +69,13 @@ class TrainConfig:
     # the clip's source (the whole ShapesWorld sequence or video file) instead of from the clip:
     # at inference the anchor is the story's first frame, however far the subject has moved since.
     anchor_far_prob: float = 0.0
+    # Where a sample with motion memory takes its anchor / reference image: `clip` (official: a
+    # random frame of the clip, often one the clip has not reached yet -- which teaches the LoRA to
+    # move the subject towards the anchor) or `past` (a frame of the source at or before the clip's
+    # last motion frame, as at inference, where the anchor is the story's first frame or, when
+    # re-anchoring, the frame the previous clip ended on). Far anchors (`anchor_far_prob`) then
+    # come from the past too.
+    anchor_from: str = "clip"
     # Chance that a sample carries its clip's true last frame as a keyframe (end-frame control, as
     # `end_frame:` in a story): a LoRA trained with it learns to end clips where users say.
     end_frame_prob: float = 0.0
@@ -200,6 +207,7 @@ _CHOICES = {
     "velocity_target": ("clean", "injected"),
     "lr_schedule": ("constant", "cosine"),
     "motion_source": ("clip", "previous_clip"),
+    "anchor_from": ("clip", "past"),
     "route": ("svi", "df", "causal", "self-forcing", "helios"),
     "closed_loop_lead": ("world", "memory"),
     "replay_replace": ("nearest", "random"),
@@ -321,8 +329,9 @@ def validate(cfg: TrainConfig, where: str = "config") -> None:
         if cfg.error_recycling:
             _fail(where, "route causal's stage 1 has no error recycling (its own rollouts are the next stage)",
                   "set error_recycling: false")
-        if cfg.end_frame_prob or cfg.anchor_far_prob:
-            _fail(where, "route causal trains without keyframes or far anchors", "drop end_frame_prob and anchor_far_prob")
+        if cfg.end_frame_prob or cfg.anchor_far_prob or cfg.anchor_from != "clip":
+            _fail(where, "route causal trains without keyframes or far anchors",
+                  "drop end_frame_prob, anchor_far_prob and anchor_from")
     if cfg.route == "self-forcing":
         if cfg.data != "shapesworld":
             _fail(where, "route self-forcing rolls out ShapesWorld stories only in this version", "set data: shapesworld")
@@ -362,8 +371,8 @@ def _check_helios(cfg: TrainConfig, where: str) -> None:
         _fail(where, "route helios trains on ShapesWorld streams only in this version", "set data: shapesworld")
     if cfg.error_recycling:
         _fail(where, "route helios corrupts the history instead of recycling errors", "set error_recycling: false")
-    if cfg.end_frame_prob or cfg.anchor_far_prob:
-        _fail(where, "route helios trains without keyframes or far anchors", "drop end_frame_prob and anchor_far_prob")
+    if cfg.end_frame_prob or cfg.anchor_far_prob or cfg.anchor_from != "clip":
+        _fail(where, "route helios trains without keyframes or far anchors", "drop end_frame_prob, anchor_far_prob and anchor_from")
     if len(cfg.motion_latents) != 1:
         _fail(where, "route helios trains one timeline: one motion_latents value (the pro timeline's K)",
               "set e.g. motion_latents: [1]")

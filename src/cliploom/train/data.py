@@ -63,11 +63,12 @@ class ShapesWorldClips:
                 "raise `segments` or `segment_frames`",
             )
 
-    def clip(self, generator: torch.Generator, motion_pixels: int, far_anchor: bool = False,
+    def clip(self, generator: torch.Generator, motion_pixels: int, far_anchor: str | None = None,
              history: int = 0) -> DataClip:
-        """A clip whose first ``motion_pixels`` frames are its motion memory (with ``far_anchor``,
-        a frame from anywhere in its sequence as ``anchor``; with ``history``, that many frames
-        before the clip as ``history``)."""
+        """A clip whose first ``motion_pixels`` frames are its motion memory (with ``far_anchor``
+        ``"any"``, a frame from anywhere in its sequence as ``anchor``; ``"past"``, a frame at or
+        before the clip's last motion frame; with ``history``, that many frames before the clip as
+        ``history``)."""
         from ..shapesworld import sample_sequence
 
         seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
@@ -86,7 +87,8 @@ class ShapesWorldClips:
         prompt = next(s.prompt for s in seq.segments if s.start <= first_new < s.stop)
         anchor = None
         if far_anchor:
-            k = _randint(generator, 0, total - 1)
+            last = total - 1 if far_anchor == "any" else offset + max(motion_pixels, 1) - 1
+            k = _randint(generator, 0, last)
             anchor = seq.frames(k, k + 1)
         past = seq.frames(offset - history, offset) if history else None
         return DataClip(seq.frames(offset, offset + F), prompt, f"shapesworld:{seed}@{offset}", offset, anchor, past)
@@ -164,7 +166,7 @@ class VideoFolderClips:
                 "use longer videos, fewer `frames` or a smaller `frame_stride`",
             )
 
-    def clip(self, generator: torch.Generator, motion_pixels: int = 0, far_anchor: bool = False,
+    def clip(self, generator: torch.Generator, motion_pixels: int = 0, far_anchor: str | None = None,
              history: int = 0) -> DataClip:
         path, n, caption = self.videos[_randint(generator, 0, len(self.videos) - 1)]
         lo, hi = history * self.stride, n - ((self.frames - 1) * self.stride + 1)
@@ -176,7 +178,8 @@ class VideoFolderClips:
         frames = np.stack([np.asarray(cover_crop(im, self.width, self.height)) for im in images])
         past, frames = (frames[:history], frames[history:]) if history else (None, frames)
         anchor = None
-        if far_anchor:
-            (image,) = read_frames(path, _randint(generator, 0, n - 1), 1)
+        if far_anchor:  # "past": at or before the clip's last motion frame
+            last = n - 1 if far_anchor == "any" else start + (max(motion_pixels, 1) - 1) * self.stride
+            (image,) = read_frames(path, _randint(generator, 0, last), 1)
             anchor = np.asarray(cover_crop(image, self.width, self.height))[None]
         return DataClip(frames, caption, f"{path.name}@{start}", start, anchor, past)

@@ -21,7 +21,9 @@ differently deep in a clip than right after its first frame.
 
 With ``anchor_far_prob`` a sample with motion memory takes its anchor / reference from anywhere
 in the clip's source instead (``DataClip.anchor``), as at inference, where the anchor is the
-story's first frame while the motion memory is wherever the last clip ended.
+story's first frame while the motion memory is wherever the last clip ended. With ``anchor_from:
+past`` every such sample does, from a frame at or before the clip's last motion frame: never one
+the clip has yet to reach, as no anchor at inference is.
 """
 
 from __future__ import annotations
@@ -91,6 +93,8 @@ def draw_choice(cfg: TrainConfig, frames: int, generator: torch.Generator) -> Ch
     far = False
     if cfg.anchor_far_prob > 0:  # drawn only when asked for, so other configs keep their random streams
         far = bool(torch.rand((), generator=generator) < cfg.anchor_far_prob) and motion > 0
+    if cfg.anchor_from == "past" and motion > 0:  # every anchor from the source, at or before the motion
+        far = True
     end = False
     if cfg.end_frame_prob > 0:  # drawn only when asked for, as above
         end = bool(torch.rand((), generator=generator) < cfg.end_frame_prob)
