@@ -8,6 +8,7 @@ from compare import assert_frames_close, assert_same_clips
 
 from cliploom import conditioning
 from cliploom.engine import Engine
+from cliploom.errors import CliploomError
 from cliploom.loom import weave
 from cliploom.video_io import read_video
 
@@ -219,6 +220,49 @@ def test_color_match_moves_each_clip_to_the_anchor_statistics():
     assert int(match_colour(flat, target)[..., 0].float().mean()) == 120  # a flat channel is shifted, not stretched
 
 
+def test_histogram_matching_restores_a_small_subject_s_colour_that_mean_and_spread_cannot():
+    from cliploom.colour import ColourTarget, match_colour
+
+    def scene(stripe, other_stripe, subject, x0):
+        frame = np.empty((32, 32, 3), np.uint8)
+        frame[:], frame[::2] = stripe, other_stripe  # a striped background: three colours per channel
+        frame[10:16, x0 : x0 + 6] = subject  # 36 of 1024 pixels: a small subject
+        return frame
+
+    reference = torch.from_numpy(scene((100, 120, 60), (80, 100, 50), (200, 40, 40), 4))
+    # a later clip: the subject has moved and faded, the stripes have taken uneven casts
+    clip = torch.from_numpy(np.stack([scene((104, 122, 64), (90, 104, 56), (165, 70, 55), x) for x in (12, 14, 16)]))
+    target = ColourTarget.of(reference)
+
+    def subject_error(frames, x0=12):
+        return float((frames[0, 12, x0 + 2].float() - torch.tensor([200.0, 40.0, 40.0])).abs().max())
+
+    def background_error(frames):
+        return float((frames[0, :2, 0].float() - torch.tensor([[80.0, 100.0, 50.0], [100.0, 120.0, 60.0]])).abs().max())
+
+    hist = match_colour(clip, target, method="histogram")
+    mean_std = match_colour(clip, target, method="mean_std")
+    assert subject_error(clip) == 35.0  # the drift: 35 levels in red
+    assert subject_error(hist) <= 2.0 and background_error(hist) <= 2.0
+    assert subject_error(mean_std) > 8.0  # one affine map per channel cannot undo uneven drifts
+    # one table per channel for the whole clip: equal pixels stay equal across its frames
+    assert torch.equal(hist[0, 0, 0], hist[2, 0, 0]) and torch.equal(hist[0, 12, 14], hist[1, 12, 16])
+    # strength 0 keeps the frames (the same path: exact); a clip matched to itself moves < 1 level
+    assert torch.equal(match_colour(clip, target, strength=0.0, method="histogram"), clip)
+    assert int((match_colour(clip, ColourTarget.of(clip), method="histogram").int() - clip.int()).abs().max()) <= 1
+
+
+def test_color_match_method_is_validated_in_stories_and_model_settings():
+    from cliploom.models.components import ModelSettings
+    from cliploom.story import make_story
+
+    with pytest.raises(CliploomError, match="unknown color_match_method 'mkl'"):
+        make_story(clips=["a"], color_match_method="mkl")
+    with pytest.raises(CliploomError, match="unknown color_match_method"):
+        ModelSettings.checked({"color_match_method": "lab"}, "cliploom.json")
+    assert ModelSettings.checked({"color_match_method": "histogram"}, "cliploom.json").color_match_method == "histogram"
+
+
 def test_color_match_in_the_loop(tiny_models, tiny_story, reference_png):
     from cliploom.colour import colour_stats
     from cliploom.video_io import load_image
@@ -233,6 +277,11 @@ def test_color_match_in_the_loop(tiny_models, tiny_story, reference_png):
         assert off(b) < off(a)
     # clip 0 keeps all its frames: its mean moves to the anchor's, up to what clipping at 0 / 255 costs
     assert off(matched[0]) < 0.5 * off(plain[0]) and off(plain[0]) > 5.0  # the random model's cast was real
+    histogram = frames_of(model, tiny_story(2, color_match="anchor", color_match_method="histogram"))
+    for a, b in zip(plain, histogram):
+        torch.testing.assert_close(b.latents, a.latents)  # only the frames change
+        assert off(b) < off(a)
+    assert not torch.equal(histogram[0].frames, matched[0].frames)  # the method is used
 
 
 def test_seam_blend_fades_each_clips_last_frames_into_the_next_clips_recreation(tiny_models, tiny_story):

@@ -17,7 +17,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import conditioning as C
-from .colour import colour_stats, match_colour
+from .colour import ColourTarget, match_colour
 from .errors import CliploomError
 from .models.components import Components, frames_to_tensor
 from .models.memory import check_story_fits
@@ -113,7 +113,7 @@ def weave(
     set_frame_rate(model.transformer, story.fps)  # DiTs that embed it (SkyReels-V2)
 
     decoder = ClipDecoder(model, overlap_decode if overlap_decode is not None else model.device.type == "cuda",
-                       story.color_match, colour_stats(torch.from_numpy(np.array(image))))
+                       story.color_match, ColourTarget.of(torch.from_numpy(np.array(image))), story.color_match_method)
     clip_bar = tqdm(total=len(prompts), initial=start.index, desc="clips", unit="clip", disable=not progress)
     keyframes = _Keyframes(model, story)
 
@@ -327,10 +327,12 @@ class DecodedClip:
 class ClipDecoder:
     """Decodes clips, on a worker thread (and CUDA stream) when overlapping is on."""
 
-    def __init__(self, model: Components, overlap: bool, color_match: str | None = None, anchor_stats=None):
+    def __init__(self, model: Components, overlap: bool, color_match: str | None = None,
+                 anchor: ColourTarget | None = None, method: str | None = None):
         self.model = model
         self.color_match = color_match if color_match not in (None, "none") else None
-        self.target = anchor_stats  # colour statistics the next clip is matched to
+        self.target = anchor  # the colours the next clip is matched to
+        self.method = method or "mean_std"
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="cliploom-decode") if overlap else None
         self.overlapped = overlap
         self.stream = torch.cuda.Stream() if overlap and model.device.type == "cuda" else None
@@ -356,9 +358,9 @@ class ClipDecoder:
         else:
             frames = self.model.decode_latents(latents)
         if self.color_match is not None:  # clips are decoded in order, so "previous" is the clip before
-            frames = match_colour(frames, self.target)
+            frames = self.match(frames)
             if self.color_match == "previous":
-                self.target = colour_stats(frames[-max(1, len(frames) // 4):])
+                self.target = ColourTarget.of(frames[-max(1, len(frames) // 4):])
         index, prompt, seed, seconds_denoise, seconds_compile = info
         clip = Clip(
             index=index,
@@ -374,6 +376,10 @@ class ClipDecoder:
             seconds_compile=seconds_compile,
         )
         return DecodedClip(clip, frames)
+
+    def match(self, frames: torch.Tensor) -> torch.Tensor:
+        """uint8 frames matched to the current target (``color_match`` on)."""
+        return match_colour(frames, self.target, method=self.method)
 
     def close(self) -> None:
         if self.pool is not None:

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from .colour import METHODS as COLOUR_METHODS
 from .errors import CliploomError
 
 # Motion modes. "pro" is latent motion (SVI 2.0 Pro); the rest are pixel motion presets with
@@ -103,6 +104,7 @@ class Story:
     release_text_encoder: bool = False  # free the text encoder once the prompts are encoded
     svi_lora: bool = True  # apply the model's own SVI LoRA (cliploom.json `svi_lora`) when it has one
     color_match: str | None = None  # none | anchor | previous: each clip's colour statistics (cliploom.colour)
+    color_match_method: str | None = None  # mean_std | histogram: how color_match matches (cliploom.colour)
     seam_blend: int | None = None  # pro mode: a clip's last N frames fade into the next clip's re-creation of them
     route: str = "svi"  # how the past enters a clip: svi | df | causal (cliploom.routes)
     route_options: dict = field(default_factory=dict)  # the route's knobs (cliploom.routes.ROUTES)
@@ -167,7 +169,7 @@ class Story:
             if getattr(s, name) is None and not (name == "steps" and has_list):
                 setattr(s, name, value)
         for name in ("width", "height", "fps", "frames", "shift", "guidance", "negative_prompt", "color_match",
-                     "seam_blend", "motion_amplitude", "keyframe_guidance", "memory_guidance", "sampler"):
+                     "color_match_method", "seam_blend", "motion_amplitude", "keyframe_guidance", "memory_guidance", "sampler"):
             if getattr(s, name) is None:
                 setattr(s, name, getattr(settings, name))
         if self.seam_blend is None and not s.latent_motion:
@@ -343,6 +345,7 @@ _SCALARS: dict[str, type] = {
     "fuse_loras": bool,
     "svi_lora": bool,
     "color_match": str,
+    "color_match_method": str,
     "seam_blend": int,
     "motion_amplitude": float,
     "keyframe_guidance": float,
@@ -573,6 +576,8 @@ def make_story(**values) -> Story:
         _fail(where, f"unknown weights {story.weights!r}", f"use one of {', '.join(WEIGHTS)}")
     if story.color_match is not None and story.color_match not in ("none", "anchor", "previous"):
         _fail(where, f"unknown color_match {story.color_match!r}", "use none, anchor or previous")
+    if story.color_match_method is not None and story.color_match_method not in COLOUR_METHODS:
+        _fail(where, f"unknown color_match_method {story.color_match_method!r}", f"use {' or '.join(COLOUR_METHODS)}")
     if story.anchor not in ANCHORS:
         _fail(where, f"unknown anchor {story.anchor!r}", f"use {' or '.join(ANCHORS)}")
     if story.sampler is not None and story.sampler not in SAMPLERS:

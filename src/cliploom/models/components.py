@@ -51,6 +51,7 @@ class ModelSettings:
     # clips carry keyframes (end frames); without it those stories take `svi_lora` too
     keyframe_lora: str | None = None
     color_match: str = "none"  # the default of stories' color_match (cliploom.colour)
+    color_match_method: str = "mean_std"  # the default of stories' color_match_method (cliploom.colour)
     guidance_boundary: float | None = None  # one-transformer models: guidance above it, guidance_low below
     seam_blend: int = 0  # the default of stories' seam_blend (pro mode)
     motion_amplitude: float = 1.0  # the default of stories' motion_amplitude (1: off)
@@ -90,11 +91,13 @@ class ModelSettings:
     def checked(cls, values: dict, where: str) -> "ModelSettings":
         """Settings whose every value has its type and a sane range (they become a story's defaults)."""
         from ..errors import CliploomError
+        from ..colour import METHODS as COLOUR_METHODS
         from ..story import SAMPLERS, ClipSpec, Story, check_numbers, typed_value
 
         kinds = {"family": str, "max_sequence_length": int, "width": int, "height": int, "fps": int, "frames": int,
                  "steps": int, "guidance": float, "guidance_low": float, "shift": float, "boundary_ratio": float,
-                 "expand_timesteps": bool, "negative_prompt": str, "svi_lora": str, "keyframe_lora": str, "color_match": str, "seam_blend": int,
+                 "expand_timesteps": bool, "negative_prompt": str, "svi_lora": str, "keyframe_lora": str, "color_match": str,
+                 "color_match_method": str, "seam_blend": int,
                  "guidance_boundary": float, "motion_amplitude": float, "keyframe_guidance": float,
                  "memory_guidance": float, "sampler": str}
         out = {}
@@ -118,6 +121,9 @@ class ModelSettings:
                                 "use 512 (Wan)")
         if settings.sampler not in (None, *SAMPLERS):
             raise CliploomError(f"{where}: unknown sampler {settings.sampler!r}", f"use {' or '.join(SAMPLERS)}")
+        if settings.color_match_method not in COLOUR_METHODS:
+            raise CliploomError(f"{where}: unknown color_match_method {settings.color_match_method!r}",
+                                f"use {' or '.join(COLOUR_METHODS)}")
         for name in [settings.svi_lora, settings.keyframe_lora, *(settings.route_loras or {}).values()]:
             if name is not None and (Path(name).is_absolute() or ".." in Path(name).parts):
                 raise CliploomError(f"{where}: LoRA {name!r} must be a file inside the model folder",

@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import conditioning as C
-from ..colour import colour_stats, match_colour
+from ..colour import ColourTarget
 from ..errors import CliploomError
 from ..loom import (
     Clip,
@@ -84,7 +84,8 @@ def weave(
     tr = model.transformer
     experts = experts_for(model, story)  # guidance in an interval, as the SVI loop
 
-    decoder = ClipDecoder(model, False, story.color_match, colour_stats(torch.from_numpy(np.array(image))))
+    decoder = ClipDecoder(model, False, story.color_match, ColourTarget.of(torch.from_numpy(np.array(image))),
+                          story.color_match_method)
     blend = story.seam_blend
     queue: list[Future] = []
     clip_bar = tqdm(total=len(prompts), desc="clips", unit="clip", disable=not progress)
@@ -135,7 +136,7 @@ def weave(
                         frames = stream.push(x)
                         if b0 == 0 and i == 0:  # clip 0 keeps its anchor frame
                             frames = torch.cat([stream.context, frames])
-                        on_block(i, match_colour(frames, decoder.target) if decoder.color_match else frames)
+                        on_block(i, decoder.match(frames) if decoder.color_match else frames)
                 if stream is not None:
                     stream.close()
                 # 7. Decode as pro does: [anchor, previous clip's last K latents, new].

@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import conditioning as C
-from ..colour import colour_stats
+from ..colour import ColourTarget
 from ..errors import CliploomError
 from ..loom import (
     Clip,
@@ -153,7 +153,8 @@ def weave(
     helios = helios_of(model).transformer
     experts = [Expert(helios, e.guidance, e.min_timestep) for e in experts_for(model, story)]  # guidance in an interval
 
-    decoder = ClipDecoder(model, False, story.color_match, colour_stats(torch.from_numpy(np.array(image))))
+    decoder = ClipDecoder(model, False, story.color_match, ColourTarget.of(torch.from_numpy(np.array(image))),
+                          story.color_match_method)
     blend = story.seam_blend
     queue: list[Future] = []
     clip_bar = tqdm(total=len(prompts), desc="clips", unit="clip", disable=not progress)
