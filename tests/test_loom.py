@@ -433,3 +433,37 @@ def test_anchor_last_frame_anchors_each_clip_on_the_frame_the_clip_before_ended_
     tail = frames_of(model, tiny_story(3, steps=2, guidance=1.0, seam_blend=0, anchor="last_frame"),
                      start=Start(1, moved[0].memory, moved[0].anchor_next))
     assert all(torch.equal(a.frames, b.frames) for a, b in zip(tail, moved[1:], strict=True))
+
+
+def test_first_clip_i2v_conditions_clip_0_as_the_model_s_own_image_to_video(tiny_models, tiny_story):
+    """``first_clip: i2v``: pro mode's clip 0 is conditioned as naive chaining's (the reference then
+    zero pixels, VAE-encoded; the model's native image-to-video) and later clips continue in pro mode
+    from its last latent. Clip 0 runs the same functions on the same inputs as chain mode's clip 0
+    (same path: exact); the rest is pro mode's own path."""
+    from cliploom.errors import CliploomError
+
+    model = tiny_models("wan21")
+    common = dict(steps=2, guidance=1.0, seam_blend=0, color_match="none")
+    chain = frames_of(model, tiny_story(3, mode="chain", **common))
+    pro = frames_of(model, tiny_story(3, **common))
+    seen = []
+    hook = model.transformer.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw["hidden_states"][:, model.z_dim:].clone()), with_kwargs=True)
+    try:
+        first = frames_of(model, tiny_story(3, first_clip="i2v", **common))
+    finally:
+        hook.remove()
+    assert torch.equal(first[0].latents, chain[0].latents)
+    n = len(chain[0].frames)  # chain leaves clip 0's last frame to the next clip, which starts from it
+    assert n == len(first[0].frames) - 1 and torch.equal(first[0].frames[:n], chain[0].frames)
+    assert not torch.equal(first[0].latents, pro[0].latents)
+    # clip 1 is pro mode: y = [anchor latent, clip 0's last latent, zeros], every frame kept but 1 + 4K
+    y = seen[2][:, 4:]  # clip 1's first step: y after the 4 mask channels
+    torch.testing.assert_close(y[:, :, 1:2], first[0].latents[:, :, -1:], atol=0, rtol=0)  # copied, not computed
+    assert float(y[:, :, 2:].abs().max()) == 0.0
+    assert [len(c.frames) for c in first] == [len(c.frames) for c in pro]
+    for kw, message in ((dict(first_clip="t2v"), "unknown first_clip 't2v'"),
+                        (dict(first_clip="i2v", mode="svi2"), "changes pro mode's first clip"),
+                        (dict(first_clip="i2v", route="df"), "changes pro mode's first clip")):
+        with pytest.raises(CliploomError, match=message):
+            tiny_story(2, **kw)

@@ -124,13 +124,13 @@ def weave(
                                        keyframes=tuple((n, latent) for n, _, latent in keys),
                                        context_noise=story.route_option("addnoise"), noise=noise)
             cond.image_embeds = anchor_features
-        elif story.latent_motion:
+        elif story.latent_motion and not (memory is None and story.first_clip == "i2v"):
             cond = C.latent_condition(anchor, memory, T, model.settings.expand_timesteps, model.patch,
                                       keyframes=tuple((n, latent) for n, _, latent in keys))
             cond.image_embeds = anchor_features if not (model.first_last_frame and keys) else \
                 model.encode_image_features(image, keyframes.end_image(i))
-        else:
-            video = C.pixel_motion_video(reference, memory, F, story.ref_pad,
+        else:  # pixel modes, and pro mode's clip 0 as the model's own image-to-video (first_clip: i2v)
+            video = C.pixel_motion_video(reference, memory, F, story.ref_pad if not story.latent_motion else 0,
                                          keyframes=tuple((n, pixels) for n, pixels, _ in keys))
             first = image if memory is None else _to_pil(memory[0, :, 0])
             cond = C.pixel_condition(

@@ -112,6 +112,7 @@ class Story:
     keyframe_guidance: float | None = None  # > 1: clips with keyframes guided away from themselves without them (sampling.contrast)
     memory_guidance: float | None = None  # > 1: clips with a motion memory guided away from themselves without it (sampling.contrast)
     anchor: str = "reference"  # pro: reference (SVI) | last_frame (re-anchoring: each clip anchored on the previous clip's last frame)
+    first_clip: str = "pro"  # pro: clip 0 conditioned as SVI's (anchor latent, zero latents) | i2v: as the model's own image-to-video
     sampler: str | None = None  # euler (the flow ODE) | renoise (x0 + fresh noise per step: DMD students); default: the model's
     attention: str = "auto"  # attention backend (models.acceleration): auto, sdpa, flash, flash3, sage, ...
     compile: bool = False  # torch.compile the transformer blocks (regional; once per engine)
@@ -351,6 +352,7 @@ _SCALARS: dict[str, type] = {
     "keyframe_guidance": float,
     "memory_guidance": float,
     "anchor": str,
+    "first_clip": str,
     "sampler": str,
     "route": str,
     "attention": str,
@@ -360,6 +362,7 @@ _SCALARS: dict[str, type] = {
 }
 OFFLOAD = ("none", "model", "group", "sequential")
 ANCHORS = ("reference", "last_frame")  # story anchor: what each clip after the first is anchored on
+FIRST_CLIPS = ("pro", "i2v")  # story first_clip: how pro mode conditions clip 0
 SAMPLERS = ("euler", "renoise")  # story sampler (cliploom.sampling)
 MEMORY_GUIDANCE = (1.0, 4.0)  # story memory_guidance: 1 is off; past 4 the clip ignores its anchor
 KEYFRAME_GUIDANCE = (1.0, 8.0)  # story keyframe_guidance: 1 is off; past 8 the clip is all keyframe pull
@@ -582,6 +585,11 @@ def make_story(**values) -> Story:
         _fail(where, f"unknown anchor {story.anchor!r}", f"use {' or '.join(ANCHORS)}")
     if story.sampler is not None and story.sampler not in SAMPLERS:
         _fail(where, f"unknown sampler {story.sampler!r}", f"use {' or '.join(SAMPLERS)}")
+    if story.first_clip not in FIRST_CLIPS:
+        _fail(where, f"unknown first_clip {story.first_clip!r}", f"use {' or '.join(FIRST_CLIPS)}")
+    if story.first_clip != "pro" and (not story.latent_motion or story.route != "svi"):
+        _fail(where, f"first_clip: {story.first_clip} changes pro mode's first clip on the svi route "
+              "(the other modes' first clip is already image-to-video)", "use mode: pro (and route: svi), or first_clip: pro")
     if story.anchor != "reference" and (not story.latent_motion or story.route != "svi"):
         _fail(where, f"anchor: {story.anchor} re-anchors pro mode's latent conditioning on the svi route",
               "use mode: pro (and route: svi), or anchor: reference")
