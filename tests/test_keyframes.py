@@ -284,3 +284,41 @@ def test_a_model_s_keyframe_lora_runs_stories_with_keyframes(tiny_dirs, tiny_sto
     (d / "cliploom.json").write_text(json.dumps(bad))
     with pytest.raises(CliploomError, match="must be a file inside the model folder"):
         Engine.load(str(d))
+
+
+def test_first_clip_i2v_runs_clip_0_without_the_svi_lora(tiny_dirs, tiny_story, tmp_path):
+    """``first_clip: i2v`` (a story's, or the model's default): clip 0 is the base model's own
+    image-to-video -- the SVI LoRA is off there (weight 0, adapters unfused), on from clip 1;
+    pixel modes keep their own first clip; the run key records it."""
+    import shutil
+
+    from cliploom.runs import settings_key
+
+    d = tmp_path / "model"
+    shutil.copytree(tiny_dirs["wan21"], d)
+    _random_lora(d / "svi.safetensors", d, 1)
+    settings = json.loads((d / "cliploom.json").read_text())
+    (d / "cliploom.json").write_text(json.dumps({**settings, "svi_lora": "svi.safetensors", "first_clip": "i2v"}))
+    engine = Engine.load(str(d))
+    story = tiny_story(2, guidance=1.0, seam_blend=0)
+    resolved = story.resolve(engine.model.settings, engine.model.size_multiple, engine.model.scale_temporal)
+    assert resolved.first_clip == "i2v" and settings_key(resolved, engine.model)["first_clip"] == "i2v"
+    pixel = tiny_story(2, mode="svi2").resolve(engine.model.settings, engine.model.size_multiple, engine.model.scale_temporal)
+    assert pixel.first_clip == "pro"  # the model's default applies to pro mode only
+    weights = []
+    with_default = list(engine.generate(story, progress=False, on_clip_start=lambda i: weights.append(engine.loras.weights())))
+    assert weights == [{"svi": 0.0}, {"svi": 1.0}] and not engine.loras.fused
+    # clip 0 equals the base model's (no LoRA) i2v clip 0; clip 1 differs from the base model's continuation
+    base = list(Engine.load(str(d)).generate(tiny_story(2, guidance=1.0, seam_blend=0, svi_lora=False), progress=False))
+    scale = float(base[0].latents.abs().max())
+    # adapters at weight 0 against no adapters: one computation up to float rounding (1e-5 of the scale)
+    assert torch.allclose(with_default[0].latents, base[0].latents, atol=1e-5 * scale)
+    assert not torch.allclose(with_default[1].latents, base[1].latents, atol=1e-3)
+    pro = list(Engine.load(str(d)).generate(tiny_story(2, guidance=1.0, seam_blend=0, first_clip="pro"), progress=False))
+    assert not torch.allclose(pro[0].latents, with_default[0].latents, atol=1e-3)
+    with pytest.raises(CliploomError, match="first_clip: i2v runs clip 0 without the SVI LoRA"):
+        list(Engine.load(str(d)).generate(tiny_story(2, fp8_matmul=True), progress=False))
+    bad = {**settings, "first_clip": "t2v"}
+    (d / "cliploom.json").write_text(json.dumps(bad))
+    with pytest.raises(CliploomError, match="unknown first_clip 't2v'"):
+        Engine.load(str(d))

@@ -141,6 +141,13 @@ class Engine:
             if loras and not story.fuse_loras:
                 raise CliploomError("fp8_matmul needs the LoRAs fused into the weights it quantises",
                                     "drop fuse_loras: false (--no-fuse), or fp8_matmul")
+        # first_clip i2v: clip 0 is the model's own image-to-video, so the SVI LoRA (named svi) is off
+        # there -- a per-clip weight, which needs the stack unfused when clip 0 is generated
+        first_i2v = (resolved.first_clip == "i2v" and any(lo.name == "svi" for lo in loras)
+                     and (start is None or start.index == 0))
+        if first_i2v and story.fp8_matmul:
+            raise CliploomError("first_clip: i2v runs clip 0 without the SVI LoRA, a per-clip weight that fp8_matmul's "
+                                "fused weights cannot change", "use first_clip: pro with fp8_matmul")
         check_lora_routes(loras, story.route)
         from .models import helios
 
@@ -149,16 +156,19 @@ class Engine:
             self.helios_loras = helios.apply_loras(m, loras)
         else:
             helios.drop_loras(m)
-            self.loras.apply(loras, fuse=story.fuse_loras and not fp8)
+            self.loras.apply(loras, fuse=story.fuse_loras and not fp8 and not first_i2v)
         apply_memory_options(self.model, story.offload, story.vae_tiling)  # after the LoRAs: hooks wrap final weights
         apply_speed_options(m, story)
         for warning in drift_warnings(resolved, m.settings):  # once the story is known to run
             log.warning("%s", warning)
-        per_clip = any(clip.lora_weights for clip in story.clips)
+        per_clip = any(clip.lora_weights for clip in story.clips) or first_i2v
 
         def clip_start(i: int) -> None:
             if per_clip:
-                self.loras.set_clip_weights(story.clips[i].lora_weights)
+                weights = story.clips[i].lora_weights
+                if first_i2v and i == 0:
+                    weights = {**(weights or {}), "svi": 0.0}
+                self.loras.set_clip_weights(weights)
             if on_clip_start is not None:
                 on_clip_start(i)
 

@@ -112,7 +112,9 @@ class Story:
     keyframe_guidance: float | None = None  # > 1: clips with keyframes guided away from themselves without them (sampling.contrast)
     memory_guidance: float | None = None  # > 1: clips with a motion memory guided away from themselves without it (sampling.contrast)
     anchor: str = "reference"  # pro: reference (SVI) | last_frame (re-anchoring: each clip anchored on the previous clip's last frame)
-    first_clip: str = "pro"  # pro: clip 0 conditioned as SVI's (anchor latent, zero latents) | i2v: as the model's own image-to-video
+    # pro: clip 0 conditioned as SVI's (anchor latent, zero latents) | i2v: as the model's own
+    # image-to-video, without the SVI LoRA (default: the model's `first_clip`, else pro)
+    first_clip: str | None = None
     sampler: str | None = None  # euler (the flow ODE) | renoise (x0 + fresh noise per step: DMD students); default: the model's
     attention: str = "auto"  # attention backend (models.acceleration): auto, sdpa, flash, flash3, sage, ...
     compile: bool = False  # torch.compile the transformer blocks (regional; once per engine)
@@ -173,6 +175,8 @@ class Story:
                      "color_match_method", "seam_blend", "motion_amplitude", "keyframe_guidance", "memory_guidance", "sampler"):
             if getattr(s, name) is None:
                 setattr(s, name, getattr(settings, name))
+        if s.first_clip is None:  # the model's choice applies where there is an SVI first clip to change
+            s.first_clip = settings.first_clip if s.latent_motion and s.route == "svi" else "pro"
         if self.seam_blend is None and not s.latent_motion:
             s.seam_blend = 0  # the model's default is for pro mode; pixel modes have nothing to blend
         if s.steps is None and s.timesteps is None:
@@ -585,9 +589,9 @@ def make_story(**values) -> Story:
         _fail(where, f"unknown anchor {story.anchor!r}", f"use {' or '.join(ANCHORS)}")
     if story.sampler is not None and story.sampler not in SAMPLERS:
         _fail(where, f"unknown sampler {story.sampler!r}", f"use {' or '.join(SAMPLERS)}")
-    if story.first_clip not in FIRST_CLIPS:
+    if story.first_clip is not None and story.first_clip not in FIRST_CLIPS:
         _fail(where, f"unknown first_clip {story.first_clip!r}", f"use {' or '.join(FIRST_CLIPS)}")
-    if story.first_clip != "pro" and (not story.latent_motion or story.route != "svi"):
+    if story.first_clip not in (None, "pro") and (not story.latent_motion or story.route != "svi"):
         _fail(where, f"first_clip: {story.first_clip} changes pro mode's first clip on the svi route "
               "(the other modes' first clip is already image-to-video)", "use mode: pro (and route: svi), or first_clip: pro")
     if story.anchor != "reference" and (not story.latent_motion or story.route != "svi"):
