@@ -305,6 +305,10 @@ def test_first_clip_i2v_runs_clip_0_without_the_svi_lora(tiny_dirs, tiny_story, 
     assert resolved.first_clip == "i2v" and settings_key(resolved, engine.model)["first_clip"] == "i2v"
     pixel = tiny_story(2, mode="svi2").resolve(engine.model.settings, engine.model.size_multiple, engine.model.scale_temporal)
     assert pixel.first_clip == "pro"  # the model's default applies to pro mode only
+    end = _image(tmp_path / "end.png", (250, 250, 20))
+    keyed = tiny_story(2, clips=[ClipSpec("prompt 0", keyframes=(Keyframe(-1, end),)), ClipSpec("prompt 1")])
+    # nor to keyed stories (their keyframe LoRA was measured with SVI's first clip), unless they ask
+    assert keyed.resolve(engine.model.settings, engine.model.size_multiple, engine.model.scale_temporal).first_clip == "pro"
     weights = []
     with_default = list(engine.generate(story, progress=False, on_clip_start=lambda i: weights.append(engine.loras.weights())))
     assert weights == [{"svi": 0.0}, {"svi": 1.0}] and not engine.loras.fused

@@ -176,7 +176,9 @@ class Story:
             if getattr(s, name) is None:
                 setattr(s, name, getattr(settings, name))
         if s.first_clip is None:  # the model's choice applies where there is an SVI first clip to change
-            s.first_clip = settings.first_clip if s.latent_motion and s.route == "svi" else "pro"
+            # (not to keyed stories: their keyframe LoRA was measured with SVI's first clip)
+            keyed = any(c.keyframes for c in s.clips)
+            s.first_clip = settings.first_clip if s.latent_motion and s.route == "svi" and not keyed else "pro"
         if self.seam_blend is None and not s.latent_motion:
             s.seam_blend = 0  # the model's default is for pro mode; pixel modes have nothing to blend
         if s.steps is None and s.timesteps is None:

@@ -34,10 +34,13 @@ DEFAULTS = {
     "shift": 5.0,
     "negative_prompt": "",
     # Chosen on the dev set (docs/benchmarks.md, issue 12): guidance only above the boundary, the
-    # anchor's colour statistics matched at decode, one blended frame at each seam.
+    # anchor's colour distribution matched at decode (histogram), one blended frame at each seam,
+    # clip 0 as the base model's own image-to-video (no SVI LoRA there).
     "guidance_low": 1.0,
     "guidance_boundary": 0.7,
     "color_match": "anchor",
+    "color_match_method": "histogram",
+    "first_clip": "i2v",
     "seam_blend": 1,
     # Chosen on the keyframe set (docs/benchmarks.md, issue 15) for the keyframe-trained SVI LoRA:
     # clips with keyframes guided 4x along their keyframes' pull.
