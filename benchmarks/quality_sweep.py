@@ -6,6 +6,8 @@ the inference options of docs/benchmarks.md were compared, one line per run.
     python benchmarks/quality_sweep.py '{"mode": "chain", "svi_lora": false}' --sample-seed 1
 
 Keys are story keys (docs/story.md) plus ``svi_lora`` and ``mode``; the rest come from the model.
+With ``"svi_lora": false`` the ``--lora`` file takes the SVI LoRA's place (it is named ``svi``, so
+``first_clip: i2v`` leaves it off on clip 0 as it does the model's own).
 """
 
 from __future__ import annotations
@@ -54,7 +56,10 @@ def main(argv=None) -> dict:
     loras = []
     if args.lora:
         path, _, weight = args.lora.partition(":")
-        loras = [LoraSpec(Path(path), float(weight or 1.0))]
+        # with the model's SVI LoRA off, --lora stands in for it: named svi, so the engine treats it as
+        # the SVI LoRA (first_clip: i2v turns it off on clip 0, as it does the model's own)
+        name = "svi" if over.get("svi_lora") is False else None
+        loras = [LoraSpec(Path(path), float(weight or 1.0), name=name)]
     stories, started = [], time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for d in devs:

@@ -55,8 +55,10 @@ def closed_loop_clip(model, generator: torch.Generator, frames: int, motion_late
     with tempfile.TemporaryDirectory() as tmp:
         ref_path = Path(tmp) / "reference.png"
         Image.fromarray(reference).save(ref_path)
+        # first_clip pro: the LoRA being trained stays on for every clip of the rollout (weave has no
+        # per-clip LoRA weights; an image-to-video clip 0 under the SVI LoRA is not what inference runs)
         story = make_story(clips=[ClipSpec(p) for p in seq.prompts], reference=ref_path, mode="pro",
-                           seed=seed, motion_latents=K, frames=frames)
+                           seed=seed, motion_latents=K, frames=frames, first_clip="pro")
         was_training = model.transformer.training
         model.transformer.eval()
         try:
