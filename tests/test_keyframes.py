@@ -318,6 +318,12 @@ def test_first_clip_i2v_runs_clip_0_without_the_svi_lora(tiny_dirs, tiny_story, 
     # adapters at weight 0 against no adapters: one computation up to float rounding (1e-5 of the scale)
     assert torch.allclose(with_default[0].latents, base[0].latents, atol=1e-5 * scale)
     assert not torch.allclose(with_default[1].latents, base[1].latents, atol=1e-3)
+    # a story's own LoRA named svi stands in for the model's; a weight clip 0 gives it wins over first_clip's 0
+    own = tiny_story(2, guidance=1.0, seam_blend=0, svi_lora=False, fuse_loras=False, loras=[LoraSpec(d / "svi.safetensors", name="svi")],
+                     clips=[ClipSpec("prompt 0", lora_weights={"svi": 0.5}), ClipSpec("prompt 1")])
+    weights = []
+    list(engine.generate(own, progress=False, on_clip_start=lambda i: weights.append(engine.loras.weights())))
+    assert weights == [{"svi": 0.5}, {"svi": 1.0}]
     pro = list(Engine.load(str(d)).generate(tiny_story(2, guidance=1.0, seam_blend=0, first_clip="pro"), progress=False))
     assert not torch.allclose(pro[0].latents, with_default[0].latents, atol=1e-3)
     with pytest.raises(CliploomError, match="first_clip: i2v runs clip 0 without the SVI LoRA"):

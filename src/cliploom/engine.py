@@ -166,8 +166,8 @@ class Engine:
         def clip_start(i: int) -> None:
             if per_clip:
                 weights = story.clips[i].lora_weights
-                if first_i2v and i == 0:
-                    weights = {**(weights or {}), "svi": 0.0}
+                if first_i2v and i == 0:  # off unless clip 0 names its own svi weight
+                    weights = {"svi": 0.0, **(weights or {})}
                 self.loras.set_clip_weights(weights)
             if on_clip_start is not None:
                 on_clip_start(i)
