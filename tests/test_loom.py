@@ -435,6 +435,30 @@ def test_anchor_last_frame_anchors_each_clip_on_the_frame_the_clip_before_ended_
     assert all(torch.equal(a.frames, b.frames) for a, b in zip(tail, moved[1:], strict=True))
 
 
+def test_a_model_s_anchor_setting_is_the_default_of_its_pro_stories(tiny_models, tiny_story, tmp_path):
+    """``anchor`` in a model's cliploom.json is the default of its pro-mode svi stories; a story's own
+    ``anchor`` wins, pixel modes and stories with keyframes keep the reference, a bad value is refused."""
+    import dataclasses
+
+    from cliploom.errors import CliploomError
+    from cliploom.models.components import ModelSettings
+    from cliploom.story import ClipSpec, Keyframe
+    from PIL import Image
+
+    model = tiny_models("wan21")
+    settings = dataclasses.replace(model.settings, anchor="last_frame")
+    shape = (model.size_multiple, model.scale_temporal)
+    assert tiny_story(2).resolve(model.settings, *shape).anchor == "reference"  # the engine's default
+    assert tiny_story(2).resolve(settings, *shape).anchor == "last_frame"
+    assert tiny_story(2, anchor="reference").resolve(settings, *shape).anchor == "reference"
+    assert tiny_story(2, mode="svi2").resolve(settings, *shape).anchor == "reference"
+    Image.new("RGB", (32, 32), (200, 40, 40)).save(tmp_path / "end.png")
+    keyed = tiny_story(2, clips=[ClipSpec("a", keyframes=(Keyframe(-1, tmp_path / "end.png"),)), ClipSpec("b")])
+    assert keyed.resolve(settings, *shape).anchor == "reference"
+    with pytest.raises(CliploomError, match="unknown anchor 'sideways'"):
+        ModelSettings.checked({"anchor": "sideways"}, "cliploom.json")
+
+
 def test_first_clip_i2v_conditions_clip_0_as_the_model_s_own_image_to_video(tiny_models, tiny_story):
     """``first_clip: i2v``: pro mode's clip 0 is conditioned as naive chaining's (the reference then
     zero pixels, VAE-encoded; the model's native image-to-video) and later clips continue in pro mode

@@ -111,7 +111,9 @@ class Story:
     motion_amplitude: float | None = None  # > 1: y's frames to generate pushed from the last known one (conditioning.amplify_motion)
     keyframe_guidance: float | None = None  # > 1: clips with keyframes guided away from themselves without them (sampling.contrast)
     memory_guidance: float | None = None  # > 1: clips with a motion memory guided away from themselves without it (sampling.contrast)
-    anchor: str = "reference"  # pro: reference (SVI) | last_frame (re-anchoring: each clip anchored on the previous clip's last frame)
+    # pro: reference (SVI) | last_frame (re-anchoring: each clip anchored on the previous clip's last
+    # frame); default: the model's `anchor`, else reference
+    anchor: str | None = None
     # pro: clip 0 conditioned as SVI's (anchor latent, zero latents) | i2v: as the model's own
     # image-to-video, without the SVI LoRA (default: the model's `first_clip`, else pro)
     first_clip: str | None = None
@@ -179,6 +181,9 @@ class Story:
             # (not to keyed stories: their keyframe LoRA was measured with SVI's first clip)
             keyed = any(c.keyframes for c in s.clips)
             s.first_clip = settings.first_clip if s.latent_motion and s.route == "svi" and not keyed else "pro"
+        if s.anchor is None:  # likewise the model's anchor (keyed stories were measured on the reference)
+            keyed = any(c.keyframes for c in s.clips)
+            s.anchor = getattr(settings, "anchor", "reference") if s.latent_motion and s.route == "svi" and not keyed else "reference"
         if self.seam_blend is None and not s.latent_motion:
             s.seam_blend = 0  # the model's default is for pro mode; pixel modes have nothing to blend
         if s.steps is None and s.timesteps is None:
@@ -587,7 +592,7 @@ def make_story(**values) -> Story:
         _fail(where, f"unknown color_match {story.color_match!r}", "use none, anchor or previous")
     if story.color_match_method is not None and story.color_match_method not in COLOUR_METHODS:
         _fail(where, f"unknown color_match_method {story.color_match_method!r}", f"use {' or '.join(COLOUR_METHODS)}")
-    if story.anchor not in ANCHORS:
+    if story.anchor is not None and story.anchor not in ANCHORS:
         _fail(where, f"unknown anchor {story.anchor!r}", f"use {' or '.join(ANCHORS)}")
     if story.sampler is not None and story.sampler not in SAMPLERS:
         _fail(where, f"unknown sampler {story.sampler!r}", f"use {' or '.join(SAMPLERS)}")
@@ -596,7 +601,7 @@ def make_story(**values) -> Story:
     if story.first_clip not in (None, "pro") and (not story.latent_motion or story.route != "svi"):
         _fail(where, f"first_clip: {story.first_clip} changes pro mode's first clip on the svi route "
               "(the other modes' first clip is already image-to-video)", "use mode: pro (and route: svi), or first_clip: pro")
-    if story.anchor != "reference" and (not story.latent_motion or story.route != "svi"):
+    if story.anchor not in (None, "reference") and (not story.latent_motion or story.route != "svi"):
         _fail(where, f"anchor: {story.anchor} re-anchors pro mode's latent conditioning on the svi route",
               "use mode: pro (and route: svi), or anchor: reference")
     _check_route(where, story)
