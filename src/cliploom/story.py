@@ -177,13 +177,13 @@ class Story:
                      "color_match_method", "seam_blend", "motion_amplitude", "keyframe_guidance", "memory_guidance", "sampler"):
             if getattr(s, name) is None:
                 setattr(s, name, getattr(settings, name))
-        if s.first_clip is None:  # the model's choice applies where there is an SVI first clip to change
-            # (not to keyed stories: their keyframe LoRA was measured with SVI's first clip)
-            keyed = any(c.keyframes for c in s.clips)
-            s.first_clip = settings.first_clip if s.latent_motion and s.route == "svi" and not keyed else "pro"
-        if s.anchor is None:  # likewise the model's anchor (keyed stories were measured on the reference)
-            keyed = any(c.keyframes for c in s.clips)
-            s.anchor = getattr(settings, "anchor", "reference") if s.latent_motion and s.route == "svi" and not keyed else "reference"
+        # The model's first_clip and anchor apply where there is SVI's pro conditioning to change, and not
+        # to keyed stories (their keyframe LoRA was measured with SVI's first clip and the reference anchor)
+        model_choice = s.latent_motion and s.route == "svi" and not any(c.keyframes for c in s.clips)
+        if s.first_clip is None:
+            s.first_clip = settings.first_clip if model_choice else "pro"
+        if s.anchor is None:
+            s.anchor = getattr(settings, "anchor", "reference") if model_choice else "reference"
         if self.seam_blend is None and not s.latent_motion:
             s.seam_blend = 0  # the model's default is for pro mode; pixel modes have nothing to blend
         if s.steps is None and s.timesteps is None:
