@@ -1,8 +1,11 @@
 """Seconds per clip of the built-in defaults against each option turned back (dev story 0, 20 clips, one
 timing each): which part of the defaults of 2026-12-03 costs the time.  python benchmarks/time_defaults.py"""
-import sys, time, tempfile, json
+import sys
+import tempfile
+import time
 from pathlib import Path
-sys.path.insert(0, "benchmarks")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch
 torch.set_num_threads(2)
 import bench_quality as bq
