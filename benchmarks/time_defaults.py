@@ -1,6 +1,6 @@
 """Seconds per clip of the built-in model's defaults against each of them turned back, on dev story 0
 (20 clips; the median of ROUNDS interleaved timings each): which part of the defaults of 2026-12-03
-costs the time.
+costs the time, and what merging the LoRA stack after the image-to-video clip 0 gives back.
 
     python benchmarks/time_defaults.py
 """
@@ -18,6 +18,7 @@ import bench_quality as bq  # noqa: E402
 ROUNDS = 3
 RUNS = {  # story keys over the model's defaults
     "defaults": {},
+    "defaults, the stack unfused all story (as before merging after clip 0)": {"fuse_loras": False},
     "anchor reference": {"anchor": "reference"},
     "first_clip pro (stack fused)": {"first_clip": "pro"},
     "anchor reference + first_clip pro (v2's defaults)": {"anchor": "reference", "first_clip": "pro"},

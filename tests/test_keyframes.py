@@ -309,15 +309,39 @@ def test_first_clip_i2v_runs_clip_0_without_the_svi_lora(tiny_dirs, tiny_story, 
     keyed = tiny_story(2, clips=[ClipSpec("prompt 0", keyframes=(Keyframe(-1, end),)), ClipSpec("prompt 1")])
     # nor to keyed stories (their keyframe LoRA was measured with SVI's first clip), unless they ask
     assert keyed.resolve(engine.model.settings, engine.model.size_multiple, engine.model.scale_temporal).first_clip == "pro"
-    weights = []
-    with_default = list(engine.generate(story, progress=False, on_clip_start=lambda i: weights.append(engine.loras.weights())))
-    assert weights == [{"svi": 0.0}, {"svi": 1.0}] and not engine.loras.fused
+    weights, merged = [], []
+
+    def seen(i):
+        weights.append(engine.loras.weights())
+        merged.append(engine.loras.merged)
+
+    with_default = list(engine.generate(story, progress=False, on_clip_start=seen))
+    # clip 0 with the adapters unfused at weight 0; from clip 1 the stack merged into the weights
+    # (base speed), its adapters kept so that the next story's clip 0 can take it out again
+    assert weights == [{"svi": 0.0}, {"svi": 1.0}] and merged == [False, True]
+    assert engine.loras.merged and not engine.loras.fused
     # clip 0 equals the base model's (no LoRA) i2v clip 0; clip 1 differs from the base model's continuation
     base = list(Engine.load(str(d)).generate(tiny_story(2, guidance=1.0, seam_blend=0, svi_lora=False), progress=False))
     scale = float(base[0].latents.abs().max())
     # adapters at weight 0 against no adapters: one computation up to float rounding (1e-5 of the scale)
     assert torch.allclose(with_default[0].latents, base[0].latents, atol=1e-5 * scale)
     assert not torch.allclose(with_default[1].latents, base[1].latents, atol=1e-3)
+    # merged against adapters kept unfused for the whole story (fuse_loras: false): the same clips, W + BA
+    # summed before or after the matmul (float32 rounding, 1e-5 of the scale)
+    unfused = list(Engine.load(str(d)).generate(tiny_story(2, guidance=1.0, seam_blend=0, fuse_loras=False), progress=False))
+    for a, b in zip(with_default, unfused):
+        assert torch.allclose(a.latents, b.latents, atol=1e-5 * scale)
+    # the next story on this engine: its clip 0 unmerges the stack, so it is the base model's clip 0 again
+    merged.clear()
+    again = list(engine.generate(story, progress=False, on_clip_start=seen))
+    assert merged == [False, True]
+    assert torch.allclose(again[0].latents, base[0].latents, atol=1e-5 * scale)
+    assert torch.allclose(again[1].latents, with_default[1].latents, atol=1e-5 * scale)
+    # two merge / unmerge round trips later, the weights are the file's to float32 rounding
+    engine.loras.clear()
+    fresh = Engine.load(str(d)).model.transformer.state_dict()
+    for name, value in engine.model.transformer.state_dict().items():
+        assert torch.allclose(value, fresh[name], rtol=1e-6, atol=1e-6 * float(fresh[name].abs().max())), name
     # a story's own LoRA named svi stands in for the model's; a weight clip 0 gives it wins over first_clip's 0
     own = tiny_story(2, guidance=1.0, seam_blend=0, svi_lora=False, fuse_loras=False, loras=[LoraSpec(d / "svi.safetensors", name="svi")],
                      clips=[ClipSpec("prompt 0", lora_weights={"svi": 0.5}), ClipSpec("prompt 1")])

@@ -385,10 +385,19 @@ def test_sampler_renoise_runs_every_route_seeded_and_is_checked(tiny_models, tin
     re2 = frames_of(model, tiny_story(2, steps=3, guidance=1.0, sampler="renoise"))
     assert all(torch.equal(a.latents, b.latents) for a, b in zip(re1, re2, strict=True))  # same path twice
     assert not torch.allclose(re1[0].latents, euler[0].latents, atol=1e-3)  # another sampler, not rounding
+    # unipc: the same ODE by a second-order multistep solver -- another path, deterministic
+    u1 = frames_of(model, tiny_story(2, steps=4, guidance=1.0, sampler="unipc"))
+    u2 = frames_of(model, tiny_story(2, steps=4, guidance=1.0, sampler="unipc"))
+    e4 = frames_of(model, tiny_story(2, steps=4, guidance=1.0))
+    assert all(torch.equal(a.latents, b.latents) for a, b in zip(u1, u2, strict=True))
+    assert not torch.allclose(u1[0].latents, e4[0].latents, atol=1e-3)
+    assert all(bool(torch.isfinite(c.latents).all()) for c in u1)
     with pytest.raises(CliploomError, match="unknown sampler 'heun'"):
         tiny_story(2, sampler="heun")
     with pytest.raises(CliploomError, match="sampler renoise takes one noise level per step"):
         tiny_story(2, sampler="renoise", route="df", route_options={"ar_step": 1})
+    with pytest.raises(CliploomError, match="sampler unipc takes one noise level per step"):
+        tiny_story(2, sampler="unipc", route="df", route_options={"ar_step": 1})
     with pytest.raises(CliploomError, match="unknown sampler 'dpm'"):
         ModelSettings.checked({"sampler": "dpm"}, "cliploom.json")
     renoise_model = ModelSettings.checked({"sampler": "renoise", "frames": 9}, "cliploom.json")

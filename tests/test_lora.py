@@ -289,6 +289,38 @@ def test_same_stack_is_not_reapplied_and_unfused_stacks_can_be_swapped(tiny_dirs
         engine.loras.apply([LoraSpec(p1, 1.0)], fuse=True)
 
 
+def test_merge_runs_an_unfused_stack_as_fused_until_its_weights_change(tiny_dirs, tmp_path):
+    """``merge``: the adapters' products added to the float32 weights (as ``fuse``), the adapters
+    kept; a weight change unmerges first, back to the file's weights; bf16 weights stay unfused."""
+    model = fresh(tiny_dirs)
+    base = {k: v.clone() for k, v in model.transformer.state_dict().items()}
+    tensors, _, expected = build_lora(model, "svi1", seed=3)
+    path = write_lora(tmp_path / "a.safetensors", tensors)
+    engine = Engine(model)
+    engine.loras.apply([LoraSpec(path, 1.0, name="a")], fuse=False)
+
+    def weights():  # the base layers' weights under peft's wrapping, by their plain names
+        return {k.replace(".base_layer", ""): v for k, v in model.transformer.state_dict().items() if "lora_" not in k}
+
+    assert engine.loras.merge() and engine.loras.merged and engine.loras.summary()[0]["merged"]
+    for key, value in weights().items():
+        assert torch.allclose(value, base[key] + expected.get(key, 0), rtol=1e-5, atol=1e-6), key
+    engine.loras.set_clip_weights({"a": 0.5})  # merged at weight 1: taken out before the weight changes
+    assert not engine.loras.merged
+    for key, value in weights().items():
+        assert torch.allclose(value, base[key], rtol=1e-6, atol=1e-7), key
+    engine.loras.merge()
+    for key, value in weights().items():
+        assert torch.allclose(value, base[key] + 0.5 * expected.get(key, 0), rtol=1e-5, atol=1e-6), key
+    engine.loras.clear()  # unmerges before peft drops the adapters
+    for key, value in model.transformer.state_dict().items():
+        assert torch.allclose(value, base[key], rtol=1e-6, atol=1e-7), key
+    half = load_model(tiny_dirs["wan21"], device="cpu", dtype=torch.bfloat16)
+    stack = Engine(half).loras
+    stack.apply([LoraSpec(path, 1.0)], fuse=False)
+    assert not stack.merge() and not stack.merged  # a bf16 round trip would lose up to an ulp each time
+
+
 # -- errors and warnings -------------------------------------------------------------------------
 
 

@@ -550,6 +550,13 @@ def test_anchor_from_past_never_shows_a_frame_the_clip_has_yet_to_reach():
         anywhere = src.clip(torch.Generator().manual_seed(seed), 5, far_anchor="any")
         later += min(anchor_index(anywhere)) > anywhere.offset + 5 - 1
     assert later >= 5  # anywhere-anchors do come from ahead of the clip (30 draws, about half expected)
+    # `motion`: always the clip's last motion frame, what `anchor: last_frame` hands on at inference
+    for seed in range(10):
+        clip = src.clip(torch.Generator().manual_seed(seed), 5, far_anchor="motion")
+        assert np.array_equal(clip.anchor[0], clip.frames[4])
+    motion_cfg = TrainConfig(anchor_from="motion")
+    assert all(draw_choice(motion_cfg, 9, torch.Generator().manual_seed(s)).far_anchor ==
+               (draw_choice(motion_cfg, 9, torch.Generator().manual_seed(s)).motion > 0) for s in range(20))
     # Every sample with motion takes the past anchor; the other draws are the official config's.
     official, past_cfg = TrainConfig(), TrainConfig(anchor_from="past")
     for seed in range(20):

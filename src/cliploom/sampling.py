@@ -193,11 +193,42 @@ def sample_renoise(
     return x
 
 
+def sample_unipc(
+    denoise: Callable[[torch.Tensor, float], torch.Tensor],
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    finish: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
+    callback: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """UniPC (order 2, bh2, the last step first order): the multistep solver Wan's and SkyReels-V2's
+    own pipelines sample with, diffusers' ``UniPCMultistepScheduler`` on the flow (``v`` predicts
+    ``eps - x0``) driven through ``sigmas`` as given (already shifted: ``flow_shift`` 1). One model
+    call per step, as Euler; the steps reuse the previous ones' predictions."""
+    from diffusers import UniPCMultistepScheduler
+
+    if sigmas.ndim != 1:
+        raise ValueError("sample_unipc takes one sigma per step (no per-frame schedule)")
+    if float(sigmas[-1]) != 0.0:
+        raise ValueError("sample_unipc integrates to sigma 0")
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=1.0,
+                                        solver_order=2, solver_type="bh2", lower_order_final=True,
+                                        final_sigmas_type="zero")
+    scheduler.set_timesteps(sigmas=sigmas[:-1].double().cpu().numpy(), device=x.device)
+    scheduler.set_begin_index(0)  # steps counted, not looked up by timestep (close sigmas may round alike)
+    s = scheduler.sigmas.tolist()  # sigmas[0] = 1 moves by 1e-6 there (log 0 otherwise)
+    for i, t in enumerate(scheduler.timesteps):
+        v = denoise(x, s[i])
+        x = finish(scheduler.step(v, t, x).prev_sample)
+        if callback is not None:
+            callback(i)
+    return x
+
+
 def sampler(name: str, generator: torch.Generator | None = None):
-    """``sample(denoise, x, sigmas, finish, callback)`` for the story's ``sampler`` (``euler`` or
-    ``renoise``, cliploom.story.SAMPLERS); ``generator``
+    """``sample(denoise, x, sigmas, finish, callback)`` for the story's ``sampler`` (``euler``,
+    ``unipc`` or ``renoise``, cliploom.story.SAMPLERS); ``generator``
     draws renoise's fresh noise (the clip's own, after its starting noise)."""
     if name == "renoise":
         return lambda denoise, x, sigmas, finish=lambda x: x, callback=None: sample_renoise(
             denoise, x, sigmas, finish, callback, generator)
-    return sample_euler
+    return sample_unipc if name == "unipc" else sample_euler

@@ -258,8 +258,8 @@ SEED_LIMIT = 2**63
 def check_numbers(s: Story, size_multiple: int = 16, temporal: int = 4) -> None:
     """Checks that need the final numbers (after model defaults are filled in)."""
     where = str(s.source or "story")
-    if s.sampler == "renoise" and s.route == "df" and s.route_options.get("ar_step"):  # the model's default too
-        _fail(where, "sampler renoise takes one noise level per step; df's ar_step gives each frame its own",
+    if s.sampler in ("renoise", "unipc") and s.route == "df" and s.route_options.get("ar_step"):  # the model's default too
+        _fail(where, f"sampler {s.sampler} takes one noise level per step; df's ar_step gives each frame its own",
               "use sampler: euler with ar_step, or drop ar_step")
     if s.frames is not None:
         if not 1 + temporal <= s.frames <= MAX_FRAMES or (s.frames - 1) % temporal:
@@ -374,7 +374,7 @@ _SCALARS: dict[str, type] = {
 OFFLOAD = ("none", "model", "group", "sequential")
 ANCHORS = ("reference", "last_frame")  # story anchor: what each clip after the first is anchored on
 FIRST_CLIPS = ("pro", "i2v")  # story first_clip: how pro mode conditions clip 0
-SAMPLERS = ("euler", "renoise")  # story sampler (cliploom.sampling)
+SAMPLERS = ("euler", "unipc", "renoise")  # story sampler (cliploom.sampling)
 MEMORY_GUIDANCE = (1.0, 4.0)  # story memory_guidance: 1 is off; past 4 the clip ignores its anchor
 KEYFRAME_GUIDANCE = (1.0, 8.0)  # story keyframe_guidance: 1 is off; past 8 the clip is all keyframe pull
 MOTION_AMPLITUDE = (0.5, 2.0)  # story motion_amplitude: beyond these the padding is no longer an image the model reads

@@ -10,6 +10,9 @@ directly, ``weight * delta``.
   the base model's speed; the stack is then permanent for this model.
 * **unfused**: adapters stay switchable; :meth:`LoraStack.set_clip_weights` changes each LoRA's
   weight per clip (deltas are recomputed from a copy of the touched parameters, never drifted).
+  :meth:`LoraStack.merge` merges an unfused stack into float32 weights for as long as its weights
+  stay (base speed) and keeps the adapters, so the next weight change unmerges it first: a story
+  whose clip 0 turns the SVI LoRA off runs its other clips fused.
 
 Reporting: every LoRA's modules touched per expert are logged and kept in :meth:`summary`; keys
 that could not be applied are listed in a warning; a LoRA that matches nothing, a shape that does
@@ -103,6 +106,7 @@ class LoraStack:
         self.model = model
         self.fuse = fuse
         self.fused = False
+        self.merged = False  # an unfused stack merged into the weights for now (merge / unmerge)
         self.applied: list[_Applied] = []
         self._key = None
         self._base: dict[int, tuple[torch.nn.Parameter, torch.Tensor]] = {}  # untouched copies of delta'd params
@@ -288,6 +292,7 @@ class LoraStack:
         """Remove an unfused stack: adapters deleted, delta'd parameters restored."""
         if self.fused:
             raise CliploomError("fused LoRAs cannot be removed", "load a new Engine")
+        self.unmerge()  # peft would drop the adapters and leave their merged deltas in the weights
         pipe = self.model.pipe
         with torch.no_grad():
             for param, base in self._base.values():
@@ -317,6 +322,7 @@ class LoraStack:
             return
         if self.fused:
             raise CliploomError("per-clip LoRA weights need unfused LoRAs", "set fuse_loras: false (or --no-fuse)")
+        self.unmerge()  # merged deltas were scaled by the old weights
         offload = getattr(self.model, "_cliploom_offload", "none")
         changed = [a for a in self.applied if wanted[a.spec.name] != a.weight and a.deltas]
         if changed and offload in ("group", "sequential"):
@@ -334,6 +340,41 @@ class LoraStack:
                 _set_adapters(getattr(pipe, attr), [a.adapter for a in adapters], [a.weight for a in adapters])
         self._write_deltas()
 
+    def merge(self) -> bool:
+        """Merge the unfused stack's adapters into the weights at their present weights (peft's
+        merge, through diffusers' ``fuse_lora``), keeping them so :meth:`unmerge` can take them out
+        again: sampling runs at the base model's speed until the weights change. Only into float32
+        weights, where a merge and unmerge round trip is exact to float32 rounding (about 1e-7
+        relative, so an engine serving many stories does not drift); bf16 / fp16 weights would
+        lose up to an ulp per round trip, and the stack then stays unfused. Returns whether it is
+        merged."""
+        if self.merged or self.fused or not any(a.pairs for a in self.applied):
+            return self.merged
+        if getattr(self.model, "_cliploom_offload", None) in ("group", "sequential"):
+            return False  # the offloaded copies would keep the unmerged weights
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        pipe = self.model.pipe
+        modules = [(attr, [a.adapter for a in self.applied if a.pairs.get(attr)]) for attr in ("transformer", "transformer_2")]
+        modules = [(getattr(pipe, attr), names) for attr, names in modules if names]
+        if any(m.get_base_layer().weight.dtype != torch.float32 for t, _ in modules for m in t.modules()
+               if isinstance(m, BaseTunerLayer)):
+            return False
+        for transformer, names in modules:
+            transformer.fuse_lora(adapter_names=names)
+        self.merged = True
+        return True
+
+    def unmerge(self) -> None:
+        """Take a :meth:`merge`'d stack back out of the weights (the adapters apply it again)."""
+        if not self.merged:
+            return
+        for attr in ("transformer", "transformer_2"):
+            module = getattr(self.model.pipe, attr)
+            if module is not None and any(a.pairs.get(attr) for a in self.applied):
+                module.unfuse_lora()
+        self.merged = False
+
     def weights(self) -> dict[str, float]:
         """The weight each LoRA has now, by name."""
         return {a.spec.name: a.weight for a in self.applied}
@@ -342,7 +383,7 @@ class LoraStack:
     def _line(self, a: _Applied) -> str:
         where = ", ".join(f"{n} modules on {attr}" for attr, n in a.modules.items())
         ranks = "/".join(map(str, a.ranks)) or "-"
-        state = "fused" if self.fused else "unfused"
+        state = "fused" if self.fused else "merged" if self.merged else "unfused"
         extra = f"; {len(a.unapplied)} key(s) not applied" if a.unapplied else ""
         return f"LoRA {a.spec.name} ({a.layout}, rank {ranks}) weight {a.spec.weight} {state}: {where}{extra}"
 
@@ -361,6 +402,7 @@ class LoraStack:
                 "deltas": a.n_deltas,
                 "unapplied": list(a.unapplied),
                 "fused": self.fused,
+                "merged": self.merged,
             }
             for a in self.applied
         ]

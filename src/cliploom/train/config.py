@@ -73,8 +73,9 @@ class TrainConfig:
     # random frame of the clip, often one the clip has not reached yet -- which teaches the LoRA to
     # move the subject towards the anchor) or `past` (a frame of the source at or before the clip's
     # last motion frame, as at inference, where the anchor is the story's first frame or, when
-    # re-anchoring, the frame the previous clip ended on). Far anchors (`anchor_far_prob`) then
-    # come from the past too.
+    # re-anchoring, the frame the previous clip ended on) or `motion` (the clip's last motion frame
+    # itself: what `anchor: last_frame` hands a clip at inference). Far anchors
+    # (`anchor_far_prob`) then come from there too.
     anchor_from: str = "clip"
     # Chance that a sample carries its clip's true last frame as a keyframe (end-frame control, as
     # `end_frame:` in a story): a LoRA trained with it learns to end clips where users say.
@@ -207,7 +208,7 @@ _CHOICES = {
     "velocity_target": ("clean", "injected"),
     "lr_schedule": ("constant", "cosine"),
     "motion_source": ("clip", "previous_clip"),
-    "anchor_from": ("clip", "past"),
+    "anchor_from": ("clip", "past", "motion"),
     "route": ("svi", "df", "causal", "self-forcing", "helios"),
     "closed_loop_lead": ("world", "memory"),
     "replay_replace": ("nearest", "random"),

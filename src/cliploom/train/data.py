@@ -67,8 +67,8 @@ class ShapesWorldClips:
              history: int = 0) -> DataClip:
         """A clip whose first ``motion_pixels`` frames are its motion memory (with ``far_anchor``
         ``"any"``, a frame from anywhere in its sequence as ``anchor``; ``"past"``, a frame at or
-        before the clip's last motion frame; with ``history``, that many frames before the clip as
-        ``history``)."""
+        before the clip's last motion frame; ``"motion"``, that frame itself; with ``history``, that
+        many frames before the clip as ``history``)."""
         from ..shapesworld import sample_sequence
 
         seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
@@ -88,7 +88,7 @@ class ShapesWorldClips:
         anchor = None
         if far_anchor:
             last = total - 1 if far_anchor == "any" else offset + max(motion_pixels, 1) - 1
-            k = _randint(generator, 0, last)
+            k = last if far_anchor == "motion" else _randint(generator, 0, last)
             anchor = seq.frames(k, k + 1)
         past = seq.frames(offset - history, offset) if history else None
         return DataClip(seq.frames(offset, offset + F), prompt, f"shapesworld:{seed}@{offset}", offset, anchor, past)
@@ -178,8 +178,8 @@ class VideoFolderClips:
         frames = np.stack([np.asarray(cover_crop(im, self.width, self.height)) for im in images])
         past, frames = (frames[:history], frames[history:]) if history else (None, frames)
         anchor = None
-        if far_anchor:  # "past": at or before the clip's last motion frame
+        if far_anchor:  # "past": at or before the clip's last motion frame; "motion": that frame
             last = n - 1 if far_anchor == "any" else start + (max(motion_pixels, 1) - 1) * self.stride
-            (image,) = read_frames(path, _randint(generator, 0, last), 1)
+            (image,) = read_frames(path, last if far_anchor == "motion" else _randint(generator, 0, last), 1)
             anchor = np.asarray(cover_crop(image, self.width, self.height))[None]
         return DataClip(frames, caption, f"{path.name}@{start}", start, anchor, past)

@@ -233,7 +233,7 @@ class SVITrainer:
             history = 0
             if self.cfg.motion_source == "previous_clip" and choice.mode == "latent" and choice.motion > 0:
                 history = self.cfg.frames - choice.motion_pixels  # the previous clip = history + the motion frames
-            far = choice.far_anchor and ("past" if self.cfg.anchor_from == "past" else "any")
+            far = choice.far_anchor and (self.cfg.anchor_from if self.cfg.anchor_from != "clip" else "any")
             clip = self.data.clip(generator, choice.motion_pixels, far or None, history)
             out.append(build_sample(self.model, clip, choice, self.cfg.route))
         return out

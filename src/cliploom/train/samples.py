@@ -23,7 +23,8 @@ With ``anchor_far_prob`` a sample with motion memory takes its anchor / referenc
 in the clip's source instead (``DataClip.anchor``), as at inference, where the anchor is the
 story's first frame while the motion memory is wherever the last clip ended. With ``anchor_from:
 past`` every such sample does, from a frame at or before the clip's last motion frame: never one
-the clip has yet to reach, as no anchor at inference is.
+the clip has yet to reach, as no anchor at inference is; with ``anchor_from: motion`` from that
+last motion frame itself, the frame a re-anchored clip (``anchor: last_frame``) is anchored on.
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ def draw_choice(cfg: TrainConfig, frames: int, generator: torch.Generator) -> Ch
     far = False
     if cfg.anchor_far_prob > 0:  # drawn only when asked for, so other configs keep their random streams
         far = bool(torch.rand((), generator=generator) < cfg.anchor_far_prob) and motion > 0
-    if cfg.anchor_from == "past" and motion > 0:  # every anchor from the source, at or before the motion
+    if cfg.anchor_from != "clip" and motion > 0:  # every anchor from the source, at or before the motion
         far = True
     end = False
     if cfg.end_frame_prob > 0:  # drawn only when asked for, as above
