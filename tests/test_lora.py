@@ -259,11 +259,29 @@ def test_story_changes_lora_weights_per_clip(tiny_dirs, tiny_story, tmp_path):
         seen.append(round(module.blocks[0].attn1.to_q.scaling["cliploom_0"], 6))
 
     hook = model.transformer.register_forward_pre_hook(record)
-    clip_starts = []
-    list(engine.generate(story, progress=False, on_clip_start=lambda i: clip_starts.append(len(seen))))
+    clip_starts, merged = [], []
+
+    def started(i):
+        clip_starts.append(len(seen))
+        merged.append(engine.loras.merged)
+
+    list(engine.generate(story, progress=False, on_clip_start=started))
     hook.remove()
     per_clip = [set(seen[a:b]) for a, b in zip(clip_starts, clip_starts[1:] + [len(seen)])]
     assert per_clip == [{1.0}, {0.25}, {0.5}]  # clip 3 has no weights: the stack's own
+    # the last clip's weights stay to the end: it runs merged (float32 weights), the others unfused
+    assert merged == [False, False, True]
+    # a story whose weights never change (as every service job, fuse_loras false) runs merged throughout;
+    # against the adapters unfused, the clips agree to float32 rounding (1e-5 of their scale)
+    steady = tiny_story(2, frames=9, steps=2, guidance=1.0, loras=[LoraSpec(path, 0.5, name="svi")], fuse_loras=False)
+    merged.clear()
+    fast = list(engine.generate(steady, progress=False, on_clip_start=started))
+    assert merged == [True, True]
+    engine.loras.unmerge()
+    engine.loras.merge = lambda: False  # the same story with merging off: adapters applied at every call
+    slow = list(engine.generate(steady, progress=False))
+    scale = float(slow[0].latents.abs().max())
+    assert all(torch.allclose(a.latents, b.latents, atol=1e-5 * scale) for a, b in zip(fast, slow, strict=True))
 
 
 def test_same_stack_is_not_reapplied_and_unfused_stacks_can_be_swapped(tiny_dirs, tiny_story, tmp_path, monkeypatch):

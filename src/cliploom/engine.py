@@ -162,16 +162,23 @@ class Engine:
         for warning in drift_warnings(resolved, m.settings):  # once the story is known to run
             log.warning("%s", warning)
         per_clip = any(clip.lora_weights for clip in story.clips) or first_i2v
-        # ... and from clip 1 on the stack's weights stay: merged into the weights, as fused (float32)
-        merge_later = first_i2v and story.fuse_loras and not fp8 and not any(c.lora_weights for c in story.clips)
+
+        def clip_weights(i: int) -> dict[str, float] | None:
+            weights = story.clips[i].lora_weights
+            if first_i2v and i == 0:  # off unless clip 0 names its own svi weight
+                weights = {"svi": 0.0, **(weights or {})}
+            return weights
+
+        # From the clip on which the weights stop changing, an unfused stack runs merged into the
+        # (float32) weights, at the base model's speed; a later weight change unmerges it first.
+        stack = {lo.name: float(lo.weight) for lo in loras}
+        final = [{**stack, **(clip_weights(i) or {})} for i in range(len(story.clips))]
+        settled = next((k for k in range(len(final)) if all(w == final[-1] for w in final[k:])), 0)
 
         def clip_start(i: int) -> None:
             if per_clip:
-                weights = story.clips[i].lora_weights
-                if first_i2v and i == 0:  # off unless clip 0 names its own svi weight
-                    weights = {"svi": 0.0, **(weights or {})}
-                self.loras.set_clip_weights(weights)  # unmerges a merged stack when the weights change
-            if merge_later and i > 0:
+                self.loras.set_clip_weights(clip_weights(i))  # unmerges a merged stack when the weights change
+            if i >= settled and not fp8:
                 self.loras.merge()
             if on_clip_start is not None:
                 on_clip_start(i)

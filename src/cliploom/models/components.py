@@ -60,7 +60,7 @@ class ModelSettings:
     keyframe_guidance: float = 1.0  # the default of stories' keyframe_guidance (1: off; wants a keyframe-trained LoRA)
     memory_guidance: float = 1.0  # the default of stories' memory_guidance (1: off)
     route_loras: dict | None = None  # route -> LoRA file in the model folder with that route's weights (cliploom.routes)
-    sampler: str | None = None  # the default of stories' sampler: euler | renoise (DMD / Self-Forcing students); None: euler
+    sampler: str | None = None  # the default of stories' sampler: euler | unipc | renoise (DMD / Self-Forcing students); None: euler
     native_routes: tuple = ()  # routes the model's own DiT is made for (SkyReels-V2 DF: df; a causal DiT: causal routes)
 
     def svi_lora_for(self, story) -> str | None:
