@@ -222,6 +222,13 @@ def test_video_folder_clips_with_captions_offsets_stride_and_crop(tmp_path):
         assert np.allclose(means, 6 * (clip.offset + 2 * np.arange(5)), atol=3)
         starts.add(clip.offset)
     assert len(starts) > 1 and max(starts) <= n - 9
+    # anchors: "motion" is the clip's last motion frame (frame 2 of the clip with 3 motion frames),
+    # "past" never later than it
+    for _ in range(4):
+        clip = src.clip(g, 3, far_anchor="motion")
+        assert abs(float(clip.anchor.mean()) - 6 * (clip.offset + 2 * 2)) <= 3
+        clip = src.clip(g, 3, far_anchor="past")
+        assert float(clip.anchor.mean()) <= 6 * (clip.offset + 2 * 2) + 3
     with pytest.raises(CliploomError, match="no video"):
         VideoFolderClips(sub, frames=5, width=32, height=16)
 
