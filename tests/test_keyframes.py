@@ -328,7 +328,9 @@ def test_first_clip_i2v_runs_clip_0_without_the_svi_lora(tiny_dirs, tiny_story, 
     assert not torch.allclose(with_default[1].latents, base[1].latents, atol=1e-3)
     # merged against adapters kept unfused for the whole story (fuse_loras: false): the same clips, W + BA
     # summed before or after the matmul (float32 rounding, 1e-5 of the scale)
-    unfused = list(Engine.load(str(d)).generate(tiny_story(2, guidance=1.0, seam_blend=0, fuse_loras=False), progress=False))
+    plain = Engine.load(str(d))
+    plain.loras.merge = lambda: False  # merging off: the adapters applied at every call
+    unfused = list(plain.generate(story, progress=False))
     for a, b in zip(with_default, unfused):
         assert torch.allclose(a.latents, b.latents, atol=1e-5 * scale)
     # the next story on this engine: its clip 0 unmerges the stack, so it is the base model's clip 0 again
@@ -350,6 +352,16 @@ def test_first_clip_i2v_runs_clip_0_without_the_svi_lora(tiny_dirs, tiny_story, 
     assert weights == [{"svi": 0.5}, {"svi": 1.0}]
     pro = list(Engine.load(str(d)).generate(tiny_story(2, guidance=1.0, seam_blend=0, first_clip="pro"), progress=False))
     assert not torch.allclose(pro[0].latents, with_default[0].latents, atol=1e-3)
+    # a one-clip i2v story leaves the stack at svi 0; the next story on the engine (SVI's first clip,
+    # adapters kept switchable as the service keeps them) has the LoRA back on from its clip 0
+    list(engine.generate(tiny_story(1, guidance=1.0, seam_blend=0), progress=False))
+    assert engine.loras.weights() == {"svi": 0.0}
+    weights = []
+    after = list(engine.generate(tiny_story(2, guidance=1.0, seam_blend=0, first_clip="pro", fuse_loras=False),
+                                 progress=False, on_clip_start=lambda i: weights.append(engine.loras.weights())))
+    assert weights == [{"svi": 1.0}, {"svi": 1.0}]
+    for a, b in zip(after, pro):  # merged against fused: float32 rounding
+        assert torch.allclose(a.latents, b.latents, atol=1e-5 * scale)
     with pytest.raises(CliploomError, match="first_clip: i2v runs clip 0 without the SVI LoRA"):
         list(Engine.load(str(d)).generate(tiny_story(2, fp8_matmul=True), progress=False))
     bad = {**settings, "first_clip": "t2v"}

@@ -157,11 +157,12 @@ class Engine:
         else:
             helios.drop_loras(m)
             self.loras.apply(loras, fuse=story.fuse_loras and not fp8 and not first_i2v)
+        if story.offload in ("group", "sequential"):
+            self.loras.unmerge()  # a stack merged by an earlier story: offloaded copies must not hold it
         apply_memory_options(self.model, story.offload, story.vae_tiling)  # after the LoRAs: hooks wrap final weights
         apply_speed_options(m, story)
         for warning in drift_warnings(resolved, m.settings):  # once the story is known to run
             log.warning("%s", warning)
-        per_clip = any(clip.lora_weights for clip in story.clips) or first_i2v
 
         def clip_weights(i: int) -> dict[str, float] | None:
             weights = story.clips[i].lora_weights
@@ -176,8 +177,9 @@ class Engine:
         settled = next((k for k in range(len(final)) if all(w == final[-1] for w in final[k:])), 0)
 
         def clip_start(i: int) -> None:
-            if per_clip:
-                self.loras.set_clip_weights(clip_weights(i))  # unmerges a merged stack when the weights change
+            # every clip, per-clip weights or not: an earlier story (one cancelled in its i2v clip 0, say)
+            # may have left the same stack at other weights; unmerges a merged stack when they change
+            self.loras.set_clip_weights(clip_weights(i))
             if i >= settled and not fp8:
                 self.loras.merge()
             if on_clip_start is not None:

@@ -360,9 +360,9 @@ class LoraStack:
         if any(m.get_base_layer().weight.dtype != torch.float32 for t, _ in modules for m in t.modules()
                if isinstance(m, BaseTunerLayer)):
             return False
+        self.merged = True  # first: should the second expert fail, unmerge still takes the first back out
         for transformer, names in modules:
             transformer.fuse_lora(adapter_names=names)
-        self.merged = True
         return True
 
     def unmerge(self) -> None:
