@@ -338,12 +338,13 @@ def test_first_clip_i2v_runs_clip_0_without_the_svi_lora(tiny_dirs, tiny_story, 
     again = list(engine.generate(story, progress=False, on_clip_start=seen))
     assert merged == [False, True]
     assert torch.allclose(again[0].latents, base[0].latents, atol=1e-5 * scale)
-    assert torch.allclose(again[1].latents, with_default[1].latents, atol=1e-5 * scale)
-    # two merge / unmerge round trips later, the weights are the file's to float32 rounding
+    # the same story on the same engine, the weights restored in between: the same path, the same clips
+    assert all(torch.equal(a.latents, b.latents) for a, b in zip(again, with_default, strict=True))
+    # two merge / unmerge round trips later, the weights are exactly the file's
     engine.loras.clear()
     fresh = Engine.load(str(d)).model.transformer.state_dict()
     for name, value in engine.model.transformer.state_dict().items():
-        assert torch.allclose(value, fresh[name], rtol=1e-6, atol=1e-6 * float(fresh[name].abs().max())), name
+        assert torch.equal(value, fresh[name]), name
     # a story's own LoRA named svi stands in for the model's; a weight clip 0 gives it wins over first_clip's 0
     own = tiny_story(2, guidance=1.0, seam_blend=0, svi_lora=False, fuse_loras=False, loras=[LoraSpec(d / "svi.safetensors", name="svi")],
                      clips=[ClipSpec("prompt 0", lora_weights={"svi": 0.5}), ClipSpec("prompt 1")])

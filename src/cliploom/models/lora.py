@@ -11,8 +11,8 @@ directly, ``weight * delta``.
 * **unfused**: adapters stay switchable; :meth:`LoraStack.set_clip_weights` changes each LoRA's
   weight per clip (deltas are recomputed from a copy of the touched parameters, never drifted).
   :meth:`LoraStack.merge` merges an unfused stack into float32 weights for as long as its weights
-  stay (base speed) and keeps the adapters, so the next weight change unmerges it first: a story
-  whose clip 0 turns the SVI LoRA off runs its other clips fused.
+  stay (base speed) and keeps the adapters and a copy of the weights, so the next weight change
+  restores them exactly first: a story whose clip 0 turns the SVI LoRA off runs its other clips fused.
 
 Reporting: every LoRA's modules touched per expert are logged and kept in :meth:`summary`; keys
 that could not be applied are listed in a warning; a LoRA that matches nothing, a shape that does
@@ -107,6 +107,7 @@ class LoraStack:
         self.fuse = fuse
         self.fused = False
         self.merged = False  # an unfused stack merged into the weights for now (merge / unmerge)
+        self._originals: list[tuple[object, torch.Tensor]] = []  # merged layers and their weights before
         self.applied: list[_Applied] = []
         self._key = None
         self._base: dict[int, tuple[torch.nn.Parameter, torch.Tensor]] = {}  # untouched copies of delta'd params
@@ -342,12 +343,13 @@ class LoraStack:
 
     def merge(self) -> bool:
         """Merge the unfused stack's adapters into the weights at their present weights (peft's
-        merge, through diffusers' ``fuse_lora``), keeping them so :meth:`unmerge` can take them out
-        again: sampling runs at the base model's speed until the weights change. Only into float32
-        weights, where a merge and unmerge round trip is exact to float32 rounding (about 1e-7
-        relative, so an engine serving many stories does not drift); bf16 / fp16 weights would
-        lose up to an ulp per round trip, and the stack then stays unfused. Returns whether it is
-        merged."""
+        merge, through diffusers' ``fuse_lora``), keeping them: sampling runs at the base model's
+        speed until the weights change, when :meth:`unmerge` puts back a copy of the weights as they
+        were (exact, so a story gives the same frames whatever the engine ran before; the copy is
+        kept in host memory). Only into float32 weights: in bf16 / fp16 a merged delta is rounded
+        into the weights (LoRA deltas under half an ulp vanish), the difference from an unfused
+        stack that ``fuse_loras: false`` asks to avoid; such stacks stay unfused. Returns whether
+        the stack is merged."""
         if self.merged or self.fused or not any(a.pairs for a in self.applied):
             return self.merged
         if getattr(self.model, "_cliploom_offload", None) in ("group", "sequential"):
@@ -357,22 +359,26 @@ class LoraStack:
         pipe = self.model.pipe
         modules = [(attr, [a.adapter for a in self.applied if a.pairs.get(attr)]) for attr in ("transformer", "transformer_2")]
         modules = [(getattr(pipe, attr), names) for attr, names in modules if names]
-        if any(m.get_base_layer().weight.dtype != torch.float32 for t, _ in modules for m in t.modules()
-               if isinstance(m, BaseTunerLayer)):
+        layers = [m for t, names in modules for m in t.modules()
+                  if isinstance(m, BaseTunerLayer) and any(n in getattr(m, "lora_A", {}) for n in names)]
+        if any(m.get_base_layer().weight.dtype != torch.float32 for m in layers):
             return False
-        self.merged = True  # first: should the second expert fail, unmerge still takes the first back out
+        self._originals = [(m, m.get_base_layer().weight.detach().to("cpu", copy=True)) for m in layers]
+        self.merged = True  # from here on, unmerge restores the copies whatever happens below
         for transformer, names in modules:
             transformer.fuse_lora(adapter_names=names)
         return True
 
     def unmerge(self) -> None:
-        """Take a :meth:`merge`'d stack back out of the weights (the adapters apply it again)."""
+        """Take a :meth:`merge`'d stack back out: the weights as they were before it (the copy, not
+        a subtraction, which would leave float32 rounding behind), the adapters active again."""
         if not self.merged:
             return
-        for attr in ("transformer", "transformer_2"):
-            module = getattr(self.model.pipe, attr)
-            if module is not None and any(a.pairs.get(attr) for a in self.applied):
-                module.unfuse_lora()
+        with torch.no_grad():
+            for layer, original in self._originals:
+                layer.get_base_layer().weight.copy_(original)
+                layer.merged_adapters = []  # peft's record of what is merged: nothing now
+        self._originals = []
         self.merged = False
 
     def weights(self) -> dict[str, float]:
