@@ -389,7 +389,7 @@ def test_sampler_renoise_runs_every_route_seeded_and_is_checked(tiny_models, tin
     u1 = frames_of(model, tiny_story(2, steps=4, guidance=1.0, sampler="unipc"))
     u2 = frames_of(model, tiny_story(2, steps=4, guidance=1.0, sampler="unipc"))
     e4 = frames_of(model, tiny_story(2, steps=4, guidance=1.0))
-    assert all(torch.equal(a.latents, b.latents) for a, b in zip(u1, u2, strict=True))
+    assert all(torch.equal(a.latents, b.latents) for a, b in zip(u1, u2, strict=True))  # same path twice
     assert not torch.allclose(u1[0].latents, e4[0].latents, atol=1e-3)
     assert all(bool(torch.isfinite(c.latents).all()) for c in u1)
     with pytest.raises(CliploomError, match="unknown sampler 'heun'"):

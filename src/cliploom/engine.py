@@ -171,16 +171,17 @@ class Engine:
             return weights
 
         # From the clip on which the weights stop changing, an unfused stack runs merged into the
-        # (float32) weights, at the base model's speed; a later weight change unmerges it first.
+        # weights (LoraStack.merge: float32 only), at the base model's speed; merged once, there.
         stack = {lo.name: float(lo.weight) for lo in loras}
         final = [{**stack, **(clip_weights(i) or {})} for i in range(len(story.clips))]
-        settled = next((k for k in range(len(final)) if all(w == final[-1] for w in final[k:])), 0)
+        settled = next((k + 1 for k in range(len(final) - 1, -1, -1) if final[k] != final[-1]), 0)
+        merge_at = max(settled, start.index if start is not None else 0)
 
         def clip_start(i: int) -> None:
             # every clip, per-clip weights or not: an earlier story (one cancelled in its i2v clip 0, say)
             # may have left the same stack at other weights; unmerges a merged stack when they change
             self.loras.set_clip_weights(clip_weights(i))
-            if i >= settled and not fp8:
+            if i == merge_at:
                 self.loras.merge()
             if on_clip_start is not None:
                 on_clip_start(i)
