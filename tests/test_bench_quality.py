@@ -360,3 +360,19 @@ def test_route_table_runs_and_merges_rows_into_it(tmp_path):
     with pytest.raises(SystemExit, match="made with 1 stories x 2 clips"):
         br.main(["--runs", "svi", "--merge", "--stories", "1", "--clips", "3", "--seeds", "0", "--no-resources",
                  "--out-root", str(tmp_path)])
+
+
+def test_route_timing_runs_every_route_against_svi_cold_and_warm(tmp_path):
+    """time_routes at toy size (2 clips, one round): each run timed cold (a fresh engine) and warm
+    (the same engine again), every ratio against svi's own times."""
+    import time_routes
+
+    out = time_routes.main(["--runs", "svi,causal", "--rounds", "1", "--clips", "2", "--json", str(tmp_path / "t.json")])
+    assert set(out["runs"]) == {"svi", "causal"}
+    for case in ("cold", "warm"):
+        assert out["runs"]["svi"][case]["clip_ratio_to_svi"] == 1.0  # svi against itself: the same number
+        causal = out["runs"]["causal"][case]
+        assert causal["first_frames_s"] > 0 and causal["s_per_clip"] > 0 and causal["clip_ratio_to_svi"] > 0
+    assert json.loads((tmp_path / "t.json").read_text()) == out
+    with pytest.raises(SystemExit, match="must start with svi"):
+        time_routes.main(["--runs", "causal,svi"])

@@ -99,7 +99,7 @@ def test_helios_loop_streams_the_pro_timeline_with_per_clip_prompts_and_bounded_
 
     seen = []
     real = route.denoiser
-    monkeypatch.setattr(route, "denoiser", lambda e, h, t, n: seen.append((h, t)) or real(e, h, t, n))
+    monkeypatch.setattr(route, "denoiser", lambda e, h, t, n, *z: seen.append((h, t)) or real(e, h, t, n, *z))
     opts = {"short": 1, "mid": 2, "long": 0}
     from cliploom.story import ClipSpec
 

@@ -7,6 +7,7 @@ Small functions of tensors in the k-diffusion manner. Wan's flow matching uses
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -232,3 +233,92 @@ def sampler(name: str, generator: torch.Generator | None = None):
         return lambda denoise, x, sigmas, finish=lambda x: x, callback=None: sample_renoise(
             denoise, x, sigmas, finish, callback, generator)
     return sample_unipc if name == "unipc" else sample_euler
+
+
+def pyramid_stage_steps(steps: int, stages: int) -> list[int]:
+    """The story's ``steps`` spread over ``stages`` pyramid stages, the earlier stages taking the
+    remainder (Helios' ``pyramid_num_inference_steps_list``: 30 steps over 3 stages is its
+    ``[10, 10, 10]``)."""
+    if stages < 1 or steps < stages:
+        raise ValueError(f"{steps} steps cannot fill {stages} pyramid stages")
+    return [steps // stages + (1 if k < steps % stages else 0) for k in range(stages)]
+
+
+def block_noise(shape, gamma: float, patch: tuple[int, int, int], generator: torch.Generator | None = None) -> torch.Tensor:
+    """Gaussian noise whose values within each ``patch[1] x patch[2]`` patch are correlated with
+    covariance ``(1 + gamma) I - gamma`` (Pyramid Flow's renoising after an upsample; diffusers'
+    ``HeliosPyramidPipeline.sample_block_noise``, drawn the same way). That matrix is singular at
+    Helios' ``gamma = 1/3`` with 2 x 2 patches (eigenvalue ``1 - 3 gamma``): its float32 Cholesky
+    fails on CPU, so the factor is computed in float64."""
+    b, c, f, h, w = shape
+    _, ph, pw = patch
+    n = ph * pw
+    cov = torch.eye(n, dtype=torch.float64) * (1 + gamma) - torch.ones(n, n, dtype=torch.float64) * gamma
+    factor = torch.linalg.cholesky(cov + torch.eye(n, dtype=torch.float64) * 1e-8).float()
+    z = torch.randn(b * c * f * (h // ph) * (w // pw), n, generator=generator)
+    eps = (z @ factor.T).view(b, c, f, h // ph, w // pw, ph, pw)
+    return eps.permute(0, 1, 2, 3, 5, 4, 6).reshape(b, c, f, h, w)
+
+
+def sample_pyramid(
+    denoise: Callable[[torch.Tensor, float], torch.Tensor],
+    noise: torch.Tensor,
+    scheduler,
+    stage_steps: Sequence[int],
+    patch: tuple[int, int, int],
+    generator: torch.Generator | None = None,
+    callback: Callable[[int], None] | None = None,
+    zero_steps: int = -1,
+) -> torch.Tensor:
+    """Helios' pyramid sampling of one chunk, as diffusers' ``HeliosPyramidPipeline`` runs it: the
+    full-resolution ``noise`` halved (bilinear, x2) once per stage after the first; each stage then
+    denoised on its own window of timesteps by ``scheduler`` (``HeliosScheduler``: Euler or UniPC;
+    ``HeliosDMDScheduler``: a distilled student's x0-and-renoise steps toward the stage's start
+    point), and before each later stage the latents doubled (nearest) and renoised with noise
+    correlated within each patch (Pyramid Flow's correction of block artefacts). The model is called
+    at the integer timestep (``denoise(x, t / 1000)``), as the pipeline calls it. ``zero_steps``:
+    CFG-Zero*'s zero-init, a zero velocity on the first stage's steps up to that index (-1: off).
+    ``generator`` draws the renoising noise (the clip's own, after its starting noise)."""
+    import torch.nn.functional as F
+    from diffusers import HeliosDMDScheduler
+    from diffusers.pipelines.helios.pipeline_helios_pyramid import calculate_shift
+
+    def resize(x: torch.Tensor, scale: float, mode: str) -> torch.Tensor:
+        b, c, f, h, w = x.shape
+        flat = x.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
+        flat = F.interpolate(flat, size=(int(h * scale), int(w * scale)), mode=mode)
+        return flat.reshape(b, f, c, flat.shape[-2], flat.shape[-1]).permute(0, 2, 1, 3, 4)
+
+    dmd = isinstance(scheduler, HeliosDMDScheduler)
+    config = scheduler.config
+    x = noise.float()
+    for _ in range(len(stage_steps) - 1):
+        x = resize(x, 0.5, "bilinear") * 2
+    starts = [x]
+    done = 0
+    for stage, n in enumerate(stage_steps):
+        tokens = x.shape[-1] * x.shape[-2] * x.shape[-3] // (patch[0] * patch[1] * patch[2])
+        mu = calculate_shift(tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                             config.get("base_shift", 0.5), config.get("max_shift", 1.15))
+        scheduler.set_timesteps(n, stage, device=x.device, mu=mu)
+        if stage > 0:
+            x = resize(x, 2, "nearest")
+            signal = 1 - scheduler.ori_start_sigmas[stage]
+            gamma = config.gamma
+            alpha = 1 / (math.sqrt(1 + 1 / gamma) * (1 - signal) + signal)
+            beta = alpha * (1 - signal) / math.sqrt(gamma)
+            x = alpha * x + beta * block_noise(x.shape, gamma, patch, generator).to(x)
+            starts.append(x)
+        timesteps = scheduler.timesteps
+        for i, t in enumerate(timesteps):
+            if stage == 0 and i <= zero_steps:
+                v = torch.zeros_like(x)
+            else:
+                v = denoise(x, float(int(t)) / NUM_TRAIN_TIMESTEPS)
+            extra = dict(cur_sampling_step=i, dmd_noisy_tensor=starts[stage], dmd_sigmas=scheduler.sigmas,
+                         dmd_timesteps=scheduler.timesteps, all_timesteps=timesteps) if dmd else {}
+            x = scheduler.step(v, t, x, generator=generator, return_dict=False, **extra)[0].float()
+            if callback is not None:
+                callback(done)
+            done += 1
+    return x

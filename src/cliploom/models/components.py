@@ -62,6 +62,10 @@ class ModelSettings:
     route_loras: dict | None = None  # route -> LoRA file in the model folder with that route's weights (cliploom.routes)
     sampler: str | None = None  # the default of stories' sampler: euler | unipc | renoise (DMD / Self-Forcing students); None: euler
     native_routes: tuple = ()  # routes the model's own DiT is made for (SkyReels-V2 DF: df; a causal DiT: causal routes)
+    # a Helios folder's scheduler config (HeliosScheduler / HeliosDMDScheduler, with its _class_name): its
+    # pyramid stages, and CFG-Zero* as its pipeline's is_cfg_zero_star asks (the helios route's `stages`)
+    helios_scheduler: dict | None = None
+    cfg_zero_star: bool = False
 
     def svi_lora_for(self, story) -> str | None:
         """The file name of this model's SVI LoRA that ``story`` runs with (``None``: none): the
@@ -85,7 +89,7 @@ class ModelSettings:
             values["shift"] = shift
         own = path / SETTINGS_FILE
         if own.is_file():
-            known = {f.name for f in fields(cls)} - {"native_routes"}  # that one comes from the folder itself
+            known = {f.name for f in fields(cls)} - {"native_routes", "helios_scheduler", "cfg_zero_star"}  # the folder's own
             values.update({k: v for k, v in read_settings(own).items() if k in known})
         return cls.checked(values, str(path))
 

@@ -542,6 +542,7 @@ def check_diffusers_folder(path: Path) -> tuple[dict, ModelSettings]:
 
 SELF_FORCING_SCHEDULER = "SelfForcingFlowMatchScheduler"  # FastVideo's Self-Forcing checkpoints
 SELF_FORCING_TIMESTEPS = (1000, 750, 500, 250)  # Self-Forcing's denoising_step_list, warped by the shift
+HELIOS_SCHEDULERS = ("HeliosScheduler", "HeliosDMDScheduler")  # a Helios folder's pyramid (stages) scheduler
 
 
 def _route_settings(path: Path, index: dict, settings: ModelSettings) -> ModelSettings:
@@ -569,6 +570,13 @@ def _route_settings(path: Path, index: dict, settings: ModelSettings) -> ModelSe
         routes = ("df",)
     elif cls == "HeliosTransformer3DModel":
         routes = ("helios",)
+        sched = read_json(path / "scheduler" / "scheduler_config.json", "scheduler config") \
+            if scheduler in HELIOS_SCHEDULERS else None
+        solver = (sched or {}).get("scheduler_type")  # HeliosScheduler's Euler or UniPC (the DMD one has none)
+        settings = dataclasses.replace(
+            settings, helios_scheduler=sched, cfg_zero_star=bool(index.get("is_cfg_zero_star", False)),
+            # its pipeline samples with the scheduler's own solver, unless cliploom.json says otherwise
+            sampler=settings.sampler or (solver if solver in ("euler", "unipc") else None))
     elif scheduler == SELF_FORCING_SCHEDULER:
         routes = ("self-forcing", "causal")
         # its DMD student samples as Self-Forcing trained it: x0 + fresh noise, on its warped 4-step

@@ -61,6 +61,8 @@ ROUTES: dict[str, dict[str, Option]] = {
         "short": Option(int, 0, 8, 2, "newest latent frames at full resolution (1x2x2 patches), after the anchor"),
         "mid": Option(int, 0, 16, 2, "the latent frames before those, compressed 2x4x4 (patch_mid)"),
         "long": Option(int, 0, 32, 4, "the oldest latent frames kept, compressed 4x8x8 (patch_long)"),
+        "stages": Option(int, 0, 3, 0, "pyramid stages (Helios' HeliosPyramidPipeline: the chunk denoised at 1/4, "
+                         "1/2 then full resolution); 0: the model's own (a Helios folder's scheduler, else 1)"),
     },
 }
 PLANNED: tuple[str, ...] = ()

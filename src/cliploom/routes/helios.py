@@ -46,6 +46,8 @@ from ..sampling import (
     Expert,
     guide,
     pick_expert,
+    pyramid_stage_steps,
+    sample_pyramid,
     sampler,
     schedule,
 )
@@ -144,6 +146,7 @@ def weave(
     h, w = story.height // model.scale_spatial, story.width // model.scale_spatial
     sizes = Sizes.of(story)
     cfg = max(story.guidance, story.guidance_low) > 1
+    pyramid = pyramid_of(model, story)  # (scheduler, steps per stage), or None: one resolution
 
     # 2. Prompts, the anchor latent, the Helios transformer (built from the DiT on first use).
     prompts, text, negative = encode_prompts(model, story, cfg)
@@ -171,10 +174,15 @@ def weave(
             seed = story.clip_seed(i)
             generator = torch.Generator("cpu").manual_seed(seed)  # then renoise's fresh noise
             noise = torch.randn((1, model.z_dim, new, h, w), generator=generator)
-            denoise = denoiser(experts, history, text[prompt], negative)
-            steps = len(sigmas) - 1
-            latents = sampler(story.sampler, generator)(denoise, noise.to(model.device), sigmas, callback=(
-                (lambda k, i=i, n=steps: on_step(i, k + 1, n)) if on_step else None))
+            zero_star = pyramid is not None and model.settings.cfg_zero_star
+            denoise = denoiser(experts, history, text[prompt], negative, zero_star)
+            steps = len(sigmas) - 1 if pyramid is None else sum(pyramid[1])
+            step_done = (lambda k, i=i, n=steps: on_step(i, k + 1, n)) if on_step else None
+            if pyramid is None:
+                latents = sampler(story.sampler, generator)(denoise, noise.to(model.device), sigmas, callback=step_done)
+            else:  # Helios' stages: from a quarter of the resolution up (CFG-Zero*: the first steps' velocity zero)
+                latents = sample_pyramid(denoise, noise.to(model.device), pyramid[0], pyramid[1], tuple(helios.config.patch_size),
+                                         generator, step_done, zero_steps=1 if zero_star and cfg else -1)
             # 5. Decode as pro does: [anchor, previous clip's last K latents, new].
             info = (i, prompt, seed, time.perf_counter() - started, 0.0)
             memory = queue_pro_decode(decoder, queue, story, i, anchor, memory, latents, info)
@@ -191,10 +199,14 @@ def weave(
         decoder.close()
 
 
-def denoiser(experts: list[Expert], history: History, text: torch.Tensor, negative: torch.Tensor | None):
+def denoiser(experts: list[Expert], history: History, text: torch.Tensor, negative: torch.Tensor | None,
+             zero_star: bool = False):
     """``v = denoise(x, sigma)`` for one chunk: the Helios transformer with ``history``, guided (the
-    conditional and unconditional passes as one batch of two, the history in both)."""
+    conditional and unconditional passes as one batch of two, the history in both; with ``zero_star``
+    CFG-Zero*'s rescaled guidance, as HeliosPyramidPipeline does for ``is_cfg_zero_star`` folders)."""
     guided = history.repeat(2)
+    if zero_star:
+        from diffusers.pipelines.helios.pipeline_helios_pyramid import optimized_scale
 
     def forward(tr, x: torch.Tensor, t: float, past: History, emb: torch.Tensor) -> torch.Tensor:
         dtype = next(tr.parameters()).dtype
@@ -207,9 +219,56 @@ def denoiser(experts: list[Expert], history: History, text: torch.Tensor, negati
         if expert.guidance == 1.0 or negative is None:
             return forward(expert.model, x, t, history, text)
         cond, uncond = forward(expert.model, torch.cat([x, x]), t, guided, torch.cat([text, negative])).chunk(2)
+        if zero_star:  # the unconditional velocity scaled by its projection onto the conditional one
+            scale = optimized_scale(cond.flatten(1), uncond.flatten(1)).view(-1, *[1] * (cond.ndim - 1))
+            return uncond * scale + expert.guidance * (cond - uncond * scale)
         return guide(cond, uncond, expert.guidance)
 
     return denoise
+
+
+def pyramid_of(model: Components, story: Story):
+    """``(scheduler, steps per stage)`` for Helios' pyramid sampling, or ``None`` for one resolution:
+    ``stages`` from the route option, else the Helios folder's scheduler (3 for the public Helios
+    checkpoints), else 1. The scheduler is the folder's (``HeliosScheduler`` with the story's solver,
+    or ``HeliosDMDScheduler`` for a distilled folder) with that many equal stages, or a
+    ``HeliosScheduler`` on the story's shift for a model without one (the built-in DiT)."""
+    from diffusers import HeliosDMDScheduler, HeliosScheduler
+
+    own = model.settings.helios_scheduler
+    stages = story.route_option("stages") or int((own or {}).get("stages", 1))
+    if stages == 1:
+        return None
+    where = f"route helios with {stages} pyramid stages"
+    if story.timesteps is not None:
+        raise CliploomError(f"{where} takes its timesteps from the stages' windows, not a timesteps list",
+                            "drop timesteps (steps are spread over the stages), or set route option stages: 1")
+    if story.sampler == "renoise":
+        raise CliploomError(f"{where} samples with Euler, UniPC or a distilled folder's DMD steps, not renoise",
+                            "use sampler: euler or unipc, or route option stages: 1")
+    if story.steps < stages:
+        raise CliploomError(f"{where} needs at least {stages} steps, got {story.steps}", f"use steps: {3 * stages}")
+    patch = model.patch[1] * 2 ** (stages - 1)
+    h, w = story.height // model.scale_spatial, story.width // model.scale_spatial
+    if h % patch or w % patch:
+        raise CliploomError(f"{where}: latents of {h}x{w} do not halve {stages - 1} times into whole patches",
+                            f"use a size whose latents divide by {patch} ({patch * model.scale_spatial} px), "
+                            "or fewer stages")
+    ranges = [k / stages for k in range(stages + 1)]
+    if own is not None and own.get("_class_name") == "HeliosDMDScheduler":
+        config = {k: v for k, v in own.items() if not k.startswith("_")}
+        if int(config.get("stages", stages)) != stages:
+            config.update(stages=stages, stage_range=ranges)
+        scheduler = HeliosDMDScheduler.from_config(config)
+    elif own is not None:
+        config = {k: v for k, v in own.items() if not k.startswith("_")}
+        if int(config.get("stages", stages)) != stages:
+            config.update(stages=stages, stage_range=ranges)
+        scheduler = HeliosScheduler.from_config({**config, "scheduler_type": story.sampler or "euler"})
+    else:
+        scheduler = HeliosScheduler(stages=stages, stage_range=ranges, shift=story.shift,
+                                    scheduler_type=story.sampler or "euler")
+    return scheduler, pyramid_stage_steps(story.steps, stages)
 
 
 def _check(model: Components, story: Story, start: Start | None) -> None:
