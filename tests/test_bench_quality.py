@@ -376,3 +376,14 @@ def test_route_timing_runs_every_route_against_svi_cold_and_warm(tmp_path):
     assert json.loads((tmp_path / "t.json").read_text()) == out
     with pytest.raises(SystemExit, match="must start with svi"):
         time_routes.main(["--runs", "causal,svi"])
+
+
+def test_memory_curve_counts_the_tensors_a_route_keeps():
+    import memory_curve
+
+    out = memory_curve.main(["--runs", "causal", "--clips", "5", "--every", "1"])
+    rows = out["causal"]
+    assert [r["clips"] for r in rows] == [1, 2, 3, 4, 5]
+    assert all(r["tensors"] > 100 and r["tensor_mib"] > 1 for r in rows)
+    # sink 1 + window 2: the cache is full from clip 3 on, so later clips keep no more tensors
+    assert rows[4]["tensor_mib"] <= rows[3]["tensor_mib"] * 1.01 and rows[4]["tensors"] <= rows[3]["tensors"]
