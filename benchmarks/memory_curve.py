@@ -23,17 +23,21 @@ import bench_routes as br  # noqa: E402
 
 
 def live_tensors() -> tuple[int, float]:
-    """Tensors reachable by the garbage collector: their count and the MiB of their storages."""
+    """Tensors reachable by the garbage collector: their count and the MiB of their storages, each
+    storage once (views share one)."""
+    import torch
+
     gc.collect()
-    count, total = 0, 0
+    count, storages = 0, {}
     for obj in gc.get_objects():
         try:
-            if isinstance(obj, __import__("torch").Tensor):
+            if isinstance(obj, torch.Tensor):
                 count += 1
-                total += obj.untyped_storage().nbytes()
-        except Exception:  # a tensor without storage (meta, some views): not memory
+                storage = obj.untyped_storage()
+                storages[(storage.device.type, storage.data_ptr())] = storage.nbytes()
+        except Exception:  # a tensor without storage (meta, some subclasses): not memory
             continue
-    return count, total / 2**20
+    return count, sum(storages.values()) / 2**20
 
 
 def main(argv=None) -> dict:

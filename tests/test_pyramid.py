@@ -136,22 +136,122 @@ def test_a_helios_folder_samples_with_its_own_pyramid_stages(helios_dir, tiny_st
     finally:
         hook.remove()
     assert set(seen) == {(h, h)}
-    for story, message in ((_helios_story(tiny_story, steps=2), "3 pyramid stages needs at least 3 steps, got 2"),
+    for story, message in ((_helios_story(tiny_story, steps=2), r"3 pyramid stages \(Helios' scheduler\) needs at least 3 steps, got 2"),
                            (tiny_story(2, width=48, height=48, steps=3, guidance=1.0, route="helios"),
                             "do not halve 2 times into whole patches"),
                            (_helios_story(tiny_story, steps=3, sampler="renoise"), "not renoise")):
         with pytest.raises(CliploomError, match=message):
             list(engine.generate(story, progress=False))
 
-    # a distilled folder (HeliosDMDScheduler, as Helios-Distilled ships) runs its DMD steps
+    # a distilled folder (HeliosDMDScheduler and is_distilled, as Helios-Distilled ships) runs its DMD
+    # steps, unguided, two per stage unless its cliploom.json says otherwise
     distilled = tmp_path / "distilled"
     shutil.copytree(helios_dir, distilled)
     config = {"_class_name": "HeliosDMDScheduler", "stages": 3, "use_dynamic_shifting": True, "shift": 1.0}
     (distilled / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
+    index = json.loads((distilled / "model_index.json").read_text())
+    (distilled / "model_index.json").write_text(json.dumps({**index, "is_distilled": True}))
     engine = Engine.load(distilled, device="cpu")
-    assert engine.model.settings.sampler is None  # DMD steps, no solver to name
-    clips = list(engine.generate(_helios_story(tiny_story, steps=3), progress=False))
+    settings = engine.model.settings
+    assert settings.sampler is None and settings.guidance == 1.0 and settings.steps == 6  # DMD: no solver to name
+    clips = list(engine.generate(tiny_story(2, width=64, height=64, steps=None, route="helios"), progress=False))
     assert [len(c.frames) for c in clips] == [9, 4] and all(bool(torch.isfinite(c.latents).all()) for c in clips)
+
+
+def _timesteps_seen(engine, story):
+    seen = []
+    hook = engine.model.transformer.register_forward_pre_hook(
+        lambda m, a, kw: seen.append((kw["hidden_states"].shape[-1], float(kw["timestep"][0]))), with_kwargs=True)
+    try:
+        list(engine.generate(story, progress=False))
+    finally:
+        hook.remove()
+    return seen
+
+
+@pytest.mark.parametrize("config, asked, widths", [
+    ({"_class_name": "HeliosScheduler"}, 0, 3),  # no stages key: diffusers' default, 3
+    ({"_class_name": "HeliosScheduler"}, 2, 2),  # the stages asked, the windows re-cut
+    ({"_class_name": "HeliosDMDScheduler"}, 2, 2),
+    ({"_class_name": "HeliosScheduler", "stages": 1, "stage_range": [0, 1]}, 0, 1),  # one stage, its scheduler
+])
+def test_a_folder_scheduler_sets_the_stages_unless_the_route_option_does(helios_dir, tiny_story, tmp_path, config,
+                                                                          asked, widths):
+    import json
+    import shutil
+
+    from diffusers import HeliosDMDScheduler, HeliosScheduler
+
+    from cliploom.engine import Engine
+
+    folder = tmp_path / "f"
+    shutil.copytree(helios_dir, folder)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({**config, "shift": 1.0}))
+    engine = Engine.load(folder, device="cpu")
+    options = {"stages": asked} if asked else {}
+    seen = _timesteps_seen(engine, tiny_story(1, width=64, height=64, steps=6, guidance=1.0, route="helios",
+                                              route_options=options))
+    assert len({w for w, _ in seen}) == widths and len(seen) == 6
+    # every stage's window is walked down to its end: the last call is near t = 0 (a scheduler left at
+    # its default 3 stages while 2 were asked would stop a third of the way down)
+    assert seen[-1][1] < 200
+    if widths == 1:  # the folder's scheduler drives one stage: its own timesteps, not cliploom's schedule
+        cls = HeliosDMDScheduler if config["_class_name"] == "HeliosDMDScheduler" else HeliosScheduler
+        sched = cls.from_config({**config, "shift": 1.0})
+        sched.set_timesteps(6, 0)
+        assert [t for _, t in seen] == [float(int(t)) for t in sched.timesteps]
+
+
+def test_cfg_zero_star_guides_as_the_pipeline_does(helios_dir, monkeypatch):
+    """The route's denoiser and zero-init (CFG-Zero*, is_cfg_zero_star folders) against the pipeline
+    with guidance 3, both over the same embeddings and a stand-in transformer that reads them."""
+    from diffusers import HeliosPyramidPipeline, HeliosScheduler
+    from diffusers.utils.torch_utils import randn_tensor
+
+    from cliploom.routes import helios as route
+    from cliploom.sampling import Expert
+
+    def guided_velocity(x, t, emb):
+        per_item = emb.mean(dim=(1, 2)).view(-1, 1, 1, 1, 1), emb.std(dim=(1, 2)).view(-1, 1, 1, 1, 1)
+        return velocity(x, t) * (1 + per_item[0]) + 0.1 * per_item[1]  # each batch item on its own
+
+    pipe = _pipeline(helios_dir, HeliosScheduler(stages=3, scheduler_type="euler", use_dynamic_shifting=True), False)
+    pipe.register_to_config(is_cfg_zero_star=True)
+    pipe.transformer.forward = lambda hidden_states, timestep, encoder_hidden_states, **_: (
+        guided_velocity(hidden_states, timestep, encoder_hidden_states).contiguous(),)  # as a transformer returns
+    monkeypatch.setattr(HeliosPyramidPipeline, "sample_block_noise", lambda self, b, c, f, h, w, patch, device,
+                        generator: block_noise((b, c, f, h, w), self.scheduler.config.gamma, patch, generator))
+    emb = torch.randn(2, 6, pipe.text_encoder.config.d_model, generator=torch.Generator().manual_seed(1))
+    steps, size = [3, 2, 2], 64
+    reference = pipe(prompt_embeds=emb[:1], negative_prompt_embeds=emb[1:], height=size, width=size, num_frames=5,
+                     guidance_scale=3.0, num_latent_frames_per_chunk=2, pyramid_num_inference_steps_list=steps,
+                     history_sizes=[2, 1, 1], generator=torch.Generator("cpu").manual_seed(3),
+                     output_type="latent", return_dict=False)[0]
+
+    class Stand(torch.nn.Module):  # the route's transformer call: hidden states, timestep, text, history
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, hidden_states, timestep, encoder_hidden_states, return_dict=False, **history):
+            return (guided_velocity(hidden_states, timestep, encoder_hidden_states),)
+
+    experts = [Expert(Stand(), 3.0)]
+    s = pipe.vae_scale_factor_spatial
+    generator = torch.Generator("cpu").manual_seed(3)
+    noise = randn_tensor((1, 16, 2, size // s, size // s), generator=generator, dtype=torch.float32)
+    history = route.make_history(torch.zeros(1, 16, 1, size // s, size // s), None, route.Sizes(2, 1, 1))
+    denoise = route.denoiser(experts, history, emb[:1], emb[1:], zero_star=True)
+    ours = sample_pyramid(denoise, noise, HeliosScheduler(stages=3, scheduler_type="euler", use_dynamic_shifting=True),
+                          steps, tuple(pipe.transformer.config.patch_size), generator, zero=route.zero_init(experts, emb[1:]))
+    torch.testing.assert_close(ours, reference.float(), rtol=1e-4, atol=1e-4)
+    # and CFG-Zero* matters here: plain CFG from the same noise (the same draws after it) gives other latents
+    generator = torch.Generator("cpu").manual_seed(3)
+    randn_tensor(noise.shape, generator=generator, dtype=torch.float32)
+    plain = sample_pyramid(route.denoiser(experts, history, emb[:1], emb[1:]), noise, HeliosScheduler(
+        stages=3, scheduler_type="euler", use_dynamic_shifting=True), steps, tuple(pipe.transformer.config.patch_size),
+        generator)
+    assert float((plain - reference).abs().max()) > 1e-2
 
 
 def test_the_builtin_dit_runs_helios_pyramid_stages_on_request(tiny_story):

@@ -268,7 +268,7 @@ def sample_pyramid(
     patch: tuple[int, int, int],
     generator: torch.Generator | None = None,
     callback: Callable[[int], None] | None = None,
-    zero_steps: int = -1,
+    zero: Callable[[int, int, float], bool] | None = None,
 ) -> torch.Tensor:
     """Helios' pyramid sampling of one chunk, as diffusers' ``HeliosPyramidPipeline`` runs it: the
     full-resolution ``noise`` halved (bilinear, x2) once per stage after the first; each stage then
@@ -276,8 +276,9 @@ def sample_pyramid(
     ``HeliosDMDScheduler``: a distilled student's x0-and-renoise steps toward the stage's start
     point), and before each later stage the latents doubled (nearest) and renoised with noise
     correlated within each patch (Pyramid Flow's correction of block artefacts). The model is called
-    at the integer timestep (``denoise(x, t / 1000)``), as the pipeline calls it. ``zero_steps``:
-    CFG-Zero*'s zero-init, a zero velocity on the first stage's steps up to that index (-1: off).
+    at the integer timestep (``denoise(x, t / 1000)``), as the pipeline calls it; the latents stay
+    float32 throughout (the pipeline rounds them to the transformer's dtype after each step). ``zero(stage, step,
+    t)``: whether that step's velocity is zero instead (CFG-Zero*'s zero-init; the model is not called).
     ``generator`` draws the renoising noise (the clip's own, after its starting noise)."""
     import torch.nn.functional as F
     from diffusers import HeliosDMDScheduler
@@ -311,7 +312,7 @@ def sample_pyramid(
             starts.append(x)
         timesteps = scheduler.timesteps
         for i, t in enumerate(timesteps):
-            if stage == 0 and i <= zero_steps:
+            if zero is not None and zero(stage, i, float(t)):
                 v = torch.zeros_like(x)
             else:
                 v = denoise(x, float(int(t)) / NUM_TRAIN_TIMESTEPS)

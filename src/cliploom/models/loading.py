@@ -505,6 +505,8 @@ def check_model_folder(path: Path) -> dict:
     for name, entry in index.items():
         if name.startswith("_") or name in ("boundary_ratio", "expand_timesteps"):
             continue
+        if isinstance(entry, (bool, int, float)):  # the pipeline's own config (HeliosPyramidPipeline's is_distilled)
+            continue
         if entry is not None and (not isinstance(entry, list) or len(entry) != 2
                                   or not all(e is None or isinstance(e, str) for e in entry)):
             raise CliploomError(f"model index {index_path}: {name} must be [library, class], got {str(entry)[:60]}",
@@ -572,11 +574,18 @@ def _route_settings(path: Path, index: dict, settings: ModelSettings) -> ModelSe
         routes = ("helios",)
         sched = read_json(path / "scheduler" / "scheduler_config.json", "scheduler config") \
             if scheduler in HELIOS_SCHEDULERS else None
-        solver = (sched or {}).get("scheduler_type")  # HeliosScheduler's Euler or UniPC (the DMD one has none)
+        # HeliosScheduler's Euler or UniPC (diffusers' default: UniPC); the DMD one has no solver to name
+        solver = sched.get("scheduler_type", "unipc") if (sched or {}).get("_class_name") == "HeliosScheduler" else None
         settings = dataclasses.replace(
             settings, helios_scheduler=sched, cfg_zero_star=bool(index.get("is_cfg_zero_star", False)),
             # its pipeline samples with the scheduler's own solver, unless cliploom.json says otherwise
             sampler=settings.sampler or (solver if solver in ("euler", "unipc") else None))
+        own = read_settings(path / SETTINGS_FILE) if (path / SETTINGS_FILE).is_file() else {}
+        if index.get("is_distilled") and sched is not None:  # a DMD student (Helios-Distilled): no guidance, few steps
+            settings = dataclasses.replace(
+                settings, guidance=settings.guidance if "guidance" in own else 1.0,
+                guidance_low=settings.guidance_low if "guidance" in own or "guidance_low" in own else None,
+                steps=settings.steps if "steps" in own else 2 * int(sched.get("stages", 3)))
     elif scheduler == SELF_FORCING_SCHEDULER:
         routes = ("self-forcing", "causal")
         # its DMD student samples as Self-Forcing trained it: x0 + fresh noise, on its warped 4-step

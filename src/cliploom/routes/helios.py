@@ -176,13 +176,14 @@ def weave(
             noise = torch.randn((1, model.z_dim, new, h, w), generator=generator)
             zero_star = pyramid is not None and model.settings.cfg_zero_star
             denoise = denoiser(experts, history, text[prompt], negative, zero_star)
+            zero = zero_init(experts, negative) if zero_star else None
             steps = len(sigmas) - 1 if pyramid is None else sum(pyramid[1])
             step_done = (lambda k, i=i, n=steps: on_step(i, k + 1, n)) if on_step else None
             if pyramid is None:
                 latents = sampler(story.sampler, generator)(denoise, noise.to(model.device), sigmas, callback=step_done)
             else:  # Helios' stages: from a quarter of the resolution up (CFG-Zero*: the first steps' velocity zero)
                 latents = sample_pyramid(denoise, noise.to(model.device), pyramid[0], pyramid[1], tuple(helios.config.patch_size),
-                                         generator, step_done, zero_steps=1 if zero_star and cfg else -1)
+                                         generator, step_done, zero)
             # 5. Decode as pro does: [anchor, previous clip's last K latents, new].
             info = (i, prompt, seed, time.perf_counter() - started, 0.0)
             memory = queue_pro_decode(decoder, queue, story, i, anchor, memory, latents, info)
@@ -228,24 +229,38 @@ def denoiser(experts: list[Expert], history: History, text: torch.Tensor, negati
 
 
 def pyramid_of(model: Components, story: Story):
-    """``(scheduler, steps per stage)`` for Helios' pyramid sampling, or ``None`` for one resolution:
-    ``stages`` from the route option, else the Helios folder's scheduler (3 for the public Helios
-    checkpoints), else 1. The scheduler is the folder's (``HeliosScheduler`` with the story's solver,
-    or ``HeliosDMDScheduler`` for a distilled folder) with that many equal stages, or a
-    ``HeliosScheduler`` on the story's shift for a model without one (the built-in DiT)."""
+    """``(scheduler, steps per stage)`` for Helios' pyramid sampling, or ``None`` for cliploom's own
+    samplers at one resolution. A Helios folder always samples with its scheduler
+    (``HeliosScheduler`` with the story's solver, or ``HeliosDMDScheduler`` for a distilled folder) on
+    its own stages (3 for the public checkpoints) unless the route option ``stages`` sets them; a
+    model without one (the built-in DiT) does so only when ``stages`` is 2 or 3, on a
+    ``HeliosScheduler`` whose stage windows are cut from the story's shifted timesteps."""
     from diffusers import HeliosDMDScheduler, HeliosScheduler
 
     own = model.settings.helios_scheduler
-    stages = story.route_option("stages") or int((own or {}).get("stages", 1))
-    if stages == 1:
+    asked = story.route_option("stages")
+    if own is None and asked in (0, 1):
         return None
-    where = f"route helios with {stages} pyramid stages"
+    if own is not None:
+        cls = HeliosDMDScheduler if own.get("_class_name") == "HeliosDMDScheduler" else HeliosScheduler
+        config = {k: v for k, v in own.items() if not k.startswith("_")}
+        if cls is HeliosScheduler:
+            config["scheduler_type"] = story.sampler or config.get("scheduler_type", "unipc")
+        scheduler = cls.from_config(config)
+        stages = asked or int(scheduler.config.stages)
+        if stages != scheduler.config.stages:  # the windows re-cut evenly for the stages asked
+            scheduler = cls.from_config({**config, "stages": stages, "stage_range": [k / stages for k in range(stages + 1)]})
+    else:
+        stages = asked
+        scheduler = HeliosScheduler(stages=stages, stage_range=[k / stages for k in range(stages + 1)],
+                                    shift=story.shift, scheduler_type=story.sampler or "euler")
+    where = f"route helios with {stages} pyramid stage{'s' if stages > 1 else ''} (Helios' scheduler)"
     if story.timesteps is not None:
         raise CliploomError(f"{where} takes its timesteps from the stages' windows, not a timesteps list",
-                            "drop timesteps (steps are spread over the stages), or set route option stages: 1")
+                            "drop timesteps (steps are spread over the stages)")
     if story.sampler == "renoise":
         raise CliploomError(f"{where} samples with Euler, UniPC or a distilled folder's DMD steps, not renoise",
-                            "use sampler: euler or unipc, or route option stages: 1")
+                            "use sampler: euler or unipc")
     if story.steps < stages:
         raise CliploomError(f"{where} needs at least {stages} steps, got {story.steps}", f"use steps: {3 * stages}")
     patch = model.patch[1] * 2 ** (stages - 1)
@@ -254,21 +269,17 @@ def pyramid_of(model: Components, story: Story):
         raise CliploomError(f"{where}: latents of {h}x{w} do not halve {stages - 1} times into whole patches",
                             f"use a size whose latents divide by {patch} ({patch * model.scale_spatial} px), "
                             "or fewer stages")
-    ranges = [k / stages for k in range(stages + 1)]
-    if own is not None and own.get("_class_name") == "HeliosDMDScheduler":
-        config = {k: v for k, v in own.items() if not k.startswith("_")}
-        if int(config.get("stages", stages)) != stages:
-            config.update(stages=stages, stage_range=ranges)
-        scheduler = HeliosDMDScheduler.from_config(config)
-    elif own is not None:
-        config = {k: v for k, v in own.items() if not k.startswith("_")}
-        if int(config.get("stages", stages)) != stages:
-            config.update(stages=stages, stage_range=ranges)
-        scheduler = HeliosScheduler.from_config({**config, "scheduler_type": story.sampler or "euler"})
-    else:
-        scheduler = HeliosScheduler(stages=stages, stage_range=ranges, shift=story.shift,
-                                    scheduler_type=story.sampler or "euler")
     return scheduler, pyramid_stage_steps(story.steps, stages)
+
+
+def zero_init(experts: list[Expert], negative: torch.Tensor | None, steps: int = 1):
+    """CFG-Zero*'s zero-init as HeliosPyramidPipeline applies it (``use_zero_init``, ``zero_steps``
+    1): a zero velocity on the first stage's steps ``0..steps``, where that step is guided."""
+
+    def zero(stage: int, step: int, t: float) -> bool:
+        return stage == 0 and step <= steps and negative is not None and pick_expert(experts, t).guidance != 1.0
+
+    return zero
 
 
 def _check(model: Components, story: Story, start: Start | None) -> None:
