@@ -390,3 +390,14 @@ def test_memory_curve_counts_the_tensors_a_route_keeps():
     assert all(r["tensors"] > 100 and r["tensor_mib"] > 1 for r in rows)
     # sink 1 + window 2: the cache is full from clip 3 on, so later clips keep no more tensors
     assert rows[4]["tensor_mib"] <= rows[3]["tensor_mib"] * 1.01 and rows[4]["tensors"] <= rows[3]["tensors"]
+
+
+def test_story_sheet_draws_one_row_per_clip(tmp_path):
+    import story_sheet
+    from PIL import Image
+
+    out = story_sheet.main(["11", str(tmp_path / "s.png"), '{"steps": 2}', "--clips", "2", "--scale", "1"])
+    sheet = np.asarray(Image.open(out))
+    # clip 0: 17 frames -> 9 shown, clip 1: 12 -> 6; 32 px each, rows 32 px + a 2 px line
+    assert sheet.shape == (2 * 34, 9 * 32, 3)
+    assert sheet[32:34].max() == 0 and sheet[:32].std() > 0  # the line between clips; frames that are not blank
