@@ -35,17 +35,18 @@ def _pipeline(folder, scheduler, distilled: bool):
                                  transformer=transformer, is_distilled=distilled)
 
 
-@pytest.mark.parametrize("kind", ["euler", "unipc", "dmd"])
+@pytest.mark.parametrize("kind", ["euler", "unipc", "dmd", "dmd-amplify"])
 def test_sample_pyramid_equals_diffusers_helios_pyramid_pipeline(helios_dir, kind, monkeypatch):
     from diffusers import HeliosDMDScheduler, HeliosPyramidPipeline, HeliosScheduler
     from diffusers.utils.torch_utils import randn_tensor
 
     def scheduler():
-        if kind == "dmd":
+        if kind.startswith("dmd"):
             return HeliosDMDScheduler(stages=3, use_dynamic_shifting=True, shift=1.0)
         return HeliosScheduler(stages=3, scheduler_type=kind, use_dynamic_shifting=True, shift=1.0)
 
-    pipe = _pipeline(helios_dir, scheduler(), kind == "dmd")
+    pipe = _pipeline(helios_dir, scheduler(), kind.startswith("dmd"))
+    amplify = kind == "dmd-amplify"  # the distilled pipeline's twice-the-steps first chunk
     steps, chunk = [2, 3, 2], 2
     size = 64  # latents halved twice by the stages; the VAE's spatial scale is read below
     # the pipeline's own block noise takes a float32 Cholesky of a matrix that is singular at gamma 1/3
@@ -55,14 +56,16 @@ def test_sample_pyramid_equals_diffusers_helios_pyramid_pipeline(helios_dir, kin
     reference = pipe(prompt="a red circle", height=size, width=size, num_frames=(chunk - 1) * 4 + 1,
                      guidance_scale=1.0, num_latent_frames_per_chunk=chunk, pyramid_num_inference_steps_list=steps,
                      history_sizes=[2, 1, 1], generator=torch.Generator("cpu").manual_seed(3),
-                     output_type="latent", return_dict=False)[0]
+                     output_type="latent", return_dict=False, is_amplify_first_chunk=amplify)[0]
     monkeypatch.undo()
 
     s = pipe.vae_scale_factor_spatial
     generator = torch.Generator("cpu").manual_seed(3)
     noise = randn_tensor((1, 16, chunk, size // s, size // s), generator=generator, dtype=torch.float32)
-    ours = sample_pyramid(lambda x, sigma: velocity(x, torch.tensor([sigma * 1000])), noise, scheduler(), steps,
-                          tuple(pipe.transformer.config.patch_size), generator)
+    calls = []
+    ours = sample_pyramid(lambda x, sigma: calls.append(sigma) or velocity(x, torch.tensor([sigma * 1000])), noise,
+                          scheduler(), steps, tuple(pipe.transformer.config.patch_size), generator, amplify=amplify)
+    assert len(calls) == sum(steps) * (2 if amplify else 1)
     assert ours.shape == reference.shape
     # the same operations in the same order on one machine; timesteps pass through t / 1000 * 1000 here
     # (float64 rounding, ~1e-13) where the pipeline hands the integer over: float32-level agreement
@@ -156,6 +159,14 @@ def test_a_helios_folder_samples_with_its_own_pyramid_stages(helios_dir, tiny_st
     assert settings.sampler is None and settings.guidance == 1.0 and settings.steps == 6  # DMD: no solver to name
     clips = list(engine.generate(tiny_story(2, width=64, height=64, steps=None, route="helios"), progress=False))
     assert [len(c.frames) for c in clips] == [9, 4] and all(bool(torch.isfinite(c.latents).all()) for c in clips)
+    # amplify_first: the first clip with twice the DMD steps (its pipeline's is_amplify_first_chunk), later ones not
+    seen = _timesteps_seen(engine, tiny_story(2, width=64, height=64, steps=None, route="helios",
+                                              route_options={"amplify_first": True}))
+    assert len(seen) == 2 * 6 + 6
+    # on a folder without DMD steps to double it is refused in one line
+    with pytest.raises(CliploomError, match="amplify_first doubles a distilled Helios folder's DMD steps"):
+        list(Engine.load(helios_dir, device="cpu").generate(
+            _helios_story(tiny_story, steps=3, route_options={"amplify_first": True}), progress=False))
 
 
 def _timesteps_seen(engine, story):

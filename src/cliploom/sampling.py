@@ -269,6 +269,7 @@ def sample_pyramid(
     generator: torch.Generator | None = None,
     callback: Callable[[int], None] | None = None,
     zero: Callable[[int, int, float], bool] | None = None,
+    amplify: bool = False,
 ) -> torch.Tensor:
     """Helios' pyramid sampling of one chunk, as diffusers' ``HeliosPyramidPipeline`` runs it: the
     full-resolution ``noise`` halved (bilinear, x2) once per stage after the first; each stage then
@@ -279,7 +280,8 @@ def sample_pyramid(
     at the integer timestep (``denoise(x, t / 1000)``), as the pipeline calls it; the latents stay
     float32 throughout (the pipeline rounds them to the transformer's dtype after each step). ``zero(stage, step,
     t)``: whether that step's velocity is zero instead (CFG-Zero*'s zero-init; the model is not called).
-    ``generator`` draws the renoising noise (the clip's own, after its starting noise)."""
+    ``generator`` draws the renoising noise (the clip's own, after its starting noise). ``amplify``:
+    the distilled pipeline's ``is_amplify_first_chunk``, twice the DMD steps in each stage."""
     import torch.nn.functional as F
     from diffusers import HeliosDMDScheduler
     from diffusers.pipelines.helios.pipeline_helios_pyramid import calculate_shift
@@ -301,7 +303,7 @@ def sample_pyramid(
         tokens = x.shape[-1] * x.shape[-2] * x.shape[-3] // (patch[0] * patch[1] * patch[2])
         mu = calculate_shift(tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
                              config.get("base_shift", 0.5), config.get("max_shift", 1.15))
-        scheduler.set_timesteps(n, stage, device=x.device, mu=mu)
+        scheduler.set_timesteps(n, stage, device=x.device, mu=mu, is_amplify_first_chunk=amplify)
         if stage > 0:
             x = resize(x, 2, "nearest")
             signal = 1 - scheduler.ori_start_sigmas[stage]

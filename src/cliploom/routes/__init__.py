@@ -63,6 +63,8 @@ ROUTES: dict[str, dict[str, Option]] = {
         "long": Option(int, 0, 32, 4, "the oldest latent frames kept, compressed 4x8x8 (patch_long)"),
         "stages": Option(int, 0, 3, 0, "pyramid stages (Helios' HeliosPyramidPipeline: the chunk denoised at 1/4, "
                          "1/2 then full resolution); 0: the model's own (a Helios folder's scheduler, else 1)"),
+        "amplify_first": Option(bool, 0, 1, False, "a distilled Helios folder (HeliosDMDScheduler): the first clip "
+                                "with twice the DMD steps per stage (the pipeline's is_amplify_first_chunk)"),
     },
 }
 PLANNED: tuple[str, ...] = ()

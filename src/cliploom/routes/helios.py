@@ -177,13 +177,14 @@ def weave(
             zero_star = pyramid is not None and model.settings.cfg_zero_star
             denoise = denoiser(experts, history, text[prompt], negative, zero_star)
             zero = zero_init(experts, negative) if zero_star else None
-            steps = len(sigmas) - 1 if pyramid is None else sum(pyramid[1])
+            amplify = pyramid is not None and i == 0 and story.route_option("amplify_first")
+            steps = len(sigmas) - 1 if pyramid is None else sum(pyramid[1]) * (2 if amplify else 1)
             step_done = (lambda k, i=i, n=steps: on_step(i, k + 1, n)) if on_step else None
             if pyramid is None:
                 latents = sampler(story.sampler, generator)(denoise, noise.to(model.device), sigmas, callback=step_done)
             else:  # Helios' stages: from a quarter of the resolution up (CFG-Zero*: the first steps' velocity zero)
                 latents = sample_pyramid(denoise, noise.to(model.device), pyramid[0], pyramid[1], tuple(helios.config.patch_size),
-                                         generator, step_done, zero)
+                                         generator, step_done, zero, amplify)
             # 5. Decode as pro does: [anchor, previous clip's last K latents, new].
             info = (i, prompt, seed, time.perf_counter() - started, 0.0)
             memory = queue_pro_decode(decoder, queue, story, i, anchor, memory, latents, info)
@@ -240,6 +241,9 @@ def pyramid_of(model: Components, story: Story):
     own = model.settings.helios_scheduler
     asked = story.route_option("stages")
     if own is None and asked in (0, 1):
+        if story.route_option("amplify_first"):
+            raise CliploomError("route option amplify_first doubles a distilled Helios folder's DMD steps; this "
+                                "model has no Helios scheduler", "drop amplify_first (or load a Helios-Distilled folder)")
         return None
     if own is not None:
         cls = HeliosDMDScheduler if own.get("_class_name") == "HeliosDMDScheduler" else HeliosScheduler
@@ -261,6 +265,9 @@ def pyramid_of(model: Components, story: Story):
     if story.sampler == "renoise":
         raise CliploomError(f"{where} samples with Euler, UniPC or a distilled folder's DMD steps, not renoise",
                             "use sampler: euler or unipc")
+    if story.route_option("amplify_first") and not isinstance(scheduler, HeliosDMDScheduler):
+        raise CliploomError("route option amplify_first doubles a distilled Helios folder's DMD steps; this model "
+                            "samples with a HeliosScheduler", "drop amplify_first (or load a Helios-Distilled folder)")
     if story.steps < stages:
         raise CliploomError(f"{where} needs at least {stages} steps, got {story.steps}", f"use steps: {3 * stages}")
     patch = model.patch[1] * 2 ** (stages - 1)
