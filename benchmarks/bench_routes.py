@@ -118,22 +118,38 @@ def story_keys(run: RouteRun, weights: dict) -> dict:
     return keys
 
 
-def generate(engine, dev, run: RouteRun, weights: dict, reference: Path, seed: int):
-    """Frames, prompts, frames per clip and seconds to the first frames of one dev story (the first
-    streamed block on the causal routes, else the first clip)."""
+def setup_torch() -> None:
+    """A benchmark process: ``CLIPLOOM_THREADS`` threads (2 by default), the libraries' chatter off."""
+    import torch
+
+    from cliploom.cli import _quiet_libraries
+
+    torch.set_num_threads(int(os.environ.get("CLIPLOOM_THREADS", "2")))
+    _quiet_libraries()
+
+
+def route_clips(engine, dev, run: RouteRun, weights: dict, reference: Path, seed: int, on_block=None):
+    """The clips of one dev story on ``run``'s route, as every route benchmark makes them (sampling
+    ``seed`` moves the noise only; the causal routes stream per block into ``on_block``)."""
     from cliploom.routes import CAUSAL_ROUTES
     from cliploom.story import ClipSpec, make_story
 
     story = make_story(clips=[ClipSpec(p) for p in dev.prompts], reference=reference, seed=dev.seed + 1000 * seed,
                        fuse_loras=False, **story_keys(run, weights))
+    stream = {"on_block": on_block or (lambda *_: None)} if run.route in CAUSAL_ROUTES else {}
+    return engine.generate(story, progress=False, **stream)
+
+
+def generate(engine, dev, run: RouteRun, weights: dict, reference: Path, seed: int):
+    """Frames, prompts, frames per clip and seconds to the first frames of one dev story (the first
+    streamed block on the causal routes, else the first clip)."""
     out, started, first = [], time.perf_counter(), []
 
     def seen(*_):
         if not first:
             first.append(time.perf_counter() - started)
 
-    stream = {"on_block": seen} if run.route in CAUSAL_ROUTES else {}
-    for clip in engine.generate(story, progress=False, **stream):
+    for clip in route_clips(engine, dev, run, weights, reference, seed, on_block=seen):
         seen()
         out.append(clip)
     frames = np.concatenate([c.frames.numpy() for c in out])
@@ -334,11 +350,9 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     import torch
 
-    torch.set_num_threads(int(os.environ.get("CLIPLOOM_THREADS", "2")))
-    from cliploom.cli import _quiet_libraries
     from cliploom.engine import Engine
 
-    _quiet_libraries()
+    setup_torch()
     out_root = Path(args.out_root)
     out = out_root / "benchmarks" / "results" / "routes.json"
     if args.resources_only:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -48,15 +47,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--model", default="builtin")
     ap.add_argument("--json", help="also write the curves to this file")
     args = ap.parse_args(argv)
-    import torch
-
-    torch.set_num_threads(int(os.environ.get("CLIPLOOM_THREADS", "2")))
-    from cliploom.cli import _quiet_libraries
     from cliploom.engine import Engine
-    from cliploom.routes import CAUSAL_ROUTES
-    from cliploom.story import ClipSpec, make_story
 
-    _quiet_libraries()
+    br.setup_torch()
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         for text in args.runs.split(","):
@@ -65,12 +58,9 @@ def main(argv=None) -> dict:
             dev = bq.dev_set(1, args.clips, engine.model.settings.frames)[0]
             ref = Path(tmp) / "reference.png"
             dev.reference(engine.model.settings.width).save(ref)
-            story = make_story(clips=[ClipSpec(p) for p in dev.prompts], reference=ref, seed=dev.seed,
-                               fuse_loras=False, **br.story_keys(run, {}))
-            stream = {"on_block": lambda *_: None} if run.route in CAUSAL_ROUTES else {}
             br.reset_peak_rss()
             rows = []
-            for i, _ in enumerate(engine.generate(story, progress=False, **stream)):
+            for i, _ in enumerate(br.route_clips(engine, dev, run, {}, ref, 0)):
                 if (i + 1) % args.every == 0:
                     count, mib = live_tensors()
                     rows.append({"clips": i + 1, "rss_mib": round(br.rss_mib("VmRSS"), 1),

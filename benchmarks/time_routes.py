@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -37,11 +36,9 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     import torch
 
-    torch.set_num_threads(int(os.environ.get("CLIPLOOM_THREADS", "2")))
-    from cliploom.cli import _quiet_libraries
     from cliploom.engine import Engine
 
-    _quiet_libraries()
+    br.setup_torch()
     runs = [br.parse_run(t) for t in args.runs.split(",") if t]
     if runs[0].route != "svi":
         raise SystemExit("error: --runs must start with svi: every ratio is against it")

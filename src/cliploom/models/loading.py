@@ -565,6 +565,10 @@ def _route_settings(path: Path, index: dict, settings: ModelSettings) -> ModelSe
     from . import skyreels
 
     cls = skyreels.transformer_class_of(path / "transformer") or ""
+
+    def own_settings() -> dict:  # what the folder's cliploom.json sets (for the defaults it overrides)
+        return read_settings(path / SETTINGS_FILE) if (path / SETTINGS_FILE).is_file() else {}
+
     scheduler = ""
     if (path / "scheduler" / "scheduler_config.json").is_file():
         scheduler = str(read_json(path / "scheduler" / "scheduler_config.json", "scheduler config").get("_class_name", ""))
@@ -580,20 +584,20 @@ def _route_settings(path: Path, index: dict, settings: ModelSettings) -> ModelSe
             settings, helios_scheduler=sched, cfg_zero_star=bool(index.get("is_cfg_zero_star", False)),
             # its pipeline samples with the scheduler's own solver, unless cliploom.json says otherwise
             sampler=settings.sampler or (solver if solver in ("euler", "unipc") else None))
-        own = read_settings(path / SETTINGS_FILE) if (path / SETTINGS_FILE).is_file() else {}
         if index.get("is_distilled") and sched is not None:  # a DMD student (Helios-Distilled): no guidance, few steps
+            given = own_settings()
             settings = dataclasses.replace(
-                settings, guidance=settings.guidance if "guidance" in own else 1.0,
-                guidance_low=settings.guidance_low if "guidance" in own or "guidance_low" in own else None,
-                steps=settings.steps if "steps" in own else 2 * int(sched.get("stages", 3)))
+                settings, guidance=settings.guidance if "guidance" in given else 1.0,
+                guidance_low=settings.guidance_low if "guidance" in given or "guidance_low" in given else None,
+                steps=settings.steps if "steps" in given else 2 * int(sched.get("stages", 3)))
     elif scheduler == SELF_FORCING_SCHEDULER:
         routes = ("self-forcing", "causal")
         # its DMD student samples as Self-Forcing trained it: x0 + fresh noise, on its warped 4-step
         # list -- unless the folder's cliploom.json says otherwise (a sampler, steps or timesteps)
-        own = read_settings(path / SETTINGS_FILE) if (path / SETTINGS_FILE).is_file() else {}
+        given = own_settings()
         settings = dataclasses.replace(
             settings, sampler=settings.sampler or "renoise",
-            timesteps=settings.timesteps if ("steps" in own or "timesteps" in own) else list(SELF_FORCING_TIMESTEPS))
+            timesteps=settings.timesteps if ("steps" in given or "timesteps" in given) else list(SELF_FORCING_TIMESTEPS))
     elif "causal" in cls.lower():
         routes = ("causal", "self-forcing")
     else:

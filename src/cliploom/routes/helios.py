@@ -240,10 +240,10 @@ def pyramid_of(model: Components, story: Story):
 
     own = model.settings.helios_scheduler
     asked = story.route_option("stages")
+    if story.route_option("amplify_first") and (own or {}).get("_class_name") != "HeliosDMDScheduler":
+        raise CliploomError("route option amplify_first doubles a distilled Helios folder's DMD steps; this model "
+                            "has none (no HeliosDMDScheduler)", "drop amplify_first (or load a Helios-Distilled folder)")
     if own is None and asked in (0, 1):
-        if story.route_option("amplify_first"):
-            raise CliploomError("route option amplify_first doubles a distilled Helios folder's DMD steps; this "
-                                "model has no Helios scheduler", "drop amplify_first (or load a Helios-Distilled folder)")
         return None
     if own is not None:
         cls = HeliosDMDScheduler if own.get("_class_name") == "HeliosDMDScheduler" else HeliosScheduler
@@ -265,9 +265,6 @@ def pyramid_of(model: Components, story: Story):
     if story.sampler == "renoise":
         raise CliploomError(f"{where} samples with Euler, UniPC or a distilled folder's DMD steps, not renoise",
                             "use sampler: euler or unipc")
-    if story.route_option("amplify_first") and not isinstance(scheduler, HeliosDMDScheduler):
-        raise CliploomError("route option amplify_first doubles a distilled Helios folder's DMD steps; this model "
-                            "samples with a HeliosScheduler", "drop amplify_first (or load a Helios-Distilled folder)")
     if story.steps < stages:
         raise CliploomError(f"{where} needs at least {stages} steps, got {story.steps}", f"use steps: {3 * stages}")
     patch = model.patch[1] * 2 ** (stages - 1)
