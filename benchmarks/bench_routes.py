@@ -128,19 +128,23 @@ def setup_torch() -> None:
     _quiet_libraries()
 
 
-def route_clips(engine, dev, run: RouteRun, weights: dict, reference: Path, seed: int, on_block=None):
+def route_clips(engine, dev, run: RouteRun, weights: dict, reference: Path, seed: int, on_block=None,
+                fuse: bool = False):
     """The clips of one dev story on ``run``'s route, as every route benchmark makes them (sampling
-    ``seed`` moves the noise only; the causal routes stream per block into ``on_block``)."""
+    ``seed`` moves the noise only; the causal routes stream per block into ``on_block``). Unfused
+    LoRAs by default, so that one engine can switch stacks between runs; ``fuse`` as a CLI run on a
+    fresh engine has them (``fuse_loras``' default; the SVI route's image-to-video first clip keeps
+    its stack unfused either way)."""
     from cliploom.routes import CAUSAL_ROUTES
     from cliploom.story import ClipSpec, make_story
 
     story = make_story(clips=[ClipSpec(p) for p in dev.prompts], reference=reference, seed=dev.seed + 1000 * seed,
-                       fuse_loras=False, **story_keys(run, weights))
+                       fuse_loras=fuse, **story_keys(run, weights))
     stream = {"on_block": on_block or (lambda *_: None)} if run.route in CAUSAL_ROUTES else {}
     return engine.generate(story, progress=False, **stream)
 
 
-def generate(engine, dev, run: RouteRun, weights: dict, reference: Path, seed: int):
+def generate(engine, dev, run: RouteRun, weights: dict, reference: Path, seed: int, fuse: bool = False):
     """Frames, prompts, frames per clip and seconds to the first frames of one dev story (the first
     streamed block on the causal routes, else the first clip)."""
     out, started, first = [], time.perf_counter(), []
@@ -149,7 +153,7 @@ def generate(engine, dev, run: RouteRun, weights: dict, reference: Path, seed: i
         if not first:
             first.append(time.perf_counter() - started)
 
-    for clip in route_clips(engine, dev, run, weights, reference, seed, on_block=seen):
+    for clip in route_clips(engine, dev, run, weights, reference, seed, on_block=seen, fuse=fuse):
         seen()
         out.append(clip)
     frames = np.concatenate([c.frames.numpy() for c in out])

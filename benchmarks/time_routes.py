@@ -4,7 +4,9 @@
 engine for each (loaded outside the timing), the story as `make bench-routes` makes it; every run
 is first run once, untimed, on a one-clip story. *Cold*: the story on a freshly loaded engine (the
 route's LoRA applied within the timing, as for a CLI run); *warm*: the same story again on that
-engine, its LoRA stack already in place (a service's next job).
+engine, its LoRA stack already in place (a service's next job). LoRAs fused, as a CLI run has them
+(`fuse_loras`' default; `svi`'s image-to-video first clip keeps its stack unfused and merges it from
+clip 1, as it does for a user).
 
     python benchmarks/time_routes.py [--runs svi,chain,df,causal,self-forcing,helios] [--rounds 3]
 
@@ -49,17 +51,17 @@ def main(argv=None) -> dict:
             engine = Engine.load(args.model)
             dev = bq.dev_set(1, 1, engine.model.settings.frames)[0]
             dev.reference(engine.model.settings.width).save(ref)
-            br.generate(engine, dev, run, {}, ref, 0)
+            br.generate(engine, dev, run, {}, ref, 0, fuse=True)
         for _ in range(args.rounds):  # interleaved: a slow spell of the machine touches every run alike
             for run in runs:
                 engine = Engine.load(args.model)  # fresh: no LoRA stack or compiled state from the run before
                 dev = bq.dev_set(1, args.clips, engine.model.settings.frames)[0]
                 dev.reference(engine.model.settings.width).save(ref)
                 started = time.perf_counter()
-                _, _, lengths, first = br.generate(engine, dev, run, {}, ref, 0)
+                _, _, lengths, first = br.generate(engine, dev, run, {}, ref, 0, fuse=True)
                 cold = (first, (time.perf_counter() - started) / len(lengths))
                 started = time.perf_counter()  # the same story again on the same engine: a service's next job
-                _, _, lengths, first = br.generate(engine, dev, run, {}, ref, 0)
+                _, _, lengths, first = br.generate(engine, dev, run, {}, ref, 0, fuse=True)
                 timings[run.name].append(cold + (first, (time.perf_counter() - started) / len(lengths)))
     def median(name: str, k: int) -> float:
         values = sorted(t[k] for t in timings[name])

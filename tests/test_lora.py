@@ -142,6 +142,54 @@ def test_report_counts_modules_and_fused_weights_are_plain_layers(tiny_dirs, tin
     assert not any(isinstance(m, BaseTunerLayer) for m in model.transformer.modules())  # fused: no adapter left
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fused_stack_merges_directly_as_peft_fuses(tiny_dirs, tmp_path, dtype):
+    """A fused stack adds W += weight * scale * B @ A itself (no peft adapter is ever injected: that
+    injection was most of a cold start's LoRA cost) and gives the weights peft's own fuse gives.
+    Different arithmetic (one float32 sum rounded once against peft's per-adapter merges), so
+    tolerances: in float32 1e-6 of the weights' scale (float32 sums of a few terms differ ~1e-7);
+    in bf16, where peft rounds the pairs and each adapter's merge to bf16, ours must be within half
+    a bf16 ulp (|x| * 2^-8) of the exact merge, and no further from it than peft's own fuse."""
+    from cliploom.models import formats
+
+    t1, _, e1 = build_lora(fresh(tiny_dirs), "comfy", alpha=8.0, seed=1)
+    t2, _, e2 = build_lora(fresh(tiny_dirs), "svi2", seed=2)
+    p1, p2 = write_lora(tmp_path / "a.safetensors", t1), write_lora(tmp_path / "b.safetensors", t2)
+    specs = [LoraSpec(p1, 0.7), LoraSpec(p2, -0.4)]
+
+    ours = fresh(tiny_dirs)
+    ours.transformer.to(dtype)
+    engine = Engine(ours)
+    engine.loras.apply(specs, fuse=True)
+    assert not hasattr(ours.transformer, "peft_config")  # merged without peft
+    assert engine.loras.summary()[0]["adapters"] == {"transformer": len(pair_modules(ours))}
+
+    theirs = fresh(tiny_dirs)
+    theirs.transformer.to(dtype)
+    names = []
+    for i, spec in enumerate(specs):
+        theirs.transformer.load_lora_adapter(formats.read_lora(spec.path).peft_state_dict(), adapter_name=f"x{i}",
+                                             prefix=None)
+        names.append(f"x{i}")
+    theirs.transformer.set_adapters(names, [s.weight for s in specs])
+    theirs.transformer.fuse_lora(adapter_names=names)
+    theirs.transformer.unload_lora()
+    base = fresh(tiny_dirs).transformer.to(dtype).state_dict()
+    got, want = ours.transformer.state_dict(), theirs.transformer.state_dict()
+    assert got.keys() == want.keys()
+    for key in pair_modules(ours):
+        w = key + ".weight"
+        assert not torch.equal(want[w], base[w])  # the LoRA moved this weight
+        if dtype == torch.float32:
+            err = float((got[w] - want[w]).abs().max())
+            assert err <= 1e-6 * float(want[w].abs().max()), (w, err)
+        else:
+            exact = base[w].double() + 0.7 * e1[w].double() - 0.4 * e2[w].double()
+            ours_err, peft_err = (got[w].double() - exact).abs(), (want[w].double() - exact).abs()
+            assert bool((ours_err <= exact.abs() * 2 ** -8 + 1e-12).all()), w
+            assert float(ours_err.max()) <= float(peft_err.max()), w
+
+
 def test_two_loras_stacked_equal_the_sum(tiny_dirs, tiny_story, tmp_path):
     model = fresh(tiny_dirs)
     t1, m1, e1 = build_lora(model, "svi2", seed=1)

@@ -279,16 +279,18 @@ def reanchor(model: Components, frame: torch.Tensor):
 
 
 def queue_pro_decode(decoder: "ClipDecoder", queue: list[Future], story: Story, i: int, anchor: torch.Tensor,
-                     memory: torch.Tensor | None, latents: torch.Tensor, info: tuple) -> torch.Tensor:
+                     memory: torch.Tensor | None, latents: torch.Tensor, info: tuple,
+                     frames: torch.Tensor | None = None) -> torch.Tensor:
     """For the routes that make only a clip's new latents (causal, helios): refuse NaN, then queue
     clip ``i`` for decoding as ``pro`` decodes it (``[anchor, previous clip's last K latents, new]``,
-    its first ``1 + 4K`` frames dropped); returns the next clip's motion memory."""
+    its first ``1 + 4K`` frames dropped); returns the next clip's motion memory. ``frames``: that
+    chunk already decoded (a streamed clip's blocks), used instead of decoding it again."""
     if not bool(torch.isfinite(latents).all()):
         raise CliploomError(f"clip {i}: the latents hold NaN or Inf after denoising",
                             "lower the LoRA weights or the guidance; a damaged checkpoint does this too")
     chunk = torch.cat([anchor, latents] if memory is None else [anchor, memory, latents], dim=2)
     memory = chunk[:, :, -story.motion_latents:]
-    queue.append(decoder.submit(chunk, story.frames_kept(i), info, memory))
+    queue.append(decoder.submit(chunk, story.frames_kept(i), info, memory, frames))
     return memory
 
 
@@ -337,20 +339,25 @@ class ClipDecoder:
         self.overlapped = overlap
         self.stream = torch.cuda.Stream() if overlap and model.device.type == "cuda" else None
 
-    def submit(self, latents: torch.Tensor, keep: tuple[int, int], info: tuple, memory) -> Future:
+    def submit(self, latents: torch.Tensor, keep: tuple[int, int], info: tuple, memory,
+               frames: torch.Tensor | None = None) -> Future:
+        """Queue a clip: ``latents`` decoded (or ``frames``, the latents already decoded), colour
+        matched, cut to ``keep``."""
         if self.pool is None:
             future: Future = Future()
-            future.set_result(self._decode(latents, keep, info, memory, None))
+            future.set_result(self._decode(latents, keep, info, memory, None, frames))
             return future
         ready = None
         if self.stream is not None:
             ready = torch.cuda.Event()
             ready.record()
-        return self.pool.submit(self._decode, latents, keep, info, memory, ready)
+        return self.pool.submit(self._decode, latents, keep, info, memory, ready, frames)
 
-    def _decode(self, latents, keep, info, memory, ready) -> DecodedClip:
+    def _decode(self, latents, keep, info, memory, ready, frames=None) -> DecodedClip:
         started = time.perf_counter()
-        if self.stream is not None:
+        if frames is not None:
+            pass  # decoded already (a streamed clip)
+        elif self.stream is not None:
             with torch.cuda.stream(self.stream):
                 self.stream.wait_event(ready)
                 latents.record_stream(self.stream)

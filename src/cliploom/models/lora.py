@@ -2,12 +2,17 @@
 
 Every file is first normalised by :func:`formats.read_lora` (SVI 1.0 / 2.0, diffusers/peft,
 ComfyUI/LightX2V, kohya/musubi layouts -> diffusers module names, alpha/rank folded into A).
-Low-rank pairs are then loaded as peft adapters with diffusers' ``load_lora_adapter``; full
+Low-rank pairs are then loaded as peft adapters with diffusers' ``load_lora_adapter`` (or, in a
+fused stack, merged directly, below); full
 deltas (ComfyUI ``.diff`` / ``.diff_b``, e.g. norms and biases) are added to the weights
 directly, ``weight * delta``.
 
-* **fused** (default): adapters are merged into the weights and removed, so sampling runs at
-  the base model's speed; the stack is then permanent for this model.
+* **fused** (default): the stack is merged into the weights, so sampling runs at the base
+  model's speed; the stack is then permanent for this model. Pairs on plain float layers are
+  merged directly, ``W += weight * scale * B @ A`` summed over the stack in float32 and rounded
+  once into the weights' dtype (peft's merge without its adapter injection, which is most of the
+  cost of applying a LoRA: a cold start's first frames wait for it); layers peft must wrap
+  (quantised storage) still go through peft's ``fuse_lora``.
 * **unfused**: adapters stay switchable; :meth:`LoraStack.set_clip_weights` changes each LoRA's
   weight per clip (deltas are recomputed from a copy of the touched parameters, never drifted).
   :meth:`LoraStack.merge` merges an unfused stack into float32 weights for as long as its weights
@@ -55,6 +60,8 @@ class _Applied:
     targets: list[str]
     modules: dict[str, int] = field(default_factory=dict)  # expert attr -> modules touched
     pairs: dict[str, int] = field(default_factory=dict)  # expert attr -> peft adapters injected
+    direct: dict[str, int] = field(default_factory=dict)  # expert attr -> pairs merged directly (fused stacks)
+    merges: list[tuple[torch.nn.Module, object]] = field(default_factory=list)  # (layer, LoraModule) to merge
     deltas: list[_Delta] = field(default_factory=list)
     n_deltas: int = 0  # parameters changed by full deltas
     unapplied: list[str] = field(default_factory=list)
@@ -90,6 +97,14 @@ def _check_range(path: Path, m, name: str, weight: float, dtype: torch.dtype) ->
         raise CliploomError(
             f"LoRA {path}: at weight {weight:g} the update of {name} could reach {bound:.3g}, beyond what "
             f"{str(dtype).replace('torch.', '')} holds ({limit:.3g})", "lower the LoRA weight, or the file is damaged")
+
+
+def _plain(layer) -> bool:
+    """A layer whose weight a fused stack can add to directly: torch's own Linear / Conv, float
+    weights (a GGUF or otherwise quantised layer is a subclass, or stores another dtype)."""
+    return (type(layer) in (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Conv3d)
+            and type(layer.weight) is torch.nn.Parameter
+            and layer.weight.dtype in (torch.float32, torch.bfloat16, torch.float16))
 
 
 def _fit_error(path, key: str, shape, target: str, expected) -> CliploomError:
@@ -138,7 +153,7 @@ class LoraStack:
         pipe = self.model.pipe
         try:
             for i, spec in enumerate(specs):
-                self.applied.append(self._apply_one(i, spec))
+                self.applied.append(self._apply_one(i, spec, direct=bool(fuse)))
             for attr in ("transformer", "transformer_2"):
                 adapters = [a for a in self.applied if a.pairs.get(attr)]
                 if adapters:
@@ -147,6 +162,7 @@ class LoraStack:
                 a.weight = float(a.spec.weight)
             self._write_deltas()
             if fuse and self.applied:
+                self._merge_direct()
                 for attr in ("transformer", "transformer_2"):
                     adapters = [a.adapter for a in self.applied if a.pairs.get(attr)]
                     module = getattr(pipe, attr)
@@ -166,7 +182,9 @@ class LoraStack:
         for a in self.applied:
             log.info("%s", self._line(a))
 
-    def _apply_one(self, i: int, spec) -> _Applied:
+    def _apply_one(self, i: int, spec, direct: bool = False) -> _Applied:
+        """Check one LoRA against the model and load it: its pairs as a peft adapter, or, with
+        ``direct`` (a fused stack), kept for :meth:`_merge_direct` where the layer is a plain float one."""
         pipe = self.model.pipe
         path = Path(spec.path).expanduser()
         if spec.expert not in EXPERT_ATTRS:
@@ -184,7 +202,8 @@ class LoraStack:
                 "pass %s:%s:%s to target one", path.name, named, path, spec.weight, named,
             )
         targets = [a for a in EXPERT_ATTRS[spec.expert] if getattr(pipe, a) is not None]
-        # The file's tensors are not kept: peft holds the pairs, the deltas are kept below.
+        # The file's tensors are not kept: peft holds the pairs (a fused stack's until it merges them),
+        # the deltas are kept below.
         applied = _Applied(spec, f"cliploom_{i}", lora.layout, lora.ranks, lora.alphas, targets, weight=float(spec.weight))
         unmatched: dict[str, str] = {}
         for attr in targets:
@@ -211,7 +230,11 @@ class LoraStack:
                     if m.up.shape[0] != w.shape[0] or m.up.shape[2:] != torch.Size([1] * (w.dim() - 2)):
                         raise _fit_error(path, up_key, m.up.shape, f"{name}.weight", w.shape)
                     _check_range(path, m, name, float(spec.weight), w.dtype)
-                    pairs.append(name)
+                    if direct and _plain(obj):
+                        applied.merges.append((obj, m))
+                        applied.direct[attr] = applied.direct.get(attr, 0) + 1
+                    else:
+                        pairs.append(name)
                     touched.add(name)
                 if m.diff is not None:
                     param = obj.weight if kind == "module" else obj
@@ -267,6 +290,25 @@ class LoraStack:
                               for names, why in groups)
             log.warning("LoRA %s: %d key(s) not applied: %s", path.name, len(unapplied), shown)
         return applied
+
+    def _merge_direct(self) -> None:
+        """Merge the pairs kept by ``_apply_one(direct=True)``: per layer, the stack's
+        ``weight * scale * B @ A`` summed in float32 (on the layer's device) and added to the
+        weight, rounded once into its dtype. The pairs are then dropped, as a fused stack's are."""
+        terms: dict[int, tuple[torch.nn.Module, list]] = {}
+        for a in self.applied:
+            for layer, m in a.merges:
+                terms.setdefault(id(layer), (layer, []))[1].append((float(a.spec.weight) * m.scale, m))
+            a.merges = []
+        with torch.no_grad():
+            for layer, parts in terms.values():
+                w = layer.weight
+                delta = torch.zeros(w.shape[0], w[0].numel(), dtype=torch.float32, device=w.device)
+                for scale, m in parts:
+                    up = m.up.to(w.device, torch.float32).flatten(1)
+                    down = m.down.to(w.device, torch.float32).flatten(1)
+                    delta.addmm_(up, down, alpha=scale)
+                w.copy_((w.float() + delta.view(w.shape)).to(w.dtype))
 
     @staticmethod
     def _count_adapters(transformer, adapter: str) -> int:
@@ -404,7 +446,7 @@ class LoraStack:
                 "ranks": a.ranks,
                 "alphas": a.alphas,
                 "modules": dict(a.modules),
-                "adapters": dict(a.pairs),
+                "adapters": {k: a.pairs.get(k, 0) + a.direct.get(k, 0) for k in {*a.pairs, *a.direct}},
                 "deltas": a.n_deltas,
                 "unapplied": list(a.unapplied),
                 "fused": self.fused,

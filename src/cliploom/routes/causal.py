@@ -8,7 +8,7 @@ values of the sink (the first ``sink`` clips) and the window (the last ``window`
 once more clean (timestep 0) to write its own keys and values to the cache -- Self-Forcing's
 rollout. Each clip is decoded as ``pro`` decodes it (``[anchor, previous clip's last K latents,
 new]``, the first ``1 + 4K`` frames dropped), so every route yields the same ``Clip`` stream over
-the same frames. With ``recache``, a prompt switch recomputes the cached keys and values under the
+the same frames; a streamed clip is its streamed blocks put together (decoded once, not twice). With ``recache``, a prompt switch recomputes the cached keys and values under the
 new prompt before the clip's first block (LongLive); ``rope_jitter`` spreads the heads' temporal
 RoPE frequencies (LoL, against snap-backs to the sink). ``positions: rebased`` re-lays the cache
 from position 0 at each clip (the sink where it was, the window right after it, rewritten at those
@@ -114,7 +114,7 @@ def weave(
                 generator = torch.Generator("cpu").manual_seed(seed)  # then renoise's fresh noise, block after block
                 noise = torch.randn((1, model.z_dim, new, h, w), generator=generator)
                 sample = sampler(story.sampler, generator)
-                made, steps = [], len(sigmas) - 1
+                made, streamed, steps = [], [], len(sigmas) - 1
                 stream = None
                 if on_block is not None:  # decoded in the clip's own context, as the clip is
                     stream = BlockDecoder(model, anchor if memory is None else torch.cat([anchor, memory], dim=2))
@@ -134,14 +134,17 @@ def weave(
                     position += n
                     if stream is not None:
                         frames = stream.push(x)
+                        streamed.append(frames)
                         if b0 == 0 and i == 0:  # clip 0 keeps its anchor frame
                             frames = torch.cat([stream.context, frames])
                         on_block(i, decoder.match(frames) if decoder.color_match else frames)
                 if stream is not None:
                     stream.close()
-                # 7. Decode as pro does: [anchor, previous clip's last K latents, new].
+                # 7. Decode as pro does: [anchor, previous clip's last K latents, new] -- a streamed
+                #    clip from the frames its blocks streamed, not decoded twice.
                 info = (i, prompt, seed, time.perf_counter() - started, 0.0)
-                memory = queue_pro_decode(decoder, queue, story, i, anchor, memory, torch.cat(made, dim=2), info)
+                whole = None if stream is None else torch.cat([stream.context, *streamed])
+                memory = queue_pro_decode(decoder, queue, story, i, anchor, memory, torch.cat(made, dim=2), info, whole)
                 for clip in hand_over(queue, int(blend > 0), blend, 1 + 4 * K):
                     yield clip
                     clip_bar.update()
