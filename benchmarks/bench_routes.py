@@ -63,7 +63,7 @@ def parse_run(text: str) -> RouteRun:
     """``[NAME=]ROUTE[:KEY=VALUE...]``; KEY a route option, ``steps`` / ``guidance`` (the story's
     sampling: e.g. causal stage 1 at the self-forcing student's step count), ``sampler`` (``euler`` or
     ``renoise``; the self-forcing route's default is renoise), or ``lora`` (the run's own route LoRA,
-    e.g. a twin trained without one setting)."""
+    e.g. a twin trained without one setting), ``first_clip`` (``pro`` or ``i2v``, on svi and df)."""
     from cliploom.routes import ROUTES, option_error, parse_option
 
     head, *pairs = text.split(":")
@@ -77,6 +77,13 @@ def parse_run(text: str) -> RouteRun:
             if not Path(str(value)).is_file():
                 raise SystemExit(f"error: run {text!r}: lora {value} is not a file")
             lora = str(Path(str(value)).resolve())
+            continue
+        if key == "first_clip":
+            from cliploom.story import FIRST_CLIPS
+
+            if value not in FIRST_CLIPS:
+                raise SystemExit(f"error: run {text!r}: first_clip must be one of {', '.join(FIRST_CLIPS)}")
+            sampling[key] = value
             continue
         if key == "sampler":
             from cliploom.story import SAMPLERS
@@ -107,6 +114,8 @@ def story_keys(run: RouteRun, weights: dict) -> dict:
         keys["guidance"] = keys["guidance_low"] = float(run.sampling["guidance"])
     if "sampler" in run.sampling:
         keys["sampler"] = run.sampling["sampler"]
+    if "first_clip" in run.sampling:
+        keys["first_clip"] = run.sampling["first_clip"]
     if run.route != "svi":
         keys.update(route=run.route, route_options=run.options)
     lora = run.lora or weights.get(run.route)

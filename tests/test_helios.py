@@ -105,7 +105,7 @@ def test_helios_loop_streams_the_pro_timeline_with_per_clip_prompts_and_bounded_
 
     words = ["a red circle moves right", "a red circle moves up"]  # the built-in text encoder knows its words
     story = tiny_story(clips=[ClipSpec(words[i % 2]) for i in range(5)], route="helios", route_options=opts,
-                       width=32, height=32, guidance=2.0)
+                       width=32, height=32, guidance=2.0, first_clip="pro")
     clips = _frames_of(builtin, story)
     assert [len(c.frames) for c in clips] == [9, 4, 4, 4, 4]  # pro's geometry: 2 new latents, then 1 a clip
     # each clip's chunk was denoised with its own prompt (they alternate)
@@ -123,10 +123,35 @@ def test_helios_loop_streams_the_pro_timeline_with_per_clip_prompts_and_bounded_
     for prev, clip in zip(clips, clips[1:]):  # decoded as pro decodes: [anchor, previous clip's last latent, new] (copies: exact)
         assert torch.equal(clip.latents[:, :, 1], prev.latents[:, :, -1])
     # the same slots (3 past latents), cut otherwise: clip 0 (no past) is the same, clip 1 reads its past compressed
-    compressed = _frames_of(builtin, tiny_story(clips=story.clips[:2], route="helios", width=32, height=32,
+    compressed = _frames_of(builtin, tiny_story(clips=story.clips[:2], route="helios", width=32, height=32, first_clip="pro",
                                                 guidance=2.0, route_options={"short": 0, "mid": 3, "long": 0}))
     assert torch.equal(compressed[0].latents, clips[0].latents)  # clip 0 runs the same path twice in one process: exact
     assert not torch.equal(compressed[1].latents, clips[1].latents)
+
+
+def test_helios_first_clip_i2v_is_the_svi_routes_image_to_video_clip(builtin, tiny_story, monkeypatch):
+    """first_clip: i2v (asked for: the model's own first_clip is not helios' default): clip 0 is the DiT's
+    own image-to-video, the svi route's clip 0 (same condition, noise, sampler), and its latents start
+    the history."""
+    from cliploom.loom import weave
+    from cliploom.routes import helios as route
+    from cliploom.story import ClipSpec
+
+    seen = []
+    real = route.denoiser
+    monkeypatch.setattr(route, "denoiser", lambda e, h, t, n, *z: seen.append(h) or real(e, h, t, n, *z))
+    words = ["a red circle moves right", "a red circle moves up"]
+    keys = dict(clips=[ClipSpec(w) for w in words], width=32, height=32, guidance=2.0, seam_blend=0)  # clip 1 differs
+    assert tiny_story(route="helios", **keys).resolve(builtin.settings).first_clip == "pro"  # not the model's i2v
+    clips = _frames_of(builtin, tiny_story(route="helios", first_clip="i2v", **keys))
+    svi = list(weave(builtin, tiny_story(first_clip="i2v", **keys), progress=False))  # no LoRA: the plain DiT
+    # one computation on two code paths (the helios loop, the svi loop): a tolerance, not equality
+    torch.testing.assert_close(clips[0].latents, svi[0].latents, atol=1e-5, rtol=1e-5)
+    assert (clips[0].frames.int() - svi[0].frames.int()).abs().max() <= 1
+    assert len(clips[0].frames) == len(svi[0].frames) == 9
+    # clip 0 made no Helios pass; clip 1's history holds clip 0's new latents as made (copied: exact)
+    assert len(seen) == 1 and torch.equal(seen[0].short[:, :, -1], clips[0].latents[:, :, -1])
+    assert not torch.equal(clips[1].latents, svi[1].latents)  # and clip 1 is Helios'
 
 
 def test_helios_refusals_are_one_line(builtin, tiny_models, tiny_dirs, tiny_story, reference_png, tmp_path, capsys):
@@ -147,6 +172,16 @@ def test_helios_refusals_are_one_line(builtin, tiny_models, tiny_dirs, tiny_stor
     keyed = [ClipSpec("a"), ClipSpec("b", keyframes=(Keyframe(-1, reference_png),))]
     with pytest.raises(CliploomError, match="does not take keyframes"):
         _frames_of(builtin, tiny_story(2, clips=keyed, route="helios"))
+    # first_clip: i2v needs a DiT with image channels (y): the built-in model's, but with a text-to-video DiT's
+    from types import SimpleNamespace
+
+    from cliploom.routes import helios as route
+
+    t2v = SimpleNamespace(transformer_2=None, settings=builtin.settings, has_image_encoder=False, z_dim=builtin.z_dim,
+                          transformer=SimpleNamespace(config=SimpleNamespace(in_channels=builtin.z_dim)))
+    with pytest.raises(CliploomError, match="has no image channels"):
+        route._check(t2v, tiny_story(1, route="helios", first_clip="i2v").resolve(builtin.settings), None)
+    route._check(t2v, tiny_story(1, route="helios", first_clip="pro").resolve(builtin.settings), None)  # pro: fine
     for variant, message in (("wan22", "two experts"), ("ti2v", "TI2V"), ("wan21", "CLIP image features")):
         with pytest.raises(CliploomError, match=message):
             _frames_of(tiny_models(variant), tiny_story(1, route="helios"))

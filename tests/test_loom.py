@@ -497,6 +497,6 @@ def test_first_clip_i2v_conditions_clip_0_as_the_model_s_own_image_to_video(tiny
     assert [len(c.frames) for c in first] == [len(c.frames) for c in pro]
     for kw, message in ((dict(first_clip="t2v"), "unknown first_clip 't2v'"),
                         (dict(first_clip="i2v", mode="svi2"), "changes pro mode's first clip"),
-                        (dict(first_clip="i2v", route="df"), "changes pro mode's first clip")):
+                        (dict(first_clip="i2v", route="causal"), "changes pro mode's first clip")):
         with pytest.raises(CliploomError, match=message):
             tiny_story(2, **kw)

@@ -105,6 +105,40 @@ def test_df_ar_step_gives_each_frame_its_own_timestep_in_one_pass(tiny_models, t
     assert (staggered[1].frames.int() - plain[1].frames.int()).abs().max() > 0
 
 
+def test_df_first_clip_i2v_is_the_models_own_image_to_video_with_the_df_lora_off(tiny_dirs, tiny_story, tmp_path):
+    """first_clip: i2v on route df: clip 0 is the model's own image-to-video (chain mode's clip 0), the
+    df LoRA (named df, as a model's route LoRA is) off there and on again from clip 1, which takes
+    clip 0's last latent as its context."""
+    import dataclasses
+
+    from test_lora import build_lora, write_lora
+
+    from cliploom.engine import Engine
+    from cliploom.models import load_model
+    from cliploom.story import ClipSpec, Keyframe, LoraSpec
+
+    engine = Engine.load(tiny_dirs["wan21"], device="cpu")
+    tensors, _, _ = build_lora(engine.model, "diffusers", scale_factor=1.0)
+    lora = LoraSpec(write_lora(tmp_path / "df.safetensors", tensors), 1.0, name="df")
+    keys = dict(frames=13, guidance=1.0, route="df", loras=[lora])
+    i2v = list(engine.generate(tiny_story(2, first_clip="i2v", **keys), progress=False))
+    assert engine.loras.weights() == {"df": 1.0}  # on again after clip 0
+    chain = list(Engine(load_model(tiny_dirs["wan21"], device="cpu")).generate(
+        tiny_story(1, frames=13, guidance=1.0, mode="chain"), progress=False))
+    # the LoRA at weight 0 against no LoRA: peft adds a zero update, yet another code path: a tolerance
+    torch.testing.assert_close(i2v[0].latents, chain[0].latents, atol=1e-5, rtol=1e-5)
+    assert torch.equal(i2v[1].latents[:, :, 1], i2v[0].latents[:, :, -1])  # the context, copied
+    pro = list(engine.generate(tiny_story(2, first_clip="pro", **keys), progress=False))
+    assert float((pro[0].latents - i2v[0].latents).abs().max()) > 1e-2  # df's own clip 0 is another clip
+    # the model's first_clip applies to df stories, not to keyed ones nor to the causal routes
+    settings = dataclasses.replace(engine.model.settings, first_clip="i2v")
+    assert tiny_story(2, route="df").resolve(settings).first_clip == "i2v"
+    assert tiny_story(2, route="causal").resolve(settings).first_clip == "pro"
+    end = (Keyframe(-1, tiny_story(1).reference),)
+    keyed = tiny_story(2, route="df", clips=[ClipSpec("a", keyframes=end), ClipSpec("b")])
+    assert keyed.resolve(settings).first_clip == "pro"
+
+
 def test_df_route_needs_weights_for_it(tiny_dirs, tiny_story):
     from cliploom.engine import Engine
 

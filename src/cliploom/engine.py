@@ -141,9 +141,12 @@ class Engine:
             if loras and not story.fuse_loras:
                 raise CliploomError("fp8_matmul needs the LoRAs fused into the weights it quantises",
                                     "drop fuse_loras: false (--no-fuse), or fp8_matmul")
-        # first_clip i2v: clip 0 is the model's own image-to-video, so the SVI LoRA (named svi) is off
-        # there -- a per-clip weight, which needs the stack unfused when clip 0 is generated
-        first_i2v = (resolved.first_clip == "i2v" and any(lo.name == "svi" for lo in loras)
+        # first_clip i2v: clip 0 is the model's own image-to-video, so the continuation LoRA (the SVI
+        # LoRA, named svi; on route df the df LoRA, named df) is off there -- a per-clip weight, which
+        # needs the stack unfused when clip 0 is generated (route helios: clip 0 runs on the plain DiT,
+        # its LoRAs are on the Helios transformer)
+        continuation = "svi" if story.route == "svi" else story.route
+        first_i2v = (resolved.first_clip == "i2v" and story.route != "helios" and any(lo.name == continuation for lo in loras)
                      and (start is None or start.index == 0))
         if first_i2v and story.fp8_matmul:
             raise CliploomError("first_clip: i2v runs clip 0 without the SVI LoRA, a per-clip weight that fp8_matmul's "
@@ -166,8 +169,8 @@ class Engine:
 
         def clip_weights(i: int) -> dict[str, float] | None:
             weights = story.clips[i].lora_weights
-            if first_i2v and i == 0:  # off unless clip 0 names its own svi weight
-                weights = {"svi": 0.0, **(weights or {})}
+            if first_i2v and i == 0:  # off unless clip 0 names its own weight for it
+                weights = {continuation: 0.0, **(weights or {})}
             return weights
 
         # From the clip on which the weights stop changing, an unfused stack runs merged into the

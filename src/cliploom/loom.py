@@ -119,7 +119,7 @@ def weave(
 
     def condition(i: int, keys, memory, noise) -> C.ClipCondition:
         """Clip ``i``'s condition: the anchor, the motion memory and ``keys`` (its keyframes)."""
-        if story.route == "df":
+        if story.route == "df" and not (memory is None and story.first_clip == "i2v"):
             cond = C.context_condition(anchor, memory, T, model.settings.expand_timesteps, model.patch,
                                        keyframes=tuple((n, latent) for n, _, latent in keys),
                                        context_noise=story.route_option("addnoise"), noise=noise)
@@ -129,7 +129,9 @@ def weave(
                                       keyframes=tuple((n, latent) for n, _, latent in keys))
             cond.image_embeds = anchor_features if not (model.first_last_frame and keys) else \
                 model.encode_image_features(image, keyframes.end_image(i))
-        else:  # pixel modes, and pro mode's clip 0 as the model's own image-to-video (first_clip: i2v)
+        elif memory is None and not keys and story.latent_motion:  # first_clip: i2v (pro or df)
+            cond = i2v_condition(model, story, image)
+        else:  # pixel modes, and pro mode's (or df's) keyed clip 0 as the model's own image-to-video (first_clip: i2v)
             video = C.pixel_motion_video(reference, memory, F, story.ref_pad if not story.latent_motion else 0,
                                          keyframes=tuple((n, pixels) for n, pixels, _ in keys))
             first = image if memory is None else _to_pil(memory[0, :, 0])
@@ -276,6 +278,17 @@ def reanchor(model: Components, frame: torch.Tensor):
     image features."""
     image = Image.fromarray(frame.cpu().numpy())
     return image, model.encode_video(frames_to_tensor([image]).to(model.device)), model.encode_image_features(image)
+
+
+def i2v_condition(model: Components, story: Story, image: Image.Image) -> C.ClipCondition:
+    """Clip 0 as the model's own image-to-video (``first_clip: i2v``): the reference then zero
+    pixels, VAE-encoded, its first pixel frame known, the reference's image features. The svi and
+    df routes' clip 0 without keyframes, and the helios route's."""
+    reference = frames_to_tensor([image]).to(model.device)
+    video = C.pixel_motion_video(reference[:, :, 0], None, story.frames, 0)
+    cond = C.pixel_condition(model.encode_video(video), story.frames, 1, model.settings.expand_timesteps, model.patch)
+    cond.image_embeds = model.encode_image_features(image)
+    return cond
 
 
 def queue_pro_decode(decoder: "ClipDecoder", queue: list[Future], story: Story, i: int, anchor: torch.Tensor,

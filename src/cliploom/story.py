@@ -114,8 +114,9 @@ class Story:
     # pro: reference (SVI) | last_frame (re-anchoring: each clip anchored on the previous clip's last
     # frame); default: the model's `anchor`, else reference
     anchor: str | None = None
-    # pro: clip 0 conditioned as SVI's (anchor latent, zero latents) | i2v: as the model's own
-    # image-to-video, without the SVI LoRA (default: the model's `first_clip`, else pro)
+    # pro: clip 0 conditioned as SVI's (anchor latent, zero latents; on route df: the anchor as context)
+    # | i2v: as the model's own image-to-video, without the SVI LoRA (route df: without the df LoRA)
+    # (default: the model's `first_clip` on routes svi and df, else pro; route helios takes i2v when asked)
     first_clip: str | None = None
     sampler: str | None = None  # euler (the flow ODE) | renoise (x0 + fresh noise per step: DMD students); default: the model's
     attention: str = "auto"  # attention backend (models.acceleration): auto, sdpa, flash, flash3, sage, ...
@@ -177,11 +178,14 @@ class Story:
                      "color_match_method", "seam_blend", "motion_amplitude", "keyframe_guidance", "memory_guidance", "sampler"):
             if getattr(s, name) is None:
                 setattr(s, name, getattr(settings, name))
-        # The model's first_clip and anchor apply where there is SVI's pro conditioning to change, and not
-        # to keyed stories (their keyframe LoRA was measured with SVI's first clip and the reference anchor)
+        # The model's first_clip and anchor apply where there is SVI's pro conditioning to change (first_clip:
+        # diffusion forcing's too; not helios', whose LoRA continues worse from an image-to-video clip 0,
+        # docs/routes.md), and not to keyed stories (their keyframe LoRA was measured with SVI's first clip
+        # and the reference anchor)
         model_choice = s.latent_motion and s.route == "svi" and not any(c.keyframes for c in s.clips)
         if s.first_clip is None:
-            s.first_clip = settings.first_clip if model_choice else "pro"
+            first_choice = model_choice or (s.latent_motion and s.route == "df" and not any(c.keyframes for c in s.clips))
+            s.first_clip = settings.first_clip if first_choice else "pro"
         if s.anchor is None:
             s.anchor = getattr(settings, "anchor", "reference") if model_choice else "reference"
         if self.seam_blend is None and not s.latent_motion:
@@ -374,6 +378,7 @@ _SCALARS: dict[str, type] = {
 OFFLOAD = ("none", "model", "group", "sequential")
 ANCHORS = ("reference", "last_frame")  # story anchor: what each clip after the first is anchored on
 FIRST_CLIPS = ("pro", "i2v")  # story first_clip: how pro mode conditions clip 0
+FIRST_CLIP_ROUTES = ("svi", "df", "helios")  # the routes whose clip 0 first_clip: i2v makes the model's own image-to-video
 SAMPLERS = ("euler", "unipc", "renoise")  # story sampler (cliploom.sampling)
 MEMORY_GUIDANCE = (1.0, 4.0)  # story memory_guidance: 1 is off; past 4 the clip ignores its anchor
 KEYFRAME_GUIDANCE = (1.0, 8.0)  # story keyframe_guidance: 1 is off; past 8 the clip is all keyframe pull
@@ -598,9 +603,11 @@ def make_story(**values) -> Story:
         _fail(where, f"unknown sampler {story.sampler!r}", f"use {' or '.join(SAMPLERS)}")
     if story.first_clip is not None and story.first_clip not in FIRST_CLIPS:
         _fail(where, f"unknown first_clip {story.first_clip!r}", f"use {' or '.join(FIRST_CLIPS)}")
-    if story.first_clip not in (None, "pro") and (not story.latent_motion or story.route != "svi"):
-        _fail(where, f"first_clip: {story.first_clip} changes pro mode's first clip on the svi route "
-              "(the other modes' first clip is already image-to-video)", "use mode: pro (and route: svi), or first_clip: pro")
+    if story.first_clip not in (None, "pro") and (not story.latent_motion or story.route not in FIRST_CLIP_ROUTES):
+        _fail(where, f"first_clip: {story.first_clip} changes pro mode's first clip on the "
+              f"{' and '.join(FIRST_CLIP_ROUTES)} routes (the other modes' first clip is already image-to-video; "
+              "the causal routes start their cache from the anchor)",
+              f"use mode: pro (and route: {' or '.join(FIRST_CLIP_ROUTES)}), or first_clip: pro")
     if story.anchor not in (None, "reference") and (not story.latent_motion or story.route != "svi"):
         _fail(where, f"anchor: {story.anchor} re-anchors pro mode's latent conditioning on the svi route",
               "use mode: pro (and route: svi), or anchor: reference")

@@ -12,7 +12,9 @@ mid and short slots, the chunk after them, whatever the clip's index; a slot wit
 yet (the first clips) is left out. Only ``short + mid + long`` past latents are kept, so memory is
 flat in the number of clips. Each clip is decoded as ``pro`` decodes it (``[anchor, previous
 clip's last K latents, new]``, the first ``1 + 4K`` frames dropped), so every route yields the same
-``Clip`` stream over the same frames.
+``Clip`` stream over the same frames. With ``first_clip: i2v`` clip 0 is the DiT's own
+image-to-video, as on the svi route, and the history starts from its latents (measured worse on the
+built-in model than Helios' own clip 0, so never the default: docs/routes.md).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from ..loom import (
     encode_prompts,
     experts_for,
     hand_over,
+    i2v_condition,
     queue_pro_decode,
 )
 from ..models.components import Components, frames_to_tensor
@@ -45,6 +48,7 @@ from ..sampling import (
     NUM_TRAIN_TIMESTEPS,
     Expert,
     guide,
+    make_denoiser,
     pick_expert,
     pyramid_stage_steps,
     sample_pyramid,
@@ -169,25 +173,37 @@ def weave(
                 on_clip_start(i)
             # 3. This clip's history: the anchor and the kept past, cut into short / mid / long.
             history = make_history(anchor, past, sizes)
-            # 4. Its new latent frames from its own seeded noise, one chunk, its own prompt.
-            new = T - 1 if i == 0 else T - 1 - K
             seed = story.clip_seed(i)
             generator = torch.Generator("cpu").manual_seed(seed)  # then renoise's fresh noise
-            noise = torch.randn((1, model.z_dim, new, h, w), generator=generator)
-            zero_star = pyramid is not None and model.settings.cfg_zero_star
-            denoise = denoiser(experts, history, text[prompt], negative, zero_star)
-            zero = zero_init(experts, negative) if zero_star else None
-            amplify = pyramid is not None and i == 0 and story.route_option("amplify_first")
-            steps = len(sigmas) - 1 if pyramid is None else sum(pyramid[1]) * (2 if amplify else 1)
-            step_done = (lambda k, i=i, n=steps: on_step(i, k + 1, n)) if on_step else None
-            if pyramid is None:
-                latents = sampler(story.sampler, generator)(denoise, noise.to(model.device), sigmas, callback=step_done)
-            else:  # Helios' stages: from a quarter of the resolution up (CFG-Zero*: the first steps' velocity zero)
-                latents = sample_pyramid(denoise, noise.to(model.device), pyramid[0], pyramid[1], tuple(helios.config.patch_size),
-                                         generator, step_done, zero, amplify)
+            first = anchor  # the latent the clip is decoded after
+            if i == 0 and story.first_clip == "i2v":
+                # 4a. first_clip: i2v -- clip 0 is the DiT's own image-to-video (the svi route's clip 0:
+                #     the same condition, noise and sampler); its first latent, the reference frame as
+                #     made, heads its decode, and its new latents start the history.
+                cond = i2v_condition(model, story, image)
+                noise = torch.randn((1, model.z_dim, T, h, w), generator=generator)
+                step_done = (lambda k, n=len(sigmas) - 1: on_step(0, k + 1, n)) if on_step else None
+                x = sampler(story.sampler, generator)(make_denoiser(experts_for(model, story), cond, text[prompt], negative),
+                                                      noise.to(model.device), sigmas, cond.finish, step_done)
+                first, latents = x[:, :, :1], x[:, :, 1:]
+            else:
+                # 4. Its new latent frames from its own seeded noise, one chunk, its own prompt.
+                new = T - 1 if i == 0 else T - 1 - K
+                noise = torch.randn((1, model.z_dim, new, h, w), generator=generator)
+                zero_star = pyramid is not None and model.settings.cfg_zero_star
+                denoise = denoiser(experts, history, text[prompt], negative, zero_star)
+                zero = zero_init(experts, negative) if zero_star else None
+                amplify = pyramid is not None and i == 0 and story.route_option("amplify_first")
+                steps = len(sigmas) - 1 if pyramid is None else sum(pyramid[1]) * (2 if amplify else 1)
+                step_done = (lambda k, i=i, n=steps: on_step(i, k + 1, n)) if on_step else None
+                if pyramid is None:
+                    latents = sampler(story.sampler, generator)(denoise, noise.to(model.device), sigmas, callback=step_done)
+                else:  # Helios' stages: from a quarter of the resolution up (CFG-Zero*: the first steps' velocity zero)
+                    latents = sample_pyramid(denoise, noise.to(model.device), pyramid[0], pyramid[1],
+                                             tuple(helios.config.patch_size), generator, step_done, zero, amplify)
             # 5. Decode as pro does: [anchor, previous clip's last K latents, new].
             info = (i, prompt, seed, time.perf_counter() - started, 0.0)
-            memory = queue_pro_decode(decoder, queue, story, i, anchor, memory, latents, info)
+            memory = queue_pro_decode(decoder, queue, story, i, first, memory, latents, info)
             # 6. The past grows by them, cut to the history's size (memory stays flat).
             past = (latents if past is None else torch.cat([past, latents], dim=2))[:, :, -max(sizes.total, 1):]
             for clip in hand_over(queue, int(blend > 0), blend, 1 + 4 * K):
@@ -302,6 +318,12 @@ def _check(model: Components, story: Story, start: Start | None) -> None:
                             "no input for", f"use a model without an image encoder (the built-in model), {fix}")
     if any(c.keyframes for c in story.clips):
         raise CliploomError("route helios does not take keyframes in this version", f"drop end_frame/keyframes, {fix}")
+    z = model.z_dim
+    if story.first_clip == "i2v" and ("helios" in model.settings.native_routes
+                                      or model.transformer.config.in_channels != 2 * z + 4):
+        raise CliploomError("first_clip: i2v on route helios makes clip 0 with the DiT's own image-to-video, and this "
+                            f"model's DiT has no image channels (in_channels {model.transformer.config.in_channels}, "
+                            f"not {2 * z + 4})", "use first_clip: pro on this model")
     if story.motion_amplitude not in (None, 1):
         raise CliploomError("route helios has no padding frames for motion_amplitude to act on",
                             "leave motion_amplitude at 1 on this route")
