@@ -63,7 +63,7 @@ def parse_run(text: str) -> RouteRun:
     """``[NAME=]ROUTE[:KEY=VALUE...]``; KEY a route option, ``steps`` / ``guidance`` (the story's
     sampling: e.g. causal stage 1 at the self-forcing student's step count), ``sampler`` (``euler`` or
     ``renoise``; the self-forcing route's default is renoise), or ``lora`` (the run's own route LoRA,
-    e.g. a twin trained without one setting), ``first_clip`` (``pro`` or ``i2v``, on svi and df)."""
+    e.g. a twin trained without one setting), ``first_clip`` (``pro`` or ``i2v``, on svi, df and helios)."""
     from cliploom.routes import ROUTES, option_error, parse_option
 
     head, *pairs = text.split(":")
@@ -122,7 +122,7 @@ def story_keys(run: RouteRun, weights: dict) -> dict:
     if lora:
         from cliploom.story import LoraSpec
 
-        keys["loras"] = [LoraSpec(Path(lora))]
+        keys["loras"] = [LoraSpec(Path(lora), name=run.route)]  # the route's LoRA (first_clip: i2v turns svi / df off)
         keys["svi_lora"] = False
     return keys
 

@@ -5,8 +5,8 @@ engine for each (loaded outside the timing), the story as `make bench-routes` ma
 is first run once, untimed, on a one-clip story. *Cold*: the story on a freshly loaded engine (the
 route's LoRA applied within the timing, as for a CLI run); *warm*: the same story again on that
 engine, its LoRA stack already in place (a service's next job). LoRAs fused, as a CLI run has them
-(`fuse_loras`' default; `svi`'s image-to-video first clip keeps its stack unfused and merges it from
-clip 1, as it does for a user).
+(`fuse_loras`' default; the image-to-video first clip of `svi` and `df` keeps their stack unfused and
+merges it from clip 1, as it does for a user).
 
     python benchmarks/time_routes.py [--runs svi,chain,df,causal,self-forcing,helios] [--rounds 3]
 

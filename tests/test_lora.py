@@ -190,6 +190,28 @@ def test_fused_stack_merges_directly_as_peft_fuses(tiny_dirs, tmp_path, dtype):
             assert float(ours_err.max()) <= float(peft_err.max()), w
 
 
+def test_a_fused_stack_has_the_weights_of_the_same_stack_merged(tiny_dirs, tmp_path):
+    """A run resumed with its stack fused must have the weights of the uninterrupted run, which kept
+    the stack unfused for clip 0 and merged it for the clips after: both go through
+    ``lora.add_low_rank`` with the same float32 A (alpha/rank folded in) and B, in the stack's order,
+    so the weights are equal exactly (one function on identical inputs in one process)."""
+    t1, _, _ = build_lora(fresh(tiny_dirs), "comfy", alpha=8.0, seed=1, deltas=True)
+    t2, _, _ = build_lora(fresh(tiny_dirs), "svi2", seed=2)
+    specs = [LoraSpec(write_lora(tmp_path / "a.safetensors", t1), 0.7, name="a"),
+             LoraSpec(write_lora(tmp_path / "b.safetensors", t2), 1.0, name="svi")]
+    fused, merged = fresh(tiny_dirs), fresh(tiny_dirs)
+    Engine(fused).loras.apply(specs, fuse=True)
+    stack = Engine(merged).loras
+    stack.apply(specs, fuse=False)
+    stack.set_clip_weights({"svi": 0.0})  # clip 0 of first_clip: i2v, then the steady weights, merged
+    stack.set_clip_weights(None)
+    assert stack.merge()
+    got = {k.replace(".base_layer", ""): v for k, v in merged.transformer.state_dict().items() if "lora_" not in k}
+    want = fused.transformer.state_dict()
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
 def test_two_loras_stacked_equal_the_sum(tiny_dirs, tiny_story, tmp_path):
     model = fresh(tiny_dirs)
     t1, m1, e1 = build_lora(model, "svi2", seed=1)

@@ -128,6 +128,9 @@ def test_df_first_clip_i2v_is_the_models_own_image_to_video_with_the_df_lora_off
     # the LoRA at weight 0 against no LoRA: peft adds a zero update, yet another code path: a tolerance
     torch.testing.assert_close(i2v[0].latents, chain[0].latents, atol=1e-5, rtol=1e-5)
     assert torch.equal(i2v[1].latents[:, :, 1], i2v[0].latents[:, :, -1])  # the context, copied
+    # ar_step staggers df's clips, not the image-to-video clip 0 (the plain I2V DiT has one timestep a clip)
+    staggered = list(engine.generate(tiny_story(2, first_clip="i2v", route_options={"ar_step": 1}, **keys), progress=False))
+    torch.testing.assert_close(staggered[0].latents, chain[0].latents, atol=1e-5, rtol=1e-5)
     pro = list(engine.generate(tiny_story(2, first_clip="pro", **keys), progress=False))
     assert float((pro[0].latents - i2v[0].latents).abs().max()) > 1e-2  # df's own clip 0 is another clip
     # the model's first_clip applies to df stories, not to keyed ones nor to the causal routes
@@ -242,3 +245,49 @@ def test_df_trainer_gives_the_context_as_clean_frames_left_out_of_the_loss(tmp_p
                          ({"route": "df", "context_noise_max": 1000}, "not a timestep")):
         with pytest.raises(CliploomError, match=message):
             config_from_dict(dict(model="builtin", **bad))
+
+
+def test_a_story_lora_trained_for_the_route_replaces_the_models_own(tmp_path, reference_png):
+    """A LoRA in `loras:` tagged for the story's route (cliploom_route, as train-svi writes) takes the
+    model's own route / SVI LoRA's place instead of being stacked on it (stacked, a student continued
+    from the shipped one counts twice); an untagged LoRA (a style) is stacked; svi_lora: false turns
+    the model's own off. Under first_clip: i2v the story's own SVI LoRA is off on clip 0 as the
+    model's is."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from cliploom.engine import Engine
+    from cliploom.story import ClipSpec, LoraSpec
+
+    engine = Engine.load("builtin", device="cpu")
+    folder = engine.model.path
+    own = tmp_path / "my_student.safetensors"
+    shutil.copy(folder / "self-forcing_lora.safetensors", own)  # tagged self-forcing
+    style = tmp_path / "style.safetensors"
+    save_file(load_file(str(folder / "self-forcing_lora.safetensors")), str(style))  # the same pairs, untagged
+
+    def story(route="self-forcing", n=1, **kw):
+        return make_story(clips=[ClipSpec(f"a red circle moves {w}") for w in ["right", "up"][:n]],
+                          reference=reference_png, route=route, **kw)
+
+    def names(s):
+        return [spec.path.name for spec in engine.default_loras(s)]
+
+    assert names(story()) == ["self-forcing_lora.safetensors"]
+    assert names(story(loras=[LoraSpec(own)])) == []
+    assert names(story(loras=[LoraSpec(style)])) == ["self-forcing_lora.safetensors"]
+    assert names(story(loras=[LoraSpec(style)], svi_lora=False)) == []
+    with pytest.raises(CliploomError, match="svi_lora: false turns off its own"):
+        engine.default_loras(story(svi_lora=False))
+    mine = tmp_path / "my_svi.safetensors"
+    shutil.copy(folder / "svi_lora.safetensors", mine)  # tagged svi
+    assert names(story("svi")) == ["svi_lora.safetensors"] and names(story("svi", loras=[LoraSpec(mine)])) == []
+    keys = dict(width=32, height=32, frames=9, steps=2, seam_blend=0)
+    shipped = list(engine.generate(story("svi", 2, **keys), progress=False))
+    replaced = list(Engine.load("builtin", device="cpu").generate(story("svi", 2, loras=[LoraSpec(mine)], **keys),
+                                                                 progress=False))
+    # the same weights (a copy of the file) named otherwise: off on clip 0, on after; one computation, two
+    # LoRA names in one process: a tolerance all the same
+    for a, b in zip(shipped, replaced):
+        torch.testing.assert_close(a.latents, b.latents, atol=1e-5, rtol=1e-5)

@@ -381,6 +381,45 @@ def test_with_every_injection_off_a_step_is_plain_lora_fine_tuning(tmp_path, tin
     assert any(not torch.allclose(changed[n], after[n], atol=1e-6) for n in after)
 
 
+def test_movement_map_marks_where_the_clip_moves_per_latent_cell():
+    from cliploom.train.samples import movement_map
+
+    video = torch.full((1, 3, 9, 16, 16), -0.5)  # a still background, 9 frames -> 3 latent frames
+    assert movement_map(video, 3, 4).abs().max() == 0  # nothing moves: no weight anywhere
+    for f in range(9):  # a 2x2 square moving right along row 1 of 4x4 cells
+        video[0, :, f, 4:6, 2 * f - 1 if f else 0:2 * f + 1 if f else 2] = 0.8
+    m = movement_map(video, 3, 4)
+    assert m.shape == (1, 1, 3, 4, 4) and float(m.max()) == pytest.approx(1.0)
+    assert float(m[..., 1, :].sum()) > 0 and float(m[..., [0, 2, 3], :].abs().max()) == 0  # only the square's row
+
+
+def test_motion_weight_weighs_the_loss_where_the_clip_moves(tmp_path, tiny_dirs):
+    """The step's loss is the per-cell MSE weighted by 1 + motion_weight x the clip's movement map."""
+    from cliploom.models import load_model
+    from cliploom.train.adapter import attach_lora
+    from cliploom.train.loop import SVITrainer
+
+    cfg = _cfg(tmp_path, tiny_dirs["wan21"], timestep_weighting="none", motion_weight=3.0, **ZERO)
+    t = SVITrainer(cfg, model=load_model(tiny_dirs["wan21"], device="cpu"), progress=False)
+    info = t.train_step()
+    ref_model = load_model(tiny_dirs["wan21"], device="cpu")
+    attach_lora(ref_model.transformer, cfg, seed=cfg.seed)
+    s, sigma = info.samples[0], float(info.sigmas[0])
+    x_t = (1 - sigma) * s.latents + sigma * info.noise
+    with torch.no_grad():
+        out = ref_model.transformer(hidden_states=s.cond.model_input(x_t), timestep=torch.tensor([sigma * 1000]),
+                                    encoder_hidden_states=ref_model.encode_text([s.prompt]),
+                                    encoder_hidden_states_image=s.cond.image_embeds, return_dict=False)[0]
+    sq = (out - (info.noise - s.latents)) ** 2
+    w = (1 + 3.0 * s.motion_map).expand_as(sq)
+    assert float(s.motion_map.max()) == pytest.approx(1.0)  # a ShapesWorld clip moves somewhere
+    weighted = float((sq * w).sum() / w.sum())
+    assert weighted == pytest.approx(info.loss, rel=1e-5)
+    assert float(sq.mean()) != pytest.approx(info.loss, rel=1e-3)  # and the weighting changed it
+    with pytest.raises(CliploomError, match="motion_weight must not be negative"):
+        _cfg(tmp_path, tiny_dirs["wan21"], motion_weight=-1)
+
+
 @pytest.mark.parametrize("variant, extra", [("wan22", {"expert": "low"}), ("ti2v", {})])
 def test_other_families_train(tmp_path, tiny_dirs, variant, extra):
     from cliploom.models import load_model

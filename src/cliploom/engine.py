@@ -62,15 +62,20 @@ def drift_warnings(story: Story, settings) -> list[str]:
     return out
 
 
+def trained_route(spec) -> str | None:
+    """The route a LoRA file was trained for (``cliploom_route`` in its metadata), or None."""
+    from .models.formats import read_header
+
+    return read_header(spec.path, "LoRA").metadata.get("cliploom_route")
+
+
 def check_lora_routes(loras, route: str) -> None:
     """Refuse a LoRA trained for another route's loop (``cliploom_route`` in its metadata, written
     by ``train-svi`` and ``cliploom convert``): a causal LoRA under the SVI loop, or an SVI LoRA
     under the causal one, makes noise rather than video. Untagged LoRAs (style LoRAs, files from
     other tools) go anywhere."""
-    from .models.formats import read_header
-
     for spec in loras:
-        trained = read_header(spec.path, "LoRA").metadata.get("cliploom_route")
+        trained = trained_route(spec)
         if trained and trained != route:
             raise CliploomError(f"LoRA {spec.path} was trained for route {trained}; this story runs route {route}",
                                 f"set route: {trained} in the story (or --route {trained}), or drop that LoRA")
@@ -142,14 +147,15 @@ class Engine:
                 raise CliploomError("fp8_matmul needs the LoRAs fused into the weights it quantises",
                                     "drop fuse_loras: false (--no-fuse), or fp8_matmul")
         # first_clip i2v: clip 0 is the model's own image-to-video, so the continuation LoRA (the SVI
-        # LoRA, named svi; on route df the df LoRA, named df) is off there -- a per-clip weight, which
+        # LoRA, on route df the df LoRA: named after the route, as the model's own, or trained for it)
+        # is off there -- a per-clip weight, which
         # needs the stack unfused when clip 0 is generated (route helios: clip 0 runs on the plain DiT,
         # its LoRAs are on the Helios transformer)
-        continuation = "svi" if story.route == "svi" else story.route
-        first_i2v = (resolved.first_clip == "i2v" and story.route != "helios" and any(lo.name == continuation for lo in loras)
+        continuation = [lo.name for lo in loras if lo.name == story.route or trained_route(lo) == story.route]
+        first_i2v = (resolved.first_clip == "i2v" and story.route != "helios" and bool(continuation)
                      and (start is None or start.index == 0))
         if first_i2v and story.fp8_matmul:
-            raise CliploomError("first_clip: i2v runs clip 0 without the SVI LoRA, a per-clip weight that fp8_matmul's "
+            raise CliploomError("first_clip: i2v runs clip 0 without the SVI (or df) LoRA, a per-clip weight that fp8_matmul's "
                                 "fused weights cannot change", "use first_clip: pro with fp8_matmul")
         check_lora_routes(loras, story.route)
         from .models import helios
@@ -170,7 +176,7 @@ class Engine:
         def clip_weights(i: int) -> dict[str, float] | None:
             weights = story.clips[i].lora_weights
             if first_i2v and i == 0:  # off unless clip 0 names its own weight for it
-                weights = {continuation: 0.0, **(weights or {})}
+                weights = {**{name: 0.0 for name in continuation}, **(weights or {})}
             return weights
 
         # From the clip on which the weights stop changing, an unfused stack runs merged into the
@@ -195,20 +201,25 @@ class Engine:
 
     def default_loras(self, story: Story) -> list[LoraSpec]:
         """The model's own weights for the story's route: its SVI LoRA (``svi_lora`` in its
-        cliploom.json; ``keyframe_lora`` instead when a clip has keyframes and the model ships one)
-        unless the story turns it off, or the route's LoRA (``route_loras``). A route
-        other than ``svi`` on a model without its weights, and no LoRA in the story, is refused."""
+        cliploom.json; ``keyframe_lora`` instead when a clip has keyframes and the model ships one),
+        or the route's LoRA (``route_loras``) -- unless the story turns them off (``svi_lora: false``)
+        or brings its own: a story LoRA trained for the route (``cliploom_route`` in its metadata, as
+        ``train-svi`` writes) takes the model's place instead of being stacked on it. A route other
+        than ``svi`` on a model without its weights, and no LoRA in the story, is refused."""
         settings = self.model.settings
         if story.route != "svi" and story.route in settings.native_routes:
             return []  # the model's own DiT is the route's (a SkyReels-V2 DF folder for df, a causal DiT)
+        if any(trained_route(spec) == story.route for spec in story.loras):
+            return []  # the story's own weights for the route
         if story.route != "svi":
             name = (settings.route_loras or {}).get(story.route)
-            if name:
+            if name and story.svi_lora:
                 return [LoraSpec(self.model.path / name, 1.0, "both", story.route)]
             if not story.loras:
+                why = ("svi_lora: false turns off its own" if name else
+                       "has no {0} weights (route_loras in its cliploom.json)".format(story.route))
                 raise CliploomError(
-                    f"route {story.route}: the model at {self.model.path} has no {story.route} weights "
-                    "(route_loras in its cliploom.json) and the story gives no LoRA",
+                    f"route {story.route}: the model at {self.model.path} {why} and the story gives no LoRA",
                     f"train them (cliploom train-svi with route: {story.route}) and pass the LoRA in `loras:`, "
                     "or use route: svi")
             return []

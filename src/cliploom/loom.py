@@ -181,7 +181,7 @@ def weave(
 
             # 7. Denoise (diffusion forcing with ar_step: each latent frame on its own staggered schedule).
             clip_sigmas = sigmas
-            if story.route == "df" and story.route_option("ar_step"):
+            if story.route == "df" and story.route_option("ar_step") and not (memory is None and story.first_clip == "i2v"):
                 clip_sigmas = frame_schedule(sigmas, T, story.route_option("ar_step"), cond.known_prefix())
             split = getattr(model, "_cliploom_cfg_split", None)
             denoise = make_denoiser(experts, cond, text[prompt], negative, cfg_split=split)

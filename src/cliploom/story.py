@@ -102,7 +102,9 @@ class Story:
     offload: str | None = None  # memory: none | model | group | sequential
     vae_tiling: bool = False
     release_text_encoder: bool = False  # free the text encoder once the prompts are encoded
-    svi_lora: bool = True  # apply the model's own SVI LoRA (cliploom.json `svi_lora`) when it has one
+    # apply the model's own SVI LoRA (cliploom.json `svi_lora`) or, on another route, its route LoRA
+    # (`route_loras`) when it has one; a story LoRA trained for the route replaces it either way
+    svi_lora: bool = True
     color_match: str | None = None  # none | anchor | previous: each clip's colour statistics (cliploom.colour)
     color_match_method: str | None = None  # mean_std | histogram: how color_match matches (cliploom.colour)
     seam_blend: int | None = None  # pro mode: a clip's last N frames fade into the next clip's re-creation of them

@@ -99,6 +99,21 @@ def _check_range(path: Path, m, name: str, weight: float, dtype: torch.dtype) ->
             f"{str(dtype).replace('torch.', '')} holds ({limit:.3g})", "lower the LoRA weight, or the file is damaged")
 
 
+@torch.no_grad()
+def add_low_rank(weight: torch.Tensor, terms) -> None:
+    """``weight += sum(w * B @ A)`` over ``terms`` of ``(w, B [out, r, ...], A [r, in, ...])`` (A with
+    its alpha / rank folded in, as peft holds it): summed in float32 on the weight's device, rounded
+    once into its dtype, one float32 buffer. The one merge arithmetic of a fused stack and of an
+    unfused stack merged for a story's steady clips, so that a run resumed with its stack fused has
+    the weights of the uninterrupted run that merged it."""
+    delta = torch.zeros(weight.shape[0], weight[0].numel(), dtype=torch.float32, device=weight.device)
+    for w, up, down in terms:
+        delta.addmm_(up.to(weight.device, torch.float32).flatten(1), down.to(weight.device, torch.float32).flatten(1),
+                     alpha=w)
+    delta += weight.reshape(delta.shape)
+    weight.copy_(delta.view(weight.shape))
+
+
 def _plain(layer) -> bool:
     """A layer whose weight a fused stack can add to directly: torch's own Linear / Conv, float
     weights (a GGUF or otherwise quantised layer is a subclass, or stores another dtype)."""
@@ -162,6 +177,7 @@ class LoraStack:
                 a.weight = float(a.spec.weight)
             self._write_deltas()
             if fuse and self.applied:
+                self.fused = True  # from here the weights change for good: a failure leaves them refused, not "clean"
                 self._merge_direct()
                 for attr in ("transformer", "transformer_2"):
                     adapters = [a.adapter for a in self.applied if a.pairs.get(attr)]
@@ -292,23 +308,15 @@ class LoraStack:
         return applied
 
     def _merge_direct(self) -> None:
-        """Merge the pairs kept by ``_apply_one(direct=True)``: per layer, the stack's
-        ``weight * scale * B @ A`` summed in float32 (on the layer's device) and added to the
-        weight, rounded once into its dtype. The pairs are then dropped, as a fused stack's are."""
+        """Merge the pairs kept by ``_apply_one(direct=True)`` (:func:`add_low_rank`, with A scaled
+        by alpha / rank as peft holds it). The pairs are then dropped, as a fused stack's are."""
         terms: dict[int, tuple[torch.nn.Module, list]] = {}
         for a in self.applied:
             for layer, m in a.merges:
-                terms.setdefault(id(layer), (layer, []))[1].append((float(a.spec.weight) * m.scale, m))
+                terms.setdefault(id(layer), (layer, []))[1].append((float(a.spec.weight), m.up, m.down.float() * m.scale))
             a.merges = []
-        with torch.no_grad():
-            for layer, parts in terms.values():
-                w = layer.weight
-                delta = torch.zeros(w.shape[0], w[0].numel(), dtype=torch.float32, device=w.device)
-                for scale, m in parts:
-                    up = m.up.to(w.device, torch.float32).flatten(1)
-                    down = m.down.to(w.device, torch.float32).flatten(1)
-                    delta.addmm_(up, down, alpha=scale)
-                w.copy_((w.float() + delta.view(w.shape)).to(w.dtype))
+        for layer, parts in terms.values():
+            add_low_rank(layer.weight, parts)
 
     @staticmethod
     def _count_adapters(transformer, adapter: str) -> int:
@@ -384,8 +392,8 @@ class LoraStack:
         self._write_deltas()
 
     def merge(self) -> bool:
-        """Merge the unfused stack's adapters into the weights at their present weights (peft's
-        merge, through diffusers' ``fuse_lora``), keeping them: sampling runs at the base model's
+        """Merge the unfused stack's adapters into the weights at their present weights
+        (:func:`add_low_rank`, the fused stack's arithmetic), keeping them: sampling runs at the base model's
         speed until the weights change, when :meth:`unmerge` puts back a copy of the weights as they
         were (exact, so a story gives the same frames whatever the engine ran before; the copy is
         kept in host memory). Only into float32 weights: in bf16 / fp16 a merged delta is rounded
@@ -407,8 +415,12 @@ class LoraStack:
             return False
         self._originals = [(m, m.get_base_layer().weight.detach().to("cpu", copy=True)) for m in layers]
         self.merged = True  # from here on, unmerge restores the copies whatever happens below
-        for transformer, names in modules:
-            transformer.fuse_lora(adapter_names=names)
+        weights = {a.adapter: a.weight for a in self.applied}
+        for layer in layers:  # the stack's order, its weights now (peft's own A, B: the file's, alpha folded)
+            names = [a.adapter for a in self.applied if a.adapter in layer.lora_A]
+            add_low_rank(layer.get_base_layer().weight,
+                         [(weights[n], layer.lora_B[n].weight, layer.lora_A[n].weight) for n in names])
+            layer.merged_adapters = names  # peft's record: its forward runs the base layer alone
         return True
 
     def unmerge(self) -> None:
@@ -446,7 +458,7 @@ class LoraStack:
                 "ranks": a.ranks,
                 "alphas": a.alphas,
                 "modules": dict(a.modules),
-                "adapters": {k: a.pairs.get(k, 0) + a.direct.get(k, 0) for k in {*a.pairs, *a.direct}},
+                "adapters": {k: a.pairs.get(k, 0) + a.direct.get(k, 0) for k in a.targets if k in a.pairs or k in a.direct},
                 "deltas": a.n_deltas,
                 "unapplied": list(a.unapplied),
                 "fused": self.fused,

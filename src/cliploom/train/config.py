@@ -151,6 +151,10 @@ class TrainConfig:
     weight_decay: float = 0.01
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     grad_clip: float = 1.0  # max gradient norm; 0 turns clipping off
+    # > 0: the loss weighs each latent cell by 1 + motion_weight x where the clip moves there (its
+    # distance from the clip's temporal median, 0..1), so that a small moving subject is not outweighed
+    # by the static background it sits on; the weighted mean keeps the loss's scale
+    motion_weight: float = 0.0
     shift: float | None = None  # timestep shift; default: the model's (5 for Wan I2V)
     train_timesteps: int = 1000  # size of the shifted grid training timesteps are drawn from
     timestep_weighting: str = "gaussian"  # "gaussian" (DiffSynth's Wan loss weight) or "none"
@@ -307,8 +311,12 @@ def validate(cfg: TrainConfig, where: str = "config") -> None:
             _fail(where, f"{key} {getattr(cfg, key)} must not be negative", f"use e.g. `{key}: 0`")
     if cfg.lr_min < 0 or cfg.lr_min > cfg.lr:
         _fail(where, f"lr_min {cfg.lr_min} must lie between 0 and lr ({cfg.lr})", "use e.g. `lr_min: 0`")
-    if cfg.grad_clip < 0 or cfg.weight_decay < 0 or cfg.error_modulate < 0:
-        _fail(where, "grad_clip, weight_decay and error_modulate must not be negative", "use 0 to turn them off")
+    if cfg.motion_weight and cfg.route not in ("svi", "df"):
+        _fail(where, f"motion_weight weighs the loss of the svi and df trainers; route {cfg.route} trains otherwise",
+              "drop motion_weight")
+    if cfg.grad_clip < 0 or cfg.weight_decay < 0 or cfg.error_modulate < 0 or cfg.motion_weight < 0:
+        _fail(where, "grad_clip, weight_decay, error_modulate and motion_weight must not be negative",
+              "use 0 to turn them off")
     if cfg.shift is not None and cfg.shift <= 0:
         _fail(where, f"shift {cfg.shift} must be positive", "use e.g. 5 (Wan I2V), or leave it out for the model's")
     for key, low in (("motion_latents", 1), ("motion_frames", 1)):

@@ -235,7 +235,7 @@ class SVITrainer:
                 history = self.cfg.frames - choice.motion_pixels  # the previous clip = history + the motion frames
             far = choice.far_anchor and (self.cfg.anchor_from if self.cfg.anchor_from != "clip" else "any")
             clip = self.data.clip(generator, choice.motion_pixels, far or None, history)
-            out.append(build_sample(self.model, clip, choice, self.cfg.route))
+            out.append(build_sample(self.model, clip, choice, self.cfg.route, self.cfg.motion_weight > 0))
         return out
 
     def closed_loop_sample(self, generator: torch.Generator) -> TrainSample | None:
@@ -251,7 +251,7 @@ class SVITrainer:
             return None
         choice = Choice("latent", K, far_anchor=True, closed_loop=n, anchor_error=cfg.y_error_on_anchor)
         self.closed_loop_samples += 1
-        sample = build_sample(self.model, clip, choice, cfg.route)
+        sample = build_sample(self.model, clip, choice, cfg.route, cfg.motion_weight > 0)
         if cfg.closed_loop_lead == "memory":  # the lead latents are what the rollout handed on
             sample.latents = sample.latents.clone()
             sample.latents[:, :, 1 : 1 + K] = clip.motion.to(sample.latents)
@@ -309,9 +309,14 @@ class SVITrainer:
         v_hat = out.float()
         sq = (v_hat - v) ** 2
         masks = [s.loss_mask for s in samples]
+        m = None
         if any(m is not None for m in masks):  # frames the condition gives are not predicted
             ones = torch.ones(1, 1, sq.shape[2], 1, 1, device=sq.device)
             m = torch.cat([ones if m is None else m for m in masks]).expand_as(sq)
+        if cfg.motion_weight:  # where the clip moves counts 1 + motion_weight times (small subjects)
+            w = 1 + cfg.motion_weight * torch.cat([s.motion_map for s in samples]).to(sq.device)
+            m = w.expand_as(sq) if m is None else m * w
+        if m is not None:
             per_sample = (sq * m).flatten(1).sum(1) / m.flatten(1).sum(1)
         else:
             per_sample = sq.flatten(1).mean(1)

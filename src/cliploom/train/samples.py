@@ -115,6 +115,21 @@ class TrainSample:
     choice: Choice
     error_start: int | None  # first latent frame of y holding motion memory (None: no motion)
     loss_mask: torch.Tensor | None  # [1, 1, T, 1, 1], 0 on frames the condition fixes (TI2V), else None
+    motion_map: torch.Tensor | None = None  # [1, 1, T, h, w] in [0, 1]: where the clip moves (motion_weight)
+
+
+def movement_map(video: torch.Tensor, T: int, scale: int) -> torch.Tensor:
+    """Where a clip moves, per latent cell: each pixel's distance from the clip's temporal median
+    (its static background), averaged over channels, over each latent frame's pixel frames (frame 0
+    alone, then groups of ``(F - 1) / (T - 1)``) and over each ``scale x scale`` cell, scaled so that
+    the clip's largest is 1 (all zero for a still clip). ``video``: ``[1, 3, F, H, W]`` in [-1, 1]."""
+    px = video[0].float()
+    d = (px - px.median(dim=1, keepdim=True).values).abs().mean(0)  # [F, H, W]
+    step = (d.shape[0] - 1) // max(T - 1, 1)
+    frames = [d[:1]] + [d[1 + k * step : 1 + (k + 1) * step] for k in range(T - 1)]
+    m = torch.nn.functional.avg_pool2d(torch.stack([f.mean(0) for f in frames])[None], scale)[0]  # [T, h, w]
+    top = float(m.max())
+    return (m / top if top > 0 else m)[None, None]
 
 
 def _pil(frame: torch.Tensor) -> Image.Image:
@@ -124,8 +139,10 @@ def _pil(frame: torch.Tensor) -> Image.Image:
 
 
 @torch.no_grad()
-def build_sample(model: Components, clip: DataClip, choice: Choice, route: str = "svi") -> TrainSample:
-    """Encode ``clip`` and condition it per ``choice`` with the engine's conditioning functions."""
+def build_sample(model: Components, clip: DataClip, choice: Choice, route: str = "svi",
+                 movement: bool = False) -> TrainSample:
+    """Encode ``clip`` and condition it per ``choice`` with the engine's conditioning functions
+    (with ``movement``, its :func:`movement_map` too, for ``motion_weight``)."""
     video = frames_to_tensor(clip.frames).to(model.device)  # [1, 3, F, H, W]
     F = video.shape[2]
     T = C.latent_frame_count(F, model.scale_temporal)
@@ -175,7 +192,8 @@ def build_sample(model: Components, clip: DataClip, choice: Choice, route: str =
     loss_mask = None
     if cond.known is not None:  # TI2V, diffusion-forcing context: known frames are given, not predicted
         loss_mask = (1 - cond.known[:, :, :, :1, :1]).to(latents)
-    return TrainSample(latents, cond, clip.prompt, choice, error_start, loss_mask)
+    return TrainSample(latents, cond, clip.prompt, choice, error_start, loss_mask,
+                       movement_map(video, T, model.scale_spatial).to(latents) if movement else None)
 
 
 def _anchor_image(video: torch.Tensor, clip: DataClip, choice: Choice) -> torch.Tensor:
