@@ -364,7 +364,7 @@ def test_first_clip_i2v_runs_clip_0_without_the_svi_lora(tiny_dirs, tiny_story, 
     assert weights == [{"svi": 1.0}, {"svi": 1.0}]
     for a, b in zip(after, pro):  # merged against fused: float32 rounding
         assert torch.allclose(a.latents, b.latents, atol=1e-5 * scale)
-    with pytest.raises(CliploomError, match="first_clip: i2v runs clip 0 without the SVI LoRA"):
+    with pytest.raises(CliploomError, match="first_clip: i2v runs clip 0 without the SVI \\(or df\\) LoRA"):
         list(Engine.load(str(d)).generate(tiny_story(2, fp8_matmul=True), progress=False))
     bad = {**settings, "first_clip": "t2v"}
     (d / "cliploom.json").write_text(json.dumps(bad))
