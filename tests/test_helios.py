@@ -151,7 +151,8 @@ def test_helios_first_clip_i2v_is_the_svi_routes_image_to_video_clip(builtin, ti
     assert len(clips[0].frames) == len(svi[0].frames) == 9
     # clip 0 made no Helios pass; clip 1's history holds clip 0's new latents as made (copied: exact)
     assert len(seen) == 1 and torch.equal(seen[0].short[:, :, -1], clips[0].latents[:, :, -1])
-    assert not torch.equal(clips[1].latents, svi[1].latents)  # and clip 1 is Helios'
+    # and clip 1 is Helios', not the svi loop's: far beyond rounding
+    assert float((clips[1].latents - svi[1].latents).abs().max()) > 1e-2
 
 
 def test_helios_refusals_are_one_line(builtin, tiny_models, tiny_dirs, tiny_story, reference_png, tmp_path, capsys):

@@ -69,13 +69,12 @@ def trained_route(spec) -> str | None:
     return read_header(spec.path, "LoRA").metadata.get("cliploom_route")
 
 
-def check_lora_routes(loras, route: str) -> None:
+def check_lora_routes(loras, route: str, trained: list[str | None] | None = None) -> None:
     """Refuse a LoRA trained for another route's loop (``cliploom_route`` in its metadata, written
     by ``train-svi`` and ``cliploom convert``): a causal LoRA under the SVI loop, or an SVI LoRA
     under the causal one, makes noise rather than video. Untagged LoRAs (style LoRAs, files from
     other tools) go anywhere."""
-    for spec in loras:
-        trained = trained_route(spec)
+    for spec, trained in zip(loras, trained if trained is not None else [trained_route(s) for s in loras]):
         if trained and trained != route:
             raise CliploomError(f"LoRA {spec.path} was trained for route {trained}; this story runs route {route}",
                                 f"set route: {trained} in the story (or --route {trained}), or drop that LoRA")
@@ -148,16 +147,16 @@ class Engine:
                                     "drop fuse_loras: false (--no-fuse), or fp8_matmul")
         # first_clip i2v: clip 0 is the model's own image-to-video, so the continuation LoRA (the SVI
         # LoRA, on route df the df LoRA: named after the route, as the model's own, or trained for it)
-        # is off there -- a per-clip weight, which
-        # needs the stack unfused when clip 0 is generated (route helios: clip 0 runs on the plain DiT,
-        # its LoRAs are on the Helios transformer)
-        continuation = [lo.name for lo in loras if lo.name == story.route or trained_route(lo) == story.route]
+        # is off there -- a per-clip weight, which needs the stack unfused when clip 0 is generated
+        # (route helios: clip 0 runs on the plain DiT, its LoRAs are on the Helios transformer)
+        trained = [trained_route(lo) for lo in loras]  # each file's header read once
+        continuation = [lo.name for lo, t in zip(loras, trained) if lo.name == story.route or t == story.route]
         first_i2v = (resolved.first_clip == "i2v" and story.route != "helios" and bool(continuation)
                      and (start is None or start.index == 0))
         if first_i2v and story.fp8_matmul:
             raise CliploomError("first_clip: i2v runs clip 0 without the SVI (or df) LoRA, a per-clip weight that fp8_matmul's "
                                 "fused weights cannot change", "use first_clip: pro with fp8_matmul")
-        check_lora_routes(loras, story.route)
+        check_lora_routes(loras, story.route, trained)
         from .models import helios
 
         if story.route == "helios":  # its LoRAs go on its own transformer, which shares the DiT's weights

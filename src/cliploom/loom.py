@@ -368,14 +368,12 @@ class ClipDecoder:
 
     def _decode(self, latents, keep, info, memory, ready, frames=None) -> DecodedClip:
         started = time.perf_counter()
-        if frames is not None:
-            pass  # decoded already (a streamed clip)
-        elif self.stream is not None:
+        if frames is None and self.stream is not None:  # frames given: decoded already (a streamed clip)
             with torch.cuda.stream(self.stream):
                 self.stream.wait_event(ready)
                 latents.record_stream(self.stream)
                 frames = self.model.decode_latents(latents)
-        else:
+        elif frames is None:
             frames = self.model.decode_latents(latents)
         if self.color_match is not None:  # clips are decoded in order, so "previous" is the clip before
             frames = self.match(frames)

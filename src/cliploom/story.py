@@ -181,13 +181,13 @@ class Story:
             if getattr(s, name) is None:
                 setattr(s, name, getattr(settings, name))
         # The model's first_clip and anchor apply where there is SVI's pro conditioning to change (first_clip:
-        # diffusion forcing's too; not helios', whose LoRA continues worse from an image-to-video clip 0,
-        # docs/routes.md), and not to keyed stories (their keyframe LoRA was measured with SVI's first clip
+        # diffusion forcing's too; not helios', where an image-to-video clip 0 is not yet measured beyond
+        # doubt, docs/routes.md), and not to keyed stories (their keyframe LoRA was measured with SVI's first clip
         # and the reference anchor)
-        model_choice = s.latent_motion and s.route == "svi" and not any(c.keyframes for c in s.clips)
+        unkeyed_pro = s.latent_motion and not any(c.keyframes for c in s.clips)
+        model_choice = unkeyed_pro and s.route == "svi"
         if s.first_clip is None:
-            first_choice = model_choice or (s.latent_motion and s.route == "df" and not any(c.keyframes for c in s.clips))
-            s.first_clip = settings.first_clip if first_choice else "pro"
+            s.first_clip = settings.first_clip if unkeyed_pro and s.route in ("svi", "df") else "pro"
         if s.anchor is None:
             s.anchor = getattr(settings, "anchor", "reference") if model_choice else "reference"
         if self.seam_blend is None and not s.latent_motion:

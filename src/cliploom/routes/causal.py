@@ -8,8 +8,9 @@ values of the sink (the first ``sink`` clips) and the window (the last ``window`
 once more clean (timestep 0) to write its own keys and values to the cache -- Self-Forcing's
 rollout. Each clip is decoded as ``pro`` decodes it (``[anchor, previous clip's last K latents,
 new]``, the first ``1 + 4K`` frames dropped), so every route yields the same ``Clip`` stream over
-the same frames; a streamed clip is its streamed blocks put together (decoded once, not twice). With ``recache``, a prompt switch recomputes the cached keys and values under the
-new prompt before the clip's first block (LongLive); ``rope_jitter`` spreads the heads' temporal
+the same frames; a streamed clip is its streamed blocks put together (decoded once, not twice).
+With ``recache``, a prompt switch recomputes the cached keys and values under the new prompt
+before the clip's first block (LongLive); ``rope_jitter`` spreads the heads' temporal
 RoPE frequencies (LoL, against snap-backs to the sink). ``positions: rebased`` re-lays the cache
 from position 0 at each clip (the sink where it was, the window right after it, rewritten at those
 positions), so no latent frame is ever placed further than ``sink + window + a clip`` -- the range
