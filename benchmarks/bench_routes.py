@@ -63,7 +63,8 @@ def parse_run(text: str) -> RouteRun:
     """``[NAME=]ROUTE[:KEY=VALUE...]``; KEY a route option, ``steps`` / ``guidance`` (the story's
     sampling: e.g. causal stage 1 at the self-forcing student's step count), ``sampler`` (``euler`` or
     ``renoise``; the self-forcing route's default is renoise), or ``lora`` (the run's own route LoRA,
-    e.g. a twin trained without one setting), ``first_clip`` (``pro`` or ``i2v``, on svi, df and helios)."""
+    e.g. a twin trained without one setting), ``first_clip`` (``pro`` or ``i2v``, on svi, df and helios), ``color_match`` (``none``, ``anchor`` or
+    ``previous``: the story's colour matching)."""
     from cliploom.routes import ROUTES, option_error, parse_option
 
     head, *pairs = text.split(":")
@@ -83,6 +84,11 @@ def parse_run(text: str) -> RouteRun:
 
             if value not in FIRST_CLIPS:
                 raise SystemExit(f"error: run {text!r}: first_clip must be one of {', '.join(FIRST_CLIPS)}")
+            sampling[key] = value
+            continue
+        if key == "color_match":  # e.g. none: the route's drift without the engine's colour matching
+            if value not in ("none", "anchor", "previous"):
+                raise SystemExit(f"error: run {text!r}: color_match must be none, anchor or previous")
             sampling[key] = value
             continue
         if key == "sampler":
@@ -116,6 +122,8 @@ def story_keys(run: RouteRun, weights: dict) -> dict:
         keys["sampler"] = run.sampling["sampler"]
     if "first_clip" in run.sampling:
         keys["first_clip"] = run.sampling["first_clip"]
+    if "color_match" in run.sampling:
+        keys["color_match"] = run.sampling["color_match"]
     if run.route != "svi":
         keys.update(route=run.route, route_options=run.options)
     lora = run.lora or weights.get(run.route)

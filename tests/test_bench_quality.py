@@ -336,7 +336,10 @@ def test_route_runs_parse_and_map_to_story_keys(tmp_path):
     keys = br.story_keys(br.parse_run("causal 4=causal:steps=4:guidance=1"), {})
     assert keys["steps"] == 4 and keys["guidance"] == keys["guidance_low"] == 1.0 and keys["route_options"] == {}
     assert br.story_keys(br.parse_run("sf=self-forcing:sampler=renoise"), {})["sampler"] == "renoise"
+    assert br.story_keys(br.parse_run("h=helios:color_match=none"), {})["color_match"] == "none"
+    assert "color_match" not in br.story_keys(br.parse_run("helios"), {})
     for bad, message in (("warp", "unknown route 'warp'"), ("df:window=2", "has no option 'window'"),
+                         ("helios:color_match=lab", "color_match must be none, anchor or previous"),
                          ("causal:sampler=heun", "sampler must be one of"),
                          ("causal:window=99", "out of range"), ("causal:steps=0", "steps must be a positive number"),
                          ("df:lora=/nowhere.safetensors", "is not a file")):
