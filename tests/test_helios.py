@@ -2,6 +2,7 @@
 loop, its weights, refusals and trainer. On the built-in ShapesWorld model (the tiny Wan 2.1 model
 reads CLIP features, which Helios has no input for)."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -130,7 +131,7 @@ def test_helios_loop_streams_the_pro_timeline_with_per_clip_prompts_and_bounded_
 
 
 def test_helios_first_clip_i2v_is_the_svi_routes_image_to_video_clip(builtin, tiny_story, monkeypatch):
-    """first_clip: i2v (asked for: the model's own first_clip is not helios' default): clip 0 is the DiT's
+    """first_clip: i2v (the built-in model's default on helios too, not on a Helios folder): clip 0 is the DiT's
     own image-to-video, the svi route's clip 0 (same condition, noise, sampler), and its latents start
     the history."""
     from cliploom.loom import weave
@@ -142,7 +143,9 @@ def test_helios_first_clip_i2v_is_the_svi_routes_image_to_video_clip(builtin, ti
     monkeypatch.setattr(route, "denoiser", lambda e, h, t, n, *z: seen.append(h) or real(e, h, t, n, *z))
     words = ["a red circle moves right", "a red circle moves up"]
     keys = dict(clips=[ClipSpec(w) for w in words], width=32, height=32, guidance=2.0, seam_blend=0)  # clip 1 differs
-    assert tiny_story(route="helios", **keys).resolve(builtin.settings).first_clip == "pro"  # not the model's i2v
+    assert tiny_story(route="helios", **keys).resolve(builtin.settings).first_clip == "i2v"  # the model's choice
+    native = dataclasses.replace(builtin.settings, native_routes=("helios",))  # a Helios folder: its own clip 0
+    assert tiny_story(route="helios", **keys).resolve(native).first_clip == "pro"
     clips = _frames_of(builtin, tiny_story(route="helios", first_clip="i2v", **keys))
     svi = list(weave(builtin, tiny_story(first_clip="i2v", **keys), progress=False))  # no LoRA: the plain DiT
     # one computation on two code paths (the helios loop, the svi loop): a tolerance, not equality

@@ -118,7 +118,7 @@ class Story:
     anchor: str | None = None
     # pro: clip 0 conditioned as SVI's (anchor latent, zero latents; on route df: the anchor as context)
     # | i2v: as the model's own image-to-video, without the SVI LoRA (route df: without the df LoRA)
-    # (default: the model's `first_clip` on routes svi and df, else pro; route helios takes i2v when asked)
+    # (default: the model's `first_clip` on routes svi, df and helios (not a Helios folder's own), else pro)
     first_clip: str | None = None
     sampler: str | None = None  # euler (the flow ODE) | renoise (x0 + fresh noise per step: DMD students); default: the model's
     attention: str = "auto"  # attention backend (models.acceleration): auto, sdpa, flash, flash3, sage, ...
@@ -181,13 +181,14 @@ class Story:
             if getattr(s, name) is None:
                 setattr(s, name, getattr(settings, name))
         # The model's first_clip and anchor apply where there is SVI's pro conditioning to change (first_clip:
-        # diffusion forcing's too; not helios', where an image-to-video clip 0 is not yet measured beyond
-        # doubt, docs/routes.md), and not to keyed stories (their keyframe LoRA was measured with SVI's first clip
-        # and the reference anchor)
+        # diffusion forcing's and Helios' clip 0 too, measured in docs/routes.md; not a Helios folder's own
+        # route, whose transformer is the only one it has), and not to keyed stories (their keyframe LoRA was
+        # measured with SVI's first clip and the reference anchor)
         unkeyed_pro = s.latent_motion and not any(c.keyframes for c in s.clips)
         model_choice = unkeyed_pro and s.route == "svi"
         if s.first_clip is None:
-            s.first_clip = settings.first_clip if unkeyed_pro and s.route in ("svi", "df") else "pro"
+            own_clip0 = s.route in ("svi", "df") or (s.route == "helios" and "helios" not in settings.native_routes)
+            s.first_clip = settings.first_clip if unkeyed_pro and own_clip0 else "pro"
         if s.anchor is None:
             s.anchor = getattr(settings, "anchor", "reference") if model_choice else "reference"
         if self.seam_blend is None and not s.latent_motion:

@@ -52,7 +52,7 @@ class ModelSettings:
     keyframe_lora: str | None = None
     color_match: str = "none"  # the default of stories' color_match (cliploom.colour)
     color_match_method: str = "mean_std"  # the default of stories' color_match_method (cliploom.colour)
-    first_clip: str = "pro"  # the default of pro-mode stories' first_clip (pro | i2v), on routes svi and df
+    first_clip: str = "pro"  # the default of pro-mode stories' first_clip (pro | i2v), on routes svi, df and helios
     anchor: str = "reference"  # the default of pro-mode stories' anchor (reference | last_frame)
     guidance_boundary: float | None = None  # one-transformer models: guidance above it, guidance_low below
     seam_blend: int = 0  # the default of stories' seam_blend (pro mode)
