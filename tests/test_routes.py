@@ -291,3 +291,24 @@ def test_a_story_lora_trained_for_the_route_replaces_the_models_own(tmp_path, re
     # LoRA names in one process: a tolerance all the same
     for a, b in zip(shipped, replaced):
         torch.testing.assert_close(a.latents, b.latents, atol=1e-5, rtol=1e-5)
+
+
+def test_a_models_route_options_are_its_stories_defaults(tiny_story):
+    """cliploom.json's route_options: the defaults of a route's options for the model's weights; a story's
+    own options win; other routes untouched; bad entries refused on load, one line naming the problem."""
+    from cliploom.models.components import ModelSettings
+
+    settings = ModelSettings.checked({"route_options": {"helios": {"mid": 0, "short": 1}}}, "cliploom.json")
+    story = tiny_story(2, route="helios").resolve(settings)
+    assert story.route_option("mid") == 0 and story.route_option("short") == 1 and story.route_option("long") == 4
+    own = tiny_story(2, route="helios", route_options={"mid": 3}).resolve(settings)
+    assert own.route_option("mid") == 3 and own.route_option("short") == 1
+    assert tiny_story(2, route="causal").resolve(settings).route_options == {}
+    assert tiny_story(2, route="helios").resolve(ModelSettings.checked({}, "x")).route_options == {}
+    for bad, message in (({"warp": {"mid": 0}}, "unknown route 'warp'"),
+                         ({"helios": {"window": 2}}, "route helios has no option 'window'"),
+                         ({"helios": {"mid": 99}}, "route option mid 99 is out of range"),
+                         ({"helios": 0}, "route_options must map route names to options")):
+        with pytest.raises(CliploomError, match=message) as err:
+            ModelSettings.checked({"route_options": bad}, "cliploom.json")
+        assert len(str(err.value).splitlines()) == 1

@@ -184,6 +184,9 @@ class Story:
         # diffusion forcing's and Helios' clip 0 too, measured in docs/routes.md; not a Helios folder's own
         # route, whose transformer is the only one it has), and not to keyed stories (their keyframe LoRA was
         # measured with SVI's first clip and the reference anchor)
+        model_options = (getattr(settings, "route_options", None) or {}).get(s.route)
+        if model_options:  # the model's defaults for its route weights; the story's own options win
+            s.route_options = {**model_options, **s.route_options}
         unkeyed_pro = s.latent_motion and not any(c.keyframes for c in s.clips)
         model_choice = unkeyed_pro and s.route == "svi"
         if s.first_clip is None:

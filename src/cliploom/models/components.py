@@ -60,6 +60,9 @@ class ModelSettings:
     keyframe_guidance: float = 1.0  # the default of stories' keyframe_guidance (1: off; wants a keyframe-trained LoRA)
     memory_guidance: float = 1.0  # the default of stories' memory_guidance (1: off)
     route_loras: dict | None = None  # route -> LoRA file in the model folder with that route's weights (cliploom.routes)
+    # route -> {option: value}: the defaults of stories' route_options on that route for this model's weights
+    # (e.g. the history sizes its Helios weights run best with); a story's own route_options win
+    route_options: dict | None = None
     sampler: str | None = None  # the default of stories' sampler: euler | unipc | renoise (DMD / Self-Forcing students); None: euler
     native_routes: tuple = ()  # routes the model's own DiT is made for (SkyReels-V2 DF: df; a causal DiT: causal routes)
     # a Helios folder's scheduler config (HeliosScheduler / HeliosDMDScheduler, with its _class_name): its
@@ -113,6 +116,8 @@ class ModelSettings:
                         isinstance(k, str) and isinstance(v, str) for k, v in value.items())):
                     raise CliploomError(f"{where}: route_loras must map route names to LoRA files",
                                         'write "route_loras": {"df": "df_lora.safetensors"}')
+            elif key == "route_options":
+                value = _checked_route_options(value, where)
             elif key == "timesteps":
                 if value is not None:
                     if not isinstance(value, list):
@@ -298,3 +303,23 @@ def frames_to_tensor(frames: np.ndarray | torch.Tensor) -> torch.Tensor:
     """``uint8 [F, H, W, 3]`` -> ``[1, 3, F, H, W]`` in [-1, 1] (float32)."""
     t = torch.as_tensor(np.asarray(frames)).float()
     return (t / 127.5 - 1).permute(3, 0, 1, 2).unsqueeze(0)
+
+
+def _checked_route_options(value, where: str) -> dict | None:
+    """A model's ``route_options``: known routes, each option known and in its range."""
+    from ..errors import CliploomError
+    from ..routes import ROUTES, option_error
+
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        raise CliploomError(f"{where}: route_options must map route names to options",
+                            'write "route_options": {"helios": {"mid": 0}}')
+    for route, options in value.items():
+        if route not in ROUTES:
+            raise CliploomError(f"{where}: route_options names an unknown route {route!r}",
+                                f"use one of {', '.join(ROUTES)}")
+        for key, v in options.items():
+            if (err := option_error(route, key, v)) is not None:
+                raise CliploomError(f"{where}: route_options of {route}: {err[0]}", err[1])
+    return {route: dict(options) for route, options in value.items()}
