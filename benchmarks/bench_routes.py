@@ -350,7 +350,14 @@ def parse_args(argv=None):
                     help="add these runs to the results already in --out-root (replacing runs of the same name)")
     ap.add_argument("--resources-only", action="store_true",
                     help="measure the resources of the main runs again into an existing routes.json")
+    ap.add_argument("--drop", default=None, metavar="NAMES",
+                    help="comma-separated run names to remove from the results in --out-root (e.g. rows measured on "
+                         "the wrong weights); nothing is run")
     args = ap.parse_args(argv)
+    if args.drop is not None:
+        args.drop = [n.strip() for n in args.drop.split(",") if n.strip()]
+        if not args.drop:
+            raise SystemExit("error: --drop: give the names of the runs to remove, comma-separated")
     args.seeds = [int(s) for s in args.seeds.split(",")]
     knob_seeds = [int(s) for s in args.knob_seeds.split(",")] if args.knob_seeds else args.seeds
     knobs = [parse_run(t) for t in KNOB_RUNS] if args.knobs else []
@@ -376,6 +383,16 @@ def main(argv=None) -> dict:
     setup_torch()
     out_root = Path(args.out_root)
     out = out_root / "benchmarks" / "results" / "routes.json"
+    if args.drop is not None:
+        results = json.loads(out.read_text())
+        missing = [n for n in args.drop if n not in results["runs"]]
+        if missing:
+            raise SystemExit(f"error: --drop: no run named {', '.join(map(repr, missing))} in {out}")
+        for name in args.drop:
+            del results["runs"][name]
+        results.setdefault("merged_commands", []).append(
+            " ".join(["python", "benchmarks/bench_routes.py", *(argv if argv is not None else sys.argv[1:])]))
+        return finish(results, out, out_root, argv, None)
     if args.resources_only:
         results = json.loads(out.read_text())
         for run in args.runs:

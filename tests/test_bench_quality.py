@@ -363,6 +363,12 @@ def test_route_table_runs_and_merges_rows_into_it(tmp_path):
     with pytest.raises(SystemExit, match="made with 1 stories x 2 clips"):
         br.main(["--runs", "svi", "--merge", "--stories", "1", "--clips", "3", "--seeds", "0", "--no-resources",
                  "--out-root", str(tmp_path)])
+    # --drop removes rows (e.g. measured on the wrong weights) and runs nothing; an unknown name is refused
+    dropped = br.main(["--drop", "causal 4", "--out-root", str(tmp_path)])
+    assert set(dropped["runs"]) == {"svi"} and dropped["runs"]["svi"] == first["runs"]["svi"]
+    assert "| causal 4 |" not in (tmp_path / "docs" / "routes.md").read_text()
+    with pytest.raises(SystemExit, match="no run named 'causal 4'"):
+        br.main(["--drop", "causal 4", "--out-root", str(tmp_path)])
 
 
 def test_route_timing_runs_every_route_against_svi_cold_and_warm(tmp_path):
