@@ -112,7 +112,8 @@ def parse_run(text: str) -> RouteRun:
 def story_keys(run: RouteRun, weights: dict) -> dict:
     """make_story keys of one run."""
     if run.route == "chain":
-        return {"mode": "chain", "svi_lora": False, **({"sampler": run.sampling["sampler"]} if "sampler" in run.sampling else {})}
+        return {"mode": "chain", "svi_lora": False,
+                **{k: run.sampling[k] for k in ("sampler", "color_match") if k in run.sampling}}
     keys: dict = {"mode": "pro"}
     if "steps" in run.sampling:
         keys["steps"] = int(run.sampling["steps"])
@@ -316,7 +317,8 @@ def write_markdown(results: dict, doc: Path) -> None:
         f"Command: `{command}`. Model `{_shown(results['model'])}`, {s['stories']} dev stories x {s['clips']} clips "
         f"({s['frames']} frames each), the motion prompt switching at every clip; weights: "
         + (", ".join(f"{k} `{Path(v).name}`" for k, v in s["weights"].items()) or "the model's own") + "."
-        + "".join(f" Rows added by `{c}`." for c in results.get("merged_commands", [])),
+        + "".join(f" Rows {'removed' if '--drop' in c.split() else 'added'} by `{c}`."
+                  for c in results.get("merged_commands", [])),
         "",
         *table(results),
         "",
@@ -383,6 +385,8 @@ def main(argv=None) -> dict:
     setup_torch()
     out_root = Path(args.out_root)
     out = out_root / "benchmarks" / "results" / "routes.json"
+    if (args.drop is not None or args.resources_only) and not out.is_file():
+        raise SystemExit(f"error: {out} does not exist; run the table first (--runs ...)")
     if args.drop is not None:
         results = json.loads(out.read_text())
         missing = [n for n in args.drop if n not in results["runs"]]

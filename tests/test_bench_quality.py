@@ -338,6 +338,7 @@ def test_route_runs_parse_and_map_to_story_keys(tmp_path):
     assert br.story_keys(br.parse_run("sf=self-forcing:sampler=renoise"), {})["sampler"] == "renoise"
     assert br.story_keys(br.parse_run("h=helios:color_match=none"), {})["color_match"] == "none"
     assert "color_match" not in br.story_keys(br.parse_run("helios"), {})
+    assert br.story_keys(br.parse_run("c=chain:color_match=none"), {})["color_match"] == "none"
     for bad, message in (("warp", "unknown route 'warp'"), ("df:window=2", "has no option 'window'"),
                          ("helios:color_match=lab", "color_match must be none, anchor or previous"),
                          ("causal:sampler=heun", "sampler must be one of"),
@@ -366,7 +367,8 @@ def test_route_table_runs_and_merges_rows_into_it(tmp_path):
     # --drop removes rows (e.g. measured on the wrong weights) and runs nothing; an unknown name is refused
     dropped = br.main(["--drop", "causal 4", "--out-root", str(tmp_path)])
     assert set(dropped["runs"]) == {"svi"} and dropped["runs"]["svi"] == first["runs"]["svi"]
-    assert "| causal 4 |" not in (tmp_path / "docs" / "routes.md").read_text()
+    doc = (tmp_path / "docs" / "routes.md").read_text()
+    assert "| causal 4 |" not in doc and "Rows removed by `python benchmarks/bench_routes.py --drop causal 4" in doc
     with pytest.raises(SystemExit, match="no run named 'causal 4'"):
         br.main(["--drop", "causal 4", "--out-root", str(tmp_path)])
 

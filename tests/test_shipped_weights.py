@@ -3,7 +3,9 @@
 A test once wrote its own 2-step, rank-4 Helios LoRA through a symlink onto the shipped
 ``helios_lora.safetensors``, and that file was committed: every later measurement of the helios route
 ran on it. Each shipped LoRA names its training in its metadata (``cliploom_info``: route, last step;
-``rank``), so each is checked against the committed recipe docs/shapesworld.md names for it.
+``rank``), so each is checked against the committed recipe docs/shapesworld.md names for it. The check
+tells a shipped file from a test's or another route's, not two runs of one route with the same rank, steps
+and targets (the Self-Forcing++ arms and their twins): those differ only in what they were trained on.
 """
 
 from __future__ import annotations
@@ -51,3 +53,5 @@ def test_a_shipped_lora_is_its_recipes_final_export(name):
     assert int(meta["rank"]) == cfg["rank"], (name, meta["rank"], cfg["rank"])
     assert meta.get("cliploom_route", "svi") == cfg.get("route", "svi")
     assert dtypes == {"BF16"}, (name, dtypes)
+    assert info["targets"] == cfg["targets"], (name, info["targets"])
+    assert info["error_recycling"] == bool(cfg.get("error_recycling", True)), name  # the trainer's default: on

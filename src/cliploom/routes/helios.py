@@ -321,7 +321,7 @@ def _check(model: Components, story: Story, start: Start | None) -> None:
     z = model.z_dim
     if story.first_clip == "i2v" and ("helios" in model.settings.native_routes
                                       or model.transformer.config.in_channels != 2 * z + 4):
-        raise CliploomError("first_clip: i2v on route helios makes clip 0 with the DiT's own image-to-video, and this "
+        raise CliploomError("first_clip: i2v (the story's, or the model's default) on route helios makes clip 0 with the DiT's own image-to-video, and this "
                             f"model's DiT has no image channels (in_channels {model.transformer.config.in_channels}, "
                             f"not {2 * z + 4})", "use first_clip: pro on this model")
     if story.motion_amplitude not in (None, 1):
