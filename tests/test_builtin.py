@@ -51,16 +51,18 @@ def test_builtin_clip_has_the_prompted_subject(engine, tmp_path, mode):
 
 def test_build_model_writes_the_shipped_settings():
     """Rebuilding the built-in folder (docs/shapesworld.md) gives the cliploom.json that ships: its
-    defaults, the SVI LoRA, the keyframe LoRA and the route LoRAs under the names build_model gives them."""
+    defaults, the SVI LoRA, the keyframe LoRA and the route LoRAs under the names build_model gives them,
+    and the option defaults it writes for those routes."""
     import json
 
     from cliploom.models.builtin import SHIPPED
-    from cliploom.shapesworld.build_model import DEFAULTS
+    from cliploom.shapesworld.build_model import DEFAULTS, ROUTE_OPTIONS
 
     shipped = json.loads((SHIPPED / "cliploom.json").read_text())
     routes = shipped.get("route_loras", {})
     assert routes == {r: f"{r}_lora.safetensors" for r in routes}
     assert all((SHIPPED / name).is_file() for name in routes.values())
     assert (SHIPPED / shipped["keyframe_lora"]).is_file()
+    options = {r: ROUTE_OPTIONS[r] for r in routes if r in ROUTE_OPTIONS}  # the shipped weights' option defaults
     assert {**DEFAULTS, "svi_lora": "svi_lora.safetensors", "keyframe_lora": "keyframe_lora.safetensors",
-            **({"route_loras": routes} if routes else {})} == shipped
+            **({"route_loras": routes} if routes else {}), **({"route_options": options} if options else {})} == shipped
