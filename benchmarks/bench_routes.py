@@ -87,8 +87,10 @@ def parse_run(text: str) -> RouteRun:
             sampling[key] = value
             continue
         if key == "color_match":  # e.g. none: the route's drift without the engine's colour matching
-            if value not in ("none", "anchor", "previous"):
-                raise SystemExit(f"error: run {text!r}: color_match must be none, anchor or previous")
+            from cliploom.colour import MODES
+
+            if value not in MODES:
+                raise SystemExit(f"error: run {text!r}: color_match must be {', '.join(MODES[:-1])} or {MODES[-1]}")
             sampling[key] = value
             continue
         if key == "sampler":

@@ -13,8 +13,8 @@ yet (the first clips) is left out. Only ``short + mid + long`` past latents are 
 flat in the number of clips. Each clip is decoded as ``pro`` decodes it (``[anchor, previous
 clip's last K latents, new]``, the first ``1 + 4K`` frames dropped), so every route yields the same
 ``Clip`` stream over the same frames. With ``first_clip: i2v`` clip 0 is the DiT's own
-image-to-video, as on the svi route, and the history starts from its latents (an option, not the
-default: its comparison with Helios' own clip 0 is still open, docs/routes.md).
+image-to-video, as on the svi route, and the history starts from its latents (the built-in model's
+default through its ``first_clip``; never a Helios folder's, which has no other transformer; docs/routes.md).
 """
 
 from __future__ import annotations

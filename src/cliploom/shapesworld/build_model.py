@@ -115,8 +115,7 @@ def build(vae_dir: Path, dit_dir: Path, out: Path, settings: dict, svi_lora: Pat
         for route, path in (route_loras or {}).items():  # the weights of the other routes (docs/routes.md)
             shutil.copy2(path, tmp / f"{route}_lora.safetensors")
             settings = {**settings, "route_loras": {**settings.get("route_loras", {}), route: f"{route}_lora.safetensors"}}
-        for route in route_loras or {}:
-            if route in ROUTE_OPTIONS:
+            if route in ROUTE_OPTIONS:  # the option defaults measured for those weights
                 settings = {**settings, "route_options": {**settings.get("route_options", {}), route: ROUTE_OPTIONS[route]}}
         (tmp / "cliploom.json").write_text(json.dumps(settings, indent=2) + "\n")
         for report, name in [(vae_dir / "training_report.json", "vae"), (dit_dir / "training_report.json", "dit")]:
