@@ -252,6 +252,46 @@ def test_histogram_matching_restores_a_small_subject_s_colour_that_mean_and_spre
     assert int((match_colour(clip, ColourTarget.of(clip), method="histogram").int() - clip.int()).abs().max()) <= 1
 
 
+def test_lab_histogram_matching_restores_the_first_frames_that_an_rgb_table_cannot(tmp_path):
+    """The built-in model's first clip of a small purple circle on striped teal (dev story 6): the VAE's
+    round trip of the reference lifts green in frames 0-1 (70 -> 81), while later frames come back
+    near 70. Purple shares the green channel's levels with teal (85), so one RGB table per clip maps
+    both to the band below the background's (84 in frame 0); on Lab's colour axes the subject is a
+    tail of its own and every frame gets the reference's colour back."""
+    from cliploom.colour import ColourTarget, match_colour
+    from cliploom.shapesworld import render_reference
+    from cliploom.story import make_story
+
+    torch.set_num_threads(1)
+    prompt = "a small purple circle moves right on a striped teal background"
+    image = render_reference(prompt, 32, seed=20266)
+    image.save(tmp_path / "ref.png")
+    story = make_story(clips=[prompt], reference=tmp_path / "ref.png", seed=20266, color_match="none")
+    clip = next(iter(Engine.load("builtin").generate(story, progress=False))).frames
+    target = ColourTarget.of(torch.from_numpy(np.array(image)))
+    purple = torch.tensor([170.0, 70.0, 230.0])
+
+    def subject(frames, i):  # the subject's median colour in frame i
+        near = (frames[i].float() - purple).abs().sum(-1) < 80
+        return frames[i][near].float().median(0).values
+
+    rgb = match_colour(clip, target, method="histogram")
+    lab = match_colour(clip, target, method="histogram_lab")
+    assert float(subject(clip, 0)[1]) - 70 > 6  # the round trip's cast is there (81)
+    assert float(subject(rgb, 0)[1]) - 70 > 8  # and an RGB table cannot remove it (84)
+    for i in (0, 1, 8):  # the Lab mapping removes it in every frame, within 2 levels (rounding, CPUs)
+        assert float((subject(lab, i) - purple).abs().max()) <= 2.0, (i, subject(lab, i))
+    # one mapping for the whole clip: equal pixels stay equal across its frames
+    flat = clip.reshape(-1, 3)
+    values, inverse, counts = torch.unique(flat, dim=0, return_inverse=True, return_counts=True)
+    same = inverse == int(counts.argmax())  # the commonest colour's pixels, in every frame they occur
+    assert int(same.sum()) > 5 and len(set(map(tuple, lab.reshape(-1, 3)[same].tolist()))) == 1
+    # strength 0 keeps the frames up to the Lab round trip (< 1 level); a clip matched to itself moves little
+    assert int((match_colour(clip, target, strength=0.0, method="histogram_lab").int() - clip.int()).abs().max()) <= 1
+    itself = match_colour(clip, ColourTarget.of(clip), method="histogram_lab")
+    assert float((itself.float() - clip.float()).abs().mean()) < 1.0
+
+
 def test_color_match_method_is_validated_in_stories_and_model_settings():
     from cliploom.models.components import ModelSettings
     from cliploom.story import make_story
@@ -261,6 +301,7 @@ def test_color_match_method_is_validated_in_stories_and_model_settings():
     with pytest.raises(CliploomError, match="unknown color_match_method"):
         ModelSettings.checked({"color_match_method": "lab"}, "cliploom.json")
     assert ModelSettings.checked({"color_match_method": "histogram"}, "cliploom.json").color_match_method == "histogram"
+    assert make_story(clips=["a"], color_match_method="histogram_lab").color_match_method == "histogram_lab"
 
 
 def test_color_match_in_the_loop(tiny_models, tiny_story, reference_png):

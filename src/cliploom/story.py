@@ -106,7 +106,7 @@ class Story:
     # (`route_loras`) when it has one; a story LoRA trained for the route replaces it either way
     svi_lora: bool = True
     color_match: str | None = None  # none | anchor | previous: each clip's colour statistics (cliploom.colour)
-    color_match_method: str | None = None  # mean_std | histogram: how color_match matches (cliploom.colour)
+    color_match_method: str | None = None  # mean_std | histogram | histogram_lab: how color_match matches (cliploom.colour)
     seam_blend: int | None = None  # pro mode: a clip's last N frames fade into the next clip's re-creation of them
     route: str = "svi"  # how the past enters a clip: svi | df | causal (cliploom.routes)
     route_options: dict = field(default_factory=dict)  # the route's knobs (cliploom.routes.ROUTES)

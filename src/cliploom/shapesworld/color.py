@@ -1,34 +1,22 @@
 """sRGB -> CIE Lab conversion and colour differences (CIE ΔE76 and ΔE2000), in numpy.
 
 Shared by the world (to check that its palette is well separated) and by the evaluator
-(to measure colour drift). Inputs are sRGB in 0..255, any leading shape ``[..., 3]``.
+(to measure colour drift); the Lab conversion itself is colour matching's (``cliploom.colour``).
+Inputs are sRGB in 0..255, any leading shape ``[..., 3]``.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 
-_RGB_TO_XYZ = np.array(
-    [
-        [0.4124564, 0.3575761, 0.1804375],
-        [0.2126729, 0.7151522, 0.0721750],
-        [0.0193339, 0.1191920, 0.9503041],
-    ]
-)
-_D65_WHITE = np.array([0.95047, 1.0, 1.08883])
+from ..colour import srgb_to_lab as _srgb_to_lab
 
 
 def srgb_to_lab(rgb) -> np.ndarray:
-    """Convert sRGB values in 0..255 (shape ``[..., 3]``) to CIE L*a*b* (D65)."""
-    c = np.asarray(rgb, dtype=np.float64) / 255.0
-    linear = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
-    xyz = linear @ _RGB_TO_XYZ.T / _D65_WHITE
-    eps = (6.0 / 29.0) ** 3
-    f = np.where(xyz > eps, np.cbrt(xyz), xyz / (3 * (6.0 / 29.0) ** 2) + 4.0 / 29.0)
-    L = 116.0 * f[..., 1] - 16.0
-    a = 500.0 * (f[..., 0] - f[..., 1])
-    b = 200.0 * (f[..., 1] - f[..., 2])
-    return np.stack([L, a, b], axis=-1)
+    """Convert sRGB values in 0..255 (shape ``[..., 3]``) to CIE L*a*b* (D65), float64 (the
+    conversion colour matching uses, ``cliploom.colour.srgb_to_lab``)."""
+    return _srgb_to_lab(torch.as_tensor(np.asarray(rgb, dtype=np.float64))).numpy()
 
 
 def delta_e76(rgb1, rgb2) -> np.ndarray:
