@@ -123,10 +123,12 @@ class ColourTarget:
     lab_quantiles: np.ndarray | None = None
 
     @classmethod
-    def of(cls, frames: torch.Tensor) -> "ColourTarget":
-        """The target made from uint8 ``[..., 3]`` frames (an image ``[H, W, 3]`` or a clip's end)."""
+    def of(cls, frames: torch.Tensor, method: str | None = None) -> "ColourTarget":
+        """The target made from uint8 ``[..., 3]`` frames (an image ``[H, W, 3]`` or a clip's end):
+        what ``method`` needs (every method's statistics when it is ``None``)."""
         mean, std = colour_stats(frames)
-        return cls(mean, std, _cdf(frames), _lab_quantiles(frames))
+        return cls(mean, std, _cdf(frames) if method in (None, "histogram") else None,
+                   _lab_quantiles(frames) if method in (None, "histogram_lab") else None)
 
 
 def match_colour(frames: torch.Tensor, target: ColourTarget | tuple, strength: float = 1.0,

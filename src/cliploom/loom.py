@@ -113,7 +113,8 @@ def weave(
     set_frame_rate(model.transformer, story.fps)  # DiTs that embed it (SkyReels-V2)
 
     decoder = ClipDecoder(model, overlap_decode if overlap_decode is not None else model.device.type == "cuda",
-                       story.color_match, ColourTarget.of(torch.from_numpy(np.array(image))), story.color_match_method)
+                       story.color_match, ColourTarget.of(torch.from_numpy(np.array(image)), story.color_match_method),
+                       story.color_match_method)
     clip_bar = tqdm(total=len(prompts), initial=start.index, desc="clips", unit="clip", disable=not progress)
     keyframes = _Keyframes(model, story)
 
@@ -378,7 +379,7 @@ class ClipDecoder:
         if self.color_match is not None:  # clips are decoded in order, so "previous" is the clip before
             frames = self.match(frames)
             if self.color_match == "previous":
-                self.target = ColourTarget.of(frames[-max(1, len(frames) // 4):])
+                self.target = ColourTarget.of(frames[-max(1, len(frames) // 4):], self.method)
         index, prompt, seed, seconds_denoise, seconds_compile = info
         clip = Clip(
             index=index,

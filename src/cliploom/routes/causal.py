@@ -85,7 +85,7 @@ def weave(
     tr = model.transformer
     experts = experts_for(model, story)  # guidance in an interval, as the SVI loop
 
-    decoder = ClipDecoder(model, False, story.color_match, ColourTarget.of(torch.from_numpy(np.array(image))),
+    decoder = ClipDecoder(model, False, story.color_match, ColourTarget.of(torch.from_numpy(np.array(image)), story.color_match_method),
                           story.color_match_method)
     blend = story.seam_blend
     queue: list[Future] = []

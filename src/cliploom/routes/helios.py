@@ -160,7 +160,7 @@ def weave(
     helios = helios_of(model).transformer
     experts = [Expert(helios, e.guidance, e.min_timestep) for e in experts_for(model, story)]  # guidance in an interval
 
-    decoder = ClipDecoder(model, False, story.color_match, ColourTarget.of(torch.from_numpy(np.array(image))),
+    decoder = ClipDecoder(model, False, story.color_match, ColourTarget.of(torch.from_numpy(np.array(image)), story.color_match_method),
                           story.color_match_method)
     blend = story.seam_blend
     queue: list[Future] = []
