@@ -12,7 +12,10 @@ matched too, at the price of following the target's proportions of colours), ``h
 the same in CIE Lab (lightness and two opponent-colour axes) with continuous quantiles instead of
 256 levels: a subject whose colour shares an RGB channel's levels with its background (purple on
 teal: green 70 against 85) is a tail of its own on Lab's colour axes, so its cast is removed where
-an RGB channel's table mixes it with the background's.
+an RGB channel's table mixes it with the background's. Its price is the same as ``histogram``'s, and
+steeper: where the subject's share of the frame exceeds the anchor's, the pixels beyond that share
+take the background's chroma and keep their lightness (a cyan circle on black turns pale; measured in
+docs/benchmarks.md), so it is an option, not the built-in model's default.
 """
 
 from __future__ import annotations
