@@ -81,7 +81,7 @@ bench-serve: setup
 # single-clip bars; see docs/shapesworld.md. The SVI LoRA ablation (issue 5; the first variant is
 # the baseline): the base model, a LoRA trained without error recycling (configs/svi-shapesworld-noer.yaml,
 # shipped in benchmarks/loras/) and the shipped error-recycling LoRA (the model's default).
-QUALITY_ARGS ?= --variant base=none --variant noER=benchmarks/loras/svi_noer.safetensors --variant ER=benchmarks/loras/svi_v1.safetensors --variant shipped=default
+QUALITY_ARGS ?= --sample-seed 0,1,2 --variant base=none --variant noER=benchmarks/loras/svi_noer.safetensors --variant ER=benchmarks/loras/svi_v1.safetensors --variant shipped=default
 BASE_ARGS ?=
 bench-quality: setup
 	$(BIN)/python benchmarks/bench_quality.py $(QUALITY_ARGS)

@@ -392,10 +392,32 @@ def _pct(v) -> str:
     return "–" if v is None else f"{100 * v:.0f} %"
 
 
+def _pct1(v) -> str:
+    return "–" if v is None else f"{100 * v:.1f} %"
+
+
 def lora_label(run: dict) -> str:
     names = [f"model's own (`{Path(run['svi_lora']).name}`)" if run.get("svi_lora") else None,
              f"`{Path(run['lora']).name}`" if run.get("lora") else None]
     return " + ".join(n for n in names if n) or "none"
+
+
+def _per_seed(run: dict, key: str, fmt) -> str:
+    """``run``'s ``key`` on each sampling seed and their mean ("a / b / c → mean"), or the one value."""
+    seeds = run.get("seeds") or []
+    values = [s["aggregate"][key] for s in seeds]
+    if len(values) < 2:
+        return fmt(run["aggregate"][key] if not values else values[0])
+    return " / ".join(fmt(v) for v in values) + " → " + fmt(sum(values) / len(values))
+
+
+def _stories_clean(run: dict) -> str:
+    seeds = run.get("seeds") or []
+    if len(seeds) < 2:
+        return f"{run['aggregate']['stories_clean']}/{run['aggregate']['stories']}"
+    n = seeds[0]["aggregate"]["stories"]
+    clean = [s["aggregate"]["stories_clean"] for s in seeds]
+    return " / ".join(str(c) for c in clean) + f" → {sum(clean) / len(clean):.1f}/{n}"
 
 
 def run_table(results: dict, names: list[str]) -> list[str]:
@@ -410,7 +432,7 @@ def run_table(results: dict, names: list[str]) -> list[str]:
         a = r["aggregate"]
         checks = " | ".join(_pct(a["checks"][k]["pass_rate"]) for k in CHECKS)
         lines.append(
-            f"| {r['label']} | {lora_label(r)} | {_pct(a['clip_pass_rate'])} | {a['stories_clean']}/{a['stories']} | "
+            f"| {r['label']} | {lora_label(r)} | {_per_seed(r, 'clip_pass_rate', _pct1)} | {_stories_clean(r)} | "
             f"{_f(a['clean_clips_mean'], '{:.1f}')} | {_f(a['first_clip']['color_delta_e'], '{:.1f}')} → "
             f"{_f(a['last_clip']['color_delta_e'], '{:.1f}')} | {_f(a['last_clip']['background_delta_e'], '{:.1f}')} | "
             f"{_f(a['last_clip']['boundary_jump'])} ({_f(a['last_window']['boundary_jump'])}) | {checks} | "
@@ -430,7 +452,10 @@ def write_markdown(results: dict, command: str, docs: Path, img_rel: dict) -> No
         f"({model['kind']}), {s['width']}x{s['height']}, {s['frames']} frames per clip, {s['steps']} steps, "
         f"guidance {s['guidance']}, {s['device']}. Dev set: {s['stories']} stories x {n} clips, the motion prompt "
         "changes at every clip (see docs/shapesworld.md); every clip scored by `cliploom.evaluate` with the "
-        "thresholds documented there.",
+        "thresholds documented there." + (
+            f" Sampling seeds {', '.join(map(str, s['sample_seeds']))}: *clips pass* and *stories clean* per seed "
+            "→ their mean; the other columns over every seed's stories together."
+            if len(s.get("sample_seeds", [])) > 1 else ""),
         "",
     ]
     modes = [k for k, r in results["runs"].items() if r["kind"] == "mode"]
@@ -507,8 +532,9 @@ def parse_args(argv=None):
                     help="a LoRA run in latent mode (repeatable; the first is the baseline)")
     ap.add_argument("--frames", type=int, help="frames per clip (default: the model's)")
     ap.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
-    ap.add_argument("--sample-seed", type=int, default=0,
-                    help="another draw of the sampling noise over the same dev set (default 0: the published one)")
+    ap.add_argument("--sample-seed", default="0",
+                    help="sampling seed(s) over the same dev set, e.g. 0,1,2: each run is generated once per seed "
+                         "and the table shows every seed and their mean (default 0)")
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     ap.add_argument("--sheets", help="also write a contact sheet per story and run into this folder")
     ap.add_argument("--out-root", default=str(ROOT),
@@ -522,6 +548,13 @@ def parse_args(argv=None):
     bad = [m for m in args.modes if m not in MODES]
     if bad:
         ap.error(f"unknown mode(s) {bad}; use among {', '.join(MODES)}")
+    try:
+        args.sample_seeds = [int(x) for x in str(args.sample_seed).split(",") if x.strip()]
+    except ValueError:
+        ap.error(f"--sample-seed takes integers separated by commas, got {args.sample_seed!r}")
+    if not args.sample_seeds or len(set(args.sample_seeds)) != len(args.sample_seeds):
+        ap.error(f"--sample-seed needs distinct seeds, got {args.sample_seed!r}")
+    args.sample_seed = args.sample_seeds[0]
     names = args.modes + [v.name for v in args.variant]
     if len(set(names)) != len(names):
         ap.error(f"run names must be distinct, got {names}")
@@ -567,6 +600,7 @@ def main(argv=None) -> dict:
                   "svi_lora": own_lora},
         "settings": {"stories": args.stories, "clips": args.clips, "frames": frames,
                      "steps": args.steps or settings.steps, "guidance": settings.guidance, "sample_seed": args.sample_seed,
+                     "sample_seeds": args.sample_seeds,
                      "width": settings.width, "height": settings.height, "device": args.device,
                      "threads": torch.get_num_threads(), "torch": torch.__version__, "host": platform.node()},
         "thresholds": ev.THRESHOLDS,
@@ -592,27 +626,34 @@ def main(argv=None) -> dict:
                 continue
             done[key] = run.name
             engine = engine_for(run)
-            stories, seconds = [], 0.0
-            for d, ref in zip(devs, refs):
-                started = time.perf_counter()
-                video, prompts, lengths = generate_story(engine, d, run, ref, overrides, args.sample_seed)
-                seconds += time.perf_counter() - started
-                scored = score(video, prompts, lengths)
-                if args.sheets and scored["result"] is not None:
-                    Path(args.sheets).mkdir(parents=True, exist_ok=True)
-                    ev.contact_sheet(video, scored["result"], Path(args.sheets) / f"{run.name}_story{d.index:02d}.png")
-                scored.pop("result")
-                stories.append({"story": d.index, **scored})
-                print(f"{run.name} story {d.index}: {scored['clips_passed']}/{len(lengths)} clips pass", flush=True)
-            agg = aggregate(stories, args.clips)
+            stories, seconds, per_seed = [], 0.0, []
+            for seed in args.sample_seeds:
+                these = []
+                for d, ref in zip(devs, refs):
+                    started = time.perf_counter()
+                    video, prompts, lengths = generate_story(engine, d, run, ref, overrides, seed)
+                    seconds += time.perf_counter() - started
+                    scored = score(video, prompts, lengths)
+                    if args.sheets and scored["result"] is not None:
+                        Path(args.sheets).mkdir(parents=True, exist_ok=True)
+                        tail = f"_seed{seed}" if len(args.sample_seeds) > 1 else ""
+                        ev.contact_sheet(video, scored["result"],
+                                         Path(args.sheets) / f"{run.name}_story{d.index:02d}{tail}.png")
+                    scored.pop("result")
+                    these.append({"story": d.index, "sample_seed": seed, **scored})
+                    print(f"{run.name} seed {seed} story {d.index}: {scored['clips_passed']}/{len(lengths)} clips pass",
+                          flush=True)
+                per_seed.append({"sample_seed": seed, "aggregate": aggregate(these, args.clips)})
+                stories += these
+            agg = aggregate(stories, args.clips)  # pooled over the seeds: rates and curves are their means
             label = run.name if run.kind == "variant" else f"`{run.name}`"
             results["runs"][run.name] = {"kind": run.kind, "label": label, "mode": run.mode,
                                          "svi_lora": loras_of(run)[0], "lora": loras_of(run)[1],
                                          "route": run.route, "route_options": run.route_options,
-                                         "seconds_per_clip": round(seconds / (len(devs) * args.clips), 4),
-                                         "aggregate": agg, "stories": stories}
-            print(f"{run.name}: {_pct(agg['clip_pass_rate'])} of clips pass, {agg['stories_clean']}/{agg['stories']} "
-                  f"stories clean", flush=True)
+                                         "seconds_per_clip": round(seconds / (len(stories) * args.clips), 4),
+                                         "aggregate": agg, "seeds": per_seed, "stories": stories}
+            print(f"{run.name}: {_pct(agg['clip_pass_rate'])} of clips pass, "
+                  f"{_stories_clean(results['runs'][run.name])} stories clean", flush=True)
 
     img_dir = out_root / "docs" / "img"
     names = list(results["runs"])

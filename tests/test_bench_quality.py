@@ -307,6 +307,23 @@ def test_sample_seed_draws_other_noise_over_the_same_dev_set(tiny_dirs, tmp_path
     assert out[1]["settings"]["sample_seed"] == 1 and out[0]["dev_set"] == out[1]["dev_set"]
     bg = [[c["background_delta_e"] for c in out[s]["runs"]["chain"]["stories"][0]["clips"]] for s in (0, 1)]
     assert bg[0] != bg[1]
+    # several seeds in one run (make bench-quality: 0,1,2): each seed's stories as its own run drew them
+    argv = ["--model", str(tiny_dirs["wan21"]), "--stories", "1", "--clips", "2", "--frames", "9", "--steps", "2",
+            "--modes", "chain", "--sample-seed", "0,1", "--out-root", str(tmp_path / "both")]
+    both = bq.main(argv)
+    run = both["runs"]["chain"]
+    assert both["settings"]["sample_seeds"] == [0, 1] and [s["sample_seed"] for s in run["seeds"]] == [0, 1]
+    assert [s["sample_seed"] for s in run["stories"]] == [0, 1] and run["aggregate"]["stories"] == 2
+    for k in (0, 1):  # the same path in one process: the same frames, so the same numbers
+        assert [c["background_delta_e"] for c in run["stories"][k]["clips"]] == bg[k]
+        assert run["seeds"][k]["aggregate"] == out[k]["runs"]["chain"]["aggregate"]
+    md = (tmp_path / "both" / "docs" / "benchmarks.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| `chain`"))
+    rates = [s["aggregate"]["clip_pass_rate"] for s in run["seeds"]]
+    assert f"{100 * rates[0]:.1f} % / {100 * rates[1]:.1f} % → {100 * sum(rates) / 2:.1f} %" in row
+    assert "Sampling seeds 0, 1" in md
+    with pytest.raises(SystemExit):
+        bq.parse_args(["--sample-seed", "0,0"])
 
 
 def test_quality_sweep_runs_one_line_per_setting(capsys):
