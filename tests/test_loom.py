@@ -262,7 +262,6 @@ def test_lab_histogram_matching_restores_the_first_frames_that_an_rgb_table_cann
     from cliploom.shapesworld import render_reference
     from cliploom.story import make_story
 
-    torch.set_num_threads(1)
     prompt = "a small purple circle moves right on a striped teal background"
     image = render_reference(prompt, 32, seed=20266)
     image.save(tmp_path / "ref.png")

@@ -36,6 +36,7 @@ RGB_TO_XYZ = torch.tensor([[0.4124564, 0.3575761, 0.1804375],
                            [0.2126729, 0.7151522, 0.0721750],
                            [0.0193339, 0.1191920, 0.9503041]], dtype=torch.float64)
 D65_WHITE = torch.tensor([0.95047, 1.0, 1.08883], dtype=torch.float64)
+XYZ_TO_RGB = torch.linalg.inv(RGB_TO_XYZ)
 _EPS = (6.0 / 29.0) ** 3
 
 
@@ -57,7 +58,7 @@ def lab_to_srgb(lab: torch.Tensor) -> torch.Tensor:
     f = torch.stack([fy + lab[..., 1] / 500.0, fy, fy - lab[..., 2] / 200.0], -1)
     d = 6.0 / 29.0
     xyz = torch.where(f > d, f**3, 3 * d**2 * (f - 4.0 / 29.0)) * D65_WHITE.to(lab)
-    linear = (xyz @ torch.linalg.inv(RGB_TO_XYZ).T.to(lab)).clamp(0.0, 1.0)
+    linear = (xyz @ XYZ_TO_RGB.T.to(lab)).clamp(0.0, 1.0)
     return torch.where(linear <= 0.0031308, 12.92 * linear, 1.055 * linear ** (1 / 2.4) - 0.055) * 255.0
 
 

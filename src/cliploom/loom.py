@@ -113,8 +113,7 @@ def weave(
     set_frame_rate(model.transformer, story.fps)  # DiTs that embed it (SkyReels-V2)
 
     decoder = ClipDecoder(model, overlap_decode if overlap_decode is not None else model.device.type == "cuda",
-                       story.color_match, ColourTarget.of(torch.from_numpy(np.array(image)), story.color_match_method),
-                       story.color_match_method)
+                       story.color_match, image, story.color_match_method)
     clip_bar = tqdm(total=len(prompts), initial=start.index, desc="clips", unit="clip", disable=not progress)
     keyframes = _Keyframes(model, story)
 
@@ -344,11 +343,13 @@ class ClipDecoder:
     """Decodes clips, on a worker thread (and CUDA stream) when overlapping is on."""
 
     def __init__(self, model: Components, overlap: bool, color_match: str | None = None,
-                 anchor: ColourTarget | None = None, method: str | None = None):
+                 anchor=None, method: str | None = None):
         self.model = model
         self.color_match = color_match if color_match not in (None, "none") else None
-        self.target = anchor  # the colours the next clip is matched to
         self.method = method or "mean_std"
+        # the colours the next clip is matched to: the anchor image's (PIL or uint8 [H, W, 3]) to begin with
+        self.target = (ColourTarget.of(torch.as_tensor(np.array(anchor)), self.method)
+                       if self.color_match is not None and anchor is not None else None)
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="cliploom-decode") if overlap else None
         self.overlapped = overlap
         self.stream = torch.cuda.Stream() if overlap and model.device.type == "cuda" else None

@@ -23,12 +23,10 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from .. import conditioning as C
-from ..colour import ColourTarget
 from ..errors import CliploomError
 from ..loom import (
     Clip,
@@ -85,8 +83,7 @@ def weave(
     tr = model.transformer
     experts = experts_for(model, story)  # guidance in an interval, as the SVI loop
 
-    decoder = ClipDecoder(model, False, story.color_match, ColourTarget.of(torch.from_numpy(np.array(image)), story.color_match_method),
-                          story.color_match_method)
+    decoder = ClipDecoder(model, False, story.color_match, image, story.color_match_method)
     blend = story.seam_blend
     queue: list[Future] = []
     clip_bar = tqdm(total=len(prompts), desc="clips", unit="clip", disable=not progress)

@@ -24,12 +24,10 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from .. import conditioning as C
-from ..colour import ColourTarget
 from ..errors import CliploomError
 from ..loom import (
     Clip,
@@ -160,8 +158,7 @@ def weave(
     helios = helios_of(model).transformer
     experts = [Expert(helios, e.guidance, e.min_timestep) for e in experts_for(model, story)]  # guidance in an interval
 
-    decoder = ClipDecoder(model, False, story.color_match, ColourTarget.of(torch.from_numpy(np.array(image)), story.color_match_method),
-                          story.color_match_method)
+    decoder = ClipDecoder(model, False, story.color_match, image, story.color_match_method)
     blend = story.seam_blend
     queue: list[Future] = []
     clip_bar = tqdm(total=len(prompts), desc="clips", unit="clip", disable=not progress)
