@@ -429,3 +429,19 @@ def test_story_sheet_draws_one_row_per_clip(tmp_path):
     # clip 0: 17 frames -> 9 shown, clip 1: 12 -> 6; 32 px each, rows 32 px + a 2 px line
     assert sheet.shape == (2 * 34, 9 * 32, 3)
     assert sheet[32:34].max() == 0 and sheet[:32].std() > 0  # the line between clips; frames that are not blank
+
+
+def test_colour_variants_match_the_opening_frames_to_the_reference(capsys):
+    """Dev story 6 (a small purple circle on striped teal): the first clip's frames 0-1 carry the VAE
+    round trip's cast, which whole-clip RGB matching leaves (ΔE 2.56 from clip 1 on, measured against
+    frame 0); matching them alone to the reference takes it away. The variant is restored after."""
+    import colour_variants
+    from cliploom import loom
+
+    engine_decoder = loom.ClipDecoder
+    shipped = colour_variants.main(["default", "--stories", "6", "--clips", "2"])
+    assert loom.ClipDecoder is engine_decoder
+    opening = colour_variants.main(["opening", "--stories", "6", "--clips", "2"])
+    assert loom.ClipDecoder is engine_decoder
+    assert shipped[6] > 1.5 and opening[6] < 0.5, (shipped, opening)
+    assert "story  6 opening" in capsys.readouterr().out
