@@ -49,6 +49,8 @@ def main(argv=None) -> dict:
     class Decoder(loom.ClipDecoder):
         def __init__(self, model, overlap, color_match=None, anchor=None, method=None):
             super().__init__(model, overlap, color_match, anchor, method)
+            if anchor is None or self.color_match is None:
+                raise SystemExit("error: the variants change colour matching; run them with the model's color_match on")
             self.lab = colour.ColourTarget.of(torch.as_tensor(np.array(anchor)), "histogram_lab")
             self.first = True
 
