@@ -10,7 +10,8 @@ Variants (each replaces the decoder's matching of every clip to the anchor):
              each on its own to the reference in Lab
   frame_lab  every frame matched on its own to the reference in Lab
 
-One line per story (colour ΔE at clip 2 and the last clip, failed clips), then the mean ΔE at the last clip.
+One line per story (colour ΔE at clip 2 and the last clip, failed clips), then clips passing, stories
+clean and the mean ΔE at the last clip.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def main(argv=None) -> dict:
         settings = engine.model.settings
         devs = bq.dev_set(14, args.clips, settings.frames)
         which = range(14) if args.stories == "all" else [int(i) for i in args.stories.split(",")]
-        last = {}
+        last, passed, clean = {}, 0, 0
         with tempfile.TemporaryDirectory() as tmp:
             for i in which:
                 d = devs[i]
@@ -86,13 +87,16 @@ def main(argv=None) -> dict:
                 de = [c["color_delta_e"] or 0.0 for c in s["clips"]]
                 last[i] = de[-1]
                 failed = [(c["index"], c["failed"]) for c in s["clips"] if c["failed"]]
+                passed += len(de) - len(failed)
+                clean += not failed
                 print(f"story {i:2d} {args.variant}: colour ΔE clip 2 {de[min(1, len(de) - 1)]:.2f}, "
                       f"clip {len(de)} {de[-1]:.2f}, failed {failed}",
                       flush=True)
     finally:
         loom.ClipDecoder = engine_decoder
-    print(f"{args.variant}, sampling seed {args.sample_seed}: mean colour ΔE at the last clip "
-          f"{float(np.mean(list(last.values()))):.2f}")
+    clips = args.clips * len(last)
+    print(f"{args.variant}, sampling seed {args.sample_seed}: {100 * passed / clips:.1f} % of clips pass, "
+          f"{clean}/{len(last)} stories clean, mean colour ΔE at the last clip {float(np.mean(list(last.values()))):.2f}")
     return last
 
 
