@@ -43,7 +43,6 @@ def main(argv=None) -> dict:
     from cliploom import colour, loom
     from cliploom.cli import _quiet_libraries
     from cliploom.engine import Engine
-    from cliploom.story import ClipSpec, make_story
 
     _quiet_libraries()
 
@@ -79,11 +78,7 @@ def main(argv=None) -> dict:
                 d = devs[i]
                 ref = Path(tmp) / f"ref_{i:02d}.png"
                 d.reference(settings.width).save(ref)
-                story = make_story(clips=[ClipSpec(p) for p in d.prompts], reference=ref,
-                                   seed=d.seed + 1000 * args.sample_seed)
-                clips = list(engine.generate(story, progress=False))
-                frames = np.concatenate([c.frames.numpy() for c in clips])
-                s = bq.score(frames, [c.prompt for c in clips], [int(c.frames.shape[0]) for c in clips])
+                s = bq.score(*bq.generate_story(engine, d, bq.mode_run("pro"), ref, {}, args.sample_seed))
                 de = [c["color_delta_e"] or 0.0 for c in s["clips"]]
                 last[i] = de[-1]
                 failed = [(c["index"], c["failed"]) for c in s["clips"] if c["failed"]]
