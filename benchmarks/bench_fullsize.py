@@ -308,10 +308,11 @@ def option_sets(device: torch.device) -> list[dict]:
     return sets
 
 
-def gpu_bench(name: str, tmp_root: Path, tiny: bool, device: str, only: list[str] | None) -> list[dict]:
-    from cliploom import Engine
-    from cliploom.story import make_story
-
+def gpu_bench(name: str, tmp_root: Path, tiny: bool, device: str, only: list[str] | None,
+              on_row=lambda row: None) -> list[dict]:
+    """Each option set in turn; a set that fails (a backend or torchao that does not run on this
+    device) becomes a row with its error, and the next set starts from a fresh engine. ``on_row``
+    sees each row as it is made (the results file is rewritten, so a run cut short keeps its rows)."""
     dev = torch.device(device)
     family = family_config(name, tiny)
     frames, height, width = (9, 64, 64) if tiny else (81, 480, 832)
@@ -325,47 +326,68 @@ def gpu_bench(name: str, tmp_root: Path, tiny: bool, device: str, only: list[str
     try:
         wrote = write_model(tmp / name, family)
         ref = reference_image(tmp / "ref.png", size=256)
-        engine, reusable, seconds_load = None, None, 0.0
+        state = {"engine": None, "reusable": None, "seconds_load": 0.0}
         for options in option_sets(dev):
             if only and not any(options["name"].startswith(o) for o in only):
                 continue
-            fresh = reusable != options["weights"]
-            if fresh:  # a fresh engine: other storage, or compiled / quantised before
-                engine = None
+            try:
+                row = _one_set(state, options, name, tmp / name, wrote["family_file"], ref, dev,
+                               (frames, height, width, fps), flops, (peak_bf16, peak_fp8))
+            except Exception as exc:  # noqa: BLE001 - recorded in the row; the next set starts clean
+                row = {"family": name, "set": options["name"], "returncode": 1,
+                       "error": f"{type(exc).__name__}: {exc}"[:800]}
+                state.update(engine=None, reusable=None)
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
-                t0 = time.perf_counter()
-                engine = Engine.load(tmp / name, family=wrote["family_file"], device=device, weights=options["weights"],
-                                     dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32)
-                seconds_load = time.perf_counter() - t0
-            reusable = None if options.get("compile") or options.get("fp8_matmul") else options["weights"]
-            if dev.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(dev)
-            story = make_story(
-                reference=str(ref), prompts=[PROMPT, PROMPT], frames=frames, width=width, height=height, steps=4,
-                guidance=1.0, motion_latents=1, seed=0, attention=options.get("attention", "auto"),
-                compile=options.get("compile", False), fp8_matmul=options.get("fp8_matmul", False))
-            clips, t_prev = [], time.perf_counter()
-            for clip in engine.generate(story, progress=False, overlap_decode=options.get("overlap_decode")):
-                now = time.perf_counter()
-                clips.append({"seconds": now - t_prev, "denoise": clip.seconds_denoise, "decode": clip.seconds_decode,
-                              "compile": clip.seconds_compile})
-                t_prev = now
-            warm = clips[-1]["seconds"]
-            peak = peak_fp8 if options.get("fp8_matmul") else peak_bf16
-            row = {"family": name, "set": options["name"], "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-                   "seconds_load": round(seconds_load, 1) if fresh else None, "seconds_first_clip": round(clips[0]["seconds"], 2),
-                   "seconds_compile": round(clips[0]["compile"], 2), "seconds_per_clip": round(warm, 2),
-                   "seconds_denoise": round(clips[-1]["denoise"], 2), "seconds_decode": round(clips[-1]["decode"], 2),
-                   "gpu_seconds_per_video_second": round(warm / (frames / fps), 3),
-                   "peak_vram_gib": round(torch.cuda.max_memory_allocated(dev) / GIB, 2) if dev.type == "cuda" else None,
-                   "dit_flop_per_clip": flops, "dit_pflop_per_clip": round(flops / 1e15, 3),
-                   "mfu": round(flops / clips[-1]["denoise"] / (peak * 1e12), 3) if peak else None}
             rows.append(row)
+            on_row(row)
             print(json.dumps(row), flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return rows
+
+
+def _one_set(state: dict, options: dict, name: str, model_dir: Path, family_file: str, ref: Path,
+             dev: torch.device, shape: tuple, flops: float, peaks: tuple) -> dict:
+    """Time two clips of one option set. ``state`` carries the engine between sets: it is reused
+    when the storage is the same and the last set neither compiled nor quantised it."""
+    from cliploom import Engine
+    from cliploom.story import make_story
+
+    frames, height, width, fps = shape
+    fresh = state["reusable"] != options["weights"]
+    if fresh:  # a fresh engine: other storage, or compiled / quantised before
+        state.update(engine=None, reusable=None)  # the old one is freed before the new one loads
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        t0 = time.perf_counter()
+        state["engine"] = Engine.load(model_dir, family=family_file, device=str(dev), weights=options["weights"],
+                                      dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32)
+        state["seconds_load"] = time.perf_counter() - t0
+    engine = state["engine"]
+    state["reusable"] = None if options.get("compile") or options.get("fp8_matmul") else options["weights"]
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    story = make_story(
+        reference=str(ref), prompts=[PROMPT, PROMPT], frames=frames, width=width, height=height, steps=4,
+        guidance=1.0, motion_latents=1, seed=0, attention=options.get("attention", "auto"),
+        compile=options.get("compile", False), fp8_matmul=options.get("fp8_matmul", False))
+    clips, t_prev = [], time.perf_counter()
+    for clip in engine.generate(story, progress=False, overlap_decode=options.get("overlap_decode")):
+        now = time.perf_counter()
+        clips.append({"seconds": now - t_prev, "denoise": clip.seconds_denoise, "decode": clip.seconds_decode,
+                      "compile": clip.seconds_compile})
+        t_prev = now
+    warm = clips[-1]["seconds"]
+    peak = peaks[1] if options.get("fp8_matmul") else peaks[0]
+    return {"family": name, "set": options["name"], "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+            "seconds_load": round(state["seconds_load"], 1) if fresh else None, "seconds_first_clip": round(clips[0]["seconds"], 2),
+            "seconds_compile": round(clips[0]["compile"], 2), "seconds_per_clip": round(warm, 2),
+            "seconds_denoise": round(clips[-1]["denoise"], 2), "seconds_decode": round(clips[-1]["decode"], 2),
+            "gpu_seconds_per_video_second": round(warm / (frames / fps), 3),
+            "peak_vram_gib": round(torch.cuda.max_memory_allocated(dev) / GIB, 2) if dev.type == "cuda" else None,
+            "dit_flop_per_clip": flops, "dit_pflop_per_clip": round(flops / 1e15, 3),
+            "mfu": round(flops / clips[-1]["denoise"] / (peak * 1e12), 3) if peak else None}
 
 
 def main(argv=None) -> int:
@@ -382,27 +404,34 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="results JSON (default: benchmarks/results/fullsize_{cpu,gpu}.json)")
     args = ap.parse_args(argv)
     tmp_root = Path(args.tmp or tempfile.gettempdir())
-    if args.cpu_smoke:
-        names = (args.families or "wan21-i2v-14b-480p,wan22-i2v-a14b").split(",")
-        rows = []
-        for name in names:
-            row = cpu_smoke(name, tmp_root, args.tiny, args.keep)
+    out = Path(args.out or RESULTS / f"fullsize_{'cpu' if args.cpu_smoke else 'gpu'}.json")
+    import diffusers
+
+    meta = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+            "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])}
+    rows: list[dict] = []
+
+    def save(row=None) -> None:
+        if row is not None:
             rows.append(row)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".part")
+        tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+        tmp.replace(out)
+
+    if args.cpu_smoke:
+        for name in (args.families or "wan21-i2v-14b-480p,wan22-i2v-a14b").split(","):
+            row = cpu_smoke(name, tmp_root, args.tiny, args.keep)
+            save(row)
             print(json.dumps({k: v for k, v in row.items() if k != "output"}), flush=True)
             if row["returncode"] != 0:
                 print(row["output"], file=sys.stderr)
-        out = Path(args.out or RESULTS / "fullsize_cpu.json")
     else:
-        names = (args.families or "wan21-i2v-14b-480p").split(",")
-        rows = [r for name in names for r in gpu_bench(name, tmp_root, args.tiny, args.device,
-                                                       args.sets.split(",") if args.sets else None)]
-        out = Path(args.out or RESULTS / "fullsize_gpu.json")
-    meta = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
-            "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+        for name in (args.families or "wan21-i2v-14b-480p").split(","):
+            gpu_bench(name, tmp_root, args.tiny, args.device, args.sets.split(",") if args.sets else None, on_row=save)
+    save()
     return 0 if all(r.get("returncode", 0) == 0 for r in rows) else 1
-
 
 if __name__ == "__main__":
     sys.exit(main())

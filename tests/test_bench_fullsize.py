@@ -78,3 +78,19 @@ def test_other_families_write_and_describe(name, tmp_path):
     files = sorted(p.name for p in (tmp_path / name).glob("*.safetensors"))
     assert len(files) == family["experts"] and wrote["dit_bytes"] > 0
     assert json.loads(Path(wrote["family_file"]).read_text())["name"] == name
+
+
+def test_a_failing_option_set_is_recorded_and_the_next_runs_on_a_fresh_engine(tmp_path, monkeypatch):
+    """A backend that is not there (or torchao that does not run on the device) must not cost the
+    sets after it: its row holds the error, the run exits 1, the results file holds every row."""
+    sets = [{"name": "bf16", "weights": "bf16", "attention": "sdpa"},
+            {"name": "attention flash3", "weights": "bf16", "attention": "flash3"},
+            {"name": "fp8 storage", "weights": "fp8", "attention": "sdpa"}]
+    monkeypatch.setattr(B, "option_sets", lambda device: sets)
+    out = tmp_path / "gpu.json"
+    assert B.main(["--gpu", "--tiny", "--device", "cpu", "--tmp", str(tmp_path), "--out", str(out)]) == 1
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["set"] for r in rows] == ["bf16", "attention flash3", "fp8 storage"]
+    assert "flash3" in rows[1]["error"] and rows[1]["returncode"] == 1
+    assert "error" not in rows[0] and "error" not in rows[2] and rows[2]["seconds_per_clip"] > 0
+    assert not list(tmp_path.glob("*.part"))

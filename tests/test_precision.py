@@ -143,6 +143,21 @@ def test_attention_backend_names_and_compile(tiny_dirs, tiny_story, capsys):
     assert again[0].seconds_compile > 0  # a new story warms up again (nothing recompiles: same shapes)
 
 
+def test_switching_back_to_sdpa_after_flex_really_uses_sdpa(tiny_dirs, tiny_story):
+    """diffusers' reset_attention_backend() leaves its process-wide active backend behind: an engine
+    that ran a flex story then an sdpa one kept calling flex (and a compiled sdpa story then failed
+    to lower flex on the CPU). Every processor must name the backend the story asked for."""
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+    model = load_model(tiny_dirs["wan21"], device="cpu")
+    engine = Engine(model)
+    for name, backend in (("flex", AttentionBackendName.FLEX), ("sdpa", AttentionBackendName.NATIVE)):
+        list(engine.generate(tiny_story(1, guidance=1.0, attention=name, steps=1), progress=False))
+        procs = [m.processor for m in model.transformer.modules() if hasattr(getattr(m, "processor", None), "_attention_backend")]
+        assert procs and {p._attention_backend for p in procs} == {backend}, name
+        assert _AttentionBackendRegistry._active_backend == backend, name
+
+
 @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
 def test_fp8_nan_scan_by_bits_agrees_with_the_float_values(dtype):
     """The loaders scan fp8 weights for NaN/Inf by their bytes (no float copy of a 14B model):

@@ -68,11 +68,10 @@ def resolve_attention(name: str | None, device: torch.device) -> str:
 
 
 def set_attention(model, name: str) -> None:
+    # Always set, never reset: diffusers' reset_attention_backend() clears each processor's backend
+    # but leaves the process-wide active backend, so attention after flex -> "sdpa" stayed flex.
     for transformer in _transformers(model):
-        if ATTENTION[name] == "native":
-            transformer.reset_attention_backend()
-        else:
-            transformer.set_attention_backend(ATTENTION[name])
+        transformer.set_attention_backend(ATTENTION[name])
     model._cliploom_attention = name
 
 
