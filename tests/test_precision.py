@@ -143,6 +143,17 @@ def test_attention_backend_names_and_compile(tiny_dirs, tiny_story, capsys):
     assert again[0].seconds_compile > 0  # a new story warms up again (nothing recompiles: same shapes)
 
 
+def test_bf16_compute_runs_although_diffusers_keeps_some_tables_in_float32(tiny_dirs, tiny_story):
+    """A GPU's default: bf16 weights, with diffusers' _keep_in_fp32_modules (scale_shift_table, the
+    time embedder, ...) left in float32. The inputs must be cast to the compute dtype, not to the
+    first parameter's (a kept float32 table): a 14B bf16 model on an H200 failed so."""
+    model = load_model(tiny_dirs["wan21"], device="cpu", dtype=torch.bfloat16)
+    kept = {p.dtype for n, p in model.transformer.named_parameters() if "scale_shift_table" in n}
+    assert kept == {torch.float32} and model.transformer.patch_embedding.weight.dtype == torch.bfloat16
+    clip, = clips(model, tiny_story(1, guidance=1.0, steps=1))
+    assert torch.isfinite(clip.latents).all()
+
+
 def test_switching_back_to_sdpa_after_flex_really_uses_sdpa(tiny_dirs, tiny_story):
     """diffusers' reset_attention_backend() leaves its process-wide active backend behind: an engine
     that ran a flex story then an sdpa one kept calling flex (and a compiled sdpa story then failed

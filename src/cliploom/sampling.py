@@ -121,7 +121,7 @@ def make_denoiser(
     guided_cond = cond.repeat(2)
 
     def forward(model, c: ClipCondition, x_in: torch.Tensor, hidden: torch.Tensor, t: float) -> torch.Tensor:
-        dtype = getattr(model, "_cliploom_compute_dtype", None) or next(model.parameters()).dtype
+        dtype = getattr(model, "_cliploom_compute_dtype", None) or model.dtype  # not a kept-fp32 table's
         return model(
             hidden_states=c.model_input(x_in).to(dtype),
             timestep=c.timestep(t, x_in),

@@ -198,7 +198,7 @@ def write_block(model: Components, session, x: torch.Tensor, y: torch.Tensor, te
     """Run the clean block once at timestep 0 and RoPE ``position``, keeping its keys and values as
     the cache block that starts at ``start`` in the stream (default: ``position``)."""
     tr = model.transformer
-    dtype = getattr(tr, "_cliploom_compute_dtype", None) or next(tr.parameters()).dtype
+    dtype = getattr(tr, "_cliploom_compute_dtype", None) or tr.dtype
     set_offset(tr, position)
     with session.writing(x.shape[2], start=position if start is None else start, inputs=(x, y, text), position=position):
         tr(hidden_states=(x if y is None else torch.cat([x, y.to(x)], dim=1)).to(dtype), timestep=torch.zeros(1, device=x.device),

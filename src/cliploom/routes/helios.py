@@ -224,7 +224,7 @@ def denoiser(experts: list[Expert], history: History, text: torch.Tensor, negati
         from diffusers.pipelines.helios.pipeline_helios_pyramid import optimized_scale
 
     def forward(tr, x: torch.Tensor, t: float, past: History, emb: torch.Tensor) -> torch.Tensor:
-        dtype = next(tr.parameters()).dtype
+        dtype = tr.dtype  # the compute dtype, not a kept-fp32 table's
         return tr(hidden_states=x.to(dtype), timestep=torch.full((x.shape[0],), t, device=x.device),
                   encoder_hidden_states=emb.to(dtype), return_dict=False, **past.inputs(x.shape[2], dtype))[0].float()
 
