@@ -128,6 +128,23 @@ def test_overlapped_decode_gives_the_same_frames(tiny_models, tiny_story):
     assert_same_clips(b, a)
 
 
+@pytest.mark.parametrize("blend", [0, 1])
+def test_with_decode_overlap_the_first_clip_is_not_held_back_by_the_next_clips_denoising(tiny_models, tiny_story, blend):
+    """Overlap hands clip k over once clip k+1 is denoised (its decode ran beside that); the first
+    clip is handed over as soon as it is decoded (and, with seam blending, once the clip it fades
+    into is), so a viewer waits for one clip, not two. Later clips keep the overlap."""
+    events = []
+    engine = Engine(tiny_models("wan21"))
+    story = tiny_story(4, seam_blend=blend)
+    for clip in engine.generate(story, progress=False, overlap_decode=True,
+                                on_clip_start=lambda i: events.append(f"start {i}")):
+        events.append(f"clip {clip.index}")
+    first = events.index("clip 0")
+    assert events[first - 1] == f"start {blend}"  # clip 0 out before clip 1 (blend: clip 2) starts
+    assert events.index("clip 1") > events.index(f"start {2 + blend}")  # later clips: overlapped
+    assert [e for e in events if e.startswith("clip")] == [f"clip {i}" for i in range(4)]
+
+
 @pytest.mark.parametrize("suffix", ["video.mp4", "frames/"])
 def test_first_clip_is_on_disk_before_the_last_clip_starts(tiny_models, tiny_story, tmp_path, suffix):
     engine = Engine(tiny_models("wan22"))

@@ -150,6 +150,7 @@ def weave(
     blend = story.seam_blend if story.latent_motion else 0
     hold = int(decoder.overlapped) + int(blend > 0)  # clips that wait in the queue before they are handed over
     queue: list[Future] = []
+    first_out = None  # the index of the first clip handed over
     try:
         for i in range(start.index, len(prompts)):
             prompt = prompts[i]
@@ -230,8 +231,14 @@ def weave(
             # 9. Hand over finished clips in order. A clip waits for its decode (done beside the next
             #    clip's denoising when overlapped) and, with seam blending, for the next clip's
             #    frames: its last frames fade into the next clip's re-creation of them.
+            #    Until the first clip is out, one fewer waits: what a viewer waits for is the first
+            #    clip, and overlap would hold it back by a whole clip's denoising (measured on an H200:
+            #    32 s to the first clip against 15 s + 3 s of its own denoise and decode); the cost is
+            #    one decode per story not hidden behind denoising.
             queue.append(job)
-            for clip in hand_over(queue, hold, blend, 1 + 4 * story.motion_latents):
+            wait = hold - int(decoder.overlapped and first_out is None)
+            for clip in hand_over(queue, wait, blend, 1 + 4 * story.motion_latents):
+                first_out = clip.index if first_out is None else first_out
                 yield clip
                 clip_bar.update()
         for clip in hand_over(queue, 0, blend, 1 + 4 * story.motion_latents):
