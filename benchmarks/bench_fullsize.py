@@ -17,8 +17,8 @@ file, so the kernel can drop an idle expert's pages and read them back) and its 
 ``--gpu`` times one 81-frame 480x832 clip, 4 steps, guidance 1, K = 1 for each option set (bf16;
 fp8 storage; fp8 matmul; each installed attention backend; compile; decode overlap off): seconds
 per clip (a story of three clips; the warm clip between the first two hand-overs, since with decode
-overlap clip k is handed over once clip k+1 is denoised), the first clip after load, peak VRAM, GPU seconds per second of
-video and model FLOP utilisation against the device's dense peak.
+overlap clip k > 0 is handed over once clip k+1 is denoised), the first clip after load, peak VRAM,
+GPU seconds per second of video and model FLOP utilisation against the device's dense peak.
 
 The encoders are cut to one layer at their real width (a text encoder runs once per prompt, not
 per step; both have their real output shapes, so the DiT sees real sequence lengths).
@@ -441,6 +441,7 @@ def main(argv=None) -> int:
             gpu_bench(name, tmp_root, args.tiny, args.device, args.sets.split(",") if args.sets else None, on_row=save)
     save()
     return 0 if all(r.get("returncode", 0) == 0 for r in rows) else 1
+
 
 if __name__ == "__main__":
     sys.exit(main())

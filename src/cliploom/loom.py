@@ -150,7 +150,7 @@ def weave(
     blend = story.seam_blend if story.latent_motion else 0
     hold = int(decoder.overlapped) + int(blend > 0)  # clips that wait in the queue before they are handed over
     queue: list[Future] = []
-    first_out = None  # the index of the first clip handed over
+    first_out = False  # whether the story's first clip has been handed over
     try:
         for i in range(start.index, len(prompts)):
             prompt = prompts[i]
@@ -236,9 +236,9 @@ def weave(
             #    32 s to the first clip against 15 s + 3 s of its own denoise and decode); the cost is
             #    one decode per story not hidden behind denoising.
             queue.append(job)
-            wait = hold - int(decoder.overlapped and first_out is None)
+            wait = hold - int(decoder.overlapped and not first_out)
             for clip in hand_over(queue, wait, blend, 1 + 4 * story.motion_latents):
-                first_out = clip.index if first_out is None else first_out
+                first_out = True
                 yield clip
                 clip_bar.update()
         for clip in hand_over(queue, 0, blend, 1 + 4 * story.motion_latents):
