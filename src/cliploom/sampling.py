@@ -104,6 +104,18 @@ def pick_expert(experts: Sequence[Expert], t: float) -> Expert:
     return experts[-1]
 
 
+def compute_dtype(model) -> torch.dtype:
+    """The dtype a transformer computes in: cliploom's cast marker, else diffusers' ``model.dtype``
+    (which skips the tables diffusers keeps in float32), else the first parameter's (plain modules)."""
+    marked = getattr(model, "_cliploom_compute_dtype", None)
+    if marked is not None:
+        return marked
+    dtype = getattr(model, "dtype", None)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    return next(model.parameters()).dtype
+
+
 def make_denoiser(
     experts: Sequence[Expert],
     cond: ClipCondition,
@@ -121,7 +133,7 @@ def make_denoiser(
     guided_cond = cond.repeat(2)
 
     def forward(model, c: ClipCondition, x_in: torch.Tensor, hidden: torch.Tensor, t: float) -> torch.Tensor:
-        dtype = getattr(model, "_cliploom_compute_dtype", None) or model.dtype  # not a kept-fp32 table's
+        dtype = compute_dtype(model)
         return model(
             hidden_states=c.model_input(x_in).to(dtype),
             timestep=c.timestep(t, x_in),

@@ -41,7 +41,7 @@ from ..models.causal import causal_attention, set_offset, set_rope_jitter
 from ..models.components import Components, frames_to_tensor
 from ..models.memory import check_story_fits
 from ..models.stream_decode import BlockDecoder
-from ..sampling import make_denoiser, sampler, schedule
+from ..sampling import compute_dtype, make_denoiser, sampler, schedule
 from ..story import Story
 from ..video_io import load_image
 
@@ -198,7 +198,7 @@ def write_block(model: Components, session, x: torch.Tensor, y: torch.Tensor, te
     """Run the clean block once at timestep 0 and RoPE ``position``, keeping its keys and values as
     the cache block that starts at ``start`` in the stream (default: ``position``)."""
     tr = model.transformer
-    dtype = getattr(tr, "_cliploom_compute_dtype", None) or tr.dtype
+    dtype = compute_dtype(tr)
     set_offset(tr, position)
     with session.writing(x.shape[2], start=position if start is None else start, inputs=(x, y, text), position=position):
         tr(hidden_states=(x if y is None else torch.cat([x, y.to(x)], dim=1)).to(dtype), timestep=torch.zeros(1, device=x.device),

@@ -45,6 +45,7 @@ from ..models.memory import check_story_fits
 from ..sampling import (
     NUM_TRAIN_TIMESTEPS,
     Expert,
+    compute_dtype,
     guide,
     make_denoiser,
     pick_expert,
@@ -224,7 +225,7 @@ def denoiser(experts: list[Expert], history: History, text: torch.Tensor, negati
         from diffusers.pipelines.helios.pipeline_helios_pyramid import optimized_scale
 
     def forward(tr, x: torch.Tensor, t: float, past: History, emb: torch.Tensor) -> torch.Tensor:
-        dtype = tr.dtype  # the compute dtype, not a kept-fp32 table's
+        dtype = compute_dtype(tr)
         return tr(hidden_states=x.to(dtype), timestep=torch.full((x.shape[0],), t, device=x.device),
                   encoder_hidden_states=emb.to(dtype), return_dict=False, **past.inputs(x.shape[2], dtype))[0].float()
 
