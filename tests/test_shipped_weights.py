@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # shipped file -> the config whose run it is the bf16 export of (docs/shapesworld.md, docs/routes.md)
 RECIPES = {
-    "svi_lora.safetensors": "configs/svi-shapesworld-v4.yaml",
+    "svi_lora.safetensors": "configs/svi-shapesworld-boundary1.yaml",
     "keyframe_lora.safetensors": "configs/svi-shapesworld-keyframes-stage5.yaml",
     "df_lora.safetensors": "configs/df-shapesworld.yaml",
     "causal_lora.safetensors": "configs/causal-shapesworld.yaml",
