@@ -396,8 +396,7 @@ def main(argv=None) -> dict:
             raise SystemExit(f"error: --drop: no run named {', '.join(map(repr, missing))} in {out}")
         for name in args.drop:
             del results["runs"][name]
-        results.setdefault("merged_commands", []).append(
-            " ".join(["python", "benchmarks/bench_routes.py", *(argv if argv is not None else sys.argv[1:])]))
+        log_command(results, argv)
         return finish(results, out, out_root, argv, None)
     if args.resources_only:
         results = json.loads(out.read_text())
@@ -420,8 +419,7 @@ def main(argv=None) -> dict:
             raise SystemExit(f"error: --merge: {out} was made with {before['settings']['stories']} stories x "
                              f"{before['settings']['clips']} clips; run with the same --stories/--clips")
         before["settings"]["weights"] = {**before["settings"].get("weights", {}), **args.weights}
-        before.setdefault("merged_commands", []).append(
-            " ".join(["python", "benchmarks/bench_routes.py", *(argv if argv is not None else sys.argv[1:])]))
+        log_command(before, argv)
         results["settings"], results["runs"] = before["settings"], dict(before["runs"])
         results["command"] = before.get("command")
         results["merged_commands"] = before["merged_commands"]
@@ -475,9 +473,20 @@ def main(argv=None) -> dict:
     return finish(results, out, out_root, argv, None if args.merge else "command")
 
 
+def command_line(argv) -> str:
+    return " ".join(["python", "benchmarks/bench_routes.py", *(argv if argv is not None else sys.argv[1:])])
+
+
+def log_command(results: dict, argv) -> None:
+    """Record a --merge / --drop command under the table, once: a command run again (the same row
+    re-measured) moves to the end instead of repeating."""
+    line = command_line(argv)
+    results["merged_commands"] = [c for c in results.get("merged_commands", []) if c != line] + [line]
+
+
 def finish(results: dict, out: Path, out_root: Path, argv, key: str | None) -> dict:
     if key is not None:
-        results[key] = " ".join(["python", "benchmarks/bench_routes.py", *(argv if argv is not None else sys.argv[1:])])
+        results[key] = command_line(argv)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n")
     plot(results, out_root / "docs" / "img" / "routes_drift.png")

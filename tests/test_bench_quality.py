@@ -378,6 +378,8 @@ def test_route_table_runs_and_merges_rows_into_it(tmp_path):
     assert merged["runs"]["causal 4"]["sampling"] == {"steps": 4, "guidance": 1}
     doc = (tmp_path / "docs" / "routes.md").read_text()
     assert "| causal 4 |" in doc and "Rows added by `python benchmarks/bench_routes.py --runs causal 4" in doc
+    again = br.main(["--runs", "causal 4=causal:steps=4:guidance=1", "--merge", *common])  # re-measured: logged once
+    assert again["merged_commands"] == merged["merged_commands"] and len(again["merged_commands"]) == 1
     with pytest.raises(SystemExit, match="made with 1 stories x 2 clips"):
         br.main(["--runs", "svi", "--merge", "--stories", "1", "--clips", "3", "--seeds", "0", "--no-resources",
                  "--out-root", str(tmp_path)])
