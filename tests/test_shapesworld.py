@@ -130,6 +130,36 @@ def test_long_sequences_change_motion_at_boundaries_and_stay_in_frame():
     assert changes > 50
 
 
+def test_wall_prob_runs_some_moves_into_the_frame_edge_where_the_subject_stops():
+    stopped = moved_on = 0
+    for seed in range(40):
+        plain = sample_sequence(seed, 4, 17)
+        assert plain.motions == sample_sequence(seed, 4, 17, wall_prob=0.0).motions  # the default draws as before
+        seq = sample_sequence(seed, 4, 17, wall_prob=1.0)
+        assert seq.motions[0] == plain.motions[0]  # the first segment is always a free move
+        gt = seq.ground_truth()["center"]
+        lo, hi = world.bounds(seq.appearance)
+        assert (gt >= lo - 1e-9).all() and (gt <= hi + 1e-9).all()
+        assert np.abs(np.diff(gt, axis=0)).max() <= 1.0  # still continuous across boundaries
+        for s in seq.segments[1:]:
+            c = gt[s.start : s.stop]
+            free = c[0] + world.motion_offset(s.motion, np.arange(s.frames))
+            if np.allclose(c, free):
+                moved_on += 1
+                continue
+            # a wall segment: a directional move, the subject on the edge at its end, never past it
+            assert s.motion in ("left", "right", "up", "down"), (seed, s)
+            axis = 0 if s.motion in ("left", "right") else 1
+            edge = hi if s.motion in ("right", "down") else lo
+            assert c[-1, axis] == pytest.approx(edge)
+            steps = np.diff(c[:, axis]) * (1 if edge == hi else -1)
+            assert np.all(np.diff(steps) <= 1e-9) and steps.min() >= -1e-9  # full speed, then stopped for good
+            assert np.allclose(c[:, 1 - axis], c[0, 1 - axis])
+            stopped += 1
+    # with wall_prob 1 every later segment that has a wall move to take takes one
+    assert stopped > 60 and moved_on < stopped
+
+
 def test_prompt_round_trip():
     for color, shape, motion, bg, size, striped, distractor in itertools.islice(
         itertools.product(SUBJECT_COLORS, SHAPES, MOTIONS, BACKGROUND_COLORS, SIZES, (False, True), (False, True)),

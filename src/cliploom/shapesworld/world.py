@@ -308,12 +308,17 @@ def sample_sequence(
     segment_frames: int | list[int] = CLIP_FRAMES,
     size: int = 32,
     still_weight: float = 0.5,
+    wall_prob: float = 0.0,
 ) -> Sequence:
     """A long sequence whose motion is re-chosen at every segment boundary.
 
     Each segment's motion is drawn among those that keep the subject in frame for the whole
-    segment (``stays still`` always qualifies, with weight ``still_weight``), so the per-segment
-    prompts are always truthful. ``segment_frames`` is one length for all or one per segment.
+    segment (``stays still`` always qualifies, with weight ``still_weight``), so the subject moves
+    as prompted for the whole segment. With ``wall_prob`` > 0, a later segment instead takes, with
+    that chance, a move that runs into the frame edge within the segment (where there is one): the
+    subject moves until it reaches the edge and stays there, the world's rule (and the evaluator's)
+    for a prompt that asks for more room than is left. ``segment_frames`` is one length for all or
+    one per segment. ``wall_prob`` = 0 draws exactly the sequences it always drew.
     """
     lengths = [segment_frames] * num_segments if isinstance(segment_frames, int) else list(segment_frames)
     if len(lengths) != num_segments:
@@ -323,14 +328,20 @@ def sample_sequence(
     first = str(rng.choice([m for m in MOTIONS if m != "still"]))
     start = _random_start(rng, spec, first, lengths[0])
     motions, pos = [], np.array(start)
+    lo, hi = bounds(spec)
     for n in lengths:
+        walls = [m for m in _VELOCITY if not feasible(spec, m, n, pos)] if motions and wall_prob > 0 else []
         if not motions:
             m = first
+        elif walls and rng.random() < wall_prob:
+            m = str(rng.choice(walls))
         else:
             options = [m for m in MOTIONS if feasible(spec, m, n, pos)]
             weights = np.array([still_weight if m == "still" else 1.0 for m in options])
             m = str(rng.choice(options, p=weights / weights.sum()))
         motions.append(m)
         pos = pos + motion_offset(m, n)
+        if wall_prob > 0:
+            pos = np.clip(pos, lo, hi)  # as centers_ref: stopped at the edge
     distractor = _random_distractor(rng, start) if spec.distractor else None
     return Sequence(spec.with_motion(first), motions, lengths, start, distractor, size)

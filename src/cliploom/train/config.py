@@ -58,6 +58,7 @@ class TrainConfig:
     segments: int = 3  # ShapesWorld: motion segments per generated sequence (the prompt changes between them)
     segment_frames: int | None = None  # ShapesWorld: frames per segment; default: `frames`
     boundary_prob: float = 0.5  # ShapesWorld: chance a clip starts so that its motion memory ends at a prompt change
+    wall_prob: float = 0.0  # ShapesWorld: chance a later segment's move runs into the frame edge (the subject stops there)
 
     # -- conditioning (the engine's own functions build it; see docs/training.md) ---------------------
     latent_mode_prob: float = 1.0  # chance a sample is conditioned in latent mode (SVI 2.0 Pro); else pixel mode
@@ -219,7 +220,7 @@ _CHOICES = {
     "replay_dtype": ("bfloat16", "float16", "float32"),
 }
 _PROBABILITIES = (
-    "boundary_prob", "latent_mode_prob", "no_motion_prob", "anchor_far_prob", "end_frame_prob", "closed_loop_prob", "history_corruption_prob", "p_latent_error", "p_y_error", "p_noise_error",
+    "boundary_prob", "wall_prob", "latent_mode_prob", "no_motion_prob", "anchor_far_prob", "end_frame_prob", "closed_loop_prob", "history_corruption_prob", "p_latent_error", "p_y_error", "p_noise_error",
     "p_clean", "clean_update_prob",
 )
 _POSITIVE = (

@@ -5,7 +5,8 @@ Two sources, both drawing every choice from the ``torch.Generator`` they are giv
 * :class:`ShapesWorldClips` generates long ShapesWorld sequences on the fly (the motion prompt
   changes at segment boundaries) and cuts a clip at a random offset; with ``boundary_prob`` the
   cut is placed so that the clip's motion memory is the tail of one segment and the rest follows
-  the next prompt, which is exactly what a clip boundary with a new prompt looks like at inference.
+  the next prompt, which is exactly what a clip boundary with a new prompt looks like at inference;
+  with ``wall_prob`` some prompts after the first run the subject into the frame edge, where it stops.
 * :class:`VideoFolderClips` reads a folder of video files with PyAV (``x.mp4`` and an optional
   caption ``x.txt``), cuts a clip of ``F`` frames (every ``stride``-th) at a random offset and
   scales it to cover ``width x height``, cropping the centre.
@@ -51,12 +52,13 @@ class ShapesWorldClips:
     """Clips cut from freshly generated ShapesWorld sequences."""
 
     def __init__(self, frames: int, size: int, segments: int = 3, segment_frames: int | None = None,
-                 boundary_prob: float = 0.5):
+                 boundary_prob: float = 0.5, wall_prob: float = 0.0):
         self.frames = frames
         self.size = size
         self.segments = segments
         self.segment_frames = segment_frames or frames
         self.boundary_prob = boundary_prob
+        self.wall_prob = wall_prob
         if self.segments * self.segment_frames < frames:
             raise CliploomError(
                 f"ShapesWorld sequences of {segments} x {self.segment_frames} frames are shorter than a {frames}-frame clip",
@@ -72,7 +74,7 @@ class ShapesWorldClips:
         from ..shapesworld import sample_sequence
 
         seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
-        seq = sample_sequence(seed, self.segments, self.segment_frames, size=self.size)
+        seq = sample_sequence(seed, self.segments, self.segment_frames, size=self.size, wall_prob=self.wall_prob)
         total, F, L = seq.num_frames, self.frames, self.segment_frames
         starts = [b * L - motion_pixels for b in range(1, self.segments)]
         starts = [s for s in starts if history <= s and s + F <= total]
