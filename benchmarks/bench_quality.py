@@ -294,6 +294,16 @@ def _median(values) -> float | None:
     return round(float(np.median(v)), 4) if v else None
 
 
+def edge_moves(clips: list[dict]) -> dict:
+    """Directed moves (left/right/up/down) prompted with the subject already against the frame edge
+    it is told to move into (less than 1 px of room: the evaluator then demands it stays put), and
+    how many of them fail the motion check."""
+    edge = [c for c in clips if c.get("motion") in ("left", "right", "up", "down")
+            and c["checks"].get("motion") is not None and c.get("expected_displacement") is not None
+            and float(np.linalg.norm(c["expected_displacement"])) < 1.0]
+    return {"measured": len(edge), "failed": sum(c["checks"]["motion"] is False for c in edge)}
+
+
 def aggregate(stories: list[dict], num_clips: int) -> dict:
     """Pass rates and per-clip-index curves of one run (``stories``: the per-story score records)."""
     by_index = [[s["clips"][k] for s in stories if k < len(s["clips"])] for k in range(num_clips)]
@@ -336,6 +346,7 @@ def aggregate(stories: list[dict], num_clips: int) -> dict:
         "switched_motion_pass_rate": _mean(float(c["checks"]["motion"] is True) for s in stories
                                            for c in s["clips"][1:]),
         "snap_backs": sum(c.get("snap_back") is True for c in all_clips),
+        "edge_moves": edge_moves(all_clips),
         "curves": curves,
     }
 

@@ -80,7 +80,8 @@ def main(argv=None) -> dict:
     first_weight = f" (clip 0 weight {args.first_clip_weight:g})" if args.first_clip_weight is not None else ""
     line = (f"{args.overrides} {args.lora or ''}{first_weight}: {agg['clip_pass_rate'] * 100:.1f} % of clips pass, "
             f"{agg['stories_clean']}/{agg['stories']} stories clean, first clip {first}/{len(stories)}, "
-            f"failures {dict(fails)}, colour ΔE clip 20 {agg['last_clip']['color_delta_e']:.2f}, "
+            f"failures {dict(fails)}, moves into an edge failed {agg['edge_moves']['failed']}/"
+            f"{agg['edge_moves']['measured']}, colour ΔE clip 20 {agg['last_clip']['color_delta_e']:.2f}, "
             f"jump clip 20 {agg['last_clip']['boundary_jump']:.2f} ({time.perf_counter() - started:.0f} s)")
     print(line, flush=True)
     if args.json:

@@ -84,6 +84,18 @@ def test_aggregate_curves_and_rates():
     assert bq.reduction(2.0, 8.0) == 0.75 and bq.reduction(1.0, None) is None
 
 
+def test_edge_moves_count_directed_moves_prompted_against_the_frame_edge():
+    def move(motion, expected, ok):
+        c = _clip(1, ok is not False, 1.0, 1.0, motion=ok)
+        return c | {"motion": motion, "expected_displacement": expected}
+
+    clips = [move("right", [0.2, 0.0], False), move("up", [0.0, -0.5], True), move("left", [-4.4, 0.0], False),
+             move("still", [0.0, 0.0], False), move("down", [0.0, 0.9], None)]
+    assert bq.edge_moves(clips) == {"measured": 2, "failed": 1}  # the free move, `still` and the unmeasured are out
+    agg = bq.aggregate([{"passed": False, "clips": clips}], 5)
+    assert agg["edge_moves"] == {"measured": 2, "failed": 1}
+
+
 def test_snap_back_is_a_failed_move_towards_the_start():
     """Clip 1 moved right from the start; clip 2 was told to go up but went back left (a snap-back);
     clip 3 was told to go up, failed, and went further away (a failure, not a snap-back)."""
