@@ -459,3 +459,31 @@ def test_colour_variants_match_the_opening_frames_to_the_reference(capsys):
     assert loom.ClipDecoder is engine_decoder
     assert shipped[6] > 1.5 and opening[6] < 0.5, (shipped, opening)
     assert "story  6 opening" in capsys.readouterr().out
+
+
+def test_lora_soup_applies_the_mean_of_the_deltas(tmp_path):
+    import lora_soup
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    meta = {"rank": "2", "alpha": "2.0", "scale_folded_into_lora_B": "true", "cliploom_layout": "svi"}
+    files = []
+    for i in range(2):
+        t = {"blocks.0.attn1.q.lora_A.default.weight": torch.randn(2, 6, generator=g),
+             "blocks.0.attn1.q.lora_B.default.weight": torch.randn(5, 2, generator=g)}
+        files.append((tmp_path / f"l{i}.safetensors", t))
+        save_file(t, str(files[-1][0]), metadata=meta)
+    out = tmp_path / "soup" / "s.safetensors"
+    lora_soup.main([str(out), str(files[0][0]), str(files[1][0])])
+    with safe_open(str(out), "pt") as f:
+        a, b = f.get_tensor("blocks.0.attn1.q.lora_A.default.weight"), f.get_tensor("blocks.0.attn1.q.lora_B.default.weight")
+        assert f.metadata()["rank"] == "4" and f.metadata()["cliploom_layout"] == "svi"
+    delta = [t["blocks.0.attn1.q.lora_B.default.weight"] @ t["blocks.0.attn1.q.lora_A.default.weight"] for _, t in files]
+    torch.testing.assert_close(b @ a, (delta[0] + delta[1]) / 2)  # float32 sums of a few products: ~1e-7
+    assert not list(out.parent.glob("*.part"))
+    bare = tmp_path / "bare.safetensors"
+    save_file(files[0][1], str(bare))
+    with pytest.raises(SystemExit, match="not a cliploom LoRA export"):
+        lora_soup.main([str(tmp_path / "x.safetensors"), str(bare), str(files[0][0])])
