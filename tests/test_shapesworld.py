@@ -160,6 +160,25 @@ def test_wall_prob_runs_some_moves_into_the_frame_edge_where_the_subject_stops()
     assert stopped > 60 and moved_on < stopped
 
 
+def test_wall_move_nearest_heads_for_the_nearest_edge_and_stays_against_it():
+    against = 0
+    for seed in range(30):
+        seq = sample_sequence(seed, 4, 17, wall_prob=1.0, wall_move="nearest")
+        c = seq.ground_truth()["center"]
+        lo, hi = world.bounds(seq.appearance)
+        for s in seq.segments[1:]:
+            start = c[s.start]
+            walls = [m for m in ("left", "right", "up", "down") if not world.feasible(seq.appearance, m, 17, start)]
+            if not walls:
+                continue
+            rooms = {m: world._room(m, start, lo, hi) for m in walls}
+            assert s.motion in walls and rooms[s.motion] == min(rooms.values()), (seed, s, rooms)
+            against += rooms[s.motion] < 1e-9  # a later wall segment starts on the edge it is told to go into
+    assert against > 20
+    with pytest.raises(ValueError, match="wall_move"):
+        sample_sequence(0, 2, 17, wall_prob=1.0, wall_move="far")
+
+
 def test_prompt_round_trip():
     for color, shape, motion, bg, size, striped, distractor in itertools.islice(
         itertools.product(SUBJECT_COLORS, SHAPES, MOTIONS, BACKGROUND_COLORS, SIZES, (False, True), (False, True)),

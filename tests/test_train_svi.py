@@ -128,6 +128,7 @@ def test_defaults_are_the_official_values():
 @pytest.mark.parametrize("data, fragment", [
     ({"p_clean": 2}, "p_clean 2.0 is not a probability"),
     ({"wall_prob": -0.1}, "wall_prob -0.1 is not a probability"),
+    ({"wall_move": "far"}, "wall_move 'far' is not one of"),
     ({"rank": 0}, "rank 0 must be at least 1"),
     ({"rnak": 4}, "unknown keys ['rnak']"),
     ({"frames": 10}, "frames 10 is not of the form 4k+1"),
@@ -194,16 +195,19 @@ def test_shapesworld_clips_take_their_sequences_with_wall_stops_when_asked():
     from cliploom.shapesworld import sample_sequence
 
     assert config_from_dict({"wall_prob": 0.25}).wall_prob == 0.25 and config_from_dict({}).wall_prob == 0.0
-    src = ShapesWorldClips(frames=9, size=32, segments=3, segment_frames=12, boundary_prob=1.0, wall_prob=1.0)
-    g = torch.Generator().manual_seed(0)
-    walls = 0
-    for _ in range(12):
-        clip = src.clip(g, 1)
-        seed = int(clip.source.split(":")[1].split("@")[0])
-        seq = sample_sequence(seed, 3, 12, size=32, wall_prob=1.0)
-        assert np.array_equal(clip.frames, seq.frames(clip.offset, clip.offset + 9))
-        walls += seq.motions != sample_sequence(seed, 3, 12, size=32).motions
-    assert walls > 0
+    assert config_from_dict({"wall_move": "nearest"}).wall_move == "nearest"
+    for move in ("any", "nearest"):
+        src = ShapesWorldClips(frames=9, size=32, segments=3, segment_frames=12, boundary_prob=1.0, wall_prob=1.0,
+                               wall_move=move)
+        g = torch.Generator().manual_seed(0)
+        walls = 0
+        for _ in range(12):
+            clip = src.clip(g, 1)
+            seed = int(clip.source.split(":")[1].split("@")[0])
+            seq = sample_sequence(seed, 3, 12, size=32, wall_prob=1.0, wall_move=move)
+            assert np.array_equal(clip.frames, seq.frames(clip.offset, clip.offset + 9))
+            walls += seq.motions != sample_sequence(seed, 3, 12, size=32).motions
+        assert walls > 0
 
 
 def _write_mp4(path: Path, frames: np.ndarray, fps: int = 16):

@@ -75,6 +75,12 @@ def start_range(spec: PromptSpec, motion: str, frames: int) -> tuple[np.ndarray,
     return low, high
 
 
+def _room(motion: str, pos, lo: float, hi: float) -> float:
+    """Reference px a directed ``motion`` can travel from ``pos`` before the subject meets the edge."""
+    v = np.array(_VELOCITY[motion])
+    return float(np.dot(np.abs(v), np.where(v > 0, hi - np.asarray(pos), np.asarray(pos) - lo)))
+
+
 def feasible(spec: PromptSpec, motion: str, frames: int, start) -> bool:
     low, high = start_range(spec, motion, frames)
     start = np.asarray(start, dtype=np.float64)
@@ -309,6 +315,7 @@ def sample_sequence(
     size: int = 32,
     still_weight: float = 0.5,
     wall_prob: float = 0.0,
+    wall_move: str = "any",
 ) -> Sequence:
     """A long sequence whose motion is re-chosen at every segment boundary.
 
@@ -318,8 +325,13 @@ def sample_sequence(
     that chance, a move that runs into the frame edge within the segment (where there is one): the
     subject moves until it reaches the edge and stays there, the world's rule (and the evaluator's)
     for a prompt that asks for more room than is left. ``segment_frames`` is one length for all or
-    one per segment. ``wall_prob`` = 0 draws exactly the sequences it always drew.
+    one per segment. ``wall_move`` picks that move: ``"any"`` of those that reach an edge, or
+    ``"nearest"``, the one towards the nearest edge (the subject gets there soonest, and a second
+    such segment finds it already against the edge). ``wall_prob`` = 0 draws exactly the sequences
+    it always drew.
     """
+    if wall_move not in ("any", "nearest"):
+        raise ValueError(f"wall_move {wall_move!r} is not 'any' or 'nearest'")
     lengths = [segment_frames] * num_segments if isinstance(segment_frames, int) else list(segment_frames)
     if len(lengths) != num_segments:
         raise ValueError(f"got {len(lengths)} segment lengths for {num_segments} segments; give one per segment")
@@ -334,7 +346,10 @@ def sample_sequence(
         if not motions:
             m = first
         elif walls and rng.random() < wall_prob:
-            m = str(rng.choice(walls))
+            if wall_move == "nearest":
+                m = min(walls, key=lambda w: _room(w, pos, lo, hi))
+            else:
+                m = str(rng.choice(walls))
         else:
             options = [m for m in MOTIONS if feasible(spec, m, n, pos)]
             weights = np.array([still_weight if m == "still" else 1.0 for m in options])

@@ -59,6 +59,7 @@ class TrainConfig:
     segment_frames: int | None = None  # ShapesWorld: frames per segment; default: `frames`
     boundary_prob: float = 0.5  # ShapesWorld: chance a clip starts so that its motion memory ends at a prompt change
     wall_prob: float = 0.0  # ShapesWorld: chance a later segment's move runs into the frame edge (the subject stops there)
+    wall_move: str = "any"  # ShapesWorld: that move is "any" that reaches an edge, or the one to the "nearest" edge
 
     # -- conditioning (the engine's own functions build it; see docs/training.md) ---------------------
     latent_mode_prob: float = 1.0  # chance a sample is conditioned in latent mode (SVI 2.0 Pro); else pixel mode
@@ -214,6 +215,7 @@ _CHOICES = {
     "lr_schedule": ("constant", "cosine"),
     "motion_source": ("clip", "previous_clip"),
     "anchor_from": ("clip", "past", "motion"),
+    "wall_move": ("any", "nearest"),
     "route": ("svi", "df", "causal", "self-forcing", "helios"),
     "closed_loop_lead": ("world", "memory"),
     "replay_replace": ("nearest", "random"),

@@ -52,13 +52,14 @@ class ShapesWorldClips:
     """Clips cut from freshly generated ShapesWorld sequences."""
 
     def __init__(self, frames: int, size: int, segments: int = 3, segment_frames: int | None = None,
-                 boundary_prob: float = 0.5, wall_prob: float = 0.0):
+                 boundary_prob: float = 0.5, wall_prob: float = 0.0, wall_move: str = "any"):
         self.frames = frames
         self.size = size
         self.segments = segments
         self.segment_frames = segment_frames or frames
         self.boundary_prob = boundary_prob
         self.wall_prob = wall_prob
+        self.wall_move = wall_move
         if self.segments * self.segment_frames < frames:
             raise CliploomError(
                 f"ShapesWorld sequences of {segments} x {self.segment_frames} frames are shorter than a {frames}-frame clip",
@@ -74,7 +75,8 @@ class ShapesWorldClips:
         from ..shapesworld import sample_sequence
 
         seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
-        seq = sample_sequence(seed, self.segments, self.segment_frames, size=self.size, wall_prob=self.wall_prob)
+        seq = sample_sequence(seed, self.segments, self.segment_frames, size=self.size, wall_prob=self.wall_prob,
+                              wall_move=self.wall_move)
         total, F, L = seq.num_frames, self.frames, self.segment_frames
         starts = [b * L - motion_pixels for b in range(1, self.segments)]
         starts = [s for s in starts if history <= s and s + F <= total]

@@ -205,7 +205,7 @@ class SVITrainer:
             return VideoFolderClips(cfg.videos, cfg.frames, cfg.width, cfg.height, cfg.frame_stride,
                                     cfg.default_caption)
         return ShapesWorldClips(cfg.frames, cfg.width, cfg.segments, cfg.segment_frames, cfg.boundary_prob,
-                                cfg.wall_prob)
+                                cfg.wall_prob, cfg.wall_move)
 
     def generator(self, step: int, micro: int = 0) -> torch.Generator:
         """The generator of every random draw of (step, micro-step) on this process."""
