@@ -660,7 +660,10 @@ def _deltas(transformer, scale):
     from cliploom.train.adapter import lora_state
 
     st = lora_state(transformer)
-    return {k[: -len(".lora_A.weight")]: scale * st[k.replace("lora_A", "lora_B")] @ st[k]
+    def flat(b, a):  # a convolution's pair as matrices (out x rank) @ (rank x in·kernel)
+        return b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1)
+
+    return {k[: -len(".lora_A.weight")]: scale * flat(st[k.replace("lora_A", "lora_B")], st[k])
             for k in st if k.endswith(".lora_A.weight")}
 
 
@@ -704,6 +707,35 @@ def test_init_lora_starts_from_a_file_in_either_layout_with_the_same_update(tmp_
         with pytest.raises(CliploomError) as err:
             init_from_file(model.transformer, c)
         assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_init_lora_can_widen_a_lora_to_more_modules(tmp_path, tiny_dirs):
+    """A file on some of the targeted modules: those start from it exactly, the others from the
+    adapter's fresh init (zero update), so training widens the LoRA (e.g. to the patch embedding)."""
+    from cliploom.models import load_model
+    from cliploom.train.adapter import attach_lora, init_from_file, lora_state
+    from cliploom.train.export import export_lora
+
+    source = load_model(tiny_dirs["wan21"], device="cpu")
+    attach_lora(source.transformer, _cfg(tmp_path, tiny_dirs["wan21"], targets=["q", "k"]))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in source.transformer.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    want = _deltas(source.transformer, 8 / 4)
+    path = export_lora(lora_state(source.transformer), tmp_path / "qk.safetensors", "svi", rank=4, alpha=8)
+    model = load_model(tiny_dirs["wan21"], device="cpu")
+    c = _cfg(tmp_path, tiny_dirs["wan21"], targets=["q", "k", "v", "o", "patch_embedding"], init_lora=str(path))
+    attach_lora(model.transformer, c)
+    init_from_file(model.transformer, c)
+    got = _deltas(model.transformer, 8 / 4)
+    assert set(want) < set(got) and any("patch_embedding" in k for k in got)
+    for k in got:
+        if k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-7)
+        else:
+            assert not got[k].any(), k  # a module the file does not hold starts with no update
 
 
 def test_cosine_schedule_warms_up_then_decays_to_lr_min(tmp_path, tiny_dirs):

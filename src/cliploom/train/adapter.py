@@ -56,8 +56,10 @@ def load_lora_state(
     state: dict[str, torch.Tensor],
     what: str = "the saved LoRA",
     fix: str = "resume with the same model, rank and targets it was trained with",
+    partial: bool = False,
 ) -> None:
-    """Put saved adapter tensors back (the adapter must already be attached with the same shape)."""
+    """Put saved adapter tensors back (the adapter must already be attached with the same shape);
+    with ``partial``, ``state`` may cover only some of the adapter's modules."""
     own = dict(transformer.named_parameters())
     missing = []
     for key, value in state.items():
@@ -71,7 +73,7 @@ def load_lora_state(
         with torch.no_grad():
             param.copy_(value.to(param))
     expected = sum(1 for n in own if f".{ADAPTER}." in n and "lora_" in n)
-    if missing or expected != len(state):
+    if missing or (expected != len(state) and not partial):
         raise CliploomError(
             f"{what} does not fit this model ({len(missing)} tensors do not match, e.g. {missing[:1]}; "
             f"{expected} expected, {len(state)} given)",
@@ -84,7 +86,9 @@ def init_from_file(transformer, cfg: TrainConfig) -> None:
 
     The file's update ``scale * B @ A`` is kept exactly: its scale is folded into A and divided
     by the trainer's own ``alpha / rank``. The file must hold the same rank on exactly the
-    modules the config targets, and nothing else the adapter could not carry (full deltas)."""
+    modules the config targets, or on some of them (the others start as the adapter's own fresh
+    init, whose update is zero: a LoRA widened to more modules), and nothing else the adapter could
+    not carry (full deltas)."""
     from ..models.formats import check_finite, read_lora
 
     path = cfg.init_lora
@@ -99,16 +103,16 @@ def init_from_file(transformer, cfg: TrainConfig) -> None:
     own = {n[: -len(f".lora_A.{ADAPTER}.weight")] for n, _ in transformer.named_parameters()
            if n.endswith(f".lora_A.{ADAPTER}.weight")}
     theirs = set(lf.pairs())
-    if own != theirs:
+    if not theirs <= own or not theirs:
         extra, missing = sorted(theirs - own), sorted(own - theirs)
         raise CliploomError(
             f"{where} does not touch the modules the config targets "
             f"({len(missing)} targeted but not in the file, e.g. {missing[:2]}; "
             f"{len(extra)} in the file but not targeted, e.g. {extra[:2]})",
-            "set `targets` to the modules the file was trained on",
+            "set `targets` to the modules the file was trained on (or more)",
         )
     state = lf.peft_state_dict()
     check_finite(state, where)
     scale = cfg.alpha / cfg.rank
     state = {k: v / scale if ".lora_A." in k else v for k, v in state.items()}
-    load_lora_state(transformer, state, where, "start from a LoRA trained for this model")
+    load_lora_state(transformer, state, where, "start from a LoRA trained for this model", partial=own != theirs)
