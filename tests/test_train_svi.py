@@ -667,19 +667,27 @@ def _deltas(transformer, scale):
             for k in st if k.endswith(".lora_A.weight")}
 
 
+def _trained_lora(tmp_path, tiny_dirs, seed: int, **cfg):
+    """The tiny Wan 2.1 model with a LoRA attached whose B matrices are random (a nonzero update)."""
+    from cliploom.models import load_model
+    from cliploom.train.adapter import attach_lora
+
+    model = load_model(tiny_dirs["wan21"], device="cpu")
+    attach_lora(model.transformer, _cfg(tmp_path, tiny_dirs["wan21"], **cfg))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.transformer.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    return model
+
+
 def test_init_lora_starts_from_a_file_in_either_layout_with_the_same_update(tmp_path, tiny_dirs):
     from cliploom.models import load_model
     from cliploom.train.adapter import attach_lora, init_from_file, lora_state
     from cliploom.train.export import export_lora
 
-    source = load_model(tiny_dirs["wan21"], device="cpu")
-    cfg = _cfg(tmp_path, tiny_dirs["wan21"])  # rank 4, alpha 8
-    attach_lora(source.transformer, cfg)
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, p in source.transformer.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    source = _trained_lora(tmp_path, tiny_dirs, 3)  # rank 4, alpha 8
     want = _deltas(source.transformer, 8 / 4)
     for layout in ("svi", "diffusers"):
         old = os.umask(0o022)
@@ -716,13 +724,7 @@ def test_init_lora_can_widen_a_lora_to_more_modules(tmp_path, tiny_dirs):
     from cliploom.train.adapter import attach_lora, init_from_file, lora_state
     from cliploom.train.export import export_lora
 
-    source = load_model(tiny_dirs["wan21"], device="cpu")
-    attach_lora(source.transformer, _cfg(tmp_path, tiny_dirs["wan21"], targets=["q", "k"]))
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for name, p in source.transformer.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    source = _trained_lora(tmp_path, tiny_dirs, 5, targets=["q", "k"])
     want = _deltas(source.transformer, 8 / 4)
     path = export_lora(lora_state(source.transformer), tmp_path / "qk.safetensors", "svi", rank=4, alpha=8)
     model = load_model(tiny_dirs["wan21"], device="cpu")
