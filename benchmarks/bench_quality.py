@@ -113,8 +113,7 @@ def plan_motions(spec, first: str, start, lengths: list[int], rng: np.random.Gen
             if options:
                 m = str(rng.choice(options))
             else:
-                room = {m: float(np.dot(np.abs(v), np.where(np.array(v) > 0, hi - pos, pos - lo)))
-                        for m, v in world._VELOCITY.items() if m != motions[-1]}
+                room = {m: world.room(m, pos, lo, hi) for m in world._VELOCITY if m != motions[-1]}
                 m = max(room, key=room.get)
         motions.append(m)
         pos = np.clip(pos + world.motion_offset(m, n), lo, hi)

@@ -171,7 +171,7 @@ def test_wall_move_nearest_heads_for_the_nearest_edge_and_stays_against_it():
             walls = [m for m in ("left", "right", "up", "down") if not world.feasible(seq.appearance, m, 17, start)]
             if not walls:
                 continue
-            rooms = {m: world._room(m, start, lo, hi) for m in walls}
+            rooms = {m: world.room(m, start, lo, hi) for m in walls}
             assert s.motion in walls and rooms[s.motion] == min(rooms.values()), (seed, s, rooms)
             against += rooms[s.motion] < 1e-9  # a later wall segment starts on the edge it is told to go into
     assert against > 20

@@ -339,10 +339,7 @@ def _expected_motion(spec: PromptSpec, start: np.ndarray, steps: int, scale: flo
         return np.zeros(2)
     u = np.array(_world._VELOCITY[spec.motion])
     lo, hi = (b * scale for b in _world.bounds(spec))
-    if np.isnan(start).any():
-        room = np.inf
-    else:
-        room = float(np.dot(np.abs(u), np.where(u > 0, hi - start, start - lo)))
+    room = np.inf if np.isnan(start).any() else _world.room(spec.motion, start, lo, hi)
     travel = min(_world.SPEED * scale * steps, max(0.0, room))
     return u * travel
 

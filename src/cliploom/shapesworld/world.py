@@ -75,7 +75,7 @@ def start_range(spec: PromptSpec, motion: str, frames: int) -> tuple[np.ndarray,
     return low, high
 
 
-def _room(motion: str, pos, lo: float, hi: float) -> float:
+def room(motion: str, pos, lo: float, hi: float) -> float:
     """Reference px a directed ``motion`` can travel from ``pos`` before the subject meets the edge."""
     v = np.array(_VELOCITY[motion])
     return float(np.dot(np.abs(v), np.where(v > 0, hi - np.asarray(pos), np.asarray(pos) - lo)))
@@ -347,7 +347,7 @@ def sample_sequence(
             m = first
         elif walls and rng.random() < wall_prob:
             if wall_move == "nearest":
-                m = min(walls, key=lambda w: _room(w, pos, lo, hi))
+                m = min(walls, key=lambda w: room(w, pos, lo, hi))
             else:
                 m = str(rng.choice(walls))
         else:
