@@ -1,12 +1,11 @@
-"""Average several LoRAs of one recipe (a "soup"): the file written applies the mean of their weight
-deltas, exactly, by stacking their ranks (rank = the sum of theirs).
+"""Average several LoRAs of one model (a "soup"): the file written applies the mean of their weight
+updates, exactly, by stacking their ranks (rank = the sum of theirs).
 
-    python benchmarks/lora_soup.py OUT.safetensors A.safetensors B.safetensors [...]
+    python benchmarks/lora_soup.py OUT.safetensors A.safetensors B.safetensors [...] [--layout svi]
 
-Every input must be a cliploom export of the same modules with the scale folded into ``lora_B``
-(``cliploom export-lora``'s SVI layout, as the trainer writes ``lora_svi.safetensors``); the output
-keeps the first file's metadata with the summed rank. How issue 12 tested whether averaging two
-stage seeds of v5's recipe beats either (docs/benchmarks.md).
+The inputs may be in any layout cliploom reads (each file's alpha / rank scale is taken into its
+pairs); they must adapt the same modules with low-rank pairs only. How issue 12 tested whether
+averaging two stage seeds of v5's recipe beats either (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -16,49 +15,43 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 
-def soup(files: list[Path]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The stacked tensors and metadata of the mean of ``files``' deltas."""
-    handles = [safe_open(str(f), "pt") for f in files]
-    metas = [dict(h.metadata() or {}) for h in handles]
-    for f, m in zip(files, metas):
-        if m.get("scale_folded_into_lora_B") != "true" or "rank" not in m:
-            raise SystemExit(f"error: {f} is not a cliploom LoRA export with its scale folded into lora_B; "
-                             "export it with `cliploom export-lora RUN -o FILE --layout svi`")
-    keys = set(handles[0].keys())
-    for f, h in zip(files[1:], handles[1:]):
-        if set(h.keys()) != keys:
+def soup(files: list[Path]) -> tuple[dict[str, torch.Tensor], int]:
+    """The stacked pairs (peft names, scale 1) of the mean of ``files``' updates, and their rank."""
+    from cliploom.models.formats import read_lora
+
+    loras = [read_lora(f) for f in files]
+    for f, lf in zip(files, loras):
+        if lf.deltas() or len(lf.ranks) != 1:
+            raise SystemExit(f"error: {f} is not a LoRA of low-rank pairs of one rank; average plain LoRA files")
+    names = set(loras[0].pairs())
+    for f, lf in zip(files[1:], loras[1:]):
+        if set(lf.pairs()) != names:
             raise SystemExit(f"error: {f} adapts other modules than {files[0]}; average LoRAs of one recipe")
-    weight = 1.0 / len(files)
-    out: dict[str, torch.Tensor] = {}
-    for ka in sorted(k for k in keys if ".lora_A." in k):
-        kb = ka.replace(".lora_A.", ".lora_B.")
-        a = [h.get_tensor(ka).float() for h in handles]
-        b = [h.get_tensor(kb).float() for h in handles]
-        out[ka] = torch.cat(a, 0).contiguous()
-        out[kb] = torch.cat([weight * x for x in b], 1).contiguous()
-    meta = dict(metas[0])
-    rank = sum(int(m["rank"]) for m in metas)
-    meta["rank"], meta["alpha"] = str(rank), str(float(rank))
-    return out, meta
+    states = [lf.peft_state_dict() for lf in loras]  # alpha / rank folded into A: W += B @ A
+    out = {}
+    for name in sorted(names):
+        a, b = f"{name}.lora_A.weight", f"{name}.lora_B.weight"
+        out[a] = torch.cat([s[a] for s in states], 0).contiguous()
+        out[b] = torch.cat([s[b] / len(states) for s in states], 1).contiguous()
+    return out, sum(lf.ranks[0] for lf in loras)
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", type=Path)
     ap.add_argument("loras", type=Path, nargs="+")
+    ap.add_argument("--layout", default="svi", choices=("svi", "diffusers"))
     args = ap.parse_args(argv)
     if len(args.loras) < 2:
         ap.error("give at least two LoRAs to average")
-    tensors, meta = soup(args.loras)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".part")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(args.out)  # never a half-written file under the final name
-    print(f"wrote {args.out}: the mean of {len(args.loras)} LoRAs, rank {meta['rank']}")
+    from cliploom.train.export import export_lora
+
+    state, rank = soup(args.loras)
+    export_lora(state, args.out, args.layout, rank=rank, alpha=float(rank),  # written atomically
+                info={"soup": [str(f) for f in args.loras]})
+    print(f"wrote {args.out}: the mean of {len(args.loras)} LoRAs, rank {rank}")
 
 
 if __name__ == "__main__":

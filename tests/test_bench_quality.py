@@ -463,27 +463,29 @@ def test_colour_variants_match_the_opening_frames_to_the_reference(capsys):
 
 def test_lora_soup_applies_the_mean_of_the_deltas(tmp_path):
     import lora_soup
-    from safetensors import safe_open
-    from safetensors.torch import save_file
     import torch
+    from cliploom.models.formats import read_lora
+    from cliploom.train.export import export_lora
 
     g = torch.Generator().manual_seed(0)
-    meta = {"rank": "2", "alpha": "2.0", "scale_folded_into_lora_B": "true", "cliploom_layout": "svi"}
-    files = []
-    for i in range(2):
-        t = {"blocks.0.attn1.q.lora_A.default.weight": torch.randn(2, 6, generator=g),
-             "blocks.0.attn1.q.lora_B.default.weight": torch.randn(5, 2, generator=g)}
-        files.append((tmp_path / f"l{i}.safetensors", t))
-        save_file(t, str(files[-1][0]), metadata=meta)
+    names = ["blocks.0.attn1.to_q", "blocks.0.ffn.net.0.proj"]
+    files, deltas = [], []
+    for i, (rank, alpha) in enumerate([(2, 4.0), (3, 3.0)]):  # other ranks and scales: each file's own scale counts
+        state = {}
+        for n in names:
+            state[f"{n}.lora_A.weight"] = torch.randn(rank, 6, generator=g)
+            state[f"{n}.lora_B.weight"] = torch.randn(5, rank, generator=g)
+        files.append(export_lora(state, tmp_path / f"l{i}.safetensors", "svi" if i else "diffusers", rank=rank, alpha=alpha))
+        deltas.append({n: alpha / rank * state[f"{n}.lora_B.weight"] @ state[f"{n}.lora_A.weight"] for n in names})
     out = tmp_path / "soup" / "s.safetensors"
-    lora_soup.main([str(out), str(files[0][0]), str(files[1][0])])
-    with safe_open(str(out), "pt") as f:
-        a, b = f.get_tensor("blocks.0.attn1.q.lora_A.default.weight"), f.get_tensor("blocks.0.attn1.q.lora_B.default.weight")
-        assert f.metadata()["rank"] == "4" and f.metadata()["cliploom_layout"] == "svi"
-    delta = [t["blocks.0.attn1.q.lora_B.default.weight"] @ t["blocks.0.attn1.q.lora_A.default.weight"] for _, t in files]
-    torch.testing.assert_close(b @ a, (delta[0] + delta[1]) / 2)  # float32 sums of a few products: ~1e-7
-    assert not list(out.parent.glob("*.part"))
-    bare = tmp_path / "bare.safetensors"
-    save_file(files[0][1], str(bare))
-    with pytest.raises(SystemExit, match="not a cliploom LoRA export"):
-        lora_soup.main([str(tmp_path / "x.safetensors"), str(bare), str(files[0][0])])
+    lora_soup.main([str(out), *map(str, files)])
+    got = read_lora(out)
+    assert got.ranks == [5] and set(got.pairs()) == set(names)
+    sd = got.peft_state_dict()
+    for n in names:  # float32 sums of a few products: close to ~1e-6
+        torch.testing.assert_close(sd[f"{n}.lora_B.weight"] @ sd[f"{n}.lora_A.weight"], (deltas[0][n] + deltas[1][n]) / 2)
+    assert [p.name for p in out.parent.iterdir()] == ["s.safetensors"]  # nothing half-written left
+    other = export_lora({k: v for k, v in read_lora(files[0]).peft_state_dict().items() if names[0] in k},
+                        tmp_path / "one.safetensors", "svi", rank=2, alpha=2.0)
+    with pytest.raises(SystemExit, match="adapts other modules"):
+        lora_soup.main([str(tmp_path / "x.safetensors"), str(files[0]), str(other)])
