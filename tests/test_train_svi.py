@@ -441,6 +441,60 @@ def test_motion_weight_weighs_the_loss_where_the_clip_moves(tmp_path, tiny_dirs)
         _cfg(tmp_path, tiny_dirs["wan21"], motion_weight=-1)
 
 
+def test_invented_movement_marks_motion_the_prediction_adds_to_the_clip():
+    from cliploom.train.samples import invented_movement
+
+    x0 = torch.randn(2, 4, 5, 4, 4) * 0.1
+    x0[1, :, :, 1, 1] += torch.arange(5.0).view(1, 5)  # sample 1 moves in one cell (its own scale)
+    assert invented_movement(x0, x0).abs().max() == 0  # the clip predicted as it is: nothing invented
+    still = x0[:, :, :1].expand(-1, -1, 5, -1, -1).clone()  # a clip that stops (every frame its first)
+    hat = still.clone()
+    hat[:, :, 3:, 2, 3] += 3.0  # the prediction moves something into cell (2, 3) for the last two latent frames
+    m = invented_movement(hat, still)
+    assert m.shape == (2, 1, 5, 4, 4) and float(m.max()) == 1.0 and float(m.min()) == 0.0
+    assert float(m[:, :, 3:, 2, 3].min()) == 1.0  # the invented motion at full weight (the cap)
+    assert float(m[:, :, :, :2].abs().max()) == 0  # nothing where prediction and clip agree
+    moving = x0.clone()
+    hat = moving.clone()
+    hat[1, :, :, 1, 1] = moving[1, :, 2:3, 1, 1].expand(-1, 5)  # the prediction freezes the moving cell
+    assert invented_movement(hat, moving).abs().max() == 0  # moving less than the clip is the target map's job
+
+
+def test_motion_weight_on_both_also_weighs_motion_the_prediction_invents(tmp_path, tiny_dirs):
+    """``motion_weight_on: both``: the weights are 1 + motion_weight x the larger of the clip's movement
+    map and the movement the model's predicted clip adds to it."""
+    from cliploom.models import load_model
+    from cliploom.train.adapter import attach_lora
+    from cliploom.train.loop import SVITrainer
+    from cliploom.train.samples import invented_movement
+
+    cfg = _cfg(tmp_path, tiny_dirs["wan21"], timestep_weighting="none", motion_weight=3.0, motion_weight_on="both",
+               **ZERO)
+    t = SVITrainer(cfg, model=load_model(tiny_dirs["wan21"], device="cpu"), progress=False)
+    info = t.train_step()
+    ref_model = load_model(tiny_dirs["wan21"], device="cpu")
+    attach_lora(ref_model.transformer, cfg, seed=cfg.seed)
+    s, sigma = info.samples[0], float(info.sigmas[0])
+    x_t = (1 - sigma) * s.latents + sigma * info.noise
+    with torch.no_grad():
+        out = ref_model.transformer(hidden_states=s.cond.model_input(x_t), timestep=torch.tensor([sigma * 1000]),
+                                    encoder_hidden_states=ref_model.encode_text([s.prompt]),
+                                    encoder_hidden_states_image=s.cond.image_embeds, return_dict=False)[0]
+    sq = (out - (info.noise - s.latents)) ** 2
+    invented = invented_movement(x_t - sigma * out, s.latents)
+    assert float(invented.max()) > 0  # an untrained LoRA's prediction moves where the clip does not
+    w = (1 + 3.0 * torch.maximum(s.motion_map, invented)).expand_as(sq)
+    assert float((sq * w).sum() / w.sum()) == pytest.approx(info.loss, rel=1e-4)
+    target_only = (1 + 3.0 * s.motion_map).expand_as(sq)
+    assert float((sq * target_only).sum() / target_only.sum()) != pytest.approx(info.loss, rel=1e-4)
+    with pytest.raises(CliploomError, match="motion_weight_on: both .* motion_weight is 0"):
+        _cfg(tmp_path, tiny_dirs["wan21"], motion_weight_on="both")
+    with pytest.raises(CliploomError, match="motion_weight_on"):
+        _cfg(tmp_path, tiny_dirs["wan21"], motion_weight=1.0, motion_weight_on="prediction")
+    with pytest.raises(CliploomError, match="route df"):
+        _cfg(tmp_path, tiny_dirs["wan21"], motion_weight=1.0, motion_weight_on="both", route="df", latent_mode_prob=1.0)
+
+
 @pytest.mark.parametrize("variant, extra", [("wan22", {"expert": "low"}), ("ti2v", {})])
 def test_other_families_train(tmp_path, tiny_dirs, variant, extra):
     from cliploom.models import load_model

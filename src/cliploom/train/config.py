@@ -157,6 +157,10 @@ class TrainConfig:
     # distance from the clip's temporal median, 0..1), so that a small moving subject is not outweighed
     # by the static background it sits on; the weighted mean keeps the loss's scale
     motion_weight: float = 0.0
+    # which movement motion_weight weighs: "target" (where the clip moves) or "both" (also where the
+    # model's predicted clip moves more than the clip does: motion it invents, e.g. a subject carried on
+    # against a wall where the clip stops it, which "target" leaves at weight 1 as a still background)
+    motion_weight_on: str = "target"
     shift: float | None = None  # timestep shift; default: the model's (5 for Wan I2V)
     train_timesteps: int = 1000  # size of the shifted grid training timesteps are drawn from
     timestep_weighting: str = "gaussian"  # "gaussian" (DiffSynth's Wan loss weight) or "none"
@@ -216,6 +220,7 @@ _CHOICES = {
     "motion_source": ("clip", "previous_clip"),
     "anchor_from": ("clip", "past", "motion"),
     "wall_move": ("any", "nearest"),
+    "motion_weight_on": ("target", "both"),
     "route": ("svi", "df", "causal", "self-forcing", "helios"),
     "closed_loop_lead": ("world", "memory"),
     "replay_replace": ("nearest", "random"),
@@ -317,6 +322,12 @@ def validate(cfg: TrainConfig, where: str = "config") -> None:
     if cfg.motion_weight and cfg.route not in ("svi", "df"):
         _fail(where, f"motion_weight weighs the loss of the svi and df trainers; route {cfg.route} trains otherwise",
               "drop motion_weight")
+    if cfg.motion_weight_on != "target" and not cfg.motion_weight:
+        _fail(where, f"motion_weight_on: {cfg.motion_weight_on} chooses what motion_weight weighs, and motion_weight is 0",
+              "set motion_weight (e.g. 4) or drop motion_weight_on")
+    if cfg.motion_weight_on == "both" and cfg.route != "svi":
+        _fail(where, f"motion_weight_on: both reads the prediction as x_t - sigma v, which route {cfg.route}'s context "
+              "frames (their own noise levels) do not follow", "use motion_weight_on: target with this route")
     if cfg.grad_clip < 0 or cfg.weight_decay < 0 or cfg.error_modulate < 0 or cfg.motion_weight < 0:
         _fail(where, "grad_clip, weight_decay, error_modulate and motion_weight must not be negative",
               "use 0 to turn them off")

@@ -41,7 +41,7 @@ from .data import ShapesWorldClips, VideoFolderClips
 from .export import export_lora
 from .recycling import ErrorRecycler, Injection
 from .closed_loop import closed_loop_clip
-from .samples import Choice, TrainSample, build_sample, draw_choice
+from .samples import Choice, TrainSample, build_sample, draw_choice, invented_movement
 
 # Settings a resumed run must share with the run it continues (they shape the saved state).
 STRUCTURAL = (
@@ -315,7 +315,10 @@ class SVITrainer:
             ones = torch.ones(1, 1, sq.shape[2], 1, 1, device=sq.device)
             m = torch.cat([ones if m is None else m for m in masks]).expand_as(sq)
         if cfg.motion_weight:  # where the clip moves counts 1 + motion_weight times (small subjects)
-            w = 1 + cfg.motion_weight * torch.cat([s.motion_map for s in samples]).to(sq.device)
+            where = torch.cat([s.motion_map for s in samples]).to(sq.device)
+            if cfg.motion_weight_on == "both":  # and where the prediction invents motion the clip lacks
+                where = torch.maximum(where, invented_movement((x_t - sig * v_hat).detach(), x0))
+            w = 1 + cfg.motion_weight * where
             m = w.expand_as(sq) if m is None else m * w
         if m is not None:
             per_sample = (sq * m).flatten(1).sum(1) / m.flatten(1).sum(1)

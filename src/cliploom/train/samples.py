@@ -132,6 +132,22 @@ def movement_map(video: torch.Tensor, T: int, scale: int) -> torch.Tensor:
     return (m / top if top > 0 else m)[None, None]
 
 
+def invented_movement(x0_hat: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """Where a predicted clip moves more than the clip itself, per latent cell: each cell's distance
+    from its temporal median, averaged over channels, for the prediction ``x0_hat`` less that of the
+    target ``x0`` (latents ``[B, C, T, h, w]``), floored at 0 and scaled by the target's largest, capped
+    at 1: ``[B, 1, T, h, w]``. Measured in latents against the target's own, so what the VAE does to a
+    still clip cancels; a subject the model carries on where the clip stops it scores 1."""
+
+    def spread(x: torch.Tensor) -> torch.Tensor:
+        return (x - x.median(dim=2, keepdim=True).values).abs().mean(1, keepdim=True)
+
+    target = spread(x0.float())
+    extra = (spread(x0_hat.float()) - target).clamp(min=0)
+    scale = target.flatten(1).amax(1).clamp(min=1e-6).view(-1, 1, 1, 1, 1)
+    return (extra / scale).clamp(max=1)
+
+
 def _pil(frame: torch.Tensor) -> Image.Image:
     """``[3, H, W]`` in [-1, 1] -> PIL (for CLIP image features)."""
     arr = ((frame.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
