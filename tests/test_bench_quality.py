@@ -461,6 +461,30 @@ def test_colour_variants_match_the_opening_frames_to_the_reference(capsys):
     assert "story  6 opening" in capsys.readouterr().out
 
 
+def test_lora_by_step_sets_the_svi_lora_weight_on_each_step(monkeypatch, capsys):
+    """The harness of the low-noise LoRA row: full weight above ``below``, ``low`` x the clip's weight
+    under it, and the i2v clip 0 without the LoRA on every step."""
+    import lora_by_step
+    import quality_sweep
+    from cliploom.models.lora import LoraStack
+
+    seen = []
+    original = LoraStack.set_clip_weights
+
+    def record(self, weights):
+        seen.append(None if weights is None else weights.get("svi"))
+        original(self, weights)
+
+    monkeypatch.setattr(LoraStack, "set_clip_weights", record)
+    lora_by_step.patch(0.25, 0.9, setattr=monkeypatch.setattr)  # 2 steps: sigma 1, then 0.83
+    quality_sweep.main(['{"steps": 2}', "--stories", "1"])
+    # per clip: the engine's own call (clip 0: svi 0; later: None, the stack's weights), then one per step
+    per_clip = [seen[k : k + 3] for k in range(0, len(seen), 3)]
+    assert len(per_clip) == 20 and per_clip[0] == [0.0, 0.0, 0.0]
+    assert all(c == [None, 1.0, 0.25] for c in per_clip[1:])
+    assert "stories clean" in capsys.readouterr().out
+
+
 def test_lora_soup_applies_the_mean_of_the_deltas(tmp_path):
     import lora_soup
     import torch
