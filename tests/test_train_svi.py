@@ -414,13 +414,14 @@ def test_movement_map_marks_where_the_clip_moves_per_latent_cell():
     assert float(m[..., 1, :].sum()) > 0 and float(m[..., [0, 2, 3], :].abs().max()) == 0  # only the square's row
 
 
-def test_motion_weight_weighs_the_loss_where_the_clip_moves(tmp_path, tiny_dirs):
-    """The step's loss is the per-cell MSE weighted by 1 + motion_weight x the clip's movement map."""
+def _weighted_step(tmp_path, tiny_dirs, **kw):
+    """One training step with ``motion_weight: 3`` (and ``kw``), and the same first sample's velocity
+    predicted again by a fresh copy of the LoRA: ``(info, sample, sigma, x_t, prediction, squared error)``."""
     from cliploom.models import load_model
     from cliploom.train.adapter import attach_lora
     from cliploom.train.loop import SVITrainer
 
-    cfg = _cfg(tmp_path, tiny_dirs["wan21"], timestep_weighting="none", motion_weight=3.0, **ZERO)
+    cfg = _cfg(tmp_path, tiny_dirs["wan21"], timestep_weighting="none", motion_weight=3.0, **kw, **ZERO)
     t = SVITrainer(cfg, model=load_model(tiny_dirs["wan21"], device="cpu"), progress=False)
     info = t.train_step()
     ref_model = load_model(tiny_dirs["wan21"], device="cpu")
@@ -431,7 +432,12 @@ def test_motion_weight_weighs_the_loss_where_the_clip_moves(tmp_path, tiny_dirs)
         out = ref_model.transformer(hidden_states=s.cond.model_input(x_t), timestep=torch.tensor([sigma * 1000]),
                                     encoder_hidden_states=ref_model.encode_text([s.prompt]),
                                     encoder_hidden_states_image=s.cond.image_embeds, return_dict=False)[0]
-    sq = (out - (info.noise - s.latents)) ** 2
+    return info, s, sigma, x_t, out, (out - (info.noise - s.latents)) ** 2
+
+
+def test_motion_weight_weighs_the_loss_where_the_clip_moves(tmp_path, tiny_dirs):
+    """The step's loss is the per-cell MSE weighted by 1 + motion_weight x the clip's movement map."""
+    info, s, sigma, x_t, out, sq = _weighted_step(tmp_path, tiny_dirs)
     w = (1 + 3.0 * s.motion_map).expand_as(sq)
     assert float(s.motion_map.max()) == pytest.approx(1.0)  # a ShapesWorld clip moves somewhere
     weighted = float((sq * w).sum() / w.sum())
@@ -463,24 +469,9 @@ def test_invented_movement_marks_motion_the_prediction_adds_to_the_clip():
 def test_motion_weight_on_both_also_weighs_motion_the_prediction_invents(tmp_path, tiny_dirs):
     """``motion_weight_on: both``: the weights are 1 + motion_weight x the larger of the clip's movement
     map and the movement the model's predicted clip adds to it."""
-    from cliploom.models import load_model
-    from cliploom.train.adapter import attach_lora
-    from cliploom.train.loop import SVITrainer
     from cliploom.train.samples import invented_movement
 
-    cfg = _cfg(tmp_path, tiny_dirs["wan21"], timestep_weighting="none", motion_weight=3.0, motion_weight_on="both",
-               **ZERO)
-    t = SVITrainer(cfg, model=load_model(tiny_dirs["wan21"], device="cpu"), progress=False)
-    info = t.train_step()
-    ref_model = load_model(tiny_dirs["wan21"], device="cpu")
-    attach_lora(ref_model.transformer, cfg, seed=cfg.seed)
-    s, sigma = info.samples[0], float(info.sigmas[0])
-    x_t = (1 - sigma) * s.latents + sigma * info.noise
-    with torch.no_grad():
-        out = ref_model.transformer(hidden_states=s.cond.model_input(x_t), timestep=torch.tensor([sigma * 1000]),
-                                    encoder_hidden_states=ref_model.encode_text([s.prompt]),
-                                    encoder_hidden_states_image=s.cond.image_embeds, return_dict=False)[0]
-    sq = (out - (info.noise - s.latents)) ** 2
+    info, s, sigma, x_t, out, sq = _weighted_step(tmp_path, tiny_dirs, motion_weight_on="both")
     invented = invented_movement(x_t - sigma * out, s.latents)
     assert float(invented.max()) > 0  # an untrained LoRA's prediction moves where the clip does not
     w = (1 + 3.0 * torch.maximum(s.motion_map, invented)).expand_as(sq)
