@@ -118,13 +118,18 @@ class TrainSample:
     motion_map: torch.Tensor | None = None  # [1, 1, T, h, w] in [0, 1]: where the clip moves (motion_weight)
 
 
+def temporal_spread(x: torch.Tensor, time: int) -> torch.Tensor:
+    """Each element's distance from its median over dimension ``time``, averaged over the channels
+    (the dimension before it, kept): how far each place strays from its static state."""
+    return (x - x.median(dim=time, keepdim=True).values).abs().mean(time - 1, keepdim=True)
+
+
 def movement_map(video: torch.Tensor, T: int, scale: int) -> torch.Tensor:
     """Where a clip moves, per latent cell: each pixel's distance from the clip's temporal median
     (its static background), averaged over channels, over each latent frame's pixel frames (frame 0
     alone, then groups of ``(F - 1) / (T - 1)``) and over each ``scale x scale`` cell, scaled so that
     the clip's largest is 1 (all zero for a still clip). ``video``: ``[1, 3, F, H, W]`` in [-1, 1]."""
-    px = video[0].float()
-    d = (px - px.median(dim=1, keepdim=True).values).abs().mean(0)  # [F, H, W]
+    d = temporal_spread(video[0].float(), 1)[0]  # [F, H, W]
     step = (d.shape[0] - 1) // max(T - 1, 1)
     frames = [d[:1]] + [d[1 + k * step : 1 + (k + 1) * step] for k in range(T - 1)]
     m = torch.nn.functional.avg_pool2d(torch.stack([f.mean(0) for f in frames])[None], scale)[0]  # [T, h, w]
@@ -138,12 +143,8 @@ def invented_movement(x0_hat: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
     target ``x0`` (latents ``[B, C, T, h, w]``), floored at 0 and scaled by the target's largest, capped
     at 1: ``[B, 1, T, h, w]``. Measured in latents against the target's own, so what the VAE does to a
     still clip cancels; a subject the model carries on where the clip stops it scores 1."""
-
-    def spread(x: torch.Tensor) -> torch.Tensor:
-        return (x - x.median(dim=2, keepdim=True).values).abs().mean(1, keepdim=True)
-
-    target = spread(x0.float())
-    extra = (spread(x0_hat.float()) - target).clamp(min=0)
+    target = temporal_spread(x0.float(), 2)
+    extra = (temporal_spread(x0_hat.float(), 2) - target).clamp(min=0)
     scale = target.flatten(1).amax(1).clamp(min=1e-6).view(-1, 1, 1, 1, 1)
     return (extra / scale).clamp(max=1)
 
