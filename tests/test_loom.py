@@ -557,3 +557,75 @@ def test_first_clip_i2v_conditions_clip_0_as_the_model_s_own_image_to_video(tiny
                         (dict(first_clip="i2v", route="causal"), "changes pro mode's first clip")):
         with pytest.raises(CliploomError, match=message):
             tiny_story(2, **kw)
+
+
+@pytest.mark.parametrize("K", [1, 2])
+def test_memory_from_frames_hands_on_the_clips_colour_matched_frames_encoded_again(tiny_models, tiny_story, K,
+                                                                                 monkeypatch):
+    """``memory_from: frames``: the motion memory of clip i > 0 is clip i - 1 decoded, colour matched
+    and encoded again (its anchor frame left out), its last K latents -- not the denoised latents.
+    Recomputed here from the clip's latents by the same functions (same path: exact); resuming from
+    the memory a clip hands on gives the uninterrupted run's clips (exact)."""
+    import numpy as np
+
+    from cliploom.colour import ColourTarget, match_colour
+    from cliploom.loom import Start
+    from cliploom.models.components import frames_to_tensor
+    from cliploom.video_io import load_image
+
+    model = tiny_models("wan21")
+    common = dict(frames=13, motion_latents=K, steps=2, guidance=1.0, seam_blend=0, color_match="anchor",
+                  color_match_method="histogram")
+    seen = []
+    original = conditioning.latent_condition
+
+    def spy(anchor, motion, *args, **kw):
+        seen.append(None if motion is None else motion.clone())
+        return original(anchor, motion, *args, **kw)
+
+    monkeypatch.setattr(conditioning, "latent_condition", spy)
+    clips = frames_of(model, tiny_story(3, memory_from="frames", **common))
+    plain = frames_of(model, tiny_story(3, **common))
+    story = tiny_story(3, **common)
+    target = ColourTarget.of(torch.as_tensor(np.array(load_image(story.reference, 32, 32))), "histogram")
+    for i in (1, 2):
+        decoded = match_colour(model.decode_latents(clips[i - 1].latents), target, method="histogram")
+        expected = model.encode_video(frames_to_tensor(decoded[4:]))[:, :, -K:]  # frames 4.. of 13: clip i - 1's own
+        assert expected.shape == (1, model.z_dim, K, 4, 4)
+        assert torch.equal(seen[i], expected) and torch.equal(clips[i - 1].memory, expected)
+        assert not torch.equal(seen[i], clips[i - 1].latents[:, :, -K:])  # not the latents themselves
+    assert torch.equal(clips[0].frames, plain[0].frames)  # clip 0 has no memory: unchanged
+    assert not torch.equal(clips[2].latents, plain[2].latents)
+    resumed = frames_of(model, tiny_story(3, memory_from="frames", **common), start=Start(1, clips[0].memory))
+    assert all(torch.equal(a.frames, b.frames) for a, b in zip(resumed, clips[1:], strict=True))
+
+
+def test_memory_from_is_checked_and_a_model_s_setting_is_its_pro_stories_default(tiny_models, tiny_story, tmp_path):
+    """A bad ``memory_from``, or one outside pro mode on the svi route, is refused in one line; a model's
+    ``memory_from`` is the default of its unkeyed pro stories (a story's own wins; keyed stories and the
+    other modes keep the latents)."""
+    import dataclasses
+
+    from PIL import Image
+
+    from cliploom.errors import CliploomError
+    from cliploom.models.components import ModelSettings
+    from cliploom.story import ClipSpec, Keyframe
+
+    for kw, message in ((dict(memory_from="pixels"), "unknown memory_from 'pixels'"),
+                        (dict(memory_from="frames", mode="svi2"), "changes pro mode's motion latents"),
+                        (dict(memory_from="frames", route="df"), "changes pro mode's motion latents")):
+        with pytest.raises(CliploomError, match=message):
+            tiny_story(2, **kw)
+    with pytest.raises(CliploomError, match="unknown memory_from 'pixels'"):
+        ModelSettings.checked({"memory_from": "pixels"}, "cliploom.json")
+    model = tiny_models("wan21")
+    settings = dataclasses.replace(model.settings, memory_from="frames")
+    shape = (model.size_multiple, model.scale_temporal)
+    assert tiny_story(2).resolve(model.settings, *shape).memory_from == "latents"  # the engine's default
+    assert tiny_story(2).resolve(settings, *shape).memory_from == "frames"
+    assert tiny_story(2, memory_from="latents").resolve(settings, *shape).memory_from == "latents"
+    assert tiny_story(2, mode="svi2").resolve(settings, *shape).memory_from == "latents"
+    Image.new("RGB", (32, 32), (200, 40, 40)).save(tmp_path / "end.png")
+    keyed = tiny_story(2, clips=[ClipSpec("a", keyframes=(Keyframe(-1, tmp_path / "end.png"),)), ClipSpec("b")])
+    assert keyed.resolve(settings, *shape).memory_from == "latents"

@@ -218,6 +218,9 @@ def weave(
             if story.latent_motion:
                 memory = latents[:, :, -story.motion_latents :]
                 job = decoder.submit(latents, keep, (i, prompt, seed, seconds_denoise, seconds_compile), memory)
+                if story.memory_from == "frames":  # the memory as the clip looks: decoded, colour matched, encoded
+                    decoded = job.result()  # waits for the decode
+                    memory = decoded.clip.memory = encode_memory(model, decoded.frames_all, story.motion_latents)
                 if story.anchor == "last_frame":  # re-anchoring: the next clip is anchored where this one ended
                     decoded = job.result()  # waits for the decode
                     decoded.clip.anchor_next = decoded.frames_all[-1].cpu()
@@ -278,6 +281,15 @@ def _compile_now(denoise, noise: torch.Tensor, sigmas: torch.Tensor) -> float:
         for sigma in sorted({float(sigmas[0]), float(sigmas[-2])}):
             denoise(noise, sigma)
     return time.perf_counter() - started
+
+
+def encode_memory(model: Components, frames: torch.Tensor, k: int) -> torch.Tensor:
+    """``memory_from: frames``: the last ``k`` latents of a decoded clip (uint8 ``[F, H, W, 3]``)
+    encoded again. The clip's first frame is left out (the anchor's decode, not a frame of its
+    motion), so what is encoded is a run of the clip's own frames, as the trainer encodes the frames
+    that end where the motion ends (``motion_source: previous_clip``)."""
+    t = model.scale_temporal
+    return model.encode_video(frames_to_tensor(frames[t:].cpu()).to(model.device))[:, :, -k:]
 
 
 def reanchor(model: Components, frame: torch.Tensor):

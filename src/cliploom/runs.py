@@ -88,6 +88,7 @@ def settings_key(story: Story, model) -> dict:
            if story.keyframe_guidance not in (None, 1) and any(c.keyframes for c in story.clips) else {}),
         **({"memory_guidance": story.memory_guidance} if story.memory_guidance not in (None, 1) else {}),
         **({"anchor": story.anchor} if story.anchor != "reference" else {}),
+        **({"memory_from": story.memory_from} if story.memory_from not in (None, "latents") else {}),
         **({"first_clip": story.first_clip} if story.first_clip != "pro" else {}),
         **({"sampler": story.sampler} if story.sampler not in (None, "euler") else {}),
         **({"color_match_method": story.color_match_method}

@@ -116,6 +116,10 @@ class Story:
     # pro: reference (SVI) | last_frame (re-anchoring: each clip anchored on the previous clip's last
     # frame); default: the model's `anchor`, else reference
     anchor: str | None = None
+    # pro: latents (SVI: the previous clip's last K denoised latents) | frames (those frames decoded, colour
+    # matched and encoded again, as the trainer's `motion_source: previous_clip` encodes them); default:
+    # the model's `memory_from`, else latents
+    memory_from: str | None = None
     # pro: clip 0 conditioned as SVI's (anchor latent, zero latents; on route df: the anchor as context)
     # | i2v: as the model's own image-to-video, without the SVI LoRA (route df: without the df LoRA)
     # (default: the model's `first_clip` on routes svi, df and helios (not a Helios folder's own), else pro)
@@ -194,6 +198,8 @@ class Story:
             s.first_clip = settings.first_clip if unkeyed_pro and own_clip0 else "pro"
         if s.anchor is None:
             s.anchor = getattr(settings, "anchor", "reference") if model_choice else "reference"
+        if s.memory_from is None:
+            s.memory_from = getattr(settings, "memory_from", "latents") if model_choice else "latents"
         if self.seam_blend is None and not s.latent_motion:
             s.seam_blend = 0  # the model's default is for pro mode; pixel modes have nothing to blend
         if s.steps is None and s.timesteps is None:
@@ -373,6 +379,7 @@ _SCALARS: dict[str, type] = {
     "keyframe_guidance": float,
     "memory_guidance": float,
     "anchor": str,
+    "memory_from": str,
     "first_clip": str,
     "sampler": str,
     "route": str,
@@ -383,6 +390,7 @@ _SCALARS: dict[str, type] = {
 }
 OFFLOAD = ("none", "model", "group", "sequential")
 ANCHORS = ("reference", "last_frame")  # story anchor: what each clip after the first is anchored on
+MEMORY_FROM = ("latents", "frames")  # story memory_from: where pro mode's motion memory is taken from
 FIRST_CLIPS = ("pro", "i2v")  # story first_clip: how pro mode conditions clip 0
 FIRST_CLIP_ROUTES = ("svi", "df", "helios")  # the routes whose clip 0 first_clip: i2v makes the model's own image-to-video
 SAMPLERS = ("euler", "unipc", "renoise")  # story sampler (cliploom.sampling)
@@ -617,6 +625,11 @@ def make_story(**values) -> Story:
     if story.anchor not in (None, "reference") and (not story.latent_motion or story.route != "svi"):
         _fail(where, f"anchor: {story.anchor} re-anchors pro mode's latent conditioning on the svi route",
               "use mode: pro (and route: svi), or anchor: reference")
+    if story.memory_from is not None and story.memory_from not in MEMORY_FROM:
+        _fail(where, f"unknown memory_from {story.memory_from!r}", f"use {' or '.join(MEMORY_FROM)}")
+    if story.memory_from not in (None, "latents") and (not story.latent_motion or story.route != "svi"):
+        _fail(where, f"memory_from: {story.memory_from} changes pro mode's motion latents on the svi route",
+              "use mode: pro (and route: svi), or memory_from: latents")
     _check_route(where, story)
     if story.offload is not None and story.offload not in OFFLOAD:
         _fail(where, f"unknown offload {story.offload!r}", f"use one of {', '.join(OFFLOAD)}")

@@ -54,6 +54,7 @@ class ModelSettings:
     color_match_method: str = "mean_std"  # the default of stories' color_match_method (cliploom.colour)
     first_clip: str = "pro"  # the default of pro-mode stories' first_clip (pro | i2v), on routes svi, df and helios
     anchor: str = "reference"  # the default of pro-mode stories' anchor (reference | last_frame)
+    memory_from: str = "latents"  # the default of pro-mode stories' memory_from (latents | frames)
     guidance_boundary: float | None = None  # one-transformer models: guidance above it, guidance_low below
     seam_blend: int = 0  # the default of stories' seam_blend (pro mode)
     motion_amplitude: float = 1.0  # the default of stories' motion_amplitude (1: off)
@@ -101,12 +102,13 @@ class ModelSettings:
         """Settings whose every value has its type and a sane range (they become a story's defaults)."""
         from ..errors import CliploomError
         from ..colour import METHODS as COLOUR_METHODS
-        from ..story import ANCHORS, FIRST_CLIPS, SAMPLERS, ClipSpec, Story, check_numbers, typed_value
+        from ..story import ANCHORS, FIRST_CLIPS, MEMORY_FROM, SAMPLERS, ClipSpec, Story, check_numbers, typed_value
 
         kinds = {"family": str, "max_sequence_length": int, "width": int, "height": int, "fps": int, "frames": int,
                  "steps": int, "guidance": float, "guidance_low": float, "shift": float, "boundary_ratio": float,
                  "expand_timesteps": bool, "negative_prompt": str, "svi_lora": str, "keyframe_lora": str, "color_match": str,
-                 "color_match_method": str, "first_clip": str, "anchor": str, "seam_blend": int,
+                 "color_match_method": str, "first_clip": str, "anchor": str, "memory_from": str,
+                 "seam_blend": int,
                  "guidance_boundary": float, "motion_amplitude": float, "keyframe_guidance": float,
                  "memory_guidance": float, "sampler": str}
         out = {}
@@ -136,6 +138,9 @@ class ModelSettings:
             raise CliploomError(f"{where}: unknown first_clip {settings.first_clip!r}", f"use {' or '.join(FIRST_CLIPS)}")
         if settings.anchor not in ANCHORS:
             raise CliploomError(f"{where}: unknown anchor {settings.anchor!r}", f"use {' or '.join(ANCHORS)}")
+        if settings.memory_from not in MEMORY_FROM:
+            raise CliploomError(f"{where}: unknown memory_from {settings.memory_from!r}",
+                                f"use {' or '.join(MEMORY_FROM)}")
         if settings.color_match_method not in COLOUR_METHODS:
             raise CliploomError(f"{where}: unknown color_match_method {settings.color_match_method!r}",
                                 f"use {' or '.join(COLOUR_METHODS)}")
