@@ -36,13 +36,16 @@ DEFAULTS = {
     # Chosen on the dev set (docs/benchmarks.md, issue 12): guidance only above the boundary, the
     # anchor's colour distribution matched at decode (histogram), one blended frame at each seam,
     # clip 0 as the base model's own image-to-video (no SVI LoRA there), every later clip anchored on
-    # the frame the clip before ended on (re-anchoring: stories clean 6.3 -> 9.7 of 14).
+    # the frame the clip before ended on (re-anchoring: stories clean 6.3 -> 9.7 of 14), and its
+    # motion memory the clip before's frames encoded again (memory_from: frames: more clips and
+    # stories clean, and no subject carried into the frame edge it stops at).
     "guidance_low": 1.0,
     "guidance_boundary": 0.7,
     "color_match": "anchor",
     "color_match_method": "histogram",
     "first_clip": "i2v",
     "anchor": "last_frame",
+    "memory_from": "frames",
     "seam_blend": 1,
     # Chosen on the keyframe set (docs/benchmarks.md, issue 15) for the keyframe-trained SVI LoRA:
     # clips with keyframes guided 4x along their keyframes' pull.
