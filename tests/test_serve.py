@@ -166,6 +166,48 @@ def test_the_extension_continues_exactly_as_an_uninterrupted_story(server):
     assert np.array_equal(seg_b, seg_c)
 
 
+def test_an_uploaded_video_extends_in_pro_mode_from_its_last_frames_encoded(server, tmp_path):
+    """``mode: pro`` on an uploaded file (the built-in model's ``memory_from: frames``): its last clip's
+    worth of frames, encoded as the loop encodes a decoded clip, is the motion memory, its last frame
+    the next anchor; the upload is kept whole and the new clips follow it. Without ``memory_from:
+    frames`` there are no motion latents to continue from: refused in one line."""
+    import torch
+    from safetensors.torch import load_file
+
+    from cliploom.loom import encode_memory
+    from cliploom.video_io import write_mp4
+
+    frames = np.full((20, 32, 32, 3), (20, 30, 90), np.uint8)  # a red square moving right on navy
+    for t in range(20):
+        frames[t, 12:20, 4 + t : 12 + t] = (220, 40, 40)
+    write_mp4(tmp_path / "up.mp4", frames, 16)
+    upload = {"video": ("up.mp4", (tmp_path / "up.mp4").read_bytes(), "video/mp4")}
+    with http(server) as h:
+        r = h.post("/v1/videos/extensions", files=upload, data={
+            "prompt": "a red square moves up on a navy background", "seconds": "1",
+            "story": json.dumps({"mode": "pro", "memory_from": "latents"})})
+        assert r.status_code == 400 and "memory_from: frames" in r.json()["error"]["message"]
+        r = h.post("/v1/videos/extensions", files=upload, data={
+            "prompt": "a red square moves up on a navy background", "seconds": "1", "story": json.dumps({"mode": "pro"})})
+        assert r.status_code == 200, r.text
+        video = wait(h, r.json()["id"])
+        assert video["status"] == "completed", video.get("error")
+        content = h.get(f"/v1/videos/{video['id']}/content").content
+    (tmp_path / "out.mp4").write_bytes(content)
+    out = read_video(tmp_path / "out.mp4")
+    assert video["clips_total"] == 3 and len(out) == 20 + 2 * 12  # the whole upload, then two pro clips of 12 frames
+    uploaded = read_video(tmp_path / "up.mp4")
+    # the upload's frames come back after one more H.264 round trip: near, not equal (crf 12 moves a few levels)
+    assert np.abs(out[:20].astype(int) - uploaded.astype(int)).mean() < 3
+    run = server.state.jobs_dir / video["id"] / "video.run" / "clips"
+    kept = load_file(str(run / "000000.memory.safetensors"))
+    model = server.state.workers[0].engines["builtin"].model
+    fitted = read_video(server.state.jobs_dir / video["id"] / "upload.mp4")  # 32x32 already: cover_crop keeps it
+    # the same function of the same frames, run here and on the worker's thread: equal to float rounding
+    assert torch.allclose(kept["memory"], encode_memory(model, torch.as_tensor(fitted[-17:]), 1).cpu(), atol=1e-4)
+    assert torch.equal(kept["anchor_next"], torch.as_tensor(fitted[-1]))
+
+
 def test_auth_errors_and_limits(server, reference_file):
     with http(server, token=None) as anon:
         r = anon.get("/v1/videos")

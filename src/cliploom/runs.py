@@ -219,22 +219,43 @@ class Run:
         return Start(keep, self.memory(keep - 1) if keep else None, self.anchor_frame(keep - 1) if keep else None)
 
     def adopt(self, story: Story, model, frames: np.ndarray, prompt: str) -> None:
-        """Start a run whose clip 0 is an existing video (an uploaded file to extend; pixel modes):
-        its last N frames become the motion memory and the first clip's regenerated tail."""
+        """Start a run whose clip 0 is an existing video (an uploaded file to extend). Pixel modes: its
+        last N frames become the motion memory and the first clip's regenerated tail. Pro mode
+        (``memory_from: frames`` only): its last clip's worth of frames encoded as the loop encodes a
+        decoded clip (``loom.encode_memory``) becomes the motion memory, and with ``anchor: last_frame``
+        its last frame the next anchor; the video is kept whole (the next clip drops the frames that
+        re-create the memory)."""
+        from .loom import encode_memory
         from .models.components import frames_to_tensor
 
-        n = story.motion_frames
-        if len(frames) < n + 1:
-            raise CliploomError(f"the video has {len(frames)} frames; extending it needs more than {n}",
+        if story.latent_motion:
+            if story.memory_from != "frames":
+                raise CliploomError("an uploaded video has no saved motion latents to continue from in pro mode",
+                                    "set memory_from: frames (its last frames encoded), or use a pixel mode such as svi2")
+            n, need = 0, story.frames
+        else:
+            n = story.motion_frames
+            need = n + 1
+        if len(frames) < need:
+            raise CliploomError(f"the video has {len(frames)} frames; extending it needs at least {need}",
                                 "send a longer video")
+        if story.latent_motion:
+            kept = {"memory": encode_memory(model, torch.as_tensor(frames[-story.frames:]),
+                                            story.motion_latents).to("cpu").contiguous()}
+            if story.anchor == "last_frame":
+                kept["anchor_next"] = torch.as_tensor(frames[-1]).contiguous()
+        else:
+            kept = {"memory": frames_to_tensor(frames[-n:]).contiguous()}
         if self.folder.exists():
             shutil.rmtree(self.folder)
         self.clips_dir.mkdir(parents=True)
         write_json_atomic(self.folder / "run.json",
                           {"version": VERSION, "png": self.png, "settings": settings_key(story, model)})
-        files = {**self._segment("000000", frames[:-n], story.fps), **self._segment("000000.tail", frames[-n:], story.fps)}
+        files = self._segment("000000", frames[: len(frames) - n], story.fps)
+        if n:
+            files.update(self._segment("000000.tail", frames[-n:], story.fps))
         memory = self.clips_dir / "000000.memory.safetensors"
-        save_file({"memory": frames_to_tensor(frames[-n:]).contiguous()}, str(partial_name(memory)))
+        save_file(kept, str(partial_name(memory)))
         publish(partial_name(memory), memory)
         files[memory.name] = memory.stat().st_size
         entry = {"index": 0, "prompt": prompt, "seed": story.clip_seed(0), "frames_kept": len(frames) - n,

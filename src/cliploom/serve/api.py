@@ -591,7 +591,8 @@ PIXEL_DEFAULT = "svi2"
 
 def _extend_upload(state: ServerState, fields: dict, files: dict) -> dict:
     """Extend an uploaded video file: there is no saved motion memory, so it continues from its
-    last frames, pixel-motion style (mode svi2 unless the story names another pixel mode)."""
+    last frames, pixel-motion style (mode svi2 unless the story names another mode), or in mode
+    pro from its last frames encoded (``memory_from: frames``)."""
     import av
     import numpy as np
     from PIL import Image
@@ -600,9 +601,9 @@ def _extend_upload(state: ServerState, fields: dict, files: dict) -> dict:
         raise _queue_full(state)
     entry = _model(state, fields.get("model"))
     text = forms.parse_story_text(fields.get("story"))
-    if text.get("mode") == "pro":
-        raise ApiError(400, "an uploaded video continues from its last frames: mode pro needs a video made here",
-                       "invalid_value", "story")
+    if text.get("mode") == "pro" and text.get("memory_from", entry.settings.memory_from) != "frames":
+        raise ApiError(400, "an uploaded video has no saved motion latents: mode pro continues it only with "
+                       "memory_from: frames (its last frames encoded)", "invalid_value", "story")
     fields = {**fields, "story": json.dumps({"mode": PIXEL_DEFAULT, **text})}
     job_id = JobStore.new_id()
     folder = _new_folder(state, job_id)
