@@ -473,7 +473,9 @@ def write_markdown(results: dict, command: str, docs: Path, img_rel: dict) -> No
     if modes:
         lines += [
             "Modes: " + "; ".join(f"`{m}` = {MODE_NOTES.get(results['runs'][m]['mode'], 'see docs/story.md')}"
-                                  for m in modes) + ".",
+                                  for m in modes) + "." + (
+                f" `pro` and the variants run the model's pro defaults: anchor `{s['anchor']}`, motion memory "
+                f"from `{s['memory_from']}` (docs/story.md)." if "memory_from" in s else ""),
             "",
             *run_table(results, modes),
             "",
@@ -610,6 +612,7 @@ def main(argv=None) -> dict:
                   "svi_lora": own_lora},
         "settings": {"stories": args.stories, "clips": args.clips, "frames": frames,
                      "steps": args.steps or settings.steps, "guidance": settings.guidance, "sample_seed": args.sample_seed,
+                     "anchor": settings.anchor, "memory_from": settings.memory_from,
                      "sample_seeds": args.sample_seeds,
                      "width": settings.width, "height": settings.height, "device": args.device,
                      "threads": torch.get_num_threads(), "torch": torch.__version__, "host": platform.node()},
