@@ -513,3 +513,24 @@ def test_lora_soup_applies_the_mean_of_the_deltas(tmp_path):
                         tmp_path / "one.safetensors", "svi", rank=2, alpha=2.0)
     with pytest.raises(SystemExit, match="adapts other modules"):
         lora_soup.main([str(tmp_path / "x.safetensors"), str(files[0]), str(other)])
+
+
+def test_memory_cost_times_both_memory_settings_on_the_same_stories(monkeypatch, capsys, tiny_dirs):
+    """``benchmarks/memory_cost.py`` runs each story once per ``memory_from`` setting and per round,
+    in turn, and prints both seconds per clip and their ratio."""
+    import memory_cost
+
+    from cliploom.engine import Engine
+
+    seen = []
+    original = Engine.generate
+
+    def spy(self, story, **kw):
+        seen.append((story.reference.name, story.memory_from, len(story.clips)))
+        return original(self, story, **kw)
+
+    monkeypatch.setattr(Engine, "generate", spy)
+    med = memory_cost.main(["--stories", "1", "--clips", "2", "--repeats", "2", "--model", str(tiny_dirs["wan21"])])
+    assert seen[1:] == [("ref_00.png", key, 2) for _ in range(2) for key in ("latents", "frames")]
+    assert med["latents"] > 0 and med["frames"] > 0
+    assert "ratio" in capsys.readouterr().out
