@@ -84,6 +84,22 @@ def test_a_re_anchored_run_resumes_on_the_frame_it_kept(engine, tiny_story, tmp_
         render(engine, story, out, from_clip=2)
 
 
+def test_a_run_with_the_memory_encoded_from_frames_resumes_on_that_memory(engine, tiny_story, tmp_path):
+    """``memory_from: frames``: each checkpoint keeps the memory as it was encoded from the clip's frames,
+    so a resumed run gives the uninterrupted video (same path: exact); resuming a run with the other
+    memory (a folder written before the setting, whose memory is the denoised latents) is refused."""
+    story = tiny_story(4, memory_from="frames")
+    whole = render(engine, story, tmp_path / "whole" / "v.mp4")
+    out = tmp_path / "split" / "v.mp4"
+    with pytest.raises(Crash):
+        render(engine, story, out, **crash_at(2, step=1))
+    with pytest.raises(CliploomError, match="the story's memory_from changed since the run"):
+        render(engine, tiny_story(4), out, resume=True)
+    report = render(engine, story, out, resume=True)
+    assert report["resumed_at_clip"] == 2 and report["totals"]["frames"] == whole["totals"]["frames"]
+    assert np.array_equal(read_video(out), read_video(tmp_path / "whole" / "v.mp4"))
+
+
 def test_a_torn_checkpoint_is_never_read(engine, tiny_story, tmp_path):
     story = tiny_story(4)
     render(engine, story, tmp_path / "w.mp4")

@@ -37,8 +37,8 @@ DEFAULTS = {
     # anchor's colour distribution matched at decode (histogram), one blended frame at each seam,
     # clip 0 as the base model's own image-to-video (no SVI LoRA there), every later clip anchored on
     # the frame the clip before ended on (re-anchoring: stories clean 6.3 -> 9.7 of 14), and its
-    # motion memory the clip before's frames encoded again (memory_from: frames: more clips and
-    # stories clean, and no subject carried into the frame edge it stops at).
+    # motion memory the clip before's frames encoded again (memory_from: frames: more clips pass,
+    # and no subject is carried into the frame edge it stops at).
     "guidance_low": 1.0,
     "guidance_boundary": 0.7,
     "color_match": "anchor",
