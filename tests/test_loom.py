@@ -501,9 +501,13 @@ def test_anchor_last_frame_anchors_each_clip_on_the_frame_the_clip_before_ended_
     assert all(torch.equal(a.frames, b.frames) for a, b in zip(tail, moved[1:], strict=True))
 
 
-def test_a_model_s_anchor_setting_is_the_default_of_its_pro_stories(tiny_models, tiny_story, tmp_path):
-    """``anchor`` in a model's cliploom.json is the default of its pro-mode svi stories; a story's own
-    ``anchor`` wins, pixel modes and stories with keyframes keep the reference, a bad value is refused."""
+@pytest.mark.parametrize("key, value, default, bad", [("anchor", "last_frame", "reference", "sideways"),
+                                                    ("memory_from", "frames", "latents", "pixels")])
+def test_a_model_s_pro_setting_is_the_default_of_its_pro_stories(tiny_models, tiny_story, tmp_path, key, value,
+                                                                 default, bad):
+    """``anchor`` and ``memory_from`` in a model's cliploom.json are the defaults of its pro-mode svi
+    stories; a story's own value wins, pixel modes and stories with keyframes keep the engine's
+    default, a bad value is refused."""
     import dataclasses
 
     from cliploom.errors import CliploomError
@@ -512,17 +516,21 @@ def test_a_model_s_anchor_setting_is_the_default_of_its_pro_stories(tiny_models,
     from PIL import Image
 
     model = tiny_models("wan21")
-    settings = dataclasses.replace(model.settings, anchor="last_frame")
+    settings = dataclasses.replace(model.settings, **{key: value})
     shape = (model.size_multiple, model.scale_temporal)
-    assert tiny_story(2).resolve(model.settings, *shape).anchor == "reference"  # the engine's default
-    assert tiny_story(2).resolve(settings, *shape).anchor == "last_frame"
-    assert tiny_story(2, anchor="reference").resolve(settings, *shape).anchor == "reference"
-    assert tiny_story(2, mode="svi2").resolve(settings, *shape).anchor == "reference"
+
+    def resolved(story, with_settings):
+        return getattr(story.resolve(with_settings, *shape), key)
+
+    assert resolved(tiny_story(2), model.settings) == default  # the engine's default
+    assert resolved(tiny_story(2), settings) == value
+    assert resolved(tiny_story(2, **{key: default}), settings) == default
+    assert resolved(tiny_story(2, mode="svi2"), settings) == default
     Image.new("RGB", (32, 32), (200, 40, 40)).save(tmp_path / "end.png")
     keyed = tiny_story(2, clips=[ClipSpec("a", keyframes=(Keyframe(-1, tmp_path / "end.png"),)), ClipSpec("b")])
-    assert keyed.resolve(settings, *shape).anchor == "reference"
-    with pytest.raises(CliploomError, match="unknown anchor 'sideways'"):
-        ModelSettings.checked({"anchor": "sideways"}, "cliploom.json")
+    assert resolved(keyed, settings) == default
+    with pytest.raises(CliploomError, match=f"unknown {key} '{bad}'"):
+        ModelSettings.checked({key: bad}, "cliploom.json")
 
 
 def test_first_clip_i2v_conditions_clip_0_as_the_model_s_own_image_to_video(tiny_models, tiny_story):
@@ -600,32 +608,13 @@ def test_memory_from_frames_hands_on_the_clips_colour_matched_frames_encoded_aga
     assert all(torch.equal(a.frames, b.frames) for a, b in zip(resumed, clips[1:], strict=True))
 
 
-def test_memory_from_is_checked_and_a_model_s_setting_is_its_pro_stories_default(tiny_models, tiny_story, tmp_path):
-    """A bad ``memory_from``, or one outside pro mode on the svi route, is refused in one line; a model's
-    ``memory_from`` is the default of its unkeyed pro stories (a story's own wins; keyed stories and the
-    other modes keep the latents)."""
-    import dataclasses
-
-    from PIL import Image
-
+def test_memory_from_outside_pro_mode_on_the_svi_route_is_refused(tiny_story):
+    """A bad ``memory_from``, or ``frames`` where there are no SVI motion latents to replace, is
+    refused in one line (the model setting's check: the parametrized test above)."""
     from cliploom.errors import CliploomError
-    from cliploom.models.components import ModelSettings
-    from cliploom.story import ClipSpec, Keyframe
 
     for kw, message in ((dict(memory_from="pixels"), "unknown memory_from 'pixels'"),
                         (dict(memory_from="frames", mode="svi2"), "changes pro mode's motion latents"),
                         (dict(memory_from="frames", route="df"), "changes pro mode's motion latents")):
         with pytest.raises(CliploomError, match=message):
             tiny_story(2, **kw)
-    with pytest.raises(CliploomError, match="unknown memory_from 'pixels'"):
-        ModelSettings.checked({"memory_from": "pixels"}, "cliploom.json")
-    model = tiny_models("wan21")
-    settings = dataclasses.replace(model.settings, memory_from="frames")
-    shape = (model.size_multiple, model.scale_temporal)
-    assert tiny_story(2).resolve(model.settings, *shape).memory_from == "latents"  # the engine's default
-    assert tiny_story(2).resolve(settings, *shape).memory_from == "frames"
-    assert tiny_story(2, memory_from="latents").resolve(settings, *shape).memory_from == "latents"
-    assert tiny_story(2, mode="svi2").resolve(settings, *shape).memory_from == "latents"
-    Image.new("RGB", (32, 32), (200, 40, 40)).save(tmp_path / "end.png")
-    keyed = tiny_story(2, clips=[ClipSpec("a", keyframes=(Keyframe(-1, tmp_path / "end.png"),)), ClipSpec("b")])
-    assert keyed.resolve(settings, *shape).memory_from == "latents"
