@@ -44,7 +44,8 @@ def test_same_seed_same_frames_other_seed_other_frames(tiny_models, tiny_story):
     assert a[0].seed != a[1].seed  # each clip draws its own noise
 
 
-def test_motion_memory_is_the_previous_clips_last_latents(tiny_models, tiny_story, monkeypatch):
+def spy_motion(monkeypatch) -> list:
+    """The motion memory each clip's latent condition is built with (``None`` for a first clip)."""
     seen = []
     original = conditioning.latent_condition
 
@@ -53,6 +54,11 @@ def test_motion_memory_is_the_previous_clips_last_latents(tiny_models, tiny_stor
         return original(anchor, motion, *args, **kw)
 
     monkeypatch.setattr(conditioning, "latent_condition", spy)
+    return seen
+
+
+def test_motion_memory_is_the_previous_clips_last_latents(tiny_models, tiny_story, monkeypatch):
+    seen = spy_motion(monkeypatch)
     clips = frames_of(tiny_models("wan22"), tiny_story(3, frames=13, motion_latents=2))
     assert seen[0] is None
     for i in (1, 2):  # no decode / re-encode round trip: the very latents
@@ -584,14 +590,7 @@ def test_memory_from_frames_hands_on_the_clips_colour_matched_frames_encoded_aga
     model = tiny_models("wan21")
     common = dict(frames=13, motion_latents=K, steps=2, guidance=1.0, seam_blend=0, color_match="anchor",
                   color_match_method="histogram")
-    seen = []
-    original = conditioning.latent_condition
-
-    def spy(anchor, motion, *args, **kw):
-        seen.append(None if motion is None else motion.clone())
-        return original(anchor, motion, *args, **kw)
-
-    monkeypatch.setattr(conditioning, "latent_condition", spy)
+    seen = spy_motion(monkeypatch)
     clips = frames_of(model, tiny_story(3, memory_from="frames", **common))
     plain = frames_of(model, tiny_story(3, **common))
     story = tiny_story(3, **common)
