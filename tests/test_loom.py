@@ -577,7 +577,7 @@ def test_first_clip_i2v_conditions_clip_0_as_the_model_s_own_image_to_video(tiny
 def test_memory_from_frames_hands_on_the_clips_colour_matched_frames_encoded_again(tiny_models, tiny_story, K,
                                                                                  monkeypatch):
     """``memory_from: frames``: the motion memory of clip i > 0 is clip i - 1 decoded, colour matched
-    and encoded again (its anchor frame left out), its last K latents -- not the denoised latents.
+    and encoded again (its first four frames left out), its last K latents -- not the denoised latents.
     Recomputed here from the clip's latents by the same functions (same path: exact); resuming from
     the memory a clip hands on gives the uninterrupted run's clips (exact)."""
     import numpy as np

@@ -285,9 +285,11 @@ def _compile_now(denoise, noise: torch.Tensor, sigmas: torch.Tensor) -> float:
 
 def encode_memory(model: Components, frames: torch.Tensor, k: int) -> torch.Tensor:
     """``memory_from: frames``: the last ``k`` latents of a decoded clip (uint8 ``[F, H, W, 3]``)
-    encoded again. The clip's first frame is left out (the anchor's decode, not a frame of its
-    motion), so what is encoded is a run of the clip's own frames, as the trainer encodes the frames
-    that end where the motion ends (``motion_source: previous_clip``)."""
+    encoded again. The first ``scale_temporal`` frames are left out: frame 0 is the anchor's decode,
+    not a frame of the motion, and leaving out a whole latent's worth keeps the rest ``4k + 1`` frames
+    long and aligned with the clip's latents, so the last latent still holds the clip's last frames.
+    What is encoded is a run of the clip's own frames, as the trainer encodes the frames that end
+    where the motion ends (``motion_source: previous_clip``)."""
     t = model.scale_temporal
     return model.encode_video(frames_to_tensor(frames[t:].cpu()).to(model.device))[:, :, -k:]
 
