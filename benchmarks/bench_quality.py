@@ -145,6 +145,28 @@ def dev_set(stories: int = 14, clips: int = 20, frames: int = 33, motion_latents
 
 
 # ----- running --------------------------------------------------------------------------------------
+def load_engine(model: str = "builtin"):
+    """The engine the quick dev-set scripts run (quality_sweep, memory_cost): ``CLIPLOOM_THREADS``
+    CPU threads (2, the CI machine's cores, unless set), libraries' progress chatter off."""
+    import torch
+
+    from cliploom.cli import _quiet_libraries
+    from cliploom.engine import Engine
+
+    torch.set_num_threads(int(os.environ.get("CLIPLOOM_THREADS", "2")))
+    _quiet_libraries()
+    return Engine.load(model)
+
+
+def write_references(devs: list["DevStory"], size: int, folder: Path) -> list[Path]:
+    """Each dev story's reference frame as ``folder/ref_NN.png``."""
+    paths = []
+    for d in devs:
+        paths.append(Path(folder) / f"ref_{d.index:02d}.png")
+        d.reference(size).save(paths[-1])
+    return paths
+
+
 @dataclass
 class Run:
     """One way of generating the dev set: a motion mode and the LoRAs applied.

@@ -10,7 +10,6 @@ the line printed is each setting's median over rounds and their ratio. Nothing i
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -32,21 +31,14 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     import torch
 
-    torch.set_num_threads(int(os.environ.get("CLIPLOOM_THREADS", "2")))
-    from cliploom.cli import _quiet_libraries
-    from cliploom.engine import Engine
     from cliploom.story import ClipSpec, make_story
 
-    _quiet_libraries()
-    engine = Engine.load(args.model)
+    engine = bq.load_engine(args.model)
     settings = engine.model.settings
     devs = bq.dev_set(args.stories, args.clips, settings.frames)
     times: dict[str, list[float]] = {k: [] for k in SETTINGS}
     with tempfile.TemporaryDirectory() as tmp:
-        refs = []
-        for d in devs:
-            refs.append(Path(tmp) / f"ref_{d.index:02d}.png")
-            d.reference(settings.width).save(refs[-1])
+        refs = bq.write_references(devs, settings.width, Path(tmp))
         list(engine.generate(make_story(clips=[ClipSpec(p) for p in devs[0].prompts[:2]], reference=refs[0]),
                              progress=False))  # warm-up: first-call costs belong to neither setting
         for _ in range(args.repeats):

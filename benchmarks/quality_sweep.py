@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import os
 import sys
 import tempfile
 import time
@@ -38,19 +37,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--sample-seed", type=int, default=0)
     ap.add_argument("--model", default="builtin")
     args = ap.parse_args(argv)
-    import torch
-
-    torch.set_num_threads(int(os.environ.get("CLIPLOOM_THREADS", "2")))
-    from cliploom.cli import _quiet_libraries
-    from cliploom.engine import Engine
     from cliploom.story import ClipSpec, LoraSpec, make_story
 
-    _quiet_libraries()
     over = json.loads(args.overrides)
     if args.first_clip_weight is not None and not args.lora:
         raise SystemExit("error: --first-clip-weight sets the weight of --lora on clip 0; give --lora FILE")
     fuse = over.pop("fuse_loras", False)  # unfused by default: per-clip weights need switchable adapters
-    engine = Engine.load(args.model)
+    engine = bq.load_engine(args.model)
     settings = engine.model.settings
     devs = bq.dev_set(args.stories, 20, over.get("frames", settings.frames))
     loras = []
@@ -62,9 +55,7 @@ def main(argv=None) -> dict:
         loras = [LoraSpec(Path(path), float(weight or 1.0), name=name)]
     stories, started = [], time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        for d in devs:
-            ref = Path(tmp) / f"ref_{d.index:02d}.png"
-            d.reference(settings.width).save(ref)
+        for d, ref in zip(devs, bq.write_references(devs, settings.width, Path(tmp))):
             first = {loras[0].name: args.first_clip_weight} if loras and args.first_clip_weight is not None else None
             clip_specs = [ClipSpec(p, lora_weights=first if k == 0 else None) for k, p in enumerate(d.prompts)]
             story = make_story(clips=clip_specs, reference=ref, seed=d.seed + 1000 * args.sample_seed,
