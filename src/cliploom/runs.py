@@ -228,14 +228,11 @@ class Run:
         from .loom import encode_memory
         from .models.components import frames_to_tensor
 
-        if story.latent_motion:
-            if story.memory_from != "frames":
-                raise CliploomError("an uploaded video has no saved motion latents to continue from in pro mode",
-                                    "set memory_from: frames (its last frames encoded), or use a pixel mode such as svi2")
-            n, need = 0, story.frames
-        else:
-            n = story.motion_frames
-            need = n + 1
+        if story.latent_motion and story.memory_from != "frames":
+            raise CliploomError("an uploaded video has no saved motion latents to continue from in pro mode",
+                                "set memory_from: frames (its last frames encoded), or use a pixel mode such as svi2")
+        n = 0 if story.latent_motion else story.motion_frames  # the tail the next clip regenerates
+        need = story.frames if story.latent_motion else n + 1
         if len(frames) < need:
             raise CliploomError(f"the video has {len(frames)} frames; extending it needs at least {need}",
                                 "send a longer video")
