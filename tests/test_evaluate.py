@@ -216,3 +216,36 @@ def test_connected_components():
     assert n == 2
     assert labels[0, 0] == labels[2, 2] != labels[6, 6]
     assert sorted(np.bincount(labels.ravel())[1:]) == [5, 6]
+
+
+@pytest.mark.parametrize("room", [0.0, 1.0, 2.5, 5.0, 9.0])
+def test_world_bounce_passes_wherever_it_starts(room):
+    """The world stops a hop at the top edge as it stops a move: its own video passes from any height."""
+    from cliploom.shapesworld import world
+
+    spec = parse_prompt("a big green circle bounces on a striped gray background")
+    lo, _ = world.bounds(spec)
+    seq = Sequence(spec, ["still", "bounce"], [17, 12], (16.0, lo + room))
+    r = run(seq, seq.frames())
+    clip = r["clips"][1]
+    assert clip["passed"], clip["failed"]
+    assert ev.THRESHOLDS["bounce_min_rise"] == 0.5  # the rule's constants are the ones docs/shapesworld.md states
+
+
+def test_bounce_rules_still_fail_what_the_world_would_not_show():
+    from cliploom.shapesworld import world
+
+    spec = parse_prompt("a big green circle bounces on a striped gray background")
+    lo, _ = world.bounds(spec)
+    # mid-frame, a clip that stays put where the world hops 5 px fails
+    seq = Sequence(spec, ["still", "bounce"], [17, 12], (16.0, 16.0))
+    still = Sequence(spec, ["still", "still"], [17, 12], (16.0, 16.0)).frames()
+    assert "motion" in run(seq, still)["clips"][1]["failed"]
+    # against the top edge, a clip that drops 5 px where the world stays pinned fails
+    seq = Sequence(spec, ["still", "bounce"], [17, 12], (16.0, lo))
+    drop = compose(seq, center_shift=lambda k: np.array([0.0, min(5.0, 0.8 * (k - 20))]) if k > 20 else np.zeros(2))
+    clip = run(seq, drop)["clips"][1]
+    assert "motion" in clip["failed"] and clip["expected_rise"] < 1.0
+    # a short clip shows a part of the hop: half of that part is demanded, not half the full hop
+    assert ev._expected_rise(spec, np.array([16.0, 16.0]), 3, 1.0) == pytest.approx(
+        world.BOUNCE_HEIGHT * np.sin(np.pi * 3 / world.BOUNCE_PERIOD))

@@ -10,7 +10,8 @@ is the video's first frame (the reference image the story starts from). Per clip
   whether it is *kept*, *lost* (gone or tiny), *split* (two or more big pieces) or *resized*;
 - **motion**: the subject centroid's displacement over the clip against the prompted motion
   (direction and at least part of the expected travel; staying put for ``stays still``;
-  rising and falling for ``bounces``);
+  rising and falling for ``bounces``; each as the world would show it from where the clip starts,
+  stopped by the frame edge);
 - **sharpness**: a re-blur sharpness ratio against the anchor's (the median over the video's
   first frames, which averages out sub-pixel edge phase), and the background's noise level
   against the anchor's (blur or noise = restoration shift);
@@ -344,6 +345,17 @@ def _expected_motion(spec: PromptSpec, start: np.ndarray, steps: int, scale: flo
     return u * travel
 
 
+def _expected_rise(spec: PromptSpec, start: np.ndarray, steps: int, scale: float) -> float:
+    """The hop (px) the world would show over ``steps`` frames of ``bounces`` from ``start``: the
+    highest point of the hop the clip reaches, stopped by the top edge as the world stops it."""
+    t = np.arange(steps + 1)
+    hop = float(-_world.motion_offset("bounce", t)[:, 1].min()) * scale
+    if np.isnan(start).any():
+        return hop
+    lo = _world.bounds(spec)[0] * scale
+    return min(hop, max(0.0, float(start[1]) - lo))
+
+
 def _motion_check(spec: PromptSpec, cents: np.ndarray, scale: float) -> dict:
     """Judge a clip's centroid track ``[n, 2]`` against its prompted motion."""
     valid = ~np.isnan(cents[:, 0])
@@ -351,7 +363,8 @@ def _motion_check(spec: PromptSpec, cents: np.ndarray, scale: float) -> dict:
         return {"ok": None, "displacement": None, "expected": None, "reason": "no subject to track"}
     idx = np.flatnonzero(valid)
     a, b = idx[0], idx[-1]
-    head = cents[idx[: max(1, min(3, idx.size // 4))]].mean(0)
+    first = cents[idx[: max(1, min(3, idx.size // 4))]]
+    head = first.mean(0)
     tail = cents[idx[-max(1, min(3, idx.size // 4)) :]].mean(0)
     d = tail - head
     steps = b - a
@@ -373,11 +386,17 @@ def _motion_check(spec: PromptSpec, cents: np.ndarray, scale: float) -> dict:
         info["ok"] = bool(np.linalg.norm(d) <= STILL_MAX_PX * scale)
     else:  # bounce
         rise = float(np.ptp(cents[valid, 1]))
+        rest = np.array([head[0], first[:, 1].max()])  # a hop only rises: its lowest first frame is its rest
+        expected_rise = _expected_rise(spec, rest, steps, scale)
         info["expected"] = [0.0, 0.0]
         info["vertical_range"] = round(rise, 3)
-        info["ok"] = bool(
-            rise >= BOUNCE_MIN_RISE * _world.BOUNCE_HEIGHT * scale and abs(d[0]) <= BOUNCE_MAX_DRIFT_PX * scale
-        )
+        info["expected_rise"] = round(expected_rise, 3)
+        sideways = abs(d[0]) <= BOUNCE_MAX_DRIFT_PX * scale
+        if expected_rise < 1.0 * scale:  # against the top edge: the world shows no hop to demand
+            ok = sideways and float(np.linalg.norm(d)) <= STILL_MAX_PX * scale + expected_rise
+        else:
+            ok = sideways and rise >= BOUNCE_MIN_RISE * expected_rise
+        info["ok"] = bool(ok)
     return info
 
 
@@ -485,6 +504,8 @@ def evaluate_video(
                 "motion": spec.motion,
                 "displacement": motion.get("displacement"),
                 "expected_displacement": motion.get("expected"),
+                "vertical_range": motion.get("vertical_range"),  # bounces: the hop measured ...
+                "expected_rise": motion.get("expected_rise"),  # ... and the one the world would show
                 "sharpness_ratio": _r(sharp_ratio),
                 "noise_increase": _r(noise_increase),
                 "boundary_jump": _r(jump),
