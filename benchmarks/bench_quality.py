@@ -244,8 +244,8 @@ def generate_story(engine, dev: DevStory, run: Run, reference: Path, overrides: 
 
 
 CLIP_KEYS = ("index", "prompt", "color_delta_e", "background_delta_e", "area_ratio", "area_status", "motion",
-             "displacement", "expected_displacement", "sharpness_ratio", "noise_increase", "boundary_jump",
-             "checks", "failed", "passed")
+             "displacement", "expected_displacement", "vertical_range", "expected_rise", "sharpness_ratio",
+             "noise_increase", "boundary_jump", "checks", "failed", "passed")
 
 
 def score(frames: np.ndarray, prompts: list[str], lengths: list[int]) -> dict:
