@@ -445,6 +445,18 @@ def test_story_sheet_draws_one_row_per_clip(tmp_path):
     assert sheet[32:34].max() == 0 and sheet[:32].std() > 0  # the line between clips; frames that are not blank
 
 
+def test_story_track_follows_the_subject_against_the_world(capsys):
+    import story_track
+
+    records = story_track.main(["13", '{"steps": 2}', "--clips", "3"])
+    assert [r["index"] for r in records] == [0, 1, 2] and records[0]["motion"] == "right"
+    # clip 0 is the base model's image-to-video from the world's own first frame: its subject ends within a
+    # few px of where the world's does (a 2-step sampler is rough; 4 px is an eighth of the frame)
+    assert np.linalg.norm(np.subtract(records[0]["measured_end"], records[0]["world_end"])) < 4.0
+    assert all(len(r["block_rgb"]) == 3 for r in records)  # story 13 has a gray block
+    assert "clip  2" in capsys.readouterr().out
+
+
 def test_colour_variants_match_the_opening_frames_to_the_reference(capsys):
     """Dev story 6 (a small purple circle on striped teal): the first clip's frames 0-1 carry the VAE
     round trip's cast, which whole-clip RGB matching leaves (ΔE 2.56 from clip 1 on, measured against
