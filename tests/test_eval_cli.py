@@ -199,3 +199,16 @@ def test_eval_of_a_generated_video(capsys, tiny_dirs, tmp_path):
     result = json.loads((tmp_path / "gen.eval.json").read_text())
     assert [c["stop"] - c["start"] for c in result["clips"]] == [9, 4]
     assert result["num_frames"] == 13
+
+
+def test_bounce_lines_show_the_hop_measured_and_the_worlds(capsys, tmp_path):
+    seq = sequence(motions=["right", "bounce", "still"])  # starts 2 px under the top bound: the world's hop is cut
+    video = write_mp4(tmp_path / "b.mp4", seq.frames())
+    video.with_suffix(".json").write_text(json.dumps(report_for(seq)))
+    rc, out, err = run(capsys, video, "--out", tmp_path / "ev")
+    assert rc == 0, out + err
+    lines = out.strip().splitlines()
+    hop = lines[1].split("hop ")[1].split()[0]
+    measured, expected = (float(v) for v in hop.split("/"))
+    assert expected < 5.0 and measured >= 0.5 * expected  # the edge stops the hop, as in the world
+    assert "hop" not in lines[0] and "hop" not in lines[2]
