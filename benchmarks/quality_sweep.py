@@ -34,6 +34,7 @@ def main(argv=None) -> dict:
                     help="that LoRA's weight on each story's clip 0 (per-clip weights: with fuse_loras false)")
     ap.add_argument("--json", help="also write every story's per-clip results to this file")
     ap.add_argument("--stories", type=int, default=14)
+    ap.add_argument("--clips", type=int, default=20, help="clips per story (the dev set's plan goes on past 20)")
     ap.add_argument("--sample-seed", type=int, default=0)
     ap.add_argument("--model", default="builtin")
     args = ap.parse_args(argv)
@@ -45,7 +46,7 @@ def main(argv=None) -> dict:
     fuse = over.pop("fuse_loras", False)  # unfused by default: per-clip weights need switchable adapters
     engine = bq.load_engine(args.model)
     settings = engine.model.settings
-    devs = bq.dev_set(args.stories, 20, over.get("frames", settings.frames))
+    devs = bq.dev_set(args.stories, args.clips, over.get("frames", settings.frames))
     loras = []
     if args.lora:
         path, _, weight = args.lora.partition(":")
@@ -65,15 +66,15 @@ def main(argv=None) -> dict:
             scored = bq.score(frames, [c.prompt for c in clips], [int(c.frames.shape[0]) for c in clips])
             scored.pop("result")
             stories.append({"story": d.index, **scored})
-    agg = bq.aggregate(stories, 20)
+    agg = bq.aggregate(stories, args.clips)
     fails = collections.Counter(f for s in stories for c in s["clips"] for f in c["failed"])
     first = sum(1 for s in stories if s["clips"][0]["passed"])
     first_weight = f" (clip 0 weight {args.first_clip_weight:g})" if args.first_clip_weight is not None else ""
     line = (f"{args.overrides} {args.lora or ''}{first_weight}: {agg['clip_pass_rate'] * 100:.1f} % of clips pass, "
             f"{agg['stories_clean']}/{agg['stories']} stories clean, first clip {first}/{len(stories)}, "
             f"failures {dict(fails)}, moves into an edge failed {agg['edge_moves']['failed']}/"
-            f"{agg['edge_moves']['measured']}, colour ΔE clip 20 {agg['last_clip']['color_delta_e']:.2f}, "
-            f"jump clip 20 {agg['last_clip']['boundary_jump']:.2f} ({time.perf_counter() - started:.0f} s)")
+            f"{agg['edge_moves']['measured']}, colour ΔE clip {args.clips} {agg['last_clip']['color_delta_e']:.2f}, "
+            f"jump clip {args.clips} {agg['last_clip']['boundary_jump']:.2f} ({time.perf_counter() - started:.0f} s)")
     print(line, flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"line": line, "aggregate": agg, "stories": stories}, indent=1, default=str) + "\n")

@@ -347,6 +347,16 @@ def test_quality_sweep_runs_one_line_per_setting(capsys):
     assert r["aggregate"]["stories"] == 1
 
 
+def test_quality_sweep_runs_longer_stories_on_the_same_plan(capsys):
+    import quality_sweep
+
+    r = quality_sweep.main(['{"mode": "chain", "svi_lora": false, "steps": 2}', "--stories", "1", "--clips", "3"])
+    assert "colour ΔE clip 3" in capsys.readouterr().out
+    assert r["aggregate"]["clips"] == 3
+    # the longer plan starts with the 20-clip plan's clips
+    assert bq.dev_set(2, 24)[1].prompts[:20] == bq.dev_set(2, 20)[1].prompts
+
+
 def test_route_runs_parse_and_map_to_story_keys(tmp_path):
     import bench_routes as br
 
