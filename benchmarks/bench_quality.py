@@ -69,11 +69,13 @@ class DevStory:
         return render_reference(self.prompts[0], size=size, seed=self.seed)
 
     def ground_truth(self, lengths: list[int] | None = None, size: int = 32):
-        """The world's own video of the story (a :class:`~cliploom.shapesworld.Sequence`)."""
+        """The world's own video of the story (a :class:`~cliploom.shapesworld.Sequence`); with ``lengths``,
+        of its first ``len(lengths)`` clips at those lengths."""
         from cliploom.shapesworld import Sequence, parse_prompt
 
         lengths = list(lengths or self.planned_lengths)
-        return Sequence(parse_prompt(self.prompts[0]), self.motions, lengths, self.start, self.distractor, size)
+        return Sequence(parse_prompt(self.prompts[0]), self.motions[: len(lengths)], lengths, self.start,
+                        self.distractor, size)
 
 
 def appearance(i: int):

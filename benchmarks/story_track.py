@@ -11,7 +11,6 @@ the same start: the two part where the generated subject drifts from where the m
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import tempfile
@@ -42,7 +41,7 @@ def track(engine, dev: "bq.DevStory", overrides: dict, sample_seed: int, referen
     scored = bq.score(frames, prompts, lengths)
     size = frames.shape[2]
     measured = np.array([[np.nan if v is None else v for v in xy] for xy in scored["result"]["per_frame"]["centroid"]])
-    world = dataclasses.replace(dev, motions=dev.motions[: len(lengths)]).ground_truth(lengths, size=size).ground_truth()
+    world = dev.ground_truth(lengths, size=size).ground_truth()
     records, end = [], -1
     for clip, n, motion in zip(scored["clips"], lengths, dev.motions):
         end += n

@@ -110,7 +110,7 @@ def clip_line(c: dict) -> str:
         f"area {num(c['area_ratio'], '{:.2f}')} {c['area_status']:<7}  {c['motion']:<6} {motion:<5}  "
         f"sharp {num(c['sharpness_ratio'], '{:.2f}')}  jump {num(c['boundary_jump'])}"
     )
-    if c.get("vertical_range") is not None and c.get("expected_rise") is not None:  # a bounce: hop measured / the world's
+    if c.get("expected_rise") is not None:  # a bounce: the hop measured / the world's
         line += f"  hop {c['vertical_range']:.1f}/{c['expected_rise']:.1f}"
     if not c["passed"]:
         line += "  failed: " + ", ".join(c["failed"] or ["area"])

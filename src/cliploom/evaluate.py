@@ -356,6 +356,12 @@ def _expected_rise(spec: PromptSpec, start: np.ndarray, steps: int, scale: float
     return min(hop, max(0.0, float(start[1]) - lo))
 
 
+def _pinned(d: np.ndarray, allowed: float, scale: float) -> bool:
+    """Held by the frame edge, as the world holds it: net motion ``d`` within the still rule's
+    jitter plus the ``allowed`` px the world would still show."""
+    return bool(np.linalg.norm(d) <= STILL_MAX_PX * scale + allowed)
+
+
 def _motion_check(spec: PromptSpec, cents: np.ndarray, scale: float) -> dict:
     """Judge a clip's centroid track ``[n, 2]`` against its prompted motion."""
     valid = ~np.isnan(cents[:, 0])
@@ -374,7 +380,7 @@ def _motion_check(spec: PromptSpec, cents: np.ndarray, scale: float) -> dict:
         length = float(np.linalg.norm(expected))
         info["expected"] = expected.round(3).tolist()
         if length < 1.0 * scale:  # against the wall already: nothing measurable to demand
-            ok = bool(np.linalg.norm(d) <= STILL_MAX_PX * scale + length)
+            ok = _pinned(d, length, scale)
         else:
             u = expected / length
             along = float(np.dot(d, u))
@@ -393,7 +399,7 @@ def _motion_check(spec: PromptSpec, cents: np.ndarray, scale: float) -> dict:
         info["expected_rise"] = round(expected_rise, 3)
         sideways = abs(d[0]) <= BOUNCE_MAX_DRIFT_PX * scale
         if expected_rise < 1.0 * scale:  # against the top edge: the world shows no hop to demand
-            ok = sideways and float(np.linalg.norm(d)) <= STILL_MAX_PX * scale + expected_rise
+            ok = sideways and _pinned(d, expected_rise, scale)
         else:
             ok = sideways and rise >= BOUNCE_MIN_RISE * expected_rise
         info["ok"] = bool(ok)
