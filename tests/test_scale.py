@@ -114,7 +114,11 @@ def test_cancel_reaches_the_replica_running_the_job(ray_server):
             assert time.monotonic() < deadline
             time.sleep(0.1)
     assert not (ray_server.state.jobs_dir / long).exists()
-    assert all(x.current != long for x in ray_server.state.replicas.handles)
+    # the replica removes the job from the store and then returns; the dispatcher frees the replica when it
+    # collects that return (ray.wait), a moment after the 404: wait for it, as for the 404
+    while not all(x.current != long for x in ray_server.state.replicas.handles):
+        assert time.monotonic() < deadline, [x.current for x in ray_server.state.replicas.handles]
+        time.sleep(0.1)
 
 
 def test_a_replica_that_cannot_load_reports_it_and_jobs_wait(local_ray, tmp_path):
