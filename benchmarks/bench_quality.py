@@ -35,7 +35,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 DEV_SEED = 20260  # the dev set's seed: changing it changes every story
-DEFAULT_MODES = ("pro", "svi2", "chain")
+DEFAULT_MODES = ("pro", "svi2", "chain", "naive", "pro-raw")
 CURVE_METRICS = ("color_delta_e", "background_delta_e", "boundary_jump", "sharpness_ratio", "area_ratio")
 CHECKS = ("color", "background", "area", "motion", "sharpness", "boundary")
 MODE_NOTES = {
@@ -44,8 +44,14 @@ MODE_NOTES = {
     "film": "pixel motion (SVI 1.0 Film preset: the last 5 frames, zero padding)",
     "shot": "pixel motion (SVI 1.0 Shot preset: the last frame, reference-image padding)",
     "tom": "pixel motion (SVI 1.0 Tom preset: the last frame, zero padding)",
-    "chain": "naive chaining (the previous clip's last frame as a plain I2V image; no anchor, no SVI LoRA)",
+    "chain": "chaining (the previous clip's last frame as a plain I2V image, no SVI LoRA; each clip colour matched "
+             "to the reference image, the model's default)",
+    "naive": "naive chaining as issue 12 defines it (`chain` with colour matching off: after clip 0 nothing of "
+             "the reference image is used)",
+    "pro-raw": "`pro` with colour matching off (what the SVI conditioning does on its own)",
 }
+# runs that are a mode with story keys of their own (``--modes`` takes their names too)
+PRESETS = {"naive": ("chain", {"color_match": "none"}), "pro-raw": ("pro", {"color_match": "none"})}
 LAST_WINDOW = 5  # "late" numbers also averaged over the last this-many clips (steadier than one clip)
 
 
@@ -184,11 +190,14 @@ class Run:
     svi_lora: bool = True
     route: str = "svi"  # cliploom.routes
     route_options: dict = field(default_factory=dict)
+    story: dict = field(default_factory=dict)  # story keys of this run's own (over the model's defaults)
 
 
 def mode_run(mode: str) -> Run:
-    """A mode as users run it (with the model's own SVI LoRA), except naive chaining: plain I2V, no SVI."""
-    return Run(mode, mode, None, "mode", svi_lora=mode != "chain")
+    """A mode as users run it (with the model's own SVI LoRA), except chaining: plain I2V, no SVI; or a
+    preset (``naive``: a mode with story keys of its own)."""
+    name, (mode, story) = mode, PRESETS.get(mode, (mode, {}))
+    return Run(name, mode, None, "mode", svi_lora=mode != "chain", story=dict(story))
 
 
 def parse_variant(text: str) -> Run:
@@ -238,7 +247,7 @@ def generate_story(engine, dev: DevStory, run: Run, reference: Path, overrides: 
         loras=[LoraSpec(run.lora)] if run.lora else [],
         svi_lora=run.svi_lora,
         **({"route": run.route, "route_options": run.route_options} if run.route != "svi" else {}),
-        **overrides,
+        **{**run.story, **overrides},
     )
     clips = list(engine.generate(story, progress=False))
     frames = np.concatenate([c.frames.numpy() for c in clips])
@@ -496,7 +505,7 @@ def write_markdown(results: dict, command: str, docs: Path, img_rel: dict) -> No
     variants = [k for k, r in results["runs"].items() if r["kind"] == "variant"]
     if modes:
         lines += [
-            "Modes: " + "; ".join(f"`{m}` = {MODE_NOTES.get(results['runs'][m]['mode'], 'see docs/story.md')}"
+            "Modes: " + "; ".join(f"`{m}` = {MODE_NOTES.get(m, MODE_NOTES.get(results['runs'][m]['mode'], 'see docs/story.md'))}"
                                   for m in modes) + "." + (
                 f" `pro` and the variants run the model's pro defaults: anchor `{s['anchor']}`, motion memory "
                 f"from `{s['memory_from']}` (docs/story.md)." if "memory_from" in s else ""),
@@ -563,7 +572,8 @@ def parse_args(argv=None):
     ap.add_argument("--stories", type=int, default=14, help="dev stories (default 14)")
     ap.add_argument("--clips", type=int, default=20, help="clips per story (default 20)")
     ap.add_argument("--modes", default=",".join(DEFAULT_MODES),
-                    help="comma-separated modes without LoRA (default pro,svi2,chain; '' for none)")
+                    help="comma-separated modes as users run them (default pro,svi2,chain,naive,pro-raw; '' for none; "
+                         "naive and pro-raw = chain and pro with colour matching off)")
     ap.add_argument("--variant", action="append", default=[], type=parse_variant, metavar="NAME=LORA|none|default",
                     help="a LoRA run in latent mode (repeatable; the first is the baseline)")
     ap.add_argument("--frames", type=int, help="frames per clip (default: the model's)")
@@ -581,9 +591,9 @@ def parse_args(argv=None):
     from cliploom.story import MODES
 
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    bad = [m for m in args.modes if m not in MODES]
+    bad = [m for m in args.modes if m not in MODES and m not in PRESETS]
     if bad:
-        ap.error(f"unknown mode(s) {bad}; use among {', '.join(MODES)}")
+        ap.error(f"unknown mode(s) {bad}; use among {', '.join([*MODES, *PRESETS])}")
     try:
         args.sample_seeds = [int(x) for x in str(args.sample_seed).split(",") if x.strip()]
     except ValueError:
@@ -653,7 +663,8 @@ def main(argv=None) -> dict:
         done: dict = {}  # (mode, LoRAs) -> the run that generated it
         for run in runs:
             # A run identical to an earlier one (same mode, same LoRAs, same stories and seeds) is reused.
-            key = (run.mode, loras_of(run), run.route, tuple(sorted(run.route_options.items())))
+            key = (run.mode, loras_of(run), run.route, tuple(sorted(run.route_options.items())),
+                   tuple(sorted(run.story.items())))
             if key in done:
                 same = done[key]
                 results["runs"][run.name] = {**results["runs"][same], "kind": run.kind,
@@ -687,7 +698,7 @@ def main(argv=None) -> dict:
             results["runs"][run.name] = {"kind": run.kind, "label": label, "mode": run.mode,
                                          "svi_lora": loras_of(run)[0], "lora": loras_of(run)[1],
                                          "route": run.route, "route_options": run.route_options,
-                                         "seconds_per_clip": round(seconds / (len(stories) * args.clips), 4),
+                                         "story": run.story, "seconds_per_clip": round(seconds / (len(stories) * args.clips), 4),
                                          "aggregate": agg, "seeds": per_seed, "stories": stories}
             print(f"{run.name}: {_pct(agg['clip_pass_rate'])} of clips pass, "
                   f"{_stories_clean(results['runs'][run.name])} stories clean", flush=True)

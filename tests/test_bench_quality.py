@@ -188,7 +188,7 @@ def test_smoke_run_writes_results_plots_and_docs(model_with_svi_lora, tmp_path, 
     results = bq.main(argv)
     saved = json.loads((tmp_path / "benchmarks" / "results" / "quality.json").read_text())
     runs = saved["runs"]
-    assert list(runs) == ["pro", "svi2", "chain", "base", "own", "ER"]
+    assert list(runs) == ["pro", "svi2", "chain", "naive", "pro-raw", "base", "own", "ER"]
     assert saved["dev_set"][0]["prompts"] == bq.dev_set(1, 2, 9)[0].prompts
     for name, run in runs.items():
         assert len(run["stories"]) == 1 and len(run["stories"][0]["clips"]) == 2
@@ -196,6 +196,12 @@ def test_smoke_run_writes_results_plots_and_docs(model_with_svi_lora, tmp_path, 
         assert 0.0 <= run["aggregate"]["clip_pass_rate"] <= 1.0
     # modes run as users run them (the model's own SVI LoRA), but naive chaining is plain I2V
     assert runs["pro"]["svi_lora"] == runs["svi2"]["svi_lora"] == "svi.safetensors" and runs["chain"]["svi_lora"] is None
+    # naive chaining is chain with colour matching off, generated on its own (not reused from chain)
+    assert runs["naive"]["mode"] == "chain" and runs["naive"]["svi_lora"] is None
+    assert runs["naive"]["story"] == {"color_match": "none"} and runs["chain"]["story"] == {}
+    assert "same_as" not in runs["naive"]
+    assert runs["pro-raw"]["mode"] == "pro" and runs["pro-raw"]["story"] == {"color_match": "none"}
+    assert runs["pro-raw"]["svi_lora"] == "svi.safetensors" and "same_as" not in runs["pro-raw"]
     # ablation variants: the base model alone, the model's own LoRA (= the pro run), one LoRA file alone
     assert runs["own"]["same_as"] == "pro" and runs["own"]["stories"] == runs["pro"]["stories"]
     assert "same_as" not in runs["base"] and runs["base"]["svi_lora"] is None and runs["base"]["lora"] is None
@@ -213,7 +219,34 @@ def test_smoke_run_writes_results_plots_and_docs(model_with_svi_lora, tmp_path, 
     assert "python benchmarks/bench_quality.py --model" in section and "Error-recycling ablation" in section
     assert "| `chain` | none |" in section and "| ER | `er.safetensors` |" in section
     assert "| `pro` | model's own (`svi.safetensors`) |" in section
-    assert len(list((tmp_path / "sheets").glob("*.png"))) == 5  # every run but "own" (it reuses pro)
+    assert "`naive` = naive chaining" in section and "| `naive` | none |" in section
+    assert len(list((tmp_path / "sheets").glob("*.png"))) == 7  # every run but "own" (it reuses pro)
+
+
+def test_a_run_story_keys_reach_the_story(tmp_path):
+    """``naive`` turns the model's colour matching off; ``chain`` keeps the model's default; the
+    command line's overrides still win."""
+    from PIL import Image
+
+    ref = tmp_path / "ref.png"
+    Image.new("RGB", (32, 32), (10, 20, 30)).save(ref)
+    seen = []
+
+    class Engine:
+        def generate(self, story, progress=False):
+            seen.append(story)
+            return iter(())
+
+    dev = bq.dev_set(1, 2, 9)[0]
+    for name in ("chain", "naive"):
+        with pytest.raises(ValueError):  # no clips came back: nothing to concatenate
+            bq.generate_story(Engine(), dev, bq.mode_run(name), ref, {"steps": 2})
+    chain, naive = seen
+    assert chain.mode == naive.mode == "chain" and not chain.svi_lora and not naive.svi_lora
+    assert chain.color_match is None and naive.color_match == "none" and naive.steps == 2
+    with pytest.raises(ValueError):
+        bq.generate_story(Engine(), dev, bq.mode_run("naive"), ref, {"color_match": "previous"})
+    assert seen[-1].color_match == "previous"
 
 
 def test_bad_variant_is_one_clear_line(tmp_path):
