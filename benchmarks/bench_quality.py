@@ -630,8 +630,9 @@ def main(argv=None) -> dict:
         return (own_lora if run.svi_lora else None, str(run.lora) if run.lora else None)
 
     def engine_for(run: Run):
-        # one engine per LoRA stack: an engine keeps the stack it first applied
-        key = loras_of(run)
+        # one engine per LoRA stack and mode: an engine keeps the stack it first applied, fused or not
+        # (pro's image-to-video clip 0 keeps it unfused, svi2 fuses it)
+        key = (loras_of(run), run.mode)
         if key not in engines:
             engines[key] = first if not engines else Engine.load(args.model, device=args.device)
         return engines[key]

@@ -223,6 +223,16 @@ def test_smoke_run_writes_results_plots_and_docs(model_with_svi_lora, tmp_path, 
     assert len(list((tmp_path / "sheets").glob("*.png"))) == 7  # every run but "own" (it reuses pro)
 
 
+def test_runs_after_a_fused_stack_get_their_own_engine(tmp_path):
+    """The built-in model's pro runs clip 0 as image-to-video, its SVI LoRA unfused; svi2 fuses the
+    same stack. pro-raw after svi2 (the default order) once met svi2's fused engine and stopped the
+    whole benchmark; each mode now has its own engine."""
+    out = bq.main(["--modes", "pro,svi2,pro-raw", "--stories", "1", "--clips", "2", "--steps", "2",
+                   "--out-root", str(tmp_path)])
+    assert list(out["runs"]) == ["pro", "svi2", "pro-raw"]
+    assert all(len(r["stories"][0]["clips"]) == 2 for r in out["runs"].values())
+
+
 def test_a_run_story_keys_reach_the_story(tmp_path):
     """``naive`` turns the model's colour matching off; ``chain`` keeps the model's default; the
     command line's overrides still win."""
