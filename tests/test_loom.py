@@ -1,5 +1,7 @@
 """The clip loop on tiny random models: arithmetic, determinism, streaming, experts, guidance."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -377,6 +379,12 @@ def test_stories_known_to_drift_are_warned_about(tiny_models, tiny_story):
     assert any("every clip has seed 3" in w for w in warnings)
     assert any("clips of 9 frames, but this model was trained on 17-frame clips" in w for w in warnings)
     assert drift_warnings(tiny_story(2, frames=17).resolve(model.settings), model.settings) == []
+    # a story that turns off the colour matching its model turns on (the built-in model's default)
+    matched = dataclasses.replace(model.settings, color_match="anchor")
+    off = drift_warnings(tiny_story(2, frames=17, color_match="none").resolve(matched), matched)
+    assert len(off) == 1 and "colour matching is off, but this model turns it on (color_match: anchor)" in off[0]
+    assert drift_warnings(tiny_story(2, frames=17).resolve(matched), matched) == []  # the model's default kept
+    assert drift_warnings(tiny_story(1, frames=17, color_match="none").resolve(matched), matched) == []  # one clip
 
 
 def test_motion_amplitude_reaches_y_around_the_frame_each_clip_continues_from(tiny_models, tiny_story, monkeypatch):
@@ -514,8 +522,6 @@ def test_a_model_s_pro_setting_is_the_default_of_its_pro_stories(tiny_models, ti
     """``anchor`` and ``memory_from`` in a model's cliploom.json are the defaults of its pro-mode svi
     stories; a story's own value wins, pixel modes and stories with keyframes keep the engine's
     default, a bad value is refused."""
-    import dataclasses
-
     from cliploom.errors import CliploomError
     from cliploom.models.components import ModelSettings
     from cliploom.story import ClipSpec, Keyframe
