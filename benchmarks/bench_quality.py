@@ -195,7 +195,7 @@ class Run:
 
 def mode_run(mode: str) -> Run:
     """A mode as users run it (with the model's own SVI LoRA), except chaining: plain I2V, no SVI; or a
-    preset (``naive``: a mode with story keys of its own)."""
+    preset (``naive``, ``pro-raw``: a mode with story keys of its own, ``PRESETS``)."""
     name, (mode, story) = mode, PRESETS.get(mode, (mode, {}))
     return Run(name, mode, None, "mode", svi_lora=mode != "chain", story=dict(story))
 
@@ -661,9 +661,9 @@ def main(argv=None) -> dict:
             path = Path(tmp) / f"ref_{d.index:02d}.png"
             d.reference(size).save(path)
             refs.append(path)
-        done: dict = {}  # (mode, LoRAs) -> the run that generated it
+        done: dict = {}  # (mode, LoRAs, route, story keys) -> the run that generated it
         for run in runs:
-            # A run identical to an earlier one (same mode, same LoRAs, same stories and seeds) is reused.
+            # A run identical to an earlier one (same mode, LoRAs, route and story keys) is reused.
             key = (run.mode, loras_of(run), run.route, tuple(sorted(run.route_options.items())),
                    tuple(sorted(run.story.items())))
             if key in done:
