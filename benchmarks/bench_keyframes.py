@@ -73,7 +73,7 @@ def run_story(engine, d, variant: str, tmp: Path, sample_seed: int, frames: int,
     extra = {"svi_lora": False, "loras": [LoraSpec(lora)]} if lora else {}  # the LoRA instead of the shipped one
     if "@" in variant:  # keyframes@S: keyframe guidance S
         extra["keyframe_guidance"] = float(variant.split("@")[1])
-    story = make_story(clips=clips, reference=ref, mode=mode, seed=d.seed + 1000 * sample_seed, frames=frames, **extra)
+    story = make_story(clips=clips, reference=ref, mode=mode, seed=d.story_seed(sample_seed), frames=frames, **extra)
     from cliploom import conditioning as C
 
     original = C.pixel_condition

@@ -68,6 +68,11 @@ class DevStory:
     distractor: tuple[float, float] | None
     planned_lengths: list[int]  # frames per clip the plan assumed (latent mode's kept frames)
 
+    def story_seed(self, sample_seed: int = 0) -> int:
+        """The story seed of one sampling seed: ``sample_seed`` moves the sampling noise only (the story,
+        its reference and prompts stay); every dev-set script draws it here."""
+        return self.seed + 1000 * sample_seed
+
     def reference(self, size: int):
         """The story's first frame (PIL), exactly as ``cliploom shapesworld render PROMPT --seed SEED`` draws it."""
         from cliploom.shapesworld import render_reference
@@ -243,7 +248,7 @@ def generate_story(engine, dev: DevStory, run: Run, reference: Path, overrides: 
         clips=[ClipSpec(p) for p in dev.prompts],
         reference=reference,
         mode=run.mode,
-        seed=dev.seed + 1000 * sample_seed,
+        seed=dev.story_seed(sample_seed),
         loras=[LoraSpec(run.lora)] if run.lora else [],
         svi_lora=run.svi_lora,
         **({"route": run.route, "route_options": run.route_options} if run.route != "svi" else {}),

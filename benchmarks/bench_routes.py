@@ -158,7 +158,7 @@ def route_clips(engine, dev, run: RouteRun, weights: dict, reference: Path, seed
     from cliploom.routes import CAUSAL_ROUTES
     from cliploom.story import ClipSpec, make_story
 
-    story = make_story(clips=[ClipSpec(p) for p in dev.prompts], reference=reference, seed=dev.seed + 1000 * seed,
+    story = make_story(clips=[ClipSpec(p) for p in dev.prompts], reference=reference, seed=dev.story_seed(seed),
                        fuse_loras=fuse, **story_keys(run, weights))
     stream = {"on_block": on_block or (lambda *_: None)} if run.route in CAUSAL_ROUTES else {}
     return engine.generate(story, progress=False, **stream)

@@ -59,7 +59,7 @@ def main(argv=None) -> dict:
         for d, ref in zip(devs, bq.write_references(devs, settings.width, Path(tmp))):
             first = {loras[0].name: args.first_clip_weight} if loras and args.first_clip_weight is not None else None
             clip_specs = [ClipSpec(p, lora_weights=first if k == 0 else None) for k, p in enumerate(d.prompts)]
-            story = make_story(clips=clip_specs, reference=ref, seed=d.seed + 1000 * args.sample_seed,
+            story = make_story(clips=clip_specs, reference=ref, seed=d.story_seed(args.sample_seed),
                                loras=loras, fuse_loras=fuse, **over)
             clips = list(engine.generate(story, progress=False))
             frames = np.concatenate([c.frames.numpy() for c in clips])

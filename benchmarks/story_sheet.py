@@ -44,7 +44,7 @@ def main(argv=None) -> Path:
         ref = Path(tmp) / "reference.png"
         dev.reference(settings.width).save(ref)
         story = make_story(clips=[ClipSpec(p) for p in dev.prompts], reference=ref,
-                           seed=dev.seed + 1000 * args.sample_seed, fuse_loras=False, **json.loads(args.overrides))
+                           seed=dev.story_seed(args.sample_seed), fuse_loras=False, **json.loads(args.overrides))
         rows = []
         for i, clip in enumerate(engine.generate(story, progress=False)):
             if i == args.clips:

@@ -34,7 +34,7 @@ def track(engine, dev: "bq.DevStory", overrides: dict, sample_seed: int, referen
 
     prompts = dev.prompts[:clips] if clips else dev.prompts
     story = make_story(clips=[ClipSpec(p) for p in prompts], reference=reference,
-                       seed=dev.seed + 1000 * sample_seed, **overrides)
+                       seed=dev.story_seed(sample_seed), **overrides)
     out = list(engine.generate(story, progress=False))
     frames = np.concatenate([c.frames.numpy() for c in out])
     lengths = [int(c.frames.shape[0]) for c in out]

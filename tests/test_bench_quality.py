@@ -236,27 +236,29 @@ def test_runs_after_a_fused_stack_get_their_own_engine(tmp_path):
 def test_a_run_story_keys_reach_the_story(tmp_path):
     """``naive`` turns the model's colour matching off; ``chain`` keeps the model's default; the
     command line's overrides still win."""
+    from types import SimpleNamespace
+
+    import torch
     from PIL import Image
 
     ref = tmp_path / "ref.png"
     Image.new("RGB", (32, 32), (10, 20, 30)).save(ref)
     seen = []
 
-    class Engine:
+    class Engine:  # records the story it is given and returns one blank clip
         def generate(self, story, progress=False):
             seen.append(story)
-            return iter(())
+            return iter([SimpleNamespace(frames=torch.zeros(1, 32, 32, 3, dtype=torch.uint8), prompt="p")])
 
     dev = bq.dev_set(1, 2, 9)[0]
     for name in ("chain", "naive"):
-        with pytest.raises(ValueError):  # no clips came back: nothing to concatenate
-            bq.generate_story(Engine(), dev, bq.mode_run(name), ref, {"steps": 2})
+        bq.generate_story(Engine(), dev, bq.mode_run(name), ref, {"steps": 2})
     chain, naive = seen
     assert chain.mode == naive.mode == "chain" and not chain.svi_lora and not naive.svi_lora
     assert chain.color_match is None and naive.color_match == "none" and naive.steps == 2
-    with pytest.raises(ValueError):
-        bq.generate_story(Engine(), dev, bq.mode_run("naive"), ref, {"color_match": "previous"})
-    assert seen[-1].color_match == "previous"
+    assert chain.seed == naive.seed == dev.story_seed(0)
+    bq.generate_story(Engine(), dev, bq.mode_run("naive"), ref, {"color_match": "previous"}, sample_seed=2)
+    assert seen[-1].color_match == "previous" and seen[-1].seed == dev.seed + 2000
 
 
 def test_bad_variant_is_one_clear_line(tmp_path):

@@ -229,6 +229,7 @@ def test_world_bounce_passes_wherever_it_starts(room):
     r = run(seq, seq.frames())
     clip = r["clips"][1]
     assert clip["passed"], clip["failed"]
+    assert ev.THRESHOLDS["bounce_min_rise"] == 0.5  # the rule's constants are the ones docs/shapesworld.md states
     # the hop the world shows; 0.6 px: a rendered shape's centroid against its analytic centre (sub-pixel)
     assert clip["expected_rise"] == pytest.approx(min(world.BOUNCE_HEIGHT, room), abs=0.6)
 
